@@ -1,0 +1,24 @@
+"""nndiag: measure why a PyTorch network trains badly, explain it, and recommend verified fixes.
+
+Public API:
+    inspect_model: measure a live model and return a ``Report`` of findings.
+    Report, Finding, Fix: the result objects every command renders.
+    UsageError, UserCodeError: errors with the CLI's exit codes (2 and 3).
+"""
+
+from nndiag.errors import NndiagError, UsageError, UserCodeError
+from nndiag.findings import Finding, Fix, Report
+from nndiag.inspection import inspect_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Finding",
+    "Fix",
+    "NndiagError",
+    "Report",
+    "UsageError",
+    "UserCodeError",
+    "__version__",
+    "inspect_model",
+]

@@ -1,0 +1,395 @@
+"""Explanations and fix recommendations, phrased in terms of the user's own architecture.
+
+``advise`` fills a finding's ``explanation`` and ``fixes`` from the probe it was judged on.
+Fixes come most effective first, each with the torch code to apply it; ``automatic`` marks
+the ones ``--try-fixes`` can apply to a copy of the model and re-measure (see ``autofix``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from nndiag.findings import Finding, Fix
+from nndiag.records import LayerRecord, ProbeRecord
+
+NORM_KINDS = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
+                        "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
+                        "SyncBatchNorm"})
+RECURRENT_KINDS = frozenset({"RNN", "LSTM", "GRU"})
+# Largest derivative of each saturating activation (the most backward signal it can pass).
+MAX_DERIVATIVE = {"sigmoid": 0.25, "hardsigmoid": 1 / 6, "tanh": 1.0, "softsign": 1.0,
+                  "hardtanh": 1.0}
+SATURATION_ONSET = {"sigmoid": 4.4, "tanh": 2.2, "softsign": 3.5}
+
+AUTOMATIC = frozenset({"he_init", "xavier_init", "orthogonal_init", "non_saturating_activation",
+                       "normalize_inputs", "bias_init"})
+
+
+def _fix(fix_id: str, summary: str, code: str) -> Fix:
+    return Fix(fix_id, summary, code.strip("\n"), automatic=fix_id in AUTOMATIC)
+
+
+def _layer_types(probe: ProbeRecord) -> str:
+    kinds = sorted({r.kind for r in probe.layers if r.fan_in is not None})
+    return ", ".join(f"nn.{k}" for k in kinds) or "nn.Linear"
+
+
+def he_init_fix(probe: ProbeRecord) -> Fix:
+    """Re-initialize ReLU-feeding layers with He init."""
+    return _fix("he_init", "re-initialize the layers that feed ReLUs with He (Kaiming) init, "
+                "which keeps the signal's scale constant through ReLU layers", f"""
+for m in model.modules():
+    if isinstance(m, ({_layer_types(probe)},)):
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)""")
+
+
+def xavier_init_fix(probe: ProbeRecord, activation: str = "tanh") -> Fix:
+    """Re-initialize with Xavier init scaled for the saturating activation."""
+    return _fix("xavier_init", f"re-initialize the layers that feed {activation} with Xavier "
+                "(Glorot) init, which keeps pre-activations in the activation's linear range",
+                f"""
+for m in model.modules():
+    if isinstance(m, ({_layer_types(probe)},)):
+        nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("{activation}"))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)""")
+
+
+def _norm_fix(probe: ProbeRecord) -> Fix:
+    if any(r.kind.startswith("Conv") for r in probe.layers):
+        return _fix("batch_norm", "insert BatchNorm after each conv layer (before its "
+                    "activation) so every layer sees a unit-scale signal", """
+nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())""")
+    if any(r.kind in RECURRENT_KINDS or r.kind == "MultiheadAttention" for r in probe.layers):
+        return _fix("layer_norm", "normalize each block's input with LayerNorm (pre-norm)", """
+x = x + block(nn.LayerNorm(dim)(x))   # keep the LayerNorm as a module of the block""")
+    return _fix("batch_norm", "insert normalization after each Linear layer (before its "
+                "activation): BatchNorm1d, or LayerNorm for small or variable batches", """
+nn.Sequential(nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU())""")
+
+
+def _skip_fix() -> Fix:
+    return _fix("skip_connections", "add residual connections around blocks of layers, so the "
+                "gradient has a path that does not shrink with depth", """
+class Residual(nn.Module):
+    def __init__(self, block): super().__init__(); self.block = block
+    def forward(self, x): return x + self.block(x)""")
+
+
+def _activation_fix(kind: str) -> Fix:
+    return _fix("non_saturating_activation", f"replace the hidden {kind} activations with ReLU "
+                "(or GELU) and re-initialize with He init: ReLU passes the full gradient for "
+                "every active unit", f"""
+for name, m in model.named_modules():
+    for child_name, child in m.named_children():
+        if isinstance(child, nn.{_MODULE_NAME.get(kind, kind.title())}):
+            setattr(m, child_name, nn.ReLU())
+# then apply He init (he_init) to the Linear/conv layers""")
+
+
+_MODULE_NAME = {"sigmoid": "Sigmoid", "tanh": "Tanh", "hardtanh": "Hardtanh",
+                "softsign": "Softsign", "hardsigmoid": "Hardsigmoid"}
+
+
+def _clip_fix() -> Fix:
+    return _fix("gradient_clipping", "clip the global gradient norm before each optimizer step",
+                """
+loss.backward()
+torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+optimizer.step()""")
+
+
+def _normalize_inputs_fix(probe: ProbeRecord) -> Fix:
+    mean = probe.input_mean if probe.input_mean is not None else 0.0
+    std = probe.input_std if probe.input_std else 1.0
+    return _fix("normalize_inputs", f"standardize the inputs (measured mean {mean:.3g}, "
+                f"std {std:.3g}) to mean 0 and std 1", f"""
+x = (x - {mean:.4g}) / {std:.4g}   # better: per-feature statistics of the training set""")
+
+
+def _bias_fix(layers: Iterable[str]) -> Fix:
+    names = ", ".join(layers)
+    return _fix("bias_init", f"reset the biases feeding the dead units ({names}) to zero (or "
+                "a small positive value) so that units start active", """
+for m in model.modules():
+    if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+        nn.init.zeros_(m.bias)   # or nn.init.constant_(m.bias, 0.01)""")
+
+
+def _lr_fix(lower: bool) -> Fix:
+    if lower:
+        return _fix("lower_learning_rate", "lower the learning rate (try 10x lower, or run "
+                    "`nndiag lr-find`)", "optimizer = torch.optim.AdamW(model.parameters(), "
+                    "lr=lr / 10)")
+    return _fix("raise_learning_rate", "raise the learning rate", "optimizer = "
+                "torch.optim.AdamW(model.parameters(), lr=lr * 10)")
+
+
+def _recurrent_fixes(probe: ProbeRecord) -> list[Fix]:
+    fixes = []
+    if any(r.kind == "RNN" for r in probe.layers):
+        fixes.append(_fix("gated_recurrent_unit", "replace nn.RNN with nn.LSTM or nn.GRU, whose "
+                          "gates carry the gradient across time steps",
+                          "rnn = nn.LSTM(input_size, hidden_size, batch_first=True)"))
+    if any(r.kind in RECURRENT_KINDS for r in probe.layers):
+        fixes.append(_fix("orthogonal_init", "initialize the recurrent (hidden-to-hidden) "
+                          "weights orthogonally, which preserves the signal's norm across steps",
+                          """
+for name, p in rnn.named_parameters():
+    if "weight_hh" in name:
+        nn.init.orthogonal_(p)"""))
+    return fixes
+
+
+# ----------------------------------------------------------------------------- context
+
+
+def _between(probe: ProbeRecord, start: LayerRecord, end_index: int | None = None
+             ) -> list[LayerRecord]:
+    stop = probe.layers[-1].index if end_index is None else end_index
+    return [r for r in probe.layers if start.index <= r.index <= stop]
+
+
+def _activations(records: Iterable[LayerRecord]) -> Counter[str]:
+    return Counter(r.activation for r in records if r.activation is not None)
+
+
+def _has_norm(probe: ProbeRecord) -> bool:
+    return any(r.kind in NORM_KINDS for r in probe.layers)
+
+
+def _dominant_saturating(counts: Counter[str]) -> tuple[str, int] | None:
+    saturating = [(k, n) for k, n in counts.most_common() if k in MAX_DERIVATIVE]
+    relu_like = sum(n for k, n in counts.items() if k not in MAX_DERIVATIVE)
+    if saturating and saturating[0][1] >= relu_like:
+        return saturating[0]
+    return None
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None and math.isfinite(v))
+    return values[len(values) // 2] if values else None
+
+
+def _init_story(probe: ProbeRecord, records: list[LayerRecord]) -> tuple[str, float | None]:
+    """A sentence on the weight scale against He/Xavier and the per-layer factor it implies."""
+    he_layers = [r for r in records if r.init_reference == "he" and r.init_scale is not None]
+    scale = _median([r.init_scale for r in he_layers if r.init_scale is not None])
+    if not he_layers or scale is None or 0.8 <= scale <= 1.25:
+        return "", scale
+    product = scale ** len(he_layers)
+    return (f" Its {len(he_layers)} ReLU-feeding layers have weights at {scale:.2g}x the He "
+            f"scale sqrt(2/fan_in), so each multiplies the signal by about {scale:.2g} forward "
+            f"and backward: {scale:.2g}^{len(he_layers)} = {product:.1e}."), scale
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2g}" if 1e-2 <= abs(value) < 1e3 else \
+        f"{value:.1e}"
+
+
+# ----------------------------------------------------------------------------- advisors
+
+
+def _vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    ev = finding.evidence
+    weight_layers = probe.weight_layers()
+    parts: list[str] = []
+    start = probe.layer(ev["min_depth_gain_layer"]) if ev.get("min_depth_gain_layer") else None
+    path = _between(probe, start) if start else probe.layers
+    counts = _activations(path)
+    saturating = _dominant_saturating(counts)
+    if "depth" in ev["judged_by"] and start is not None:
+        parts.append(f"The gradient reaching {start.label} is "
+                     f"{_fmt(ev['min_depth_gain'])} of the gradient at the model output: it "
+                     f"shrinks {_fmt(1 / ev['min_depth_gain'])}x across the "
+                     f"{sum(1 for r in path if r.has_weights)} weight layers above it.")
+    if "scale" in ev["judged_by"]:
+        first, last = (weight_layers[0], weight_layers[-1]) if weight_layers else (None, None)
+        ratio = (first.grad_norm / last.grad_norm if first and last and first.grad_norm
+                 and last.grad_norm else None)
+        parts.append(f"Every layer's gradient is tiny next to its weights: the largest "
+                     f"||g||/||w|| is {_fmt(ev['max_grad_to_weight'])} "
+                     f"({probe.layer(ev['max_grad_to_weight_layer']).label}) while the loss is still "
+                     f"{_fmt(probe.loss)}, so no layer learns at a normal learning rate, even "
+                     f"though the first/last weight-gradient ratio ({_fmt(ratio)}) looks "
+                     "unremarkable.")
+    if saturating:
+        kind, n = saturating
+        parts.append(f"The path crosses {n} {kind} activations; a {kind} passes at most "
+                     f"{MAX_DERIVATIVE[kind]:.2g} of the backward signal"
+                     + (f", so {n} of them multiply it by at most "
+                        f"{MAX_DERIVATIVE[kind] ** n:.1e}." if MAX_DERIVATIVE[kind] < 1 else
+                        " and much less once saturated."))
+    story, scale = _init_story(probe, [r for r in path if r.has_weights])
+    if story:
+        parts.append(story.strip())
+    if not _has_norm(probe):
+        parts.append("No normalization layer re-scales the signal between layers.")
+    fixes: list[Fix] = []
+    if saturating:
+        fixes += [_activation_fix(saturating[0]), _norm_fix(probe), _skip_fix()]
+    else:
+        if scale is not None and scale < 0.8:
+            fixes.append(he_init_fix(probe))
+        fixes += [_norm_fix(probe), _skip_fix()]
+    fixes += _recurrent_fixes(probe)
+    return " ".join(parts), fixes
+
+
+def _exploding(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    ev = finding.evidence
+    parts = []
+    if "depth" in ev["judged_by"]:
+        parts.append(f"The gradient at {probe.layer(ev['max_depth_gain_layer']).label} is "
+                     f"{_fmt(ev['max_depth_gain'])}x the gradient at the model output: it grows "
+                     "on its way back to the early layers.")
+    if "scale" in ev["judged_by"]:
+        parts.append(f"At {probe.layer(ev['max_grad_to_weight_layer']).label} the gradient is "
+                     f"{_fmt(ev['max_grad_to_weight'])}x the size of the weights, so a single "
+                     "SGD step would overwrite them.")
+    story, scale = _init_story(probe, probe.weight_layers())
+    if story:
+        parts.append(story.strip())
+    biggest = max((r for r in probe.layers if r.std is not None), key=lambda r: r.std or 0.0,
+                  default=None)
+    if biggest is not None and biggest.std and biggest.std > 100:
+        parts.append(f"Forward activations reach std {_fmt(biggest.std)} at {biggest.label} and "
+                     f"the loss is {_fmt(probe.loss)}.")
+    fixes: list[Fix] = []
+    if scale is not None and scale > 1.25:
+        fixes.append(he_init_fix(probe))
+    fixes += [_clip_fix(), _norm_fix(probe)]
+    fixes += _recurrent_fixes(probe)
+    return " ".join(parts), fixes
+
+
+def _poor_init(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    ev = finding.evidence
+    start, end = probe.layer(ev["from_layer"]), probe.layer(ev["to_layer"])
+    span = [r for r in probe.layers if r.fan_in is not None and start.index <= r.index <= end.index]
+    steps = max(len(span) - 1, 1)
+    per_layer = ev["factor"] ** (1 / steps)
+    parts = [f"Output std goes from {_fmt(start.std)} at {start.label} to {_fmt(end.std)} at "
+             f"{end.label}: {_fmt(ev['factor'])}x over {steps} layers, about {per_layer:.2g}x "
+             "per layer. A well-initialized network keeps it within a small factor at every "
+             "depth."]
+    story, scale = _init_story(probe, span)
+    if story:
+        parts.append(story.strip())
+    counts = _activations(_between(probe, start, end.index))
+    saturating = _dominant_saturating(counts)
+    fixes: list[Fix] = []
+    if saturating:
+        fixes.append(xavier_init_fix(probe, saturating[0]))
+    else:
+        fixes.append(he_init_fix(probe))
+    fixes.append(_norm_fix(probe))
+    if probe.input_std is not None and not 0.1 <= probe.input_std <= 10:
+        parts.append(f"The inputs themselves have std {_fmt(probe.input_std)}.")
+        fixes.insert(0, _normalize_inputs_fix(probe))
+    return " ".join(parts), fixes
+
+
+def _feeding_layer(probe: ProbeRecord, record: LayerRecord) -> LayerRecord | None:
+    earlier = [r for r in probe.layers if r.index < record.index and r.has_weights]
+    return earlier[-1] if earlier else None
+
+
+def _dead(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    ev = finding.evidence
+    worst = probe.layer(max(ev["dead_fraction"], key=lambda k: ev["dead_fraction"][k]))
+    parts = [f"In {worst.label}, {worst.dead_fraction:.0%} of the units output zero for all "
+             f"{ev['samples']} probe samples, so they pass no gradient to the weights that feed "
+             "them and cannot recover by training."]
+    feeding = _feeding_layer(probe, worst)
+    negative = feeding is not None and feeding.mean is not None and feeding.std is not None \
+        and feeding.mean < -0.5 * feeding.std
+    if feeding is not None and negative:
+        parts.append(f"Its input, the output of {feeding.label}, has mean {_fmt(feeding.mean)} "
+                     f"against std {_fmt(feeding.std)}: most pre-activations sit below zero "
+                     "(a negative bias or shift).")
+    blocked = [r.name for r in probe.weight_layers() if r.grad_out_norm == 0]
+    if blocked:
+        parts.append(f"Behind the fully dead layers the gradient is exactly zero: "
+                     f"{', '.join(blocked[:5])}{' ...' if len(blocked) > 5 else ''} "
+                     "receive none.")
+    fixes = [_bias_fix(finding.layers)] if negative else []
+    fixes += [he_init_fix(probe), _lr_fix(lower=True)]
+    return " ".join(parts), fixes
+
+
+def _saturated(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    ev = finding.evidence
+    worst = probe.layer(max(ev["saturated_fraction"], key=lambda k: ev["saturated_fraction"][k]))
+    kind = worst.activation or "tanh"
+    parts = [f"{worst.saturated_fraction:.0%} of the outputs of {worst.label} sit where the {kind} "
+             "derivative is below 5% of its peak: those units pass almost no gradient."]
+    if worst.preact_std is not None and kind in SATURATION_ONSET:
+        parts.append(f"Its inputs have std {_fmt(worst.preact_std)}; a {kind} saturates beyond "
+                     f"|x| ~ {SATURATION_ONSET[kind]}.")
+    feeding = _feeding_layer(probe, worst)
+    if feeding is not None and feeding.init_scale is not None:
+        parts.append(f"The layer feeding it, {feeding.label}, has weights at "
+                     f"{_fmt(feeding.init_scale)}x the Xavier scale.")
+    fixes = [xavier_init_fix(probe, kind)]
+    if probe.input_std is not None and not 0.1 <= probe.input_std <= 10:
+        fixes.insert(0, _normalize_inputs_fix(probe))
+    fixes += [_norm_fix(probe), _activation_fix(kind)]
+    return " ".join(parts), fixes
+
+
+def _nan_inf(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    ev = finding.evidence
+    parts = ["The inputs were checked and are finite."]
+    if ev.get("first_layer"):
+        first = probe.layer(ev["first_layer"])
+        earlier = [r for r in probe.layers if r.index < first.index and r.absmax is not None]
+        peak = max(earlier, key=lambda r: r.absmax or 0.0, default=None)
+        parts.append(f"Non-finite values first appear in {first.label}; every "
+                     "layer after it inherits them.")
+        if peak is not None and peak.absmax and peak.absmax > 1e6:
+            parts.append(f"Values before it already reach {_fmt(peak.absmax)} "
+                         f"({peak.label}): an overflow of an exploding signal.")
+        else:
+            parts.append("Values before it are moderate: look for a log, division, sqrt or "
+                         "exp of an out-of-range value in that layer.")
+    fixes = [_clip_fix(), _lr_fix(lower=True)]
+    if probe.input_std is not None and not 0.1 <= probe.input_std <= 10:
+        fixes.append(_normalize_inputs_fix(probe))
+    return " ".join(parts), fixes
+
+
+def _unused(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    not_run = finding.evidence.get("modules_not_run") or []
+    parts = ["These parameters are trainable but the loss does not depend on them"]
+    parts[0] += (f" ({', '.join(not_run)} never ran in forward)." if not_run else
+                 " (their modules ran, but their output does not reach the loss).")
+    parts.append("Weight decay still shrinks them, they waste optimizer memory, and "
+                 "DistributedDataParallel fails on them unless find_unused_parameters=True. "
+                 "Remove them, freeze them with requires_grad_(False), or connect them to the "
+                 "output.")
+    return " ".join(parts), []
+
+
+_ADVISORS: dict[str, Callable[[Finding, ProbeRecord], tuple[str, list[Fix]]]] = {
+    "vanishing_gradients": _vanishing,
+    "exploding_gradients": _exploding,
+    "poor_initialization": _poor_init,
+    "dead_relu": _dead,
+    "saturated_activations": _saturated,
+    "nan_inf": _nan_inf,
+    "unused_parameters": _unused,
+}
+
+
+def advise(finding: Finding, probe: ProbeRecord) -> Finding:
+    """Fill a finding's explanation and fixes from the probe it was judged on."""
+    advisor = _ADVISORS.get(finding.id)
+    if advisor is not None:
+        finding.explanation, finding.fixes = advisor(finding, probe)
+    return finding

@@ -1,0 +1,121 @@
+"""Which modules and functions are measured, and what kind of layer each one is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Activations whose units can die (output exactly zero for every sample).
+RELU_FAMILY = frozenset({"relu", "relu6"})
+# Activations whose derivative vanishes for large inputs.
+SATURATING = frozenset({"sigmoid", "tanh", "hardtanh", "hardsigmoid", "softsign", "relu6"})
+
+_MODULE_ACTIVATIONS: list[tuple[type[nn.Module], str]] = [
+    (nn.ReLU6, "relu6"),  # before Hardtanh: ReLU6 subclasses it
+    (nn.ReLU, "relu"),
+    (nn.Sigmoid, "sigmoid"),
+    (nn.Tanh, "tanh"),
+    (nn.Hardtanh, "hardtanh"),
+    (nn.Hardsigmoid, "hardsigmoid"),
+    (nn.Softsign, "softsign"),
+    (nn.LeakyReLU, "leaky_relu"),
+    (nn.ELU, "elu"),
+    (nn.SELU, "selu"),
+    (nn.CELU, "celu"),
+    (nn.GELU, "gelu"),
+    (nn.SiLU, "silu"),
+    (nn.Mish, "mish"),
+    (nn.Softplus, "softplus"),
+    (nn.Hardswish, "hardswish"),
+    (nn.PReLU, "prelu"),
+]
+
+FUNCTIONAL_ACTIVATIONS: dict[Callable[..., Any], str] = {
+    F.relu: "relu",
+    F.relu_: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    torch.Tensor.relu: "relu",
+    torch.Tensor.relu_: "relu",
+    F.relu6: "relu6",
+    F.hardtanh: "hardtanh",
+    F.hardtanh_: "hardtanh",
+    torch.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid_: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    torch.Tensor.tanh: "tanh",
+    torch.Tensor.tanh_: "tanh",
+    F.tanh: "tanh",
+    F.hardsigmoid: "hardsigmoid",
+    F.softsign: "softsign",
+    F.leaky_relu: "leaky_relu",
+    F.elu: "elu",
+    F.selu: "selu",
+    F.gelu: "gelu",
+    F.silu: "silu",
+    F.mish: "mish",
+    F.softplus: "softplus",
+    F.hardswish: "hardswish",
+}
+
+# Modules that only pass their input through (or reshape it): measuring them adds nothing.
+_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                 nn.Identity, nn.Flatten, nn.Unflatten)
+
+
+def module_activation(module: nn.Module) -> str | None:
+    """The activation kind of an activation module (``"relu"``, ``"tanh"``...), else ``None``."""
+    for cls, kind in _MODULE_ACTIVATIONS:
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def hardtanh_bounds(kind: str, module: nn.Module | None = None,
+                    args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+                    ) -> tuple[float, float]:
+    """The clipping bounds of a hardtanh-family activation, from its module or call."""
+    if kind == "relu6":
+        return 0.0, 6.0
+    if kind == "hardsigmoid":
+        return 0.0, 1.0
+    if module is not None and isinstance(module, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    kwargs = kwargs or {}
+    low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return float(low), float(high)
+
+
+def is_measured_module(module: nn.Module) -> bool:
+    """True for modules with their own parameters and for activation modules."""
+    if isinstance(module, _PASS_THROUGH):
+        return False
+    if module_activation(module) is not None:
+        return True
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def is_weight_name(param_name: str) -> bool:
+    """True for parameters that are weights rather than biases (``weight``, ``weight_hh_l0``)."""
+    return "bias" not in param_name
+
+
+def has_init_expectation(module: nn.Module) -> bool:
+    """True for layers whose weight scale has a He/Xavier expectation (Linear- and conv-like).
+
+    Embeddings, normalization layers, recurrent cells and attention keep their own
+    conventions, so their scale is reported but not judged against He/Xavier.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return False
+    return isinstance(module, nn.Linear | nn.Bilinear) or isinstance(
+        module, nn.modules.conv._ConvNd
+    )

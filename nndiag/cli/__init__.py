@@ -1,0 +1,1 @@
+"""The ``nndiag`` command line (the only place that knows about typer)."""

@@ -1,0 +1,48 @@
+"""Output sink: data to stdout (rich text or JSON), messages and errors to stderr."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from rich.console import Console
+
+from nndiag.errors import NndiagError
+
+# Exit code for a bug in nndiag itself (not part of the findings/usage/user-code contract).
+INTERNAL_ERROR = 4
+
+
+class Output:
+    """Where a command writes.
+
+    Attributes:
+        stdout: Console for the report (plain when piped).
+        stderr: Console for progress, messages and errors.
+        debug: Show tracebacks of errors.
+    """
+
+    def __init__(self, debug: bool = False) -> None:
+        self.stdout = Console(soft_wrap=False)
+        self.stderr = Console(stderr=True)
+        self.debug = debug
+
+    def message(self, text: str) -> None:
+        """A status message on stderr."""
+        self.stderr.print(text, style="dim", highlight=False)
+
+    def fail(self, exc: BaseException) -> int:
+        """Report an error on stderr and return the exit code it maps to."""
+        if self.debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        if isinstance(exc, NndiagError):
+            self.stderr.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            hint = "" if self.debug or exc.exit_code != 3 else " (--debug shows the traceback)"
+            if hint:
+                self.stderr.print(hint.strip(), style="dim")
+            return exc.exit_code
+        self.stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}",
+                          highlight=False)
+        self.stderr.print("this is a bug in nndiag; rerun with --debug and report the traceback",
+                          style="dim")
+        return INTERNAL_ERROR

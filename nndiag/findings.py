@@ -1,0 +1,101 @@
+"""Findings, fixes and the report that every command renders (text, JSON or figures)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEVERITIES = ("info", "warning", "error")
+
+
+def severity_rank(severity: str) -> int:
+    """Order of a severity: info < warning < error."""
+    return SEVERITIES.index(severity)
+
+
+def worst_severity(*severities: str | None) -> str | None:
+    """The most severe of several verdicts (``None`` when there is none)."""
+    present = [s for s in severities if s is not None]
+    return max(present, key=severity_rank) if present else None
+
+
+@dataclass
+class Fix:
+    """A recommended change.
+
+    Attributes:
+        id: A fix id from DESIGN.md (``he_init``, ``batch_norm``...).
+        summary: One line saying what to change.
+        code: The concrete torch call(s), ready to paste.
+        automatic: True when ``--try-fixes`` can apply it to a copy and re-measure.
+        verified: Before/after measurements once the fix was tried, else ``None``.
+    """
+
+    id: str
+    summary: str
+    code: str = ""
+    automatic: bool = False
+    verified: dict[str, Any] | None = None
+
+
+@dataclass
+class Finding:
+    """One diagnosed problem.
+
+    Attributes:
+        id: A finding id from DESIGN.md (``vanishing_gradients``...).
+        severity: ``info``, ``warning`` or ``error``.
+        layers: Names of the layers involved, in forward order.
+        summary: One line.
+        explanation: Why, in terms of the model's own layers, with numbers.
+        evidence: The numbers the rule judged.
+        fixes: Recommended fixes, most effective first.
+    """
+
+    id: str
+    severity: str
+    layers: list[str]
+    summary: str
+    explanation: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+    fixes: list[Fix] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """The result of a command: findings plus the data they were judged on.
+
+    Attributes:
+        schema: ``nndiag.<command>/<version>``.
+        findings: Findings, most severe first.
+        layers: Per-layer statistics (plain dicts).
+        summary: Facts about the model and the probe.
+        notes: Things the user should know that are not findings (unmeasured layers...).
+    """
+
+    schema: str
+    findings: list[Finding] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``ok`` with no warning or error, else the highest severity found."""
+        worst = max((severity_rank(f.severity) for f in self.findings), default=0)
+        return "ok" if worst == 0 else SEVERITIES[worst]
+
+    def fails(self, fail_on: str) -> bool:
+        """True when a finding is at or above ``fail_on`` (``warning`` or ``error``)."""
+        threshold = severity_rank(fail_on)
+        return any(severity_rank(f.severity) >= threshold for f in self.findings)
+
+    def finding(self, finding_id: str) -> Finding | None:
+        """The finding with this id, if any."""
+        return next((f for f in self.findings if f.id == finding_id), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON contract of DESIGN.md as plain data."""
+        data = asdict(self)
+        return {"schema": self.schema, "status": self.status, **{
+            k: v for k, v in data.items() if k != "schema"}}

@@ -1,0 +1,1 @@
+"""Rendering of result objects: rich text, JSON and matplotlib figures."""

@@ -1,0 +1,25 @@
+"""Figures: one module per figure, each ``fig = plot_x(data, ax=None)``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a figure atomically (a temporary file renamed into place: never half-written)."""
+    target = Path(path)
+    suffix = target.suffix or ".png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(suffix=suffix, dir=target.parent, prefix=".nndiag-")
+    os.close(handle)
+    try:
+        fig.savefig(temp, dpi=120, bbox_inches="tight", format=suffix.lstrip("."))
+        os.replace(temp, target)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return target

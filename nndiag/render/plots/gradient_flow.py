@@ -1,0 +1,91 @@
+"""Gradient-flow figure: gradient norms and activation std through depth, problems marked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from nndiag.findings import Report
+
+_FLAG_COLOR = {"error": "tab:red", "warning": "tab:orange"}
+
+
+def _positive(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def plot_gradient_flow(report: Report, axes: tuple[Axes, Axes] | None = None) -> Figure:
+    """Plot per-layer gradient norm and activation std across depth (log scale).
+
+    Top: the weight-gradient norm of each layer with weights and the gradient norm at its
+    output relative to the model output ("grad gain"). Bottom: the output std of every
+    measured layer. Layers named by a warning or error finding are marked.
+
+    Args:
+        report: An inspect report (only its ``layers`` and ``findings`` are read).
+        axes: Two axes to draw on; a new figure is made when omitted.
+
+    Returns:
+        The figure.
+    """
+    if axes is None:
+        fig = Figure(figsize=(11, 6.5))
+        top, bottom = fig.subplots(2, 1, sharex=True)
+    else:
+        top, bottom = axes
+        fig = top.get_figure()  # type: ignore[assignment]
+    flagged: dict[str, str] = {}
+    for finding in report.findings:
+        for name in finding.layers:
+            if flagged.get(name) != "error":
+                flagged[name] = finding.severity
+    layers = report.layers
+    weights = [r for r in layers if r.get("weight_norm") is not None]
+
+    xs = [r["index"] for r in weights]
+    grad = [_positive(r.get("grad_norm")) for r in weights]
+    gain = [_positive(r.get("depth_gain")) for r in weights]
+    top.plot(xs, [g if g else float("nan") for g in grad], "o-", color="tab:blue",
+             label="weight gradient norm ||g||")
+    top.plot(xs, [g if g else float("nan") for g in gain], "s--", color="tab:green",
+             label="grad gain (output-gradient norm / model output's)")
+    top.set_yscale("log")
+    top.set_ylabel("gradient")
+    top.grid(True, which="major", alpha=0.3)
+
+    stds = [(r["index"], _positive(r.get("std")), r) for r in layers]
+    stds = [(x, s, r) for x, s, r in stds if s is not None]
+    for label, style, color, keep in (
+        ("weight-layer output std", "o-", "tab:purple", lambda r: r.get("weight_norm") is not None),
+        ("activation output std", "^:", "tab:gray", lambda r: r.get("activation") is not None),
+    ):
+        series = [(x, s) for x, s, r in stds if keep(r)]
+        if series:
+            bottom.plot([x for x, _ in series], [s for _, s in series], style, color=color,
+                        label=label, markersize=4)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("activation std")
+    bottom.set_xlabel("layer (forward order)")
+    bottom.grid(True, which="major", alpha=0.3)
+
+    marked: set[str] = set()
+    for x, _, r in stds:
+        severity = flagged.get(r["name"])
+        if severity in _FLAG_COLOR:
+            label = f"flagged ({severity})" if severity not in marked else None
+            marked.add(severity)
+            for ax in (top, bottom):
+                ax.axvspan(x - 0.4, x + 0.4, color=_FLAG_COLOR[severity], alpha=0.15,
+                           label=label if ax is bottom else None)
+    if len(weights) <= 30:
+        bottom.set_xticks(xs, [r["name"] for r in weights], rotation=60, ha="right",
+                          fontsize=7)
+    top.legend(loc="best", fontsize=8)
+    bottom.legend(loc="best", fontsize=8)
+    status = report.status.upper()
+    ids = ", ".join(f.id for f in report.findings) or "no findings"
+    top.set_title(f"{report.summary.get('model', 'model')}: gradient flow ({status}: {ids})")
+    fig.tight_layout()
+    return fig

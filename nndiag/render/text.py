@@ -1,0 +1,150 @@
+"""Rich text rendering of an inspect report: status, findings with fixes, a per-layer table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console, Group
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from nndiag.findings import Finding, Fix, Report
+
+STYLE = {"ok": "bold green", "info": "cyan", "warning": "bold yellow", "error": "bold red"}
+MAX_TABLE_ROWS = 40
+
+
+def fmt(value: Any) -> str:
+    """Format a statistic compactly (3 significant digits, scientific when far from 1)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0:
+            return "0"
+        return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+    return str(value)
+
+
+def _status_line(report: Report) -> Text:
+    counts = {s: sum(f.severity == s for f in report.findings) for s in ("error", "warning",
+                                                                         "info")}
+    status = report.status
+    text = Text(f" {status.upper()} ", style=f"reverse {STYLE[status]}")
+    if not report.findings:
+        text.append("  no problem found", style=STYLE["ok"])
+    else:
+        parts = [f"{n} {s}{'s' if n > 1 else ''}" for s, n in counts.items() if n]
+        text.append("  " + ", ".join(parts))
+    return text
+
+
+def _header(report: Report) -> Text:
+    s = report.summary
+    frozen = f", {s['frozen_parameters']:,} frozen" if s.get("frozen_parameters") else ""
+    return Text.assemble(
+        ("nndiag inspect ", "bold"), (f"{s.get('model', '')}", "bold cyan"),
+        f": {s.get('trainable_parameters', 0):,} trainable parameters{frozen}; "
+        f"{s.get('loss_name')} loss {fmt(s.get('loss'))} on {s.get('batches')} batch(es) of "
+        f"{s.get('batch_size')}; {s.get('measured_layers')} layers measured",
+    )
+
+
+def _verified(fix: Fix) -> Text | None:
+    v = fix.verified
+    if v is None:
+        return None
+    if not v.get("applied"):
+        return Text(f"not tried automatically: {v.get('reason')}", style="dim")
+    changes = ", ".join(f"{k} {fmt(v['before'].get(k))} -> {fmt(v['after'].get(k))}"
+                        for k in v["before"])
+    verdict = ("resolved" if v["resolved"] else f"still {v['severity_after']}")
+    style = "green" if v["resolved"] else "yellow"
+    text = Text("verified on a copy: ", style="dim")
+    text.append(f"{verdict}", style=style)
+    text.append(f" ({changes})")
+    if v.get("new_findings"):
+        text.append(f"; new findings after the fix: {', '.join(v['new_findings'])}", style="yellow")
+    return text
+
+
+def _finding(finding: Finding) -> Group:
+    parts: list[Any] = []
+    title = Text(f"[{finding.severity}] ", style=STYLE[finding.severity])
+    title.append(finding.id, style="bold")
+    title.append(f"  {finding.summary}")
+    parts.append(title)
+    if finding.explanation:
+        parts.append(Padding(Text(finding.explanation), (0, 0, 0, 4)))
+    if finding.layers:
+        shown = ", ".join(finding.layers[:8]) + (f" ... (+{len(finding.layers) - 8})"
+                                                 if len(finding.layers) > 8 else "")
+        parts.append(Padding(Text(f"layers: {shown}", style="dim"), (0, 0, 0, 4)))
+    for number, fix in enumerate(finding.fixes, 1):
+        line = Text(f"{number}. ", style="bold")
+        line.append(fix.id, style="bold magenta")
+        line.append(f": {fix.summary}")
+        parts.append(Padding(line, (0, 0, 0, 4)))
+        verified = _verified(fix)
+        if verified is not None:
+            parts.append(Padding(verified, (0, 0, 0, 7)))
+        if fix.code:
+            parts.append(Padding(Text(fix.code, style="dim cyan"), (0, 0, 0, 7)))
+    return Group(*parts)
+
+
+def _layer_rows(report: Report) -> list[dict[str, Any]]:
+    flagged = {name for f in report.findings for name in f.layers}
+    rows = [r for r in report.layers
+            if r.get("weight_norm") is not None or r.get("activation") or r["name"] in flagged]
+    if len(rows) <= MAX_TABLE_ROWS:
+        return rows
+    keep = [r for r in rows if r.get("weight_norm") is not None or r["name"] in flagged]
+    if len(keep) > MAX_TABLE_ROWS:
+        half = MAX_TABLE_ROWS // 2
+        keep = keep[:half] + [{"name": "...", "gap": len(keep) - 2 * half}] + keep[-half:]
+    return keep
+
+
+def layer_table(report: Report) -> Table:
+    """A compact per-layer table; flagged layers are highlighted."""
+    flagged = {name: f.severity for f in report.findings for name in f.layers}
+    table = Table(title="Per-layer measurements", title_justify="left", header_style="bold",
+                  pad_edge=False, box=None)
+    for column, justify in (("#", "right"), ("layer", "left"), ("kind", "left"),
+                            ("out std", "right"), ("dead/sat", "right"),
+                            ("grad gain", "right"), ("|g|/|w|", "right"),
+                            ("init scale", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in _layer_rows(report):
+        if "gap" in row:
+            table.add_row("", f"... {row['gap']} more layers (see --json)", *[""] * 6)
+            continue
+        dead, sat = row.get("dead_fraction"), row.get("saturated_fraction")
+        share = f"{dead:.0%} dead" if dead is not None else (
+            f"{sat:.0%} sat" if sat is not None else "-")
+        init = (f"{fmt(row['init_scale'])}x {row['init_reference']}"
+                if row.get("init_scale") is not None else "-")
+        style = {"error": "red", "warning": "yellow"}.get(flagged.get(row["name"], ""), "")
+        table.add_row(str(row["index"]), row["name"], row["kind"], fmt(row.get("std")), share,
+                      fmt(row.get("depth_gain")), fmt(row.get("grad_to_weight")), init,
+                      style=style)
+    return table
+
+
+def render_text(report: Report, console: Console) -> None:
+    """Print the report: header, status line, findings with fixes, per-layer table, notes."""
+    console.print(_header(report))
+    console.print(_status_line(report))
+    for finding in report.findings:
+        console.print()
+        console.print(_finding(finding))
+    console.print()
+    console.print(layer_table(report))
+    console.print(Text("grad gain: gradient norm at the layer's output / at the model output; "
+                       "init scale: weight RMS / the He or Xavier std for its fans", style="dim"))
+    for note in report.notes:
+        console.print(Text(f"note: {note}", style="yellow"))

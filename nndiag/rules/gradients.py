@@ -1,0 +1,150 @@
+"""Vanishing and exploding gradients, judged through depth and in absolute scale.
+
+Through depth: the gain of the backward signal, ``||dL/d out_l|| / ||dL/d output||``, at every
+layer with weights. Absolute: the gradient-to-weight ratio ``||g|| / ||w||`` of every layer,
+per unit of loss for vanishing (a converged model has small gradients because its loss is
+small) and raw for exploding. Either one can miss a case the other catches: a plain Xavier
+ReLU net has all gradients tiny with an unremarkable first/last ratio; an N(0,1) ReLU MLP
+explodes although its first layer's weight gradient is smaller than its last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nndiag.findings import Finding, worst_severity
+from nndiag.records import LayerRecord, ProbeRecord
+from nndiag.rules.thresholds import FULLY_DEAD, Threshold
+
+
+@dataclass
+class GradientProfile:
+    """Backward-signal gains and gradient-to-weight ratios of the weight layers."""
+
+    gains: list[tuple[LayerRecord, float]]
+    ratios: list[tuple[LayerRecord, float]]
+    loss: float
+
+    @property
+    def min_gain(self) -> tuple[LayerRecord, float] | None:
+        """The layer where the backward signal is weakest."""
+        return min(self.gains, key=lambda item: item[1], default=None)
+
+    @property
+    def max_gain(self) -> tuple[LayerRecord, float] | None:
+        """The layer where the backward signal is strongest."""
+        return max(self.gains, key=lambda item: item[1], default=None)
+
+    @property
+    def max_ratio(self) -> tuple[LayerRecord, float] | None:
+        """The layer with the largest gradient-to-weight ratio."""
+        return max(self.ratios, key=lambda item: item[1], default=None)
+
+    @property
+    def max_ratio_per_loss(self) -> float | None:
+        """Largest gradient-to-weight ratio divided by ``|loss|`` (None for a zero loss)."""
+        top = self.max_ratio
+        if top is None or abs(self.loss) == 0:
+            return None
+        return top[1] / abs(self.loss)
+
+
+def gradient_profile(probe: ProbeRecord) -> GradientProfile:
+    """Gains and ratios of trainable weight layers.
+
+    When a ReLU layer is fully dead, gradients that are exactly zero are blocked by it rather
+    than vanishing; they are left to the ``dead_relu`` rule.
+    """
+    reference = probe.output_grad_norm
+    blocked = any(r.dead_fraction is not None and r.dead_fraction >= FULLY_DEAD
+                  for r in probe.layers)
+    layers = probe.weight_layers()
+    gains = []
+    if reference:
+        gains = [(r, r.grad_out_norm / reference) for r in layers
+                 if r.grad_out_norm is not None and not (blocked and r.grad_out_norm == 0)]
+    ratios = [(r, r.grad_to_weight) for r in layers
+              if r.grad_to_weight is not None and not (blocked and r.grad_to_weight == 0)]
+    return GradientProfile(gains, ratios, probe.loss)
+
+
+def vanishing_headline(probe: ProbeRecord) -> dict[str, float | None]:
+    """Smallest depth gain and the largest gradient-to-weight ratio per unit of loss."""
+    profile = gradient_profile(probe)
+    weakest = profile.min_gain
+    return {"min_depth_gain": weakest[1] if weakest else None,
+            "max_grad_to_weight_per_loss": profile.max_ratio_per_loss}
+
+
+def exploding_headline(probe: ProbeRecord) -> dict[str, float | None]:
+    """Largest depth gain and the largest gradient-to-weight ratio."""
+    profile = gradient_profile(probe)
+    strongest, top = profile.max_gain, profile.max_ratio
+    return {"max_depth_gain": strongest[1] if strongest else None,
+            "max_grad_to_weight": top[1] if top else None}
+
+
+def vanishing_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
+    """Early layers receive a vanishing share of the gradient, or every layer a tiny one."""
+    profile = gradient_profile(probe)
+    depth_rule = thresholds["vanishing_depth_gain"]
+    scale_rule = thresholds["vanishing_grad_to_weight_per_loss"]
+    weakest = profile.min_gain
+    per_loss = profile.max_ratio_per_loss
+    depth = depth_rule.severity(weakest[1]) if weakest else None
+    scale = scale_rule.severity(per_loss)
+    severity = worst_severity(depth, scale)
+    if severity is None:
+        return None
+    if depth is not None:
+        layers = [r.name for r, gain in profile.gains if depth_rule.severity(gain)]
+    else:
+        layers = [r.name for r, _ in profile.ratios]
+    top = profile.max_ratio
+    evidence = {
+        "min_depth_gain": weakest[1] if weakest else None,
+        "min_depth_gain_layer": weakest[0].name if weakest else None,
+        "max_grad_to_weight": top[1] if top else None,
+        "max_grad_to_weight_layer": top[0].name if top else None,
+        "max_grad_to_weight_per_loss": per_loss,
+        "loss": probe.loss,
+        "judged_by": [name for name, verdict in (("depth", depth), ("scale", scale)) if verdict],
+    }
+    if depth is not None and weakest is not None:
+        summary = (f"gradient vanishes through depth: {weakest[1]:.1e} of the output gradient "
+                   f"reaches {weakest[0].label}")
+    else:
+        summary = (f"every layer's gradient is tiny: at most {top[1] if top else 0:.1e} of its "
+                   f"weights at a loss of {probe.loss:.3g}")
+    return Finding("vanishing_gradients", severity, layers, summary, evidence=evidence)
+
+
+def exploding_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
+    """The backward signal grows through depth, or gradients dwarf the weights."""
+    profile = gradient_profile(probe)
+    depth_rule = thresholds["exploding_depth_gain"]
+    scale_rule = thresholds["exploding_grad_to_weight"]
+    strongest, top = profile.max_gain, profile.max_ratio
+    depth = depth_rule.severity(strongest[1]) if strongest else None
+    scale = scale_rule.severity(top[1]) if top else None
+    severity = worst_severity(depth, scale)
+    if severity is None:
+        return None
+    names = {r.name for r, gain in profile.gains if depth_rule.severity(gain)}
+    names |= {r.name for r, ratio in profile.ratios if scale_rule.severity(ratio)}
+    layers = [r.name for r in probe.layers if r.name in names]
+    evidence = {
+        "max_depth_gain": strongest[1] if strongest else None,
+        "max_depth_gain_layer": strongest[0].name if strongest else None,
+        "max_grad_to_weight": top[1] if top else None,
+        "max_grad_to_weight_layer": top[0].name if top else None,
+        "loss": probe.loss,
+        "judged_by": [name for name, verdict in (("depth", depth), ("scale", scale)) if verdict],
+    }
+    if depth is not None and strongest is not None:
+        summary = (f"gradient explodes through depth: {strongest[1]:.1e}x the output gradient "
+                   f"at {strongest[0].label}")
+    else:
+        summary = (f"gradients dwarf the weights: ||g||/||w|| = {top[1] if top else 0:.1e} "
+                   f"at {top[0].label if top else '?'}")
+    return Finding("exploding_gradients", severity, layers, summary, evidence=evidence)

@@ -1,0 +1,95 @@
+"""Every threshold a rule judges by, with the reason for its value.
+
+Thresholds are relative wherever possible (gains through depth, ratios to the loss or to the
+He/Xavier expectation) so that they hold across model sizes and data scales. The healthy zoo
+(He MLP, ResNet with BN, pre-LN transformer, LSTM, GRU, 24-block residual MLP) stays at least
+an order of magnitude inside each warning threshold; ``tests/test_rules.py`` holds the cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A warning and an error level for one measured value.
+
+    Attributes:
+        warning: Level at which a warning is raised.
+        error: Level at which an error is raised.
+        higher_is_worse: Direction: True when values above the levels are bad.
+        reason: Why these values.
+    """
+
+    warning: float
+    error: float
+    higher_is_worse: bool
+    reason: str
+
+    def severity(self, value: float | None) -> str | None:
+        """``error``, ``warning`` or ``None`` for a measured value (``None``/NaN: no verdict)."""
+        if value is None or value != value:
+            return None
+        if self.higher_is_worse:
+            return "error" if value >= self.error else "warning" if value >= self.warning else None
+        return "error" if value <= self.error else "warning" if value <= self.warning else None
+
+
+THRESHOLDS: dict[str, Threshold] = {
+    "vanishing_depth_gain": Threshold(
+        1e-3, 1e-6, False,
+        "Gradient norm at a layer's output divided by the gradient norm at the model output. "
+        "Under He init or with normalization it stays within ~10x of 1 at every depth (the "
+        "healthy zoo: 0.013 at worst, an LSTM's embedding); 1e-3 means the early layers learn "
+        "a thousand times slower than the last one under SGD, 1e-6 means they do not learn.",
+    ),
+    "vanishing_grad_to_weight_per_loss": Threshold(
+        1e-4, 1e-6, False,
+        "Largest gradient-to-weight ratio ||g||/||w|| over all layers, per unit of loss. A "
+        "network whose every layer has a tiny gradient while the loss is still large is not "
+        "learning anywhere, even if the ratio first/last layer looks normal (a plain 30-layer "
+        "Xavier ReLU net: ~2e-7). Dividing by the loss keeps a converged model, whose "
+        "gradients are small because its loss is, from being flagged. Healthy zoo: >= 1e-2.",
+    ),
+    "exploding_depth_gain": Threshold(
+        1e3, 1e6, True,
+        "Gradient norm at a layer's output over the gradient norm at the model output: the "
+        "backward signal grows a thousandfold on its way to the early layers (N(0,1) init of "
+        "a 10-layer 256-wide ReLU MLP: ~3e9). Healthy zoo: <= 2.",
+    ),
+    "exploding_grad_to_weight": Threshold(
+        10.0, 1e3, True,
+        "Gradient-to-weight ratio ||g||/||w||: above 10 an SGD step at lr=0.01 rewrites "
+        "a layer's weights by more than their own size. Healthy zoo: <= 1.2 (classifier "
+        "heads at init have the largest).",
+    ),
+    "activation_growth": Threshold(
+        1e2, 1e4, True,
+        "Largest ratio of a Linear/conv layer's output std to that of an earlier one: the "
+        "forward signal is amplified a hundredfold through depth (per-layer weight scale above "
+        "He). Healthy zoo: <= 5.",
+    ),
+    "activation_collapse": Threshold(
+        1e-2, 1e-4, False,
+        "Smallest ratio of a Linear/conv layer's output std to that of an earlier one: the "
+        "forward signal shrinks a hundredfold through depth (per-layer weight scale below He, "
+        "e.g. Xavier or PyTorch's default init under ReLU). Healthy zoo: >= 0.2.",
+    ),
+    "dead_fraction": Threshold(
+        0.5, 0.9, True,
+        "Share of a ReLU layer's units that are zero for every probe sample. A He-initialized "
+        "net has a few percent (up to ~16% in deep layers with a 64-sample probe); half the "
+        "layer dead halves its capacity; at 90% the layer passes almost no gradient.",
+    ),
+    "saturated_fraction": Threshold(
+        0.25, 0.6, True,
+        "Share of a sigmoid/tanh-family output whose local derivative is below 5% of its "
+        "maximum. Xavier-initialized tanh layers on standardized inputs have ~3%.",
+    ),
+}
+
+# Below this many probe samples a unit that never fired is not evidence of a dead unit.
+MIN_SAMPLES_FOR_DEAD_UNITS = 8
+# A unit counts as blocking gradients when its layer is at least this dead.
+FULLY_DEAD = 0.99

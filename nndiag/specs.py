@@ -1,0 +1,283 @@
+"""Loading user code from specs (``package.module:attr`` or ``path/file.py:attr``) and batches.
+
+A spec names an attribute; a callable attribute that is not already the wanted object (an
+``nn.Module``, a loss function) is called with no arguments. Batches are ``(inputs, targets)``
+where inputs may be a tensor, a tuple (passed as ``model(*inputs)``) or a dict (passed as
+``model(**inputs)``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag.errors import UsageError, UserCodeError, describe_exception
+
+LOSS_NAMES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "bce": F.binary_cross_entropy_with_logits,
+    "l1": F.l1_loss,
+    "huber": F.huber_loss,
+    "nll": F.nll_loss,
+}
+
+
+@dataclass
+class Batch:
+    """One probe batch, unpacked.
+
+    Attributes:
+        inputs: A tensor, a tuple of positional inputs or a dict of keyword inputs.
+        targets: The targets, or ``None`` when the data carries none.
+    """
+
+    inputs: Any
+    targets: Any = None
+
+
+def load_object(spec: str, option: str = "spec") -> Any:
+    """Import the object a spec names.
+
+    Args:
+        spec: ``package.module:attr`` or ``path/to/file.py:attr`` (attr may be dotted).
+        option: The option the spec came from, used in error messages (e.g. ``--model``).
+
+    Returns:
+        The named attribute (not called).
+
+    Raises:
+        UsageError: The spec is malformed, or its module, file or attribute does not exist.
+        UserCodeError: Importing the user's module raised.
+    """
+    module_part, sep, attr_path = spec.rpartition(":")
+    if not sep or not module_part or not attr_path:
+        raise UsageError(
+            f"{option} {spec!r}: expected 'package.module:attr' or 'path/to/file.py:attr'"
+        )
+    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+        module = _import_file(Path(module_part), spec, option)
+    else:
+        module = _import_module(module_part, spec, option)
+    obj: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(
+                f"{option} {spec!r}: {module_part!r} has no attribute {attr_path!r}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _import_module(name: str, spec: str, option: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise UsageError(f"{option} {spec!r}: no module named {name!r}") from exc
+        raise UserCodeError(
+            f"{option} {spec!r}: importing {name!r} raised {describe_exception(exc)}"
+        ) from exc
+    except Exception as exc:
+        raise UserCodeError(
+            f"{option} {spec!r}: importing {name!r} raised {describe_exception(exc)}"
+        ) from exc
+
+
+def _import_file(path: Path, spec: str, option: str) -> Any:
+    if not path.is_file():
+        raise UsageError(f"{option} {spec!r}: file {str(path)!r} not found")
+    module_name = f"_nndiag_user_{abs(hash(str(path.resolve())))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    file_spec = importlib.util.spec_from_file_location(module_name, path)
+    if file_spec is None or file_spec.loader is None:
+        raise UsageError(f"{option} {spec!r}: {str(path)!r} is not a Python file")
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[module_name] = module
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        file_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise UserCodeError(
+            f"{option} {spec!r}: running {str(path)!r} raised {describe_exception(exc)}"
+        ) from exc
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def _call_factory(obj: Any, spec: str, option: str) -> Any:
+    try:
+        return obj()
+    except TypeError as exc:
+        raise UsageError(
+            f"{option} {spec!r}: the factory must be callable with no arguments "
+            f"({describe_exception(exc)})"
+        ) from exc
+    except Exception as exc:
+        raise UserCodeError(
+            f"{option} {spec!r}: calling the factory raised {describe_exception(exc)}"
+        ) from exc
+
+
+def load_model(spec: str) -> nn.Module:
+    """Load an ``nn.Module`` from a spec, calling it first if it is a factory.
+
+    Raises:
+        UsageError: The spec cannot be resolved or does not yield an ``nn.Module``.
+        UserCodeError: The user's factory raised.
+    """
+    obj = load_object(spec, "--model")
+    if not isinstance(obj, nn.Module) and callable(obj):
+        obj = _call_factory(obj, spec, "--model")
+    if not isinstance(obj, nn.Module):
+        raise UsageError(
+            f"--model {spec!r}: expected an nn.Module (or a function returning one), "
+            f"got {type(obj).__name__}"
+        )
+    return obj
+
+
+def load_data(spec: str) -> Any:
+    """Load data from a spec: an iterable of batches, or one batch (calling a factory first).
+
+    Raises:
+        UsageError: The spec cannot be resolved.
+        UserCodeError: The user's factory raised.
+    """
+    obj = load_object(spec, "--data")
+    if callable(obj) and not isinstance(obj, Iterable | Mapping):
+        obj = _call_factory(obj, spec, "--data")
+    return obj
+
+
+def iter_batches(data: Any, limit: int) -> list[Batch]:
+    """Take up to ``limit`` batches from data and unpack each.
+
+    A tensor, a dict or a tuple is one batch; any other iterable (a list, a DataLoader, a
+    generator) yields batches.
+
+    Raises:
+        UsageError: The data yields no batch, or a batch is not tensor-shaped.
+        UserCodeError: Iterating the user's data raised.
+    """
+    if isinstance(data, torch.Tensor | Mapping | tuple):
+        return [unpack_batch(data)]
+    if not isinstance(data, Iterable):
+        raise UsageError(
+            f"--data: expected batches (a DataLoader, a list of batches) or one batch "
+            f"(inputs, targets), got {type(data).__name__}"
+        )
+    batches: list[Batch] = []
+    try:
+        for item in data:
+            batches.append(unpack_batch(item))
+            if len(batches) >= limit:
+                break
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UserCodeError(f"--data: iterating the data raised {describe_exception(exc)}") from exc
+    if not batches:
+        raise UsageError("--data: the data yielded no batch")
+    return batches
+
+
+def unpack_batch(batch: Any) -> Batch:
+    """Split a batch into inputs and targets.
+
+    ``(inputs, targets)`` and ``[inputs, targets]`` give both; a bare tensor or dict is
+    inputs only; a 1-tuple is inputs only.
+
+    Raises:
+        UsageError: The batch holds no tensor.
+    """
+    if isinstance(batch, torch.Tensor | Mapping):
+        result = Batch(batch)
+    elif isinstance(batch, tuple | list) and len(batch) == 2:
+        result = Batch(batch[0], batch[1])
+    elif isinstance(batch, tuple | list) and len(batch) == 1:
+        result = Batch(batch[0])
+    else:
+        raise UsageError(
+            f"--data: a batch must be (inputs, targets), a tensor or a dict of tensors; "
+            f"got {describe_value(batch)}"
+        )
+    if not _has_tensor(result.inputs):
+        raise UsageError(f"--data: the batch inputs hold no tensor: {describe_value(result.inputs)}")
+    return result
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call the model as DESIGN.md prescribes: tuple as ``*args``, dict as ``**kwargs``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples, lists and dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {key: move_to(value, device) for key, value in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(move_to(value, device) for value in obj)
+    return obj
+
+
+def iter_tensors(obj: Any) -> Iterable[torch.Tensor]:
+    """Yield every tensor inside nested tuples, lists, dicts and dataclass-like outputs."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from iter_tensors(value)
+    elif isinstance(obj, tuple | list):
+        for value in obj:
+            yield from iter_tensors(value)
+    elif hasattr(obj, "data") and isinstance(obj.data, torch.Tensor):  # PackedSequence
+        yield obj.data
+
+
+def primary_output(output: Any) -> torch.Tensor | None:
+    """The tensor a default loss applies to: the output itself, ``logits`` or the first float."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits
+    for tensor in iter_tensors(output):
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def _has_tensor(obj: Any) -> bool:
+    return next(iter(iter_tensors(obj)), None) is not None
+
+
+def describe_value(obj: Any) -> str:
+    """Describe a value by its tensor shapes and dtypes, for error messages."""
+    if isinstance(obj, torch.Tensor):
+        return f"tensor {tuple(obj.shape)} {str(obj.dtype).removeprefix('torch.')}"
+    if isinstance(obj, Mapping):
+        return "{" + ", ".join(f"{k}: {describe_value(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, tuple | list):
+        return "(" + ", ".join(describe_value(v) for v in obj) + ")"
+    return type(obj).__name__
+

@@ -1,0 +1,1 @@
+"""Statistic definitions: each a function of tensors, computed on the tensors' device."""
