@@ -63,7 +63,8 @@ def _norm_fix(probe: ProbeRecord) -> Fix:
     if any(r.kind.startswith("Conv") for r in probe.layers):
         return _fix("batch_norm", "insert BatchNorm after each conv layer (before its "
                     "activation) so every layer sees a unit-scale signal", """
-nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())""")
+nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+              nn.BatchNorm2d(c_out), nn.ReLU())""")
     if any(r.kind in RECURRENT_KINDS or r.kind == "MultiheadAttention" for r in probe.layers):
         return _fix("layer_norm", "normalize each block's input with LayerNorm (pre-norm)", """
 x = x + block(nn.LayerNorm(dim)(x))   # keep the LayerNorm as a module of the block""")
@@ -212,9 +213,10 @@ def _vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
         first, last = (weight_layers[0], weight_layers[-1]) if weight_layers else (None, None)
         ratio = (first.grad_norm / last.grad_norm if first and last and first.grad_norm
                  and last.grad_norm else None)
+        top = probe.layer(ev["max_grad_to_weight_layer"])
         parts.append(f"Every layer's gradient is tiny next to its weights: the largest "
                      f"||g||/||w|| is {_fmt(ev['max_grad_to_weight'])} "
-                     f"({probe.layer(ev['max_grad_to_weight_layer']).label}) while the loss is still "
+                     f"({top.label}) while the loss is still "
                      f"{_fmt(probe.loss)}, so no layer learns at a normal learning rate, even "
                      f"though the first/last weight-gradient ratio ({_fmt(ratio)}) looks "
                      "unremarkable.")

@@ -156,6 +156,7 @@ def verify_fixes(model: nn.Module, batches: Sequence[Batch], probe: ProbeRecord,
 
     Raises:
         UserCodeError: The model raised while the patched copy was measured.
+
     """
     results: dict[str, tuple[ProbeRecord, list[Finding]] | str] = {}
     for finding in findings:

@@ -12,6 +12,7 @@ class NndiagError(Exception):
 
     Attributes:
         exit_code: The process exit code the CLI uses for this error.
+
     """
 
     exit_code: int = 2

@@ -15,9 +15,9 @@ Pathological:
     unused_branch_model: a branch whose parameters never reach the loss.
 
 Healthy:
-    he_mlp, resnet_bn, transformer_preln, lstm_classifier, gru_tagger, residual_mlp,
-    dict_input_model (dict inputs, tuple outputs), inplace_relu_cnn, frozen_backbone_mlp,
-    shared_weights_mlp.
+    he_mlp, functional_relu_mlp, resnet_bn, transformer_preln, lstm_classifier, gru_tagger,
+    residual_mlp, dict_input_model (dict inputs, tuple outputs), inplace_relu_cnn,
+    frozen_backbone_mlp, shared_weights_mlp.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ INPUT_SHAPES: dict[str, str] = {
     "saturated_tanh_mlp": "64,32",
     "unused_branch_model": "64,32",
     "he_mlp": "64,32",
+    "functional_relu_mlp": "64,32",
     "resnet_bn": "16,3,32,32",
     "transformer_preln": "8,16 --input-dtype long",
     "lstm_classifier": "16,12 --input-dtype long",
@@ -375,3 +376,10 @@ class _UnusedBranch(nn.Module):
 def unused_branch_model() -> nn.Module:
     """A model whose ``branch`` is defined but never called."""
     return _UnusedBranch()
+
+
+def dict_input_loss(outputs: tuple[torch.Tensor, torch.Tensor],
+                    targets: torch.Tensor) -> torch.Tensor:
+    """Loss for ``dict_input_model``: cross-entropy on the logits plus a small aux penalty."""
+    logits, aux = outputs
+    return F.cross_entropy(logits, targets) + 0.1 * aux.square().mean()

@@ -29,6 +29,7 @@ class Fix:
         code: The concrete torch call(s), ready to paste.
         automatic: True when ``--try-fixes`` can apply it to a copy and re-measure.
         verified: Before/after measurements once the fix was tried, else ``None``.
+
     """
 
     id: str
@@ -50,6 +51,7 @@ class Finding:
         explanation: Why, in terms of the model's own layers, with numbers.
         evidence: The numbers the rule judged.
         fixes: Recommended fixes, most effective first.
+
     """
 
     id: str
@@ -71,6 +73,7 @@ class Report:
         layers: Per-layer statistics (plain dicts).
         summary: Facts about the model and the probe.
         notes: Things the user should know that are not findings (unmeasured layers...).
+
     """
 
     schema: str

@@ -42,6 +42,7 @@ def synthetic_batches(model: nn.Module, input_shape: Sequence[int], *, dtype: st
 
     Raises:
         UsageError: A bad shape or dtype, or integer inputs with no known upper bound.
+
     """
     shape = tuple(int(v) for v in input_shape)
     if not shape or any(v <= 0 for v in shape):
@@ -118,6 +119,7 @@ def inspect_model(
         >>> report = inspect_model(examples.deep_sigmoid_mlp(), input_shape=(64, 32))
         >>> report.status, [f.id for f in report.findings][:1]
         ('error', ['vanishing_gradients'])
+
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"expected an nn.Module, got {type(model).__name__}")

@@ -28,6 +28,7 @@ class Loss:
         fn: For named losses, ``f(output_tensor, targets)``; for a spec, ``f(outputs, targets)``
             called with the model's raw outputs.
         user_code: True when ``fn`` is the user's own function (its errors are exit code 3).
+
     """
 
     name: str = "auto"
@@ -40,6 +41,7 @@ def resolve_loss(name_or_spec: str | None) -> Loss:
 
     Raises:
         UsageError: Neither a known name nor a loadable callable.
+
     """
     if name_or_spec in (None, "auto"):
         return Loss()
@@ -85,6 +87,7 @@ def compute_loss(
     Raises:
         UsageError: Targets that do not fit the output, or a loss that is not a scalar tensor.
         UserCodeError: The user's loss function raised.
+
     """
     if loss.user_code:
         assert loss.fn is not None
@@ -116,7 +119,9 @@ def compute_loss(
         try:
             value = fn(logits, labels)
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise UsageError(f"{name} loss rejected the targets: {describe_exception(exc)}") from exc
+            raise UsageError(
+                f"{name} loss rejected the targets: {describe_exception(exc)}"
+            ) from exc
         return _check_scalar(value, name), name, int(logits.shape[1])
     if targets.shape != output.shape:
         raise UsageError(
@@ -161,7 +166,9 @@ def _class_layout(output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 def _check_scalar(value: Any, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        raise UsageError(f"the loss {name!r} must return a scalar tensor, got {describe_value(value)}")
+        raise UsageError(
+            f"the loss {name!r} must return a scalar tensor, got {describe_value(value)}"
+        )
     if not value.requires_grad:
         raise UsageError(
             f"the loss {name!r} does not depend on any trainable parameter (no gradient flows)"

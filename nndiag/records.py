@@ -46,6 +46,7 @@ class LayerRecord:
         fan_out: Fan-out of a Linear/conv weight.
         init_reference: ``he`` when the layer feeds a ReLU-like activation, else ``xavier``.
         init_scale: ``weight_rms`` divided by the reference's expected standard deviation.
+
     """
 
     name: str
@@ -115,6 +116,7 @@ class ProbeRecord:
         unused_parameters: Trainable parameters that received no gradient in any batch.
         not_run: Modules with parameters that never ran during the probe.
         model_class: The model's class name.
+
     """
 
     layers: list[LayerRecord]

@@ -39,6 +39,7 @@ class Batch:
     Attributes:
         inputs: A tensor, a tuple of positional inputs or a dict of keyword inputs.
         targets: The targets, or ``None`` when the data carries none.
+
     """
 
     inputs: Any
@@ -58,6 +59,7 @@ def load_object(spec: str, option: str = "spec") -> Any:
     Raises:
         UsageError: The spec is malformed, or its module, file or attribute does not exist.
         UserCodeError: Importing the user's module raised.
+
     """
     module_part, sep, attr_path = spec.rpartition(":")
     if not sep or not module_part or not attr_path:
@@ -137,6 +139,7 @@ def load_model(spec: str) -> nn.Module:
     Raises:
         UsageError: The spec cannot be resolved or does not yield an ``nn.Module``.
         UserCodeError: The user's factory raised.
+
     """
     obj = load_object(spec, "--model")
     if not isinstance(obj, nn.Module) and callable(obj):
@@ -155,6 +158,7 @@ def load_data(spec: str) -> Any:
     Raises:
         UsageError: The spec cannot be resolved.
         UserCodeError: The user's factory raised.
+
     """
     obj = load_object(spec, "--data")
     if callable(obj) and not isinstance(obj, Iterable | Mapping):
@@ -171,6 +175,7 @@ def iter_batches(data: Any, limit: int) -> list[Batch]:
     Raises:
         UsageError: The data yields no batch, or a batch is not tensor-shaped.
         UserCodeError: Iterating the user's data raised.
+
     """
     if isinstance(data, torch.Tensor | Mapping | tuple):
         return [unpack_batch(data)]
@@ -202,6 +207,7 @@ def unpack_batch(batch: Any) -> Batch:
 
     Raises:
         UsageError: The batch holds no tensor.
+
     """
     if isinstance(batch, torch.Tensor | Mapping):
         result = Batch(batch)
@@ -215,7 +221,9 @@ def unpack_batch(batch: Any) -> Batch:
             f"got {describe_value(batch)}"
         )
     if not _has_tensor(result.inputs):
-        raise UsageError(f"--data: the batch inputs hold no tensor: {describe_value(result.inputs)}")
+        raise UsageError(
+            f"--data: the batch inputs hold no tensor: {describe_value(result.inputs)}"
+        )
     return result
 
 

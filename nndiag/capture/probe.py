@@ -24,8 +24,8 @@ from nndiag.capture.layers import (
     FUNCTIONAL_ACTIVATIONS,
     RELU_FAMILY,
     SATURATING,
-    has_init_expectation,
     hardtanh_bounds,
+    has_init_expectation,
     is_measured_module,
     is_weight_name,
     module_activation,
@@ -51,6 +51,7 @@ class ProbeConfig:
     Attributes:
         loss: The loss to backpropagate.
         seed: Seed of the generator for synthetic targets (the global RNG is not consumed).
+
     """
 
     loss: Loss = field(default_factory=Loss)
@@ -266,6 +267,7 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
         UsageError: Inputs with NaN/Inf, a batch the model's layers reject, targets that do
             not fit the loss, or a model with nothing trainable.
         UserCodeError: The model or the user's loss raised.
+
     """
     config = config or ProbeConfig()
     if not batches:

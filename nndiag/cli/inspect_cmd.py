@@ -19,13 +19,14 @@ class FailOn(str, Enum):
 
 
 def parse_shape(text: str) -> list[int]:
-    """Parse ``64,3,32,32`` (commas or x) into a shape.
+    """Parse ``64,3,32,32`` into a shape.
 
     Raises:
         UsageError: Not a list of positive integers.
+
     """
     try:
-        shape = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
+        shape = [int(part) for part in text.split(",")]
     except ValueError:
         shape = []
     if not shape or any(v <= 0 for v in shape):

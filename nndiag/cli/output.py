@@ -20,11 +20,12 @@ class Output:
         stdout: Console for the report (plain when piped).
         stderr: Console for progress, messages and errors.
         debug: Show tracebacks of errors.
+
     """
 
     def __init__(self, debug: bool = False) -> None:
         self.stdout = Console(soft_wrap=False)
-        self.stderr = Console(stderr=True)
+        self.stderr = Console(stderr=True, soft_wrap=True)
         self.debug = debug
 
     def message(self, text: str) -> None:

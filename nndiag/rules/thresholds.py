@@ -20,6 +20,7 @@ class Threshold:
         error: Level at which an error is raised.
         higher_is_worse: Direction: True when values above the levels are bad.
         reason: Why these values.
+
     """
 
     warning: float

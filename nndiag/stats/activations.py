@@ -56,6 +56,7 @@ def activation_vector(
 
     Returns:
         A float32 vector on the output's device; nothing is moved to the host.
+
     """
     y = output.detach().float()
     var, mean = torch.var_mean(y, correction=0)

@@ -29,6 +29,7 @@ def plot_gradient_flow(report: Report, axes: tuple[Axes, Axes] | None = None) ->
 
     Returns:
         The figure.
+
     """
     if axes is None:
         fig = Figure(figsize=(11, 6.5))

@@ -1,0 +1,234 @@
+"""Every statistic nndiag records, against a slow, obvious reference computed with autograd.
+
+The reference runs a deep copy of the model with plain forward hooks that keep each layer's
+output (``retain_grad``), calls ``loss.backward()`` and computes each number directly.
+In-place activations are made out-of-place in the reference copy, so the in-place model is
+checked against the same function computed the plain way.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag import examples
+from nndiag.capture import ProbeConfig, run_probe
+from nndiag.capture.layers import SATURATING, module_activation
+from nndiag.losses import Loss
+from nndiag.specs import Batch, primary_output
+from nndiag.stats.activations import SATURATION_DERIVATIVE_RATIO
+from nndiag.stats.weights import he_std, xavier_std
+
+REL = 1e-4
+
+ACT_FN = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu,
+          "softsign": F.softsign, "hardtanh": F.hardtanh, "relu6": F.relu6}
+
+
+def _outplace(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model)
+    for module in ref.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    return ref
+
+
+def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Per-module outputs, output gradients and weight gradients, the plain way."""
+    ref = _outplace(model)
+    ref.train()
+    names = {m: n for n, m in ref.named_modules()}
+    outputs: dict[str, list[torch.Tensor]] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}
+
+    def hook(module, args, out):
+        t = primary_output(out)
+        if t is None or not t.is_floating_point():
+            return
+        if t.requires_grad:
+            t.retain_grad()
+        outputs.setdefault(names[module], []).append(t)
+        inputs.setdefault(names[module], []).append(args[0] if args else None)
+
+    handles = [m.register_forward_hook(hook) for m in ref.modules()]
+    out = ref(x)
+    logits = primary_output(out)
+    logits.retain_grad()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return {"model": ref, "outputs": outputs, "inputs": inputs, "loss": loss.item(),
+            "out_grad": logits.grad.norm().item()}
+
+
+def saturated_fraction_by_autograd(kind: str, pre: torch.Tensor) -> float:
+    """Share of elements whose derivative (taken by autograd) is below 5% of the maximum."""
+    z = pre.detach().clone().requires_grad_(True)
+    ACT_FN[kind](z).sum().backward()
+    peak = {"sigmoid": 0.25}.get(kind, 1.0)
+    slope = z.grad
+    if kind in ("hardtanh", "relu6"):  # derivative is 0 on the flat parts, 1 elsewhere
+        low, high = (0.0, 6.0) if kind == "relu6" else (-1.0, 1.0)
+        flat = (pre <= low) | (pre >= high) if kind == "hardtanh" else pre >= high
+        return flat.float().mean().item()
+    return (slope < SATURATION_DERIVATIVE_RATIO * peak).float().mean().item()
+
+
+def check_against_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    ref = reference(model, x, y)
+    probe = run_probe(model, [Batch(x, y)], ProbeConfig(Loss("cross_entropy", F.cross_entropy)))
+    assert probe.loss == pytest.approx(ref["loss"], rel=REL)
+    assert probe.output_grad_norm == pytest.approx(ref["out_grad"], rel=REL)
+    ref_modules = dict(ref["model"].named_modules())
+    checked = 0
+    for record in probe.layers:
+        if record.functional:
+            continue
+        module_name = "" if record.module == "(model)" else record.module
+        call = int(record.name.split("#")[1]) - 1 if "#" in record.name else 0
+        out = ref["outputs"][module_name][call].detach()
+        assert record.mean == pytest.approx(out.mean().item(), rel=REL, abs=1e-6), record.name
+        assert record.std == pytest.approx(out.std(unbiased=False).item(), rel=REL,
+                                           abs=1e-7), record.name
+        assert record.absmax == pytest.approx(out.abs().max().item(), rel=REL)
+        assert record.shape == list(out.shape)
+        grad = ref["outputs"][module_name][call].grad
+        if grad is not None:
+            assert record.grad_out_norm == pytest.approx(grad.norm().item(), rel=1e-3,
+                                                         abs=1e-12), record.name
+        kind = module_activation(ref_modules[module_name])
+        if kind in ("relu", "relu6"):
+            dead = (out.reshape(out.shape[0], -1) == 0).all(dim=0).float().mean().item()
+            assert record.dead_fraction == pytest.approx(dead, abs=1e-6), record.name
+        if kind in SATURATING:
+            pre = ref["inputs"][module_name][call].detach()
+            assert record.saturated_fraction == pytest.approx(
+                saturated_fraction_by_autograd(kind, pre), abs=2e-3), record.name
+            assert record.preact_std == pytest.approx(pre.std(unbiased=False).item(), rel=REL)
+        if record.weight_norm is not None and call == 0:
+            module = ref_modules[module_name]
+            # Submodules that never ran themselves (MultiheadAttention's out_proj) are folded
+            # into the measured module whose forward used their weights.
+            prefix = f"{module_name}." if module_name else ""
+            group = [module] + [m for n, m in module.named_children()
+                                if f"{prefix}{n}" not in ref["outputs"]]
+            weights = [p for m in group for n, p in m.named_parameters(recurse=False)
+                       if "bias" not in n]
+            weight_norm = math.sqrt(sum(w.detach().norm().item() ** 2 for w in weights))
+            assert record.weight_norm == pytest.approx(weight_norm, rel=REL)
+            numel = sum(w.numel() for w in weights)
+            assert record.weight_rms == pytest.approx(weight_norm / math.sqrt(numel), rel=REL)
+            if record.trainable and all(w.grad is not None for w in weights):
+                grad_norm = math.sqrt(sum(w.grad.norm().item() ** 2 for w in weights))
+                assert record.grad_norm == pytest.approx(grad_norm, rel=1e-3), record.name
+                assert record.grad_to_weight == pytest.approx(grad_norm / weight_norm, rel=1e-3)
+            if record.init_scale is not None:
+                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                expected = (he_std(fan_in) if record.init_reference == "he"
+                            else xavier_std(fan_in, fan_out))
+                assert record.init_scale == pytest.approx(record.weight_rms / expected, rel=REL)
+        checked += 1
+    return checked
+
+
+def _labels(n: int, classes: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
+    return torch.randint(0, classes, (n, *shape), generator=torch.Generator().manual_seed(3))
+
+
+def test_oracle_sigmoid_mlp():
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    assert check_against_reference(examples.deep_sigmoid_mlp(depth=6), x, _labels(32, 10)) >= 12
+
+
+def test_oracle_saturated_tanh_mlp():
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    assert check_against_reference(examples.saturated_tanh_mlp(), x, _labels(32, 10)) >= 10
+
+
+def test_oracle_dead_relu_mlp():
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    assert check_against_reference(examples.dead_relu_mlp(), x, _labels(32, 10)) >= 6
+
+
+def test_oracle_cnn_with_batchnorm_and_inplace_relu():
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert check_against_reference(examples.inplace_relu_cnn(), x, _labels(8, 10)) >= 10
+
+
+def test_oracle_resnet_with_shared_relu_calls():
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = examples.resnet_bn(widths=(8, 16), blocks=1)
+    assert check_against_reference(model, x, _labels(4, 10)) >= 15
+
+
+def test_oracle_lstm():
+    x = torch.randint(0, 100, (8, 6), generator=torch.Generator().manual_seed(0))
+    assert check_against_reference(examples.lstm_classifier(), x, _labels(8, 10)) == 3
+
+
+def test_oracle_transformer_encoder():
+    x = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(0))
+    model = examples.transformer_preln(layers=2, dim=32)
+    assert check_against_reference(model, x, _labels(4, 100, (10,))) >= 12
+
+
+def test_oracle_hardtanh_family_and_relu6():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Hardtanh(), nn.Linear(32, 32), nn.ReLU6(),
+                          nn.Linear(32, 32), nn.Softsign(), nn.Linear(32, 4))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    assert check_against_reference(model, x, _labels(32, 4)) == 7
+
+
+def test_functional_relu_measured_from_the_tensor_that_reaches_it():
+    """A transformer's F.relu: dead fraction and output gradient from plain autograd."""
+    model = examples.transformer_preln(layers=1, dim=32)
+    x = torch.randint(0, 100, (4, 10), generator=torch.Generator().manual_seed(0))
+    y = _labels(4, 100, (10,))
+    probe = run_probe(model, [Batch(x, y)])
+    record = probe.layer("encoder.layers.0/relu")
+    assert record.functional and record.activation == "relu"
+
+    ref = _outplace(model)
+    kept = {}
+    layer = ref.encoder.layers[0]
+
+    def keep_input(module, args):
+        args[0].retain_grad()
+        kept["relu_out"] = args[0]
+
+    layer.linear2.register_forward_pre_hook(keep_input)
+    logits = ref(x)
+    F.cross_entropy(logits.reshape(-1, 100), y.reshape(-1)).backward()
+    relu_out = kept["relu_out"]
+    dead = (relu_out.reshape(relu_out.shape[0], -1) == 0).all(0).float().mean().item()
+    assert record.dead_fraction == pytest.approx(dead, abs=1e-6)
+    assert record.std == pytest.approx(relu_out.detach().std(unbiased=False).item(), rel=REL)
+    assert record.grad_out_norm == pytest.approx(relu_out.grad.norm().item(), rel=1e-3)
+
+
+def test_multi_batch_pooling_matches_concatenated_batches():
+    """Mean/std pooled over batches equal those of the concatenated batch; dead is all-batch."""
+    model = examples.dead_relu_mlp()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 32, generator=g) for _ in range(3)]
+    probe = run_probe(model, [Batch(x) for x in xs])
+    ref = reference(model, torch.cat(xs), torch.zeros(24, dtype=torch.long))
+    for name in ("0", "1", "2"):
+        out = ref["outputs"][name][0].detach()
+        record = probe.layer(name)
+        assert record.mean == pytest.approx(out.mean().item(), rel=REL, abs=1e-6)
+        assert record.std == pytest.approx(out.std(unbiased=False).item(), rel=REL)
+    relu = ref["outputs"]["1"][0].detach()
+    assert probe.layer("1").dead_fraction == pytest.approx(
+        (relu == 0).all(0).float().mean().item())
