@@ -9,6 +9,7 @@ untouched. Statistics stay on the device until one transfer at the end of the pr
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -17,6 +18,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
@@ -35,8 +40,16 @@ from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.losses import Loss, compute_loss
 from nndiag.records import LayerRecord, ProbeRecord
 from nndiag.specs import Batch, call_model, describe_value, iter_tensors, move_to, primary_output
-from nndiag.stats.activations import VECTOR_FIELDS, activation_vector, alive_units
+from nndiag.stats.activations import (
+    VECTOR_FIELDS,
+    activation_vector,
+    alive_units,
+    finish_vector,
+    square_sum,
+)
 from nndiag.stats.weights import expected_std, fans
+
+_no_torch_function = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
 
 # Activations after which a layer's weights are judged against He rather than Xavier.
 HE_ACTIVATIONS = frozenset({"relu", "relu6", "leaky_relu", "prelu", "elu", "celu", "gelu",
@@ -81,19 +94,38 @@ class _Site:
             self.alive[unit_shape] = alive if held is None else held | alive
 
     def add_grad(self, grad: torch.Tensor) -> None:
-        square = grad.detach().float().square().sum()
+        square = square_sum(grad)
         self.grad_sq = square if self.grad_sq is None else self.grad_sq + square
         self.grad_batches += 1
 
 
+@dataclass(frozen=True)
+class _ModuleInfo:
+    name: str
+    kind: str
+    activation: str | None
+    measured: bool
+
+
 class _Recorder:
-    """Module hooks and the functional-activation mode, gated by ``active``."""
+    """Forward hooks (naming, module statistics) and the functional-activation mode.
+
+    The two forward hooks are registered globally (``register_module_forward_hook``) for the
+    duration of a probe rather than on every module: registering hundreds of per-module
+    handles costs more than the measurement of a small model. They ignore modules that are not
+    part of the model and do nothing unless ``active``.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.names: dict[int, str] = {}
+        self.info: dict[int, _ModuleInfo] = {}
+        self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
-            self.names.setdefault(id(module), name or ROOT_NAME)
+            if id(module) not in self.info:
+                info = _ModuleInfo(name or ROOT_NAME, type(module).__name__,
+                                   module_activation(module), is_measured_module(module))
+                self.info[id(module)] = info
+                self.modules[info.name] = module
         self.stack: list[str] = []
         self.inside_activation = 0
         self.calls: Counter[str] = Counter()
@@ -102,9 +134,8 @@ class _Recorder:
         self.handles: list[RemovableHandle] = []
 
     def attach(self) -> None:
-        for module in self.model.modules():
-            self.handles.append(module.register_forward_pre_hook(self._pre_hook))
-            self.handles.append(module.register_forward_hook(self._post_hook))
+        self.handles.append(register_module_forward_pre_hook(self._pre_hook))
+        self.handles.append(register_module_forward_hook(self._post_hook))
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -117,20 +148,22 @@ class _Recorder:
         self.calls.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not self.active:
+        info = self.info.get(id(module))
+        if info is None or not self.active:
             return
-        self.stack.append(self.names.get(id(module), type(module).__name__))
-        if module_activation(module) is not None:
+        self.stack.append(info.name)
+        if info.activation is not None:
             self.inside_activation += 1
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not self.active:
+        info = self.info.get(id(module))
+        if info is None or not self.active:
             return
-        name = self.stack.pop() if self.stack else self.names.get(id(module), "?")
-        activation = module_activation(module)
-        if activation is not None:
+        if self.stack:
+            self.stack.pop()
+        if info.activation is not None:
             self.inside_activation -= 1
-        if not is_measured_module(module):
+        if not info.measured:
             return
         tensor = primary_output(output)
         if tensor is None or not tensor.is_floating_point():
@@ -138,8 +171,9 @@ class _Recorder:
         pre = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if pre is tensor:  # in-place: the input is gone
             pre = None
+        activation = info.activation
         bounds = hardtanh_bounds(activation, module) if activation in SATURATING else (-1.0, 1.0)
-        self._record(name, name, type(module).__name__, activation, False, tensor, pre, bounds)
+        self._record(info.name, info.name, info.kind, activation, False, tensor, pre, bounds)
 
     def record_functional(self, activation: str, output: torch.Tensor,
                           pre: torch.Tensor | None, bounds: tuple[float, float]) -> None:
@@ -150,6 +184,15 @@ class _Recorder:
     def _record(self, name: str, module_name: str, kind: str, activation: str | None,
                 functional: bool, tensor: torch.Tensor, pre: torch.Tensor | None,
                 bounds: tuple[float, float]) -> None:
+        if tensor.numel() == 0:
+            return
+        # Our own reductions need not pass through the functional-activation mode.
+        with _no_torch_function():
+            self._measure(name, module_name, kind, activation, functional, tensor, pre, bounds)
+
+    def _measure(self, name: str, module_name: str, kind: str, activation: str | None,
+                 functional: bool, tensor: torch.Tensor, pre: torch.Tensor | None,
+                 bounds: tuple[float, float]) -> None:
         count = self.calls[name]
         self.calls[name] += 1
         site_name = name if count == 0 else f"{name}#{count + 1}"
@@ -227,7 +270,7 @@ def _forward(model: nn.Module, recorder: _Recorder, inputs: Any) -> Any:
         return call_model(model, inputs)
     except Exception as exc:
         culprit = recorder.stack[-1] if recorder.stack else None
-        module = dict(model.named_modules()).get(culprit or "", None) if culprit else None
+        module = recorder.modules.get(culprit) if culprit else None
         builtin = module is not None and type(module).__module__.startswith("torch.nn")
         if builtin and isinstance(exc, RuntimeError | ValueError | IndexError):
             raise UsageError(
@@ -325,7 +368,7 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
                     norms = torch._foreach_norm([param_grads[i].float() for i in present])
                     grad_norms.append((present, torch.stack(norms)))
                 if track_output and grads[-1] is not None:
-                    output_grad_sq.append(grads[-1].float().square().sum())
+                    output_grad_sq.append(square_sum(grads[-1]))
                 if output is not None:
                     output_stds.append(output.detach().float().std(correction=0))
                 losses.append(loss.detach().float())
@@ -406,8 +449,9 @@ def _layer_record(index: int, site: _Site, values: list[float], numels: list[int
                   dead: float | None, grad_sq: float | None) -> LayerRecord:
     """Combine a site's per-batch vectors (pooled mean and variance, max of absmax)."""
     width = len(VECTOR_FIELDS)
-    rows = [dict(zip(VECTOR_FIELDS, values[i * width:(i + 1) * width], strict=True))
-            for i in range(len(numels))]
+    rows = [finish_vector(dict(zip(VECTOR_FIELDS, values[i * width:(i + 1) * width],
+                                   strict=True)), numel)
+            for i, numel in enumerate(numels)]
     mean, var = _pool([r["mean"] for r in rows], [r["var"] for r in rows], numels)
     saturated = _weighted([r["saturated_fraction"] for r in rows], numels)
     pre_mean, pre_var = _pool([r["preact_mean"] for r in rows], [r["preact_var"] for r in rows],

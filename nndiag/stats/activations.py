@@ -2,7 +2,10 @@
 
 Definitions (each one has an oracle test in ``tests/test_stats_oracle.py``):
 
-- mean / variance: over every element of the output of the batch (population variance).
+- mean / variance: over every element of the output of the batch (population variance),
+  from the sum and sum of squares of the values shifted by their first element (one pass each
+  and an order of magnitude faster than ``torch.var_mean`` on CPU; the shift avoids the
+  cancellation of ``E[y^2] - E[y]^2`` when the mean is large against the spread).
 - dead unit: a unit is one position of the output apart from the batch dimension (a feature of
   a Linear layer, one channel at one pixel of a conv layer); it is dead when it is exactly zero
   for every sample of the probe. The dead fraction is the share of such units.
@@ -19,10 +22,26 @@ import torch
 
 SATURATION_DERIVATIVE_RATIO = 0.05
 
-# Order of the entries of the vector that ``activation_vector`` returns.
-VECTOR_FIELDS = ("mean", "var", "absmax", "saturated_fraction", "preact_mean", "preact_var")
+# Order of the entries of the vector that ``activation_vector`` returns: raw sums, turned into
+# statistics on the host by ``finish_vector`` (fewer device ops per layer).
+VECTOR_FIELDS = ("shift", "sum", "sumsq", "absmax", "saturated_fraction",
+                 "pre_shift", "pre_sum", "pre_sumsq")
 
 _NAN = float("nan")
+
+
+def _shifted_sums(values: torch.Tensor) -> list[torch.Tensor]:
+    """First element, and sum and sum of squares of all elements minus it (0-d tensors)."""
+    flat = values.detach().float().reshape(-1)
+    shift = flat[0]
+    centered = flat - shift
+    return [shift, centered.sum(), torch.dot(centered, centered)]
+
+
+def square_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of all elements (a squared L2 norm) as a 0-d float32 tensor."""
+    flat = values.detach().float().reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def saturated_mask(kind: str, output: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
@@ -46,31 +65,43 @@ def activation_vector(
     pre_activation: torch.Tensor | None,
     bounds: tuple[float, float] = (-1.0, 1.0),
 ) -> torch.Tensor:
-    """Reduce one output tensor to the statistics in ``VECTOR_FIELDS`` (NaN where not applicable).
+    """Reduce one output tensor to the raw sums in ``VECTOR_FIELDS`` (NaN where not applicable).
 
     Args:
-        output: The layer's output for one batch.
+        output: The layer's output for one batch (at least one element).
         saturation_kind: The activation kind when it can saturate, else ``None``.
         pre_activation: The activation's input, when it is still intact.
         bounds: Clipping bounds for hardtanh-family activations.
 
     Returns:
         A float32 vector on the output's device; nothing is moved to the host.
-
     """
     y = output.detach().float()
-    var, mean = torch.var_mean(y, correction=0)
-    absmax = y.abs().amax() if y.numel() else y.new_zeros(())
+    parts = _shifted_sums(y)
+    parts.append(y.abs().amax())
     nan = y.new_full((), _NAN)
     if saturation_kind is not None:
-        saturated = saturated_mask(saturation_kind, y, bounds).float().mean()
+        parts.append(saturated_mask(saturation_kind, y, bounds).float().mean())
     else:
-        saturated = nan
-    if pre_activation is not None:
-        pre_var, pre_mean = torch.var_mean(pre_activation.detach().float(), correction=0)
+        parts.append(nan)
+    if pre_activation is not None and pre_activation.numel():
+        parts += _shifted_sums(pre_activation)
     else:
-        pre_var = pre_mean = nan
-    return torch.stack([mean, var, absmax, saturated, pre_mean, pre_var])
+        parts += [nan, nan, nan]
+    return torch.stack(parts)
+
+
+def finish_vector(values: dict[str, float], numel: int) -> dict[str, float]:
+    """Turn one batch's raw sums into mean, var, absmax, saturation and pre-activation moments."""
+    def moments(shift: float, total: float, squares: float) -> tuple[float, float]:
+        first = total / numel
+        return shift + first, max(squares / numel - first * first, 0.0)
+
+    mean, var = moments(values["shift"], values["sum"], values["sumsq"])
+    pre_mean, pre_var = moments(values["pre_shift"], values["pre_sum"], values["pre_sumsq"])
+    return {"mean": mean, "var": var, "absmax": values["absmax"],
+            "saturated_fraction": values["saturated_fraction"],
+            "preact_mean": pre_mean, "preact_var": pre_var}
 
 
 def alive_units(output: torch.Tensor) -> torch.Tensor:
