@@ -32,8 +32,10 @@ def _fix(fix_id: str, summary: str, code: str) -> Fix:
 
 
 def _layer_types(probe: ProbeRecord) -> str:
-    kinds = sorted({r.kind for r in probe.layers if r.fan_in is not None})
-    return ", ".join(f"nn.{k}" for k in kinds) or "nn.Linear"
+    """The Linear/conv classes of the model as an ``isinstance`` argument."""
+    kinds = sorted({r.kind for r in probe.layers if r.fan_in is not None}) or ["Linear"]
+    names = ", ".join(f"nn.{k}" for k in kinds)
+    return f"({names})" if len(kinds) > 1 else names
 
 
 def he_init_fix(probe: ProbeRecord) -> Fix:
@@ -41,7 +43,7 @@ def he_init_fix(probe: ProbeRecord) -> Fix:
     return _fix("he_init", "re-initialize the layers that feed ReLUs with He (Kaiming) init, "
                 "which keeps the signal's scale constant through ReLU layers", f"""
 for m in model.modules():
-    if isinstance(m, ({_layer_types(probe)},)):
+    if isinstance(m, {_layer_types(probe)}):
         nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         if m.bias is not None:
             nn.init.zeros_(m.bias)""")
@@ -53,7 +55,7 @@ def xavier_init_fix(probe: ProbeRecord, activation: str = "tanh") -> Fix:
                 "(Glorot) init, which keeps pre-activations in the activation's linear range",
                 f"""
 for m in model.modules():
-    if isinstance(m, ({_layer_types(probe)},)):
+    if isinstance(m, {_layer_types(probe)}):
         nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("{activation}"))
         if m.bias is not None:
             nn.init.zeros_(m.bias)""")
@@ -85,7 +87,7 @@ def _activation_fix(kind: str) -> Fix:
     return _fix("non_saturating_activation", f"replace the hidden {kind} activations with ReLU "
                 "(or GELU) and re-initialize with He init: ReLU passes the full gradient for "
                 "every active unit", f"""
-for name, m in model.named_modules():
+for m in list(model.modules()):
     for child_name, child in m.named_children():
         if isinstance(child, nn.{_MODULE_NAME.get(kind, kind.title())}):
             setattr(m, child_name, nn.ReLU())
@@ -204,19 +206,23 @@ def _vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     path = _between(probe, start) if start else probe.layers
     counts = _activations(path)
     saturating = _dominant_saturating(counts)
-    if "depth" in ev["judged_by"] and start is not None:
+    if "depth" in ev["judged_by"] and start is not None and ev["min_depth_gain"] == 0:
+        parts.append(f"No gradient at all reaches {start.label}: the path from the output to it "
+                     "is cut (a detached tensor, a zero multiplier, or units that never fire).")
+    elif "depth" in ev["judged_by"] and start is not None:
         parts.append(f"The gradient reaching {start.label} is "
                      f"{_fmt(ev['min_depth_gain'])} of the gradient at the model output: it "
                      f"shrinks {_fmt(1 / ev['min_depth_gain'])}x across the "
-                     f"{sum(1 for r in path if r.has_weights)} weight layers above it.")
+                     f"{sum(1 for r in path if r.has_weights) - 1} weight layers between it and "
+                     "the output.")
     if "scale" in ev["judged_by"]:
         first, last = (weight_layers[0], weight_layers[-1]) if weight_layers else (None, None)
         ratio = (first.grad_norm / last.grad_norm if first and last and first.grad_norm
                  and last.grad_norm else None)
         top = probe.layer(ev["max_grad_to_weight_layer"])
         parts.append(f"Every layer's gradient is tiny next to its weights: the largest "
-                     f"||g||/||w|| is {_fmt(ev['max_grad_to_weight'])} "
-                     f"({top.label}) while the loss is still "
+                     f"||g||/||w|| is {_fmt(ev['max_grad_to_weight'])}, at "
+                     f"{top.label}, while the loss is still "
                      f"{_fmt(probe.loss)}, so no layer learns at a normal learning rate, even "
                      f"though the first/last weight-gradient ratio ({_fmt(ratio)}) looks "
                      "unremarkable.")

@@ -210,3 +210,13 @@ def test_trained_resnet_is_ok():
     assert _train(model, x, y, 60) < 0.2
     report = inspect_model(model, (x, y))
     assert report.status == "ok", [f.summary for f in report.findings]
+
+
+def test_a_cut_gradient_path_is_explained_without_dividing_by_zero():
+    from nndiag.advice import advise
+
+    layers = [weight_layer(0, 0.0, 0.0), weight_layer(1, 1.0, 0.1)]
+    probe = probe_of(layers)
+    finding = advise(run_probe_rules(probe)[0], probe)
+    assert finding.id == "vanishing_gradients" and finding.severity == "error"
+    assert "No gradient at all reaches fc0" in finding.explanation
