@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -9,6 +10,7 @@ from rich.console import Console
 
 from nndiag.errors import NndiagError
 
+PIPED_WIDTH = 120
 # Exit code for a bug in nndiag itself (not part of the findings/usage/user-code contract).
 INTERNAL_ERROR = 4
 
@@ -24,7 +26,9 @@ class Output:
     """
 
     def __init__(self, debug: bool = False) -> None:
-        self.stdout = Console(soft_wrap=False)
+        # Piped or logged output (CI) gets 120 columns rather than rich's default 80.
+        piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        self.stdout = Console(soft_wrap=False, width=PIPED_WIDTH if piped else None)
         self.stderr = Console(stderr=True, soft_wrap=True)
         self.debug = debug
 

@@ -114,19 +114,21 @@ def layer_table(report: Report) -> Table:
     flagged = {name: f.severity for f in report.findings for name in f.layers}
     table = Table(title="Per-layer measurements", title_justify="left", header_style="bold",
                   pad_edge=False, box=None)
-    for column, justify in (("#", "right"), ("layer", "left"), ("kind", "left"),
-                            ("out std", "right"), ("dead/sat", "right"),
-                            ("grad gain", "right"), ("|g|/|w|", "right"),
-                            ("init scale", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for row in _layer_rows(report):
+    rows = _layer_rows(report)
+    longest = max((len(row["name"]) for row in rows), default=5)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("layer", no_wrap=True, min_width=min(longest, 32))
+    table.add_column("kind", no_wrap=True, overflow="ellipsis", min_width=4)
+    for column in ("out std", "dead/sat", "gain", "|g|/|w|", "init"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in rows:
         if "gap" in row:
             table.add_row("", f"... {row['gap']} more layers (see --json)", *[""] * 6)
             continue
         dead, sat = row.get("dead_fraction"), row.get("saturated_fraction")
         share = f"{dead:.0%} dead" if dead is not None else (
             f"{sat:.0%} sat" if sat is not None else "-")
-        init = (f"{fmt(row['init_scale'])}x {row['init_reference']}"
+        init = (f"{row['init_scale']:.2f} {'He' if row['init_reference'] == 'he' else 'Xav'}"
                 if row.get("init_scale") is not None else "-")
         style = {"error": "red", "warning": "yellow"}.get(flagged.get(row["name"], ""), "")
         table.add_row(str(row["index"]), row["name"], row["kind"], fmt(row.get("std")), share,
@@ -144,7 +146,8 @@ def render_text(report: Report, console: Console) -> None:
         console.print(_finding(finding))
     console.print()
     console.print(layer_table(report))
-    console.print(Text("grad gain: gradient norm at the layer's output / at the model output; "
-                       "init scale: weight RMS / the He or Xavier std for its fans", style="dim"))
+    console.print(Text("gain: gradient norm at the layer's output / at the model output; "
+                       "init: weight RMS / the He or Xavier (Xav) std for its fans",
+                       style="dim"))
     for note in report.notes:
         console.print(Text(f"note: {note}", style="yellow"))
