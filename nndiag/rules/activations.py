@@ -84,58 +84,71 @@ def _enough_samples(probe: ProbeRecord) -> bool:
     return (probe.batch_size or 0) * probe.batches >= MIN_SAMPLES_FOR_DEAD_UNITS
 
 
+@dataclass
+class _Flagged:
+    """Layers whose share (dead or saturated) reached a threshold, and the worst of them."""
+
+    layers: list[LayerRecord]
+    severity: str
+    worst: LayerRecord
+    share: float
+
+
+def _flag_shares(probe: ProbeRecord, rule: Threshold, field: str) -> _Flagged | None:
+    verdicts = [(r, rule.severity(getattr(r, field))) for r in probe.layers]
+    flagged = [(r, v) for r, v in verdicts if v is not None]
+    severity = worst_severity(*(v for _, v in flagged))
+    if severity is None:
+        return None
+    worst = max((r for r, _ in flagged), key=lambda r: getattr(r, field))
+    return _Flagged([r for r, _ in flagged], severity, worst, getattr(worst, field))
+
+
+def _largest(probe: ProbeRecord, field: str) -> float | None:
+    return max((getattr(r, field) for r in probe.layers if getattr(r, field) is not None),
+               default=None)
+
+
 def dead_headline(probe: ProbeRecord) -> dict[str, float | None]:
     """The largest dead-unit fraction of any ReLU-family layer."""
-    fractions = [r.dead_fraction for r in probe.layers if r.dead_fraction is not None]
-    return {"max_dead_fraction": max(fractions, default=None)}
+    return {"max_dead_fraction": _largest(probe, "dead_fraction")}
 
 
 def dead_relu(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
     """ReLU-family layers where a large share of units never fire on the probe."""
     if not _enough_samples(probe):
         return None
-    rule = thresholds["dead_fraction"]
-    flagged = [(r, rule.severity(r.dead_fraction)) for r in probe.layers]
-    flagged = [(r, s) for r, s in flagged if s is not None]
-    if not flagged:
+    flagged = _flag_shares(probe, thresholds["dead_fraction"], "dead_fraction")
+    if flagged is None:
         return None
-    severity = worst_severity(*(s for _, s in flagged))
-    assert severity is not None
-    top = max(flagged, key=lambda item: item[0].dead_fraction or 0.0)[0]
     evidence = {
-        "dead_fraction": {r.name: r.dead_fraction for r, _ in flagged},
-        "max_dead_fraction": top.dead_fraction,
+        "dead_fraction": {r.name: r.dead_fraction for r in flagged.layers},
+        "max_dead_fraction": flagged.share,
         "samples": (probe.batch_size or 0) * probe.batches,
     }
-    summary = (f"{len(flagged)} ReLU layer(s) with dead units; worst {top.label}: "
-               f"{top.dead_fraction:.0%} of units never fire")
-    return Finding("dead_relu", severity, [r.name for r, _ in flagged], summary,
+    summary = (f"{len(flagged.layers)} ReLU layer(s) with dead units; worst "
+               f"{flagged.worst.label}: {flagged.share:.0%} of units never fire")
+    return Finding("dead_relu", flagged.severity, [r.name for r in flagged.layers], summary,
                    evidence=evidence)
 
 
 def saturation_headline(probe: ProbeRecord) -> dict[str, float | None]:
     """The largest saturated fraction of any saturating activation."""
-    fractions = [r.saturated_fraction for r in probe.layers if r.saturated_fraction is not None]
-    return {"max_saturated_fraction": max(fractions, default=None)}
+    return {"max_saturated_fraction": _largest(probe, "saturated_fraction")}
 
 
 def saturated_activations(probe: ProbeRecord,
                           thresholds: dict[str, Threshold]) -> Finding | None:
     """Sigmoid/tanh-family layers with much of their output in the flat tails."""
-    rule = thresholds["saturated_fraction"]
-    flagged = [(r, rule.severity(r.saturated_fraction)) for r in probe.layers]
-    flagged = [(r, s) for r, s in flagged if s is not None]
-    if not flagged:
+    flagged = _flag_shares(probe, thresholds["saturated_fraction"], "saturated_fraction")
+    if flagged is None:
         return None
-    severity = worst_severity(*(s for _, s in flagged))
-    assert severity is not None
-    top = max(flagged, key=lambda item: item[0].saturated_fraction or 0.0)[0]
     evidence = {
-        "saturated_fraction": {r.name: r.saturated_fraction for r, _ in flagged},
-        "preact_std": {r.name: r.preact_std for r, _ in flagged},
-        "max_saturated_fraction": top.saturated_fraction,
+        "saturated_fraction": {r.name: r.saturated_fraction for r in flagged.layers},
+        "preact_std": {r.name: r.preact_std for r in flagged.layers},
+        "max_saturated_fraction": flagged.share,
     }
-    summary = (f"{len(flagged)} {top.activation} layer(s) saturated; worst {top.label}: "
-               f"{top.saturated_fraction:.0%} of outputs in the flat tails")
-    return Finding("saturated_activations", severity, [r.name for r, _ in flagged], summary,
-                   evidence=evidence)
+    summary = (f"{len(flagged.layers)} {flagged.worst.activation} layer(s) saturated; worst "
+               f"{flagged.worst.label}: {flagged.share:.0%} of outputs in the flat tails")
+    return Finding("saturated_activations", flagged.severity, [r.name for r in flagged.layers],
+                   summary, evidence=evidence)

@@ -68,6 +68,15 @@ def gradient_profile(probe: ProbeRecord) -> GradientProfile:
     return GradientProfile(gains, ratios, probe.loss)
 
 
+def _at(key: str, item: tuple[LayerRecord, float] | None) -> dict[str, object]:
+    """Evidence entries for a value and the layer where it was measured."""
+    return {key: item[1] if item else None, f"{key}_layer": item[0].name if item else None}
+
+
+def _judged_by(depth: str | None, scale: str | None) -> list[str]:
+    return [name for name, verdict in (("depth", depth), ("scale", scale)) if verdict]
+
+
 def vanishing_headline(probe: ProbeRecord) -> dict[str, float | None]:
     """Smallest depth gain and the largest gradient-to-weight ratio per unit of loss."""
     profile = gradient_profile(probe)
@@ -101,15 +110,9 @@ def vanishing_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
     else:
         layers = [r.name for r, _ in profile.ratios]
     top = profile.max_ratio
-    evidence = {
-        "min_depth_gain": weakest[1] if weakest else None,
-        "min_depth_gain_layer": weakest[0].name if weakest else None,
-        "max_grad_to_weight": top[1] if top else None,
-        "max_grad_to_weight_layer": top[0].name if top else None,
-        "max_grad_to_weight_per_loss": per_loss,
-        "loss": probe.loss,
-        "judged_by": [name for name, verdict in (("depth", depth), ("scale", scale)) if verdict],
-    }
+    evidence = {**_at("min_depth_gain", weakest), **_at("max_grad_to_weight", top),
+                "max_grad_to_weight_per_loss": per_loss, "loss": probe.loss,
+                "judged_by": _judged_by(depth, scale)}
     if depth is not None and weakest is not None:
         summary = (f"gradient vanishes through depth: {weakest[1]:.1e} of the output gradient "
                    f"reaches {weakest[0].label}")
@@ -133,14 +136,8 @@ def exploding_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
     names = {r.name for r, gain in profile.gains if depth_rule.severity(gain)}
     names |= {r.name for r, ratio in profile.ratios if scale_rule.severity(ratio)}
     layers = [r.name for r in probe.layers if r.name in names]
-    evidence = {
-        "max_depth_gain": strongest[1] if strongest else None,
-        "max_depth_gain_layer": strongest[0].name if strongest else None,
-        "max_grad_to_weight": top[1] if top else None,
-        "max_grad_to_weight_layer": top[0].name if top else None,
-        "loss": probe.loss,
-        "judged_by": [name for name, verdict in (("depth", depth), ("scale", scale)) if verdict],
-    }
+    evidence = {**_at("max_depth_gain", strongest), **_at("max_grad_to_weight", top),
+                "loss": probe.loss, "judged_by": _judged_by(depth, scale)}
     if depth is not None and strongest is not None:
         summary = (f"gradient explodes through depth: {strongest[1]:.1e}x the output gradient "
                    f"at {strongest[0].label}")
