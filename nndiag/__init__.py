@@ -2,13 +2,15 @@
 
 Public API:
     inspect_model: measure a live model and return a ``Report`` of findings.
+    inspect_checkpoint: analyse a checkpoint's weights without data, or load them into an
+        architecture and inspect it live.
     Report, Finding, Fix: the result objects every command renders.
     UsageError, UserCodeError: errors with the CLI's exit codes (2 and 3).
 """
 
 from nndiag.errors import NndiagError, UsageError, UserCodeError
 from nndiag.findings import Finding, Fix, Report
-from nndiag.inspection import inspect_model
+from nndiag.inspection import inspect_checkpoint, inspect_model
 
 __version__ = "0.1.0"
 
@@ -20,5 +22,6 @@ __all__ = [
     "UsageError",
     "UserCodeError",
     "__version__",
+    "inspect_checkpoint",
     "inspect_model",
 ]

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from nndiag.findings import Finding, Fix
-from nndiag.records import LayerRecord, ProbeRecord
+from nndiag.records import CheckpointRecord, LayerRecord, ProbeRecord
 
 NORM_KINDS = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
                         "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
@@ -31,43 +31,47 @@ def _fix(fix_id: str, summary: str, code: str) -> Fix:
     return Fix(fix_id, summary, code.strip("\n"), automatic=fix_id in AUTOMATIC)
 
 
-def _layer_types(probe: ProbeRecord) -> str:
-    """The Linear/conv classes of the model as an ``isinstance`` argument."""
-    kinds = sorted({r.kind for r in probe.layers if r.fan_in is not None}) or ["Linear"]
-    names = ", ".join(f"nn.{k}" for k in kinds)
-    return f"({names})" if len(kinds) > 1 else names
+def _layer_types(kinds: set[str]) -> str:
+    """The model's Linear/conv classes as an ``isinstance`` argument."""
+    layers = sorted(k for k in kinds if k in ("Linear", "Bilinear") or k.startswith("Conv"))
+    names = ", ".join(f"nn.{k}" for k in layers or ["Linear"])
+    return f"({names})" if len(layers) > 1 else names
 
 
-def he_init_fix(probe: ProbeRecord) -> Fix:
+def _kinds(probe: ProbeRecord) -> set[str]:
+    return {r.kind for r in probe.layers}
+
+
+def he_init_fix(kinds: set[str]) -> Fix:
     """Re-initialize ReLU-feeding layers with He init."""
     return _fix("he_init", "re-initialize the layers that feed ReLUs with He (Kaiming) init, "
                 "which keeps the signal's scale constant through ReLU layers", f"""
 for m in model.modules():
-    if isinstance(m, {_layer_types(probe)}):
+    if isinstance(m, {_layer_types(kinds)}):
         nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         if m.bias is not None:
             nn.init.zeros_(m.bias)""")
 
 
-def xavier_init_fix(probe: ProbeRecord, activation: str = "tanh") -> Fix:
+def xavier_init_fix(kinds: set[str], activation: str = "tanh") -> Fix:
     """Re-initialize with Xavier init scaled for the saturating activation."""
     return _fix("xavier_init", f"re-initialize the layers that feed {activation} with Xavier "
                 "(Glorot) init, which keeps pre-activations in the activation's linear range",
                 f"""
 for m in model.modules():
-    if isinstance(m, {_layer_types(probe)}):
+    if isinstance(m, {_layer_types(kinds)}):
         nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("{activation}"))
         if m.bias is not None:
             nn.init.zeros_(m.bias)""")
 
 
-def _norm_fix(probe: ProbeRecord) -> Fix:
-    if any(r.kind.startswith("Conv") for r in probe.layers):
+def _norm_fix(kinds: set[str]) -> Fix:
+    if any(k.startswith("Conv") for k in kinds):
         return _fix("batch_norm", "insert BatchNorm after each conv layer (before its "
                     "activation) so every layer sees a unit-scale signal", """
 nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
               nn.BatchNorm2d(c_out), nn.ReLU())""")
-    if any(r.kind in RECURRENT_KINDS or r.kind == "MultiheadAttention" for r in probe.layers):
+    if kinds & (RECURRENT_KINDS | {"MultiheadAttention"}):
         return _fix("layer_norm", "normalize each block's input with LayerNorm (pre-norm)", """
 x = x + block(nn.LayerNorm(dim)(x))   # keep the LayerNorm as a module of the block""")
     return _fix("batch_norm", "insert normalization after each Linear layer (before its "
@@ -132,13 +136,13 @@ def _lr_fix(lower: bool) -> Fix:
                 "torch.optim.AdamW(model.parameters(), lr=lr * 10)")
 
 
-def _recurrent_fixes(probe: ProbeRecord) -> list[Fix]:
+def _recurrent_fixes(kinds: set[str]) -> list[Fix]:
     fixes = []
-    if any(r.kind == "RNN" for r in probe.layers):
+    if "RNN" in kinds:
         fixes.append(_fix("gated_recurrent_unit", "replace nn.RNN with nn.LSTM or nn.GRU, whose "
                           "gates carry the gradient across time steps",
                           "rnn = nn.LSTM(input_size, hidden_size, batch_first=True)"))
-    if any(r.kind in RECURRENT_KINDS for r in probe.layers):
+    if kinds & RECURRENT_KINDS:
         fixes.append(_fix("orthogonal_init", "initialize the recurrent (hidden-to-hidden) "
                           "weights orthogonally, which preserves the signal's norm across steps",
                           """
@@ -240,12 +244,12 @@ def _vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
         parts.append("No normalization layer re-scales the signal between layers.")
     fixes: list[Fix] = []
     if saturating:
-        fixes += [_activation_fix(saturating[0]), _norm_fix(probe), _skip_fix()]
+        fixes += [_activation_fix(saturating[0]), _norm_fix(_kinds(probe)), _skip_fix()]
     else:
         if scale is not None and scale < 0.8:
-            fixes.append(he_init_fix(probe))
-        fixes += [_norm_fix(probe), _skip_fix()]
-    fixes += _recurrent_fixes(probe)
+            fixes.append(he_init_fix(_kinds(probe)))
+        fixes += [_norm_fix(_kinds(probe)), _skip_fix()]
+    fixes += _recurrent_fixes(_kinds(probe))
     return " ".join(parts), fixes
 
 
@@ -270,9 +274,9 @@ def _exploding(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
                      f"the loss is {_fmt(probe.loss)}.")
     fixes: list[Fix] = []
     if scale is not None and scale > 1.25:
-        fixes.append(he_init_fix(probe))
-    fixes += [_clip_fix(), _norm_fix(probe)]
-    fixes += _recurrent_fixes(probe)
+        fixes.append(he_init_fix(_kinds(probe)))
+    fixes += [_clip_fix(), _norm_fix(_kinds(probe))]
+    fixes += _recurrent_fixes(_kinds(probe))
     return " ".join(parts), fixes
 
 
@@ -293,10 +297,10 @@ def _poor_init(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     saturating = _dominant_saturating(counts)
     fixes: list[Fix] = []
     if saturating:
-        fixes.append(xavier_init_fix(probe, saturating[0]))
+        fixes.append(xavier_init_fix(_kinds(probe), saturating[0]))
     else:
-        fixes.append(he_init_fix(probe))
-    fixes.append(_norm_fix(probe))
+        fixes.append(he_init_fix(_kinds(probe)))
+    fixes.append(_norm_fix(_kinds(probe)))
     if probe.input_std is not None and not 0.1 <= probe.input_std <= 10:
         parts.append(f"The inputs themselves have std {_fmt(probe.input_std)}.")
         fixes.insert(0, _normalize_inputs_fix(probe))
@@ -327,7 +331,7 @@ def _dead(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
                      f"{', '.join(blocked[:5])}{' ...' if len(blocked) > 5 else ''} "
                      "receive none.")
     fixes = [_bias_fix(finding.layers)] if negative else []
-    fixes += [he_init_fix(probe), _lr_fix(lower=True)]
+    fixes += [he_init_fix(_kinds(probe)), _lr_fix(lower=True)]
     return " ".join(parts), fixes
 
 
@@ -344,10 +348,10 @@ def _saturated(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     if feeding is not None and feeding.init_scale is not None:
         parts.append(f"The layer feeding it, {feeding.label}, has weights at "
                      f"{_fmt(feeding.init_scale)}x the Xavier scale.")
-    fixes = [xavier_init_fix(probe, kind)]
+    fixes = [xavier_init_fix(_kinds(probe), kind)]
     if probe.input_std is not None and not 0.1 <= probe.input_std <= 10:
         fixes.insert(0, _normalize_inputs_fix(probe))
-    fixes += [_norm_fix(probe), _activation_fix(kind)]
+    fixes += [_norm_fix(_kinds(probe)), _activation_fix(kind)]
     return " ".join(parts), fixes
 
 
@@ -400,4 +404,83 @@ def advise(finding: Finding, probe: ProbeRecord) -> Finding:
     advisor = _ADVISORS.get(finding.id)
     if advisor is not None:
         finding.explanation, finding.fixes = advisor(finding, probe)
+    return finding
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_kinds(record: CheckpointRecord) -> set[str]:
+    kinds = set()
+    for module in record.modules:
+        if module.kind == "conv":
+            weight = next((t for t in module.tensors if t.name.endswith("weight")), None)
+            kinds.add(f"Conv{len(weight.shape) - 2}d" if weight else "Conv2d")
+        elif module.kind in _CHECKPOINT_CLASSES:
+            kinds.add(_CHECKPOINT_CLASSES[module.kind])
+    return kinds
+
+
+_CHECKPOINT_CLASSES = {"linear": "Linear", "batch_norm": "BatchNorm2d", "norm": "LayerNorm",
+                       "recurrent": "LSTM", "attention": "MultiheadAttention",
+                       "embedding": "Embedding"}
+_TRAINING_STATE = ("epoch", "global_step", "optimizer", "optimizer_states",
+                   "optimizer_state_dict")
+
+
+def _was_trained(record: CheckpointRecord) -> bool:
+    return any(key in record.extras for key in _TRAINING_STATE)
+
+
+def _checkpoint_drift(finding: Finding, record: CheckpointRecord) -> tuple[str, list[Fix]]:
+    ev = finding.evidence
+    kinds = _checkpoint_kinds(record)
+    scale = ev["median_init_scale_he"]
+    verb = "explode" if ev["direction"] == "grows" else "vanish"
+    text = (f"Assuming ReLU-like activations between them, the {ev['layers_in_chain']} layers "
+            f"from {ev['from_layer']} to {ev['to_layer']} multiply the signal's scale by "
+            f"{_fmt(ev['predicted_factor'])}: their weights are, at the median, {_fmt(scale)}x "
+            "the He scale sqrt(2/fan_in), and no normalization layer sits between them. "
+            f"Forward activations and gradients through them would {verb} by about that "
+            "factor. With --model and --data (or --input-shape) nndiag measures it instead of "
+            "predicting it.")
+    fixes = [he_init_fix(kinds), _norm_fix(kinds)]
+    if _was_trained(record) and ev["direction"] == "grows":
+        text += (" The file also holds training state: if the weights started at a sound "
+                 "scale, they grew during training.")
+        fixes = [_lr_fix(lower=True), _clip_fix(), _norm_fix(kinds)]
+    return text, fixes
+
+
+def _checkpoint_nan(finding: Finding, record: CheckpointRecord) -> tuple[str, list[Fix]]:
+    text = ("NaN/Inf are stored in the weights themselves: the run diverged before this "
+            "checkpoint was written, and every forward pass through these layers yields NaN. "
+            "Resume from an earlier checkpoint and find the step where the loss first "
+            "diverged.")
+    return text, [_lr_fix(lower=True), _clip_fix()]
+
+
+def _checkpoint_dead(finding: Finding, record: CheckpointRecord) -> tuple[str, list[Fix]]:
+    ev = finding.evidence
+    name = max(ev["dead_channels"], key=lambda k: ev["dead_channels"][k] / ev["channels"][k])
+    text = (f"In {name}, {ev['dead_channels'][name]} of {ev['channels'][name]} channels have a "
+            "gamma or running variance near zero, so they output a constant and pass no "
+            "gradient to the layer before. Common causes: a learning rate too high for the "
+            "network, weight decay applied to BatchNorm parameters, or a dead ReLU feeding the "
+            "layer.")
+    return text, [_lr_fix(lower=True)]
+
+
+_CHECKPOINT_ADVISORS: dict[str, Callable[[Finding, CheckpointRecord], tuple[str, list[Fix]]]] = {
+    "poor_initialization": _checkpoint_drift,
+    "nan_inf": _checkpoint_nan,
+    "dead_channels": _checkpoint_dead,
+}
+
+
+def advise_checkpoint(finding: Finding, record: CheckpointRecord) -> Finding:
+    """Fill a data-free finding's explanation and fixes from the checkpoint record."""
+    advisor = _CHECKPOINT_ADVISORS.get(finding.id)
+    if advisor is not None:
+        finding.explanation, finding.fixes = advisor(finding, record)
     return finding

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from nndiag.advice import advise
+from nndiag.advice import advise, advise_checkpoint
 from nndiag.autofix import verify_fixes
 from nndiag.capture.probe import ProbeConfig, run_probe
+from nndiag.checkpoints import (
+    Checkpoint,
+    LoadResult,
+    load_checkpoint,
+    load_into,
+    measure_checkpoint,
+)
 from nndiag.errors import UsageError
-from nndiag.findings import Report
+from nndiag.findings import Finding, Report, severity_rank
 from nndiag.losses import Loss, resolve_loss
-from nndiag.records import ProbeRecord
-from nndiag.rules import run_probe_rules
+from nndiag.records import CheckpointRecord, ProbeRecord
+from nndiag.rules import run_checkpoint_rules, run_probe_rules
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
 from nndiag.specs import Batch, iter_batches
 
@@ -142,7 +150,7 @@ def inspect_model(
     return build_report(probe, findings)
 
 
-def build_report(probe: ProbeRecord, findings: list[Any]) -> Report:
+def build_report(probe: ProbeRecord, findings: list[Finding]) -> Report:
     """Assemble the inspect report from a probe and its findings."""
     reference = probe.output_grad_norm
     layers = []
@@ -171,3 +179,145 @@ def build_report(probe: ProbeRecord, findings: list[Any]) -> Report:
         "measured_layers": len(probe.layers),
     }
     return Report(SCHEMA, findings, layers, summary, notes)
+
+
+CHECKPOINT_SCHEMA = "nndiag.inspect-checkpoint/1"
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    model: nn.Module | None = None,
+    data: Any = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: str = "float32",
+    input_max: int | None = None,
+    loss: str | Loss | Callable[[Any, Any], torch.Tensor] | None = None,
+    batches: int = 1,
+    try_fixes: bool = False,
+    seed: int = 0,
+    unsafe_load: bool = False,
+    strict: bool = True,
+    thresholds: dict[str, Threshold] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Inspect the weights a training run produced.
+
+    Without ``model``, the weights are analysed without data (shapes, dtypes, NaN/Inf, scale
+    against He/Xavier, chains of layers whose scales multiply to an exploding or vanishing
+    signal, dead BatchNorm channels) -- except for TorchScript archives and pickled modules,
+    which carry their architecture: given ``data`` or ``input_shape`` they are inspected
+    live. With ``model``, the weights are loaded into it (this changes ``model``: pass a fresh
+    instance) and the model is inspected live, as ``inspect_model`` does.
+
+    Args:
+        path: A checkpoint file or a Hugging Face-style directory.
+        model: The architecture to load the weights into.
+        data: Batches for the live inspection.
+        input_shape: Or the shape of random inputs.
+        input_dtype: dtype of random inputs.
+        input_max: Exclusive upper bound of random integer inputs.
+        loss: As for ``inspect_model``.
+        batches: Number of probe batches.
+        try_fixes: As for ``inspect_model``.
+        seed: Seed for random inputs and targets.
+        unsafe_load: Allow unpickling arbitrary objects (runs code from the file).
+        strict: Require the checkpoint's keys to match the model's (a wrapper prefix such
+            as ``net.`` or ``module.`` is mapped); when False, mismatches become a finding.
+        thresholds: Override the rule thresholds.
+        progress: Called with (bytes done, bytes total) while tensors are read.
+
+    Returns:
+        A ``nndiag.inspect-checkpoint/1`` report (data-free) or a ``nndiag.inspect/1`` report.
+
+    Raises:
+        UsageError: Unreadable, unsafe or mismatched checkpoints, bad arguments.
+        UserCodeError: The model or loss raised during the live inspection.
+    """
+    checkpoint = load_checkpoint(path, unsafe_load=unsafe_load)
+    live = data is not None or input_shape is not None
+    if model is None and checkpoint.module is not None and live:
+        report = inspect_model(checkpoint.module, data, input_shape=input_shape,
+                               input_dtype=input_dtype, input_max=input_max, loss=loss,
+                               batches=batches, try_fixes=try_fixes, seed=seed,
+                               thresholds=thresholds)
+        return _with_checkpoint_summary(report, checkpoint, None)
+    if model is None:
+        if live:
+            raise UsageError("a live inspection of a state dict needs the architecture: pass "
+                             "--model SPEC (or drop --data/--input-shape for a data-free "
+                             "analysis)")
+        record = measure_checkpoint(checkpoint, progress)
+        findings = [advise_checkpoint(f, record)
+                    for f in run_checkpoint_rules(record, thresholds)]
+        return build_checkpoint_report(record, findings)
+    if not live:
+        raise UsageError("with --model, give --data or --input-shape to inspect the loaded "
+                         "model (or drop --model for a data-free analysis of the weights)")
+    loaded = load_into(model, checkpoint, strict=strict, progress=progress)
+    report = inspect_model(model, data, input_shape=input_shape, input_dtype=input_dtype,
+                           input_max=input_max, loss=loss, batches=batches,
+                           try_fixes=try_fixes, seed=seed, thresholds=thresholds)
+    return _with_checkpoint_summary(report, checkpoint, loaded)
+
+
+def _with_checkpoint_summary(report: Report, checkpoint: Checkpoint,
+                             loaded: LoadResult | None) -> Report:
+    report.summary["checkpoint"] = {
+        "path": str(checkpoint.path), "format": checkpoint.format,
+        "weights_key": checkpoint.weights_key, "extras": checkpoint.extras,
+    }
+    if checkpoint.format == "torchscript":
+        report.notes.append("TorchScript: calls inside the scripted module are invisible to "
+                            "Python hooks, so per-layer activations and the gradient through "
+                            "depth are not measured; parameters, their gradients and the "
+                            "model output are")
+    if loaded is None:
+        return report
+    if loaded.prefix_removed or loaded.prefix_added:
+        report.notes.append(
+            f"checkpoint keys mapped onto the model: prefix {loaded.prefix_removed!r} removed, "
+            f"{loaded.prefix_added!r} added")
+    if loaded.missing or loaded.unexpected:
+        report.findings.append(Finding(
+            "checkpoint_mismatch", "warning", loaded.missing[:50],
+            f"{len(loaded.missing)} model key(s) missing from the checkpoint, "
+            f"{len(loaded.unexpected)} unexpected key(s) in it",
+            explanation=("Loaded non-strictly: the missing tensors keep the model's own "
+                         "initialization, the unexpected ones were ignored. A fine-tuning head "
+                         "is an expected difference; a backbone layer is not."),
+            evidence={"missing": loaded.missing, "unexpected": loaded.unexpected}))
+        report.findings.sort(key=lambda f: -severity_rank(f.severity))
+    return report
+
+
+def build_checkpoint_report(record: CheckpointRecord, findings: list[Finding]) -> Report:
+    """Assemble the data-free report from a checkpoint record and its findings."""
+    layers = []
+    for module in record.modules:
+        row = asdict(module)
+        row["nonfinite"] = module.nonfinite
+        layers.append(row)
+    dtypes: dict[str, int] = {}
+    for module in record.modules:
+        for tensor in module.tensors:
+            dtypes[tensor.dtype] = dtypes.get(tensor.dtype, 0) + tensor.numel
+    notes = []
+    zero_init = [m.name for m in record.modules if m.zero_initialized]
+    if zero_init:
+        notes.append("BatchNorm layers with gamma exactly zero and untouched running statistics "
+                     "(zero-initialized residual branches, not dead): " + ", ".join(zero_init))
+    if any(m.kind in ("recurrent", "attention", "embedding") for m in record.modules):
+        notes.append("recurrent, attention and embedding weights are reported but not judged "
+                     "against He/Xavier: they keep conventions of their own")
+    summary = {
+        "path": record.path,
+        "format": record.format,
+        "weights_key": record.weights_key,
+        "parameters": record.parameters,
+        "tensors": sum(len(m.tensors) for m in record.modules),
+        "dtypes": dtypes,
+        "extras": record.extras,
+        "files": record.files,
+    }
+    return Report(CHECKPOINT_SCHEMA, findings, layers, summary, notes)

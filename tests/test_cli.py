@@ -130,7 +130,7 @@ def test_plot_is_written(tmp_path):
     (("--model", fixture("mlp8"), "--data", fixture("empty_data")), 2, ("no batch",)),
     (("--model", fixture("mlp8"), "--input-shape", "4,x"), 2, ("positive integers",)),
     (("--model", fixture("mlp8"), "--input-shape", "4,8", "--data", fixture("good_data")), 2,
-     ("exactly one",)),
+     ("only one of",)),
     (("--model", fixture("mlp8"), "--input-shape", "4,8", "--loss", "hinge"), 2,
      ("unknown loss",)),
     (("--model", fixture("mlp8"), "--data", fixture("good_data"), "--loss",

@@ -107,6 +107,16 @@ def is_weight_name(param_name: str) -> bool:
     return "bias" not in param_name
 
 
+def layer_kind(module: nn.Module) -> str:
+    """The module's class name; for a TorchScript submodule, the class it was scripted from."""
+    return str(getattr(module, "original_name", None) or type(module).__name__)
+
+
+_INIT_KINDS = frozenset({"Linear", "Bilinear", "LazyLinear", "NonDynamicallyQuantizableLinear",
+                         "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                         "ConvTranspose3d"})
+
+
 def has_init_expectation(module: nn.Module) -> bool:
     """True for layers whose weight scale has a He/Xavier expectation (Linear- and conv-like).
 
@@ -116,6 +126,5 @@ def has_init_expectation(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         return False
-    return isinstance(module, nn.Linear | nn.Bilinear) or isinstance(
-        module, nn.modules.conv._ConvNd
-    )
+    return layer_kind(module) in _INIT_KINDS or isinstance(
+        module, nn.Linear | nn.Bilinear | nn.modules.conv._ConvNd)

@@ -33,6 +33,7 @@ from nndiag.capture.layers import (
     has_init_expectation,
     is_measured_module,
     is_weight_name,
+    layer_kind,
     module_activation,
 )
 from nndiag.capture.state import preserved_state
@@ -122,7 +123,7 @@ class _Recorder:
         self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
             if id(module) not in self.info:
-                info = _ModuleInfo(name or ROOT_NAME, type(module).__name__,
+                info = _ModuleInfo(name or ROOT_NAME, layer_kind(module),
                                    module_activation(module), is_measured_module(module))
                 self.info[id(module)] = info
                 self.modules[info.name] = module
@@ -503,7 +504,9 @@ def _attach_parameters(layers: list[LayerRecord], owners: list[_Owner],
 
     A module that never ran but whose parameters got gradients (``out_proj`` inside
     ``nn.MultiheadAttention``, whose weights are used functionally) is folded into its nearest
-    measured ancestor. Returns the modules with parameters that stayed unmeasured.
+    measured ancestor; with no such ancestor (submodules of a TorchScript module, whose calls
+    Python hooks do not see) it gets a record of its own holding parameter statistics only.
+    Returns the modules with parameters that stayed unmeasured.
     """
     first_site: dict[str, LayerRecord] = {}
     for layer in layers:
@@ -521,6 +524,12 @@ def _attach_parameters(layers: list[LayerRecord], owners: list[_Owner],
         all_used = all(grads_by_param.get(id(p), (0.0, True))[1] for _, p in owner.params)
         if target is None and all_used:
             target = next((a for a in _ancestors(owner.name) if a in first_site), None)
+        if target is None and any(grads_by_param.get(id(p), (0.0, False))[1]
+                                  for _, p in owner.params):
+            record = LayerRecord(owner.name, owner.name, layer_kind(owner.module), len(layers))
+            layers.append(record)
+            first_site[owner.name] = record
+            target = owner.name
         if target is None:
             not_run.append(owner.name)
             continue

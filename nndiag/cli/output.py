@@ -5,8 +5,17 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from nndiag.errors import NndiagError
 
@@ -31,6 +40,28 @@ class Output:
         self.stdout = Console(soft_wrap=False, width=PIPED_WIDTH if piped else None)
         self.stderr = Console(stderr=True, soft_wrap=True)
         self.debug = debug
+
+    @contextmanager
+    def progress(self, description: str,
+                 min_bytes: int = 64 * 1024 * 1024) -> Iterator[Callable[[int, int], None]]:
+        """A byte progress bar on stderr, shown once the work is over ``min_bytes``."""
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                       TimeRemainingColumn(), console=self.stderr, transient=True)
+        task = bar.add_task(description, total=None)
+        started = False
+
+        def advance(done: int, total: int) -> None:
+            nonlocal started
+            if not started and total >= min_bytes:
+                bar.start()
+                started = True
+            bar.update(task, completed=done, total=total)
+
+        try:
+            yield advance
+        finally:
+            if started:
+                bar.stop()
 
     def message(self, text: str) -> None:
         """A status message on stderr."""

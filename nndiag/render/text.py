@@ -140,6 +140,10 @@ def layer_table(report: Report) -> Table:
 def render_text(report: Report, console: Console) -> None:
     """Print the report: header, status line, findings with fixes, per-layer table, notes."""
     console.print(_header(report))
+    checkpoint = report.summary.get("checkpoint")
+    if checkpoint:
+        console.print(Text(f"weights from {checkpoint['path']} ({checkpoint['format']})",
+                           style="dim"))
     console.print(_status_line(report))
     for finding in report.findings:
         console.print()
@@ -151,3 +155,76 @@ def render_text(report: Report, console: Console) -> None:
                        style="dim"))
     for note in report.notes:
         console.print(Text(f"note: {note}", style="yellow"))
+
+
+def _checkpoint_header(report: Report) -> Text:
+    s = report.summary
+    where = f" (weights under {s['weights_key']!r})" if s.get("weights_key") else ""
+    dtypes = ", ".join(f"{k} {v:,}" for k, v in s.get("dtypes", {}).items())
+    return Text.assemble(
+        ("nndiag inspect ", "bold"), (str(s.get("path")), "bold cyan"),
+        f": {s.get('format')}{where}; {s.get('parameters', 0):,} values in "
+        f"{s.get('tensors')} tensors ({dtypes}); data-free analysis",
+    )
+
+
+def checkpoint_table(report: Report) -> Table:
+    """Per-module weights: kind, size, scale against He/Xavier, chain, problems."""
+    flagged = {name: f.severity for f in report.findings for name in f.layers}
+    table = Table(title="Weights by module", title_justify="left", header_style="bold",
+                  pad_edge=False, box=None)
+    rows = report.layers
+    longest = max((len(row["name"]) for row in rows), default=6)
+    table.add_column("module", no_wrap=True, min_width=min(longest, 32))
+    table.add_column("kind", no_wrap=True, overflow="ellipsis", min_width=4)
+    for column in ("params", "weight shape", "rms", "He x", "Xavier x", "chain", "notes"):
+        table.add_column(column, justify="right", no_wrap=column != "notes")
+    shown = rows if len(rows) <= MAX_TABLE_ROWS else [
+        r for r in rows if r["name"] in flagged or r.get("chain") is not None][:MAX_TABLE_ROWS]
+    for row in shown:
+        weight = next((t for t in row["tensors"] if t["name"].endswith("weight")), None)
+        notes = []
+        if row["nonfinite"]:
+            notes.append(f"{row['nonfinite']} NaN/Inf")
+        if row.get("dead_channels"):
+            notes.append(f"{row['dead_channels']}/{row['channels']} dead ch.")
+        if row.get("zero_initialized"):
+            notes.append("zero-init")
+        style = {"error": "red", "warning": "yellow"}.get(flagged.get(row["name"], ""), "")
+        table.add_row(row["name"], row["kind"], f"{row['params']:,}",
+                      "x".join(map(str, weight["shape"])) if weight else "-",
+                      fmt(row.get("weight_rms")), fmt(row.get("init_scale_he")),
+                      fmt(row.get("init_scale_xavier")),
+                      "-" if row.get("chain") is None else str(row["chain"]),
+                      ", ".join(notes), style=style)
+    if len(shown) < len(rows):
+        table.add_row(f"... {len(rows) - len(shown)} more modules (see --json)", *[""] * 8)
+    return table
+
+
+def render_checkpoint_text(report: Report, console: Console) -> None:
+    """Print a data-free checkpoint report."""
+    console.print(_checkpoint_header(report))
+    extras = report.summary.get("extras") or {}
+    if extras:
+        console.print(Text("also in the file: " + "; ".join(f"{k}: {v}" for k, v in
+                                                            extras.items()), style="dim"))
+    console.print(_status_line(report))
+    for finding in report.findings:
+        console.print()
+        console.print(_finding(finding))
+    console.print()
+    console.print(checkpoint_table(report))
+    console.print(Text("He x / Xavier x: weight RMS over the He std sqrt(2/fan_in) / the Xavier "
+                       "std sqrt(2/(fan_in+fan_out)); chain: layers with no normalization "
+                       "between them", style="dim"))
+    for note in report.notes:
+        console.print(Text(f"note: {note}", style="yellow"))
+
+
+def render_report(report: Report, console: Console) -> None:
+    """Print any report as rich text, choosing the layout by its schema."""
+    if report.schema.startswith("nndiag.inspect-checkpoint/"):
+        render_checkpoint_text(report, console)
+    else:
+        render_text(report, console)

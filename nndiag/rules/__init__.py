@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from nndiag.findings import Finding, severity_rank
-from nndiag.records import ProbeRecord
-from nndiag.rules import activations, gradients, sanity
+from nndiag.records import CheckpointRecord, ProbeRecord
+from nndiag.rules import activations, checkpoint, gradients, sanity
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
 
 Rule = Callable[[ProbeRecord, dict[str, Threshold]], Finding | None]
@@ -30,6 +30,15 @@ HEADLINES: dict[str, Callable[[ProbeRecord], dict[str, float | None]]] = {
     "nan_inf": sanity.nan_inf_headline,
     "unused_parameters": sanity.unused_headline,
 }
+
+
+def run_checkpoint_rules(record: CheckpointRecord,
+                         thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
+    """Judge a checkpoint's weights without data: most severe finding first."""
+    thresholds = thresholds or THRESHOLDS
+    findings = [f for rule in checkpoint.CHECKPOINT_RULES
+                if (f := rule(record, thresholds)) is not None]
+    return sorted(findings, key=lambda f: -severity_rank(f.severity))
 
 
 def run_probe_rules(probe: ProbeRecord,

@@ -83,6 +83,13 @@ THRESHOLDS: dict[str, Threshold] = {
         "net has a few percent (up to ~16% in deep layers with a 64-sample probe); half the "
         "layer dead halves its capacity; at 90% the layer passes almost no gradient.",
     ),
+    "dead_channel_fraction": Threshold(
+        0.25, 0.75, True,
+        "Share of a BatchNorm layer's channels whose gamma is below 1e-3 of the layer's "
+        "largest, or whose running variance is below 1e-6 of the largest: those channels "
+        "output a constant. Trained networks keep a few percent; a quarter of a layer is "
+        "capacity lost, three quarters a layer that barely passes a signal.",
+    ),
     "saturated_fraction": Threshold(
         0.25, 0.6, True,
         "Share of a sigmoid/tanh-family output whose local derivative is below 5% of its "

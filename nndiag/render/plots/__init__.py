@@ -8,6 +8,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from nndiag.findings import Report
+
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a figure atomically (a temporary file renamed into place: never half-written)."""
@@ -23,3 +25,14 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
         if os.path.exists(temp):
             os.unlink(temp)
     return target
+
+
+def plot_report(report: Report) -> Figure:
+    """The figure that fits a report: weight scales (data-free) or gradient flow (live)."""
+    if report.schema.startswith("nndiag.inspect-checkpoint/"):
+        from nndiag.render.plots.weight_scales import plot_weight_scales
+
+        return plot_weight_scales(report)
+    from nndiag.render.plots.gradient_flow import plot_gradient_flow
+
+    return plot_gradient_flow(report)

@@ -1,0 +1,402 @@
+"""Reading every common checkpoint format, safely, without loading the whole file.
+
+Formats: PyTorch ``torch.save`` files (zip and legacy), PyTorch Lightning ``.ckpt``, training
+checkpoints that bundle model, optimizer and epoch, ``.safetensors``, Hugging Face-style
+directories (config plus one or several shards, with or without an index JSON), TorchScript
+archives, and whole pickled ``nn.Module``s (only with ``unsafe_load``).
+
+Safety: nothing is unpickled beyond what ``torch.load(weights_only=True)`` allows; a file
+whose loading would run code is refused with a message naming ``--unsafe-load``.
+
+Memory: a zip-format torch file is first read with ``map_location="meta"`` (structure only);
+each tensor is then read from its byte offset in the file when it is needed. Safetensors
+headers give offsets directly. Only legacy (pre-1.6) torch files, TorchScript archives and
+unsafe pickles are loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nndiag.checkpoints.tensors import TensorEntry, in_memory, read_strided
+from nndiag.checkpoints.weights import find_weights
+from nndiag.errors import UsageError, describe_exception
+
+UNSAFE_HINT = ("If you trust the file, pass --unsafe-load (loading it runs code from the file: "
+               "never do that with a file from an unknown source).")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds.
+
+    Attributes:
+        path: The file or directory.
+        format: ``state_dict``, ``lightning``, ``training_checkpoint``, ``safetensors``,
+            ``hf_directory``, ``torchscript`` or ``pickled_module``.
+        entries: The model's weights and buffers, in stored order, read on demand.
+        weights_key: Where in the file the weights were found (``state_dict``, ``model``...).
+        extras: What else the file holds (optimizer state, epoch...), described in words.
+        module: The module itself for TorchScript archives and pickled modules.
+        files: The files read (several for a sharded directory).
+    """
+
+    path: Path
+    format: str
+    entries: list[TensorEntry]
+    weights_key: str | None = None
+    extras: dict[str, str] = field(default_factory=dict)
+    module: nn.Module | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all weight tensors."""
+        return sum(entry.nbytes for entry in self.entries)
+
+    def state_dict(self, progress: Callable[[int, int], None] | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """Read every tensor into a state dict (progress gets bytes done and total)."""
+        done, total = 0, self.total_bytes
+        result = {}
+        for entry in self.entries:
+            result[entry.name] = entry.read()
+            done += entry.nbytes
+            if progress is not None:
+                progress(done, total)
+        return result
+
+
+def load_checkpoint(path: str | Path, *, unsafe_load: bool = False) -> Checkpoint:
+    """Open a checkpoint file or directory and locate the model's weights.
+
+    Args:
+        path: A file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.safetensors``, TorchScript)
+            or a Hugging Face-style directory.
+        unsafe_load: Allow full unpickling (runs code from the file).
+
+    Returns:
+        The checkpoint, with tensors read lazily where the format allows.
+
+    Raises:
+        UsageError: Missing, empty, corrupt, truncated, unsafe or non-checkpoint input.
+    """
+    target = Path(path)
+    if target.is_dir():
+        return _load_directory(target, unsafe_load)
+    if not target.exists():
+        raise UsageError(f"checkpoint {str(target)!r} not found")
+    if not target.is_file():
+        raise UsageError(f"checkpoint {str(target)!r} is not a file or directory")
+    return _load_file(target, unsafe_load)
+
+
+def _load_file(path: Path, unsafe_load: bool) -> Checkpoint:
+    size = path.stat().st_size
+    if size == 0:
+        raise UsageError(f"checkpoint {str(path)!r} is empty (0 bytes)")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return _load_zip(path, unsafe_load)
+    if _looks_like_safetensors(head, size):
+        return _load_safetensors(path)
+    if head[:1] == b"\x80":  # a pickle stream: the legacy torch.save format
+        return _load_torch_whole(path, unsafe_load, legacy=True)
+    raise UsageError(
+        f"{str(path)!r} is not a checkpoint nndiag can read (expected a torch.save file, a "
+        "Lightning .ckpt, .safetensors, a TorchScript archive or a Hugging Face directory)"
+    )
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 0 < header_len <= min(size - 8, _MAX_SAFETENSORS_HEADER) and head[8:9] == b"{"
+
+
+def _load_zip(path: Path, unsafe_load: bool) -> Checkpoint:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UsageError(f"{str(path)!r} is a corrupt or truncated zip archive "
+                         f"({describe_exception(exc)})") from exc
+    if any(name.endswith("/constants.pkl") for name in names):
+        return _load_torchscript(path)
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise UsageError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint "
+                         "(no data.pkl inside)")
+    try:
+        structure = torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if unsafe_load:
+            return _load_torch_whole(path, unsafe_load, legacy=False)
+        raise _unsafe_error(path, exc) from exc
+    except Exception as exc:
+        raise UsageError(f"{str(path)!r} could not be read as a PyTorch checkpoint "
+                         f"({describe_exception(exc)}); it may be truncated or corrupt") from exc
+    offsets_known = all(
+        getattr(t.untyped_storage(), "_checkpoint_offset", None) is not None
+        for t in _tensors_in(structure) if t.numel()
+    )
+    if not offsets_known:  # an older torch without per-record offsets
+        return _load_torch_whole(path, unsafe_load, legacy=False)
+    return _interpret(path, structure, lambda name, t: _lazy_entry(path, name, t))
+
+
+def _lazy_entry(path: Path, name: str, meta: torch.Tensor) -> TensorEntry:
+    storage = meta.untyped_storage()
+    base = getattr(storage, "_checkpoint_offset", 0) or 0
+    itemsize = meta.element_size()
+    shape, stride, dtype = tuple(meta.shape), tuple(meta.stride()), meta.dtype
+    file_offset = base + meta.storage_offset() * itemsize
+
+    def read() -> torch.Tensor:
+        try:
+            return read_strided(str(path), file_offset, dtype, shape, stride)
+        except (EOFError, OSError) as exc:
+            raise UsageError(f"{str(path)!r}: tensor {name!r} could not be read "
+                             f"({describe_exception(exc)}); the file may be truncated") from exc
+
+    return TensorEntry(name, shape, dtype, read)
+
+
+def _load_torch_whole(path: Path, unsafe_load: bool, legacy: bool) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True,
+                         mmap=not legacy)
+    except pickle.UnpicklingError as exc:
+        if not unsafe_load:
+            raise _unsafe_error(path, exc) from exc
+        obj = _unsafe_torch_load(path)
+    except Exception as exc:
+        raise UsageError(f"{str(path)!r} could not be read as a PyTorch checkpoint "
+                         f"({describe_exception(exc)}); it may be truncated or corrupt") from exc
+    return _interpret(path, obj, in_memory)
+
+
+def _unsafe_torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        raise UsageError(f"{str(path)!r} pickles a class that cannot be imported here "
+                         f"({describe_exception(exc)}): make the model's code importable "
+                         "(run from its project directory) or save a state_dict instead") from exc
+    except Exception as exc:
+        raise UsageError(f"{str(path)!r} could not be unpickled "
+                         f"({describe_exception(exc)})") from exc
+
+
+def _unsafe_error(path: Path, exc: Exception) -> UsageError:
+    found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    what = f" (it references {', '.join(sorted(set(found)))})" if found else ""
+    return UsageError(
+        f"refusing to load {str(path)!r}: it holds pickled Python objects whose loading would "
+        f"run code{what}, which torch.load(weights_only=True) does not allow. {UNSAFE_HINT}"
+    )
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 6:
+        return []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v, depth + 1)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors_in(v, depth + 1)]
+    return []
+
+
+def _interpret(path: Path, obj: Any,
+               make_entry: Callable[[str, torch.Tensor], TensorEntry]) -> Checkpoint:
+    """Find the model weights in a loaded object and describe the rest."""
+    if isinstance(obj, torch.jit.ScriptModule):
+        return _module_checkpoint(path, obj, "torchscript")
+    if isinstance(obj, nn.Module):
+        return _module_checkpoint(path, obj, "pickled_module")
+    located = find_weights(obj)
+    if located is None:
+        keys = list(obj)[:12] if isinstance(obj, dict) else type(obj).__name__
+        raise UsageError(f"{str(path)!r} holds no model weights nndiag can find "
+                         f"(top level: {keys})")
+    entries = [make_entry(name, tensor) for name, tensor in located.weights.items()]
+    return Checkpoint(path, located.format, entries, located.key, located.extras,
+                      files=[path])
+
+
+def _module_checkpoint(path: Path, module: nn.Module, fmt: str) -> Checkpoint:
+    entries = [in_memory(name, tensor.detach()) for name, tensor in
+               module.state_dict(keep_vars=False).items()]
+    return Checkpoint(path, fmt, entries, None, {"module": type(module).__name__},
+                      module=module, files=[path])
+
+
+def _load_torchscript(path: Path) -> Checkpoint:
+    try:
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice is not ours
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise UsageError(f"{str(path)!r} could not be read as a TorchScript archive "
+                         f"({describe_exception(exc)})") from exc
+    return _module_checkpoint(path, module, "torchscript")
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header; return it and the offset where tensor data starts.
+
+    Raises:
+        UsageError: A malformed or truncated header, or offsets beyond the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise UsageError(f"{str(path)!r}: truncated safetensors file")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise UsageError(f"{str(path)!r}: safetensors header of {header_len} bytes does not "
+                             f"fit in a {size}-byte file (truncated or corrupt)")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{str(path)!r}: corrupt safetensors header "
+                         f"({describe_exception(exc)})") from exc
+    if not isinstance(header, dict):
+        raise UsageError(f"{str(path)!r}: corrupt safetensors header (not an object)")
+    data_start = 8 + header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(v) for v in info["data_offsets"])
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(v) for v in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{str(path)!r}: corrupt safetensors entry {name!r} "
+                             f"({describe_exception(exc)})") from exc
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = 1
+        for dim in shape:
+            count *= dim
+        if begin < 0 or end < begin or end - begin != count * itemsize or \
+                data_start + end > size:
+            raise UsageError(f"{str(path)!r}: tensor {name!r} lies outside the file or has the "
+                             "wrong size (truncated or corrupt)")
+    return header, data_start
+
+
+def _safetensors_entries(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
+    header, data_start = read_safetensors_header(path)
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        shape = tuple(int(v) for v in info["shape"])
+        begin = int(info["data_offsets"][0])
+        stride = tuple(torch.empty(shape, device="meta").stride()) if shape else ()
+        entries.append(_entry_at(path, name, data_start + begin, dtype, shape, stride))
+    metadata = header.get("__metadata__") or {}
+    return entries, {f"metadata.{k}": str(v) for k, v in metadata.items()}
+
+
+def _entry_at(path: Path, name: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+              stride: tuple[int, ...]) -> TensorEntry:
+    def read() -> torch.Tensor:
+        try:
+            return read_strided(str(path), offset, dtype, shape, stride)
+        except (EOFError, OSError) as exc:
+            raise UsageError(f"{str(path)!r}: tensor {name!r} could not be read "
+                             f"({describe_exception(exc)})") from exc
+
+    return TensorEntry(name, shape, dtype, read)
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    entries, extras = _safetensors_entries(path)
+    if not entries:
+        raise UsageError(f"{str(path)!r} is a safetensors file with no tensor")
+    return Checkpoint(path, "safetensors", entries, None, extras, files=[path])
+
+
+def _load_directory(path: Path, unsafe_load: bool) -> Checkpoint:
+    shards = _directory_shards(path)
+    if not shards:
+        raise UsageError(
+            f"directory {str(path)!r} holds no weights (expected model.safetensors, "
+            "pytorch_model.bin, shards with an index JSON, or a single .pt/.pth/.ckpt file)"
+        )
+    entries: list[TensorEntry] = []
+    extras: dict[str, str] = {}
+    seen: set[str] = set()
+    for shard in shards:
+        part = load_checkpoint(shard, unsafe_load=unsafe_load)
+        for entry in part.entries:
+            if entry.name not in seen:
+                seen.add(entry.name)
+                entries.append(entry)
+    config = path / "config.json"
+    if config.is_file():
+        extras.update(_describe_config(config))
+    extras["shards"] = str(len(shards))
+    return Checkpoint(path, "hf_directory", entries, None, extras, files=shards)
+
+
+def _directory_shards(path: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise UsageError(f"{str(index)!r} is not a valid shard index "
+                                 f"({describe_exception(exc)})") from exc
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise UsageError(f"{str(index)!r} names shards that are missing: "
+                                 f"{', '.join(missing)}")
+            return [path / f for f in files]
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt"):
+        found = sorted(p for p in path.glob(pattern) if p.is_file())
+        if found:
+            return found
+    return []
+
+
+def _describe_config(config: Path) -> dict[str, str]:
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {"config": "config.json (unreadable)"}
+    if not isinstance(data, dict):
+        return {"config": "config.json"}
+    keys = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size")
+    return {f"config.{k}": str(data[k]) for k in keys if k in data}

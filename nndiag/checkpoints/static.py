@@ -1,0 +1,197 @@
+"""Data-free measurements of a checkpoint: per-tensor statistics read one tensor at a time.
+
+Module kinds are guessed from tensor names and shapes (``running_var`` means BatchNorm, a 1-D
+``weight`` a normalization layer, a 2-D ``weight`` a Linear layer unless the module is named
+like an embedding, a 3- to 5-D one a convolution). Linear/conv layers are grouped into chains
+that normalization layers interrupt; the rules judge the product of their scales.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import torch
+
+from nndiag.checkpoints.formats import Checkpoint
+from nndiag.records import CheckpointRecord, ModuleWeights, TensorStats
+from nndiag.stats.weights import he_std, xavier_std
+
+ROOT = "(root)"
+_EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|tok_emb|pos_emb|word_embeddings|"
+                             r"position_embeddings|token_type_embeddings|shared)", re.I)
+_RECURRENT_NAME = re.compile(r"^(weight|bias)_(ih|hh|hr)_l\d+")
+# A BatchNorm channel is dead when gamma or the running variance is this small against the
+# layer's largest value.
+DEAD_GAMMA_RATIO = 1e-3
+DEAD_VARIANCE_RATIO = 1e-6
+# Elements reduced at a time by ``tensor_stats`` (32 MB of float64).
+CHUNK = 1 << 22
+
+
+def tensor_stats(name: str, tensor: torch.Tensor) -> TensorStats:
+    """RMS, mean and non-finite count of one tensor.
+
+    The tensor is reduced in chunks of ``CHUNK`` elements upcast to float64, so the memory
+    this needs beyond the tensor itself is one chunk, whatever the tensor's size and dtype.
+    """
+    stats = TensorStats(name, list(tensor.shape), str(tensor.dtype).removeprefix("torch."),
+                        tensor.numel())
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return stats
+    flat = tensor.detach().reshape(-1)
+    squares = total = 0.0
+    nonfinite = 0
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start: start + CHUNK].double()
+        part_squares, part_total = float(torch.dot(part, part)), float(part.sum())
+        if not (math.isfinite(part_squares) and math.isfinite(part_total)):
+            finite = torch.isfinite(part)
+            nonfinite += int(part.numel() - int(finite.sum()))
+            part = part[finite]
+            part_squares, part_total = float(torch.dot(part, part)), float(part.sum())
+        squares += part_squares
+        total += part_total
+    count = flat.numel() - nonfinite
+    stats.nonfinite = nonfinite
+    stats.rms = math.sqrt(squares / count) if count else math.nan
+    stats.mean = total / count if count else math.nan
+    return stats
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, param = name.rpartition(".")
+    return (module or ROOT), param
+
+
+def _fans(shape: list[int]) -> tuple[int, int]:
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def _kind(module: str, tensors: dict[str, TensorStats]) -> str:
+    weight = tensors.get("weight")
+    if "running_var" in tensors:
+        return "batch_norm"
+    if any(_RECURRENT_NAME.match(p) for p in tensors):
+        return "recurrent"
+    if "in_proj_weight" in tensors:
+        return "attention"
+    if weight is None:
+        return "other"
+    if len(weight.shape) == 1:
+        return "norm"
+    if len(weight.shape) == 2:
+        return "embedding" if _EMBEDDING_NAME.search(module.rsplit(".", 1)[-1]) else "linear"
+    if 3 <= len(weight.shape) <= 5:
+        return "conv"
+    return "other"
+
+
+def measure_checkpoint(checkpoint: Checkpoint,
+                       progress: Callable[[int, int], None] | None = None) -> CheckpointRecord:
+    """Read every tensor once and reduce it to plain numbers, grouped by module.
+
+    Peak memory is about the largest tensor (plus the small BatchNorm vectors kept to count
+    dead channels).
+
+    Args:
+        checkpoint: An opened checkpoint.
+        progress: Called with (bytes done, bytes total) after each tensor.
+    """
+    order: list[str] = []
+    grouped: dict[str, dict[str, TensorStats]] = {}
+    batch_norm_vectors: dict[str, dict[str, torch.Tensor]] = {}
+    total, done = checkpoint.total_bytes, 0
+    for entry in checkpoint.entries:
+        module, param = _split(entry.name)
+        tensor = entry.read()
+        stats = tensor_stats(entry.name, tensor)
+        if module not in grouped:
+            grouped[module] = {}
+            order.append(module)
+        grouped[module][param] = stats
+        if param in ("weight", "running_var", "running_mean", "num_batches_tracked") and \
+                tensor.dim() <= 1:
+            batch_norm_vectors.setdefault(module, {})[param] = tensor.detach().float().clone()
+        del tensor
+        done += entry.nbytes
+        if progress is not None:
+            progress(done, total)
+
+    modules = [_module_record(name, grouped[name], batch_norm_vectors.get(name, {}))
+               for name in order]
+    _assign_chains(modules)
+    return CheckpointRecord(str(checkpoint.path), checkpoint.format, modules,
+                            checkpoint.weights_key, dict(checkpoint.extras),
+                            [str(f) for f in checkpoint.files])
+
+
+def _module_record(name: str, tensors: dict[str, TensorStats],
+                   vectors: dict[str, torch.Tensor]) -> ModuleWeights:
+    kind = _kind(name, tensors)
+    record = ModuleWeights(name, kind, sum(t.numel for t in tensors.values()),
+                           list(tensors.values()))
+    weight = tensors.get("weight")
+    if kind in ("linear", "conv") and weight is not None and weight.rms is not None:
+        record.fan_in, record.fan_out = _fans(weight.shape)
+        record.weight_rms = weight.rms
+        if record.fan_in > 0 and record.fan_out > 0:
+            record.init_scale_he = weight.rms / he_std(record.fan_in)
+            record.init_scale_xavier = weight.rms / xavier_std(record.fan_in, record.fan_out)
+    elif weight is not None:
+        record.weight_rms = weight.rms
+    if kind == "batch_norm":
+        _dead_channels(record, vectors)
+    return record
+
+
+def _dead_channels(record: ModuleWeights, vectors: dict[str, torch.Tensor]) -> None:
+    gamma, variance = vectors.get("weight"), vectors.get("running_var")
+    reference = gamma if gamma is not None else variance
+    if reference is None:
+        return
+    record.channels = int(reference.numel())
+    dead = torch.zeros(record.channels, dtype=torch.bool)
+    if gamma is not None and gamma.numel() == record.channels:
+        top = float(gamma.abs().max())
+        untouched = variance is not None and bool((variance == 1).all()) and bool(
+            (vectors.get("running_mean", torch.zeros(1)) == 0).all())
+        if top == 0 and untouched:
+            record.zero_initialized = True
+            record.dead_channels = 0
+            return
+        dead |= gamma.abs() <= DEAD_GAMMA_RATIO * top
+    if variance is not None and variance.numel() == record.channels:
+        top = float(variance.max())
+        dead |= variance <= DEAD_VARIANCE_RATIO * top if top > 0 else torch.ones_like(dead)
+    record.dead_channels = int(dead.sum())
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0] or ROOT
+
+
+def _assign_chains(modules: list[ModuleWeights]) -> None:
+    """Number the runs of linear/conv layers that nothing is known to re-scale.
+
+    A normalization layer ends a chain. So does a block boundary: a state dict cannot show
+    skip connections, and they usually sit between sibling blocks (``blocks.0`` holding two
+    Linear layers, then ``blocks.1``). A plain stack (``features.0``, ``features.2``...) whose
+    container holds one layer per index stays one chain.
+    """
+    layers = [m for m in modules if m.kind in ("linear", "conv") and m.init_scale_he is not None]
+    siblings: dict[str, int] = {}
+    for module in layers:
+        siblings[_parent(module.name)] = siblings.get(_parent(module.name), 0) + 1
+    chain, previous_block = 0, None
+    for record in modules:
+        if record.kind in ("batch_norm", "norm"):
+            chain, previous_block = chain + 1, None
+        elif record in layers:
+            parent = _parent(record.name)
+            block = parent if siblings[parent] >= 2 else None
+            if previous_block is not None and block != previous_block:
+                chain += 1
+            record.chain, previous_block = chain, block
