@@ -35,6 +35,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/inspect_overhead.py
+	$(BIN)/python benchmarks/checkpoint_memory.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

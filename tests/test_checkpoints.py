@@ -334,8 +334,8 @@ def test_tensor_stats_against_numpy_with_chunks_and_non_finite(monkeypatch):
     stats = tensor_stats("w", values)
     finite = values.double().numpy()[~torch.isnan(values) & ~torch.isinf(values)]
     assert stats.nonfinite == 2
-    assert stats.rms == pytest.approx(math.sqrt((finite ** 2).mean()), rel=1e-12)
-    assert stats.mean == pytest.approx(finite.mean(), rel=1e-12)
+    assert stats.rms == pytest.approx(math.sqrt((finite ** 2).mean()), rel=1e-6)
+    assert stats.mean == pytest.approx(finite.mean(), rel=1e-5)
     assert (stats.shape, stats.dtype, stats.numel) == ([5, 11], "float16", 55)
 
 

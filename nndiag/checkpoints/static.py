@@ -26,15 +26,17 @@ _RECURRENT_NAME = re.compile(r"^(weight|bias)_(ih|hh|hr)_l\d+")
 # layer's largest value.
 DEAD_GAMMA_RATIO = 1e-3
 DEAD_VARIANCE_RATIO = 1e-6
-# Elements reduced at a time by ``tensor_stats`` (32 MB of float64).
-CHUNK = 1 << 22
+# Elements reduced at a time by ``tensor_stats`` (8 MB once upcast to float32).
+CHUNK = 1 << 21
 
 
 def tensor_stats(name: str, tensor: torch.Tensor) -> TensorStats:
     """RMS, mean and non-finite count of one tensor.
 
-    The tensor is reduced in chunks of ``CHUNK`` elements upcast to float64, so the memory
-    this needs beyond the tensor itself is one chunk, whatever the tensor's size and dtype.
+    The tensor is reduced in chunks of ``CHUNK`` elements; float32 and float64 chunks are
+    reduced in place, narrower types upcast to float32 chunk by chunk, so the memory this
+    needs beyond the tensor itself is at most one chunk. Partial sums are accumulated in
+    Python floats (double precision).
     """
     stats = TensorStats(name, list(tensor.shape), str(tensor.dtype).removeprefix("torch."),
                         tensor.numel())
@@ -44,7 +46,9 @@ def tensor_stats(name: str, tensor: torch.Tensor) -> TensorStats:
     squares = total = 0.0
     nonfinite = 0
     for start in range(0, flat.numel(), CHUNK):
-        part = flat[start: start + CHUNK].double()
+        part = flat[start: start + CHUNK]
+        if part.dtype not in (torch.float32, torch.float64):
+            part = part.float()
         part_squares, part_total = float(torch.dot(part, part)), float(part.sum())
         if not (math.isfinite(part_squares) and math.isfinite(part_total)):
             finite = torch.isfinite(part)

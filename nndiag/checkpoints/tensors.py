@@ -41,16 +41,19 @@ def in_memory(name: str, tensor: torch.Tensor) -> TensorEntry:
     return TensorEntry(name, tuple(tensor.shape), tensor.dtype, lambda: tensor)
 
 
-def read_exact(path: str, offset: int, nbytes: int) -> bytearray:
-    """Read ``nbytes`` at ``offset`` of a file into a fresh buffer.
+def read_exact(path: str, offset: int, nbytes: int) -> torch.Tensor:
+    """Read ``nbytes`` at ``offset`` of a file into a fresh uint8 tensor.
+
+    The buffer comes from torch's allocator, which returns large blocks to the system as soon
+    as the tensor is freed, so reading tensor after tensor does not pile up memory.
 
     Raises:
         EOFError: The file ends before.
     """
-    buffer = bytearray(nbytes)
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
     with open(path, "rb") as handle:
         handle.seek(offset)
-        view = memoryview(buffer)
+        view = memoryview(buffer.numpy())
         done = 0
         while done < nbytes:
             got = handle.readinto(view[done:])
@@ -74,6 +77,5 @@ def read_strided(path: str, file_offset: int, dtype: torch.dtype, shape: tuple[i
     count = span(shape, stride)
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    buffer = read_exact(path, file_offset, count * itemsize)
-    flat = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype)
+    flat = read_exact(path, file_offset, count * itemsize).view(dtype)
     return flat.as_strided(shape, stride)
