@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from nndiag import __version__
-from nndiag.cli import inspect_cmd
+from nndiag.cli import inspect_cmd, lrfind_cmd
 
 app = typer.Typer(
     name="nndiag",
@@ -36,6 +36,7 @@ def root(
 
 
 app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
+app.command("lr-find", no_args_is_help=True)(lrfind_cmd.lr_find)
 
 
 def main() -> None:

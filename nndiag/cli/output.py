@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -62,6 +63,19 @@ class Output:
         finally:
             if started:
                 bar.stop()
+
+    @contextmanager
+    def steps(self, description: str) -> Iterator[Callable[[int, int], None]]:
+        """A step-count progress bar on stderr (hidden when stderr is not a terminal)."""
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn(), console=self.stderr, transient=True)
+        task = bar.add_task(description, total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        with bar:
+            yield advance
 
     def message(self, text: str) -> None:
         """A status message on stderr."""

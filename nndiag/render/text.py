@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nndiag.findings import Finding, Fix, Report
+from nndiag.lrfind import LRFindResult
 
 STYLE = {"ok": "bold green", "info": "cyan", "warning": "bold yellow", "error": "bold red"}
 MAX_TABLE_ROWS = 40
@@ -228,3 +229,49 @@ def render_report(report: Report, console: Console) -> None:
         render_checkpoint_text(report, console)
     else:
         render_text(report, console)
+
+
+def render_lr_find(result: LRFindResult, console: Console) -> None:
+    """Print a range-test result: suggestion, reason, warnings and the curve per decade."""
+    s = result.summary
+    console.print(Text.assemble(
+        ("nndiag lr-find ", "bold"), (str(s.get("optimizer")), "bold cyan"),
+        f": {s.get('steps_run')} of {s.get('steps')} steps from {s.get('start_lr'):.0e} to "
+        f"{s.get('end_lr'):g} (accumulate {s.get('accumulate')}); stopped: "
+        f"{result.stopped_because}"))
+    status = result.status
+    line = Text(f" {status.upper()} ", style=f"reverse {STYLE[status]}")
+    if result.suggested_lr is not None:
+        line.append("  suggested learning rate ")
+        line.append(f"{result.suggested_lr:.2e}", style="bold")
+        if result.lr_low and result.lr_high:
+            line.append(f"   (useful range {result.lr_low:.1e} .. {result.lr_high:.1e})")
+    else:
+        line.append("  no learning rate can be suggested from this curve")
+    console.print(line)
+    console.print(Padding(Text(f"why: {result.reason}"), (0, 0, 0, 2)))
+    ratios = s.get("param_group_lr_ratios") or []
+    if len(ratios) > 1:
+        console.print(Padding(Text(f"{len(ratios)} param groups: their learning rates keep the "
+                                   f"ratios {', '.join(f'{r:g}' for r in ratios)}",
+                                   style="dim"), (0, 0, 0, 2)))
+    for finding in result.findings:
+        console.print()
+        console.print(_finding(finding))
+    table = Table(title="Loss by learning rate", title_justify="left", header_style="bold",
+                  box=None, pad_edge=False)
+    for column in ("learning rate", "loss", "smoothed"):
+        table.add_column(column, justify="right")
+    shown_half_decade, marked = None, False
+    for lr, raw, smooth in zip(result.lrs, result.losses, result.smoothed, strict=False):
+        half_decade = math.floor(math.log10(lr) * 2)
+        suggested = bool(result.suggested_lr) and not marked and lr >= result.suggested_lr
+        if half_decade == shown_half_decade and not suggested:
+            continue
+        shown_half_decade = half_decade
+        marked = marked or suggested
+        table.add_row(f"{lr:.1e}", fmt(raw), fmt(smooth) + (" <- suggested" if suggested
+                                                            else ""),
+                      style="bold" if suggested else "")
+    console.print()
+    console.print(table)

@@ -1,0 +1,95 @@
+"""``nndiag lr-find``: a learning-rate range test whose suggestion you can trust."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from nndiag.cli.inspect_cmd import FailOn
+from nndiag.cli.output import Output
+from nndiag.errors import UsageError
+
+
+def lr_find(
+    model: str = typer.Option(..., "--model", "-m", metavar="SPEC",
+                              help="The model: package.module:attr or path/file.py:attr."),
+    data: str = typer.Option(..., "--data", "-d", metavar="SPEC",
+                             help="Training batches (a DataLoader, a list) or one batch; "
+                                  "cycled if they run out."),
+    loss: str | None = typer.Option(None, "--loss", metavar="NAME|SPEC",
+                                    help="cross_entropy, mse, bce, l1, huber, nll or a spec "
+                                         "f(outputs, targets). Default: from the targets."),
+    optimizer: str = typer.Option("adamw", "--optimizer", metavar="NAME|SPEC",
+                                  help="sgd, adam, adamw, rmsprop, or a spec of "
+                                       "f(params, lr) -> Optimizer."),
+    momentum: float | None = typer.Option(None, "--momentum",
+                                          help="Momentum for sgd (default 0.9) and rmsprop."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay."),
+    start_lr: float = typer.Option(1e-7, "--start-lr", help="First learning rate."),
+    end_lr: float = typer.Option(10.0, "--end-lr", help="Last learning rate."),
+    steps: int = typer.Option(100, "--steps", help="Optimizer steps (learning rates) to try."),
+    accumulate: int = typer.Option(1, "--accumulate", metavar="K",
+                                   help="Micro-batches per step; the loss is their mean."),
+    no_early_stop: bool = typer.Option(False, "--no-early-stop",
+                                       help="Run every step even after the loss diverges."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png",
+                                     help="Write the loss-vs-learning-rate figure."),
+    fail_on: FailOn = typer.Option(FailOn.error, "--fail-on",
+                                   help="Exit 1 when a finding is at or above this severity."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random targets."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+) -> None:
+    """Sweep the learning rate exponentially and suggest where to start training.
+
+    The model, its buffers and modes and the RNG are restored afterwards.
+
+    Example: nndiag lr-find --model train.py:build_model --data train.py:train_loader
+    """
+    out = Output(debug=debug)
+    try:
+        code = _run(out, model, data, loss, optimizer, momentum, weight_decay, start_lr,
+                    end_lr, steps, accumulate, not no_early_stop, json_output, plot,
+                    fail_on.value, seed)
+    except Exception as exc:  # every error becomes one message and its exit code
+        code = out.fail(exc)
+    raise typer.Exit(code)
+
+
+def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimizer: str,
+         momentum: float | None, weight_decay: float, start_lr: float, end_lr: float,
+         steps: int, accumulate: int, early_stop: bool, json_output: bool, plot: Path | None,
+         fail_on: str, seed: int) -> int:
+    from nndiag.losses import resolve_loss
+    from nndiag.lrfind import lr_find as run_lr_find
+    from nndiag.optimizers import optimizer_factory
+    from nndiag.render.json import jsonable
+    from nndiag.render.text import render_lr_find
+    from nndiag.specs import load_data, load_model
+
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UsageError(f"--plot {str(plot)!r}: use a .png, .svg or .pdf file name")
+    loss_fn = resolve_loss(loss)
+    factory = optimizer_factory(optimizer, momentum=momentum, weight_decay=weight_decay)
+    with out.stderr.status("loading the model and data", spinner="dots"):
+        net = load_model(model_spec)
+        batches = load_data(data_spec)
+    with out.steps("learning-rate sweep") as advance:
+        result = run_lr_find(net, batches, loss=loss_fn, optimizer=factory, start_lr=start_lr,
+                             end_lr=end_lr, steps=steps, accumulate=accumulate,
+                             early_stop=early_stop, seed=seed, progress=advance)
+    if plot is not None:
+        from nndiag.render.plots import save_figure
+        from nndiag.render.plots.lr_curve import plot_lr_curve
+
+        save_figure(plot_lr_curve(result), plot)
+        out.message(f"wrote {plot}")
+    if json_output:
+        import json
+
+        out.stdout.out(json.dumps(jsonable(result.to_dict()), indent=2, allow_nan=False),
+                       highlight=False)
+    else:
+        render_lr_find(result, out.stdout)
+    return 1 if result.fails(fail_on) else 0

@@ -1,0 +1,271 @@
+"""lr-find: the suggestion on synthetic curves, the sweep, state restoration and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag import UsageError, examples
+from nndiag.lrfind import _early_stop, lr_find, suggest_lr
+
+LRS = np.logspace(-7, 1, 100)
+
+
+def valley(lrs: np.ndarray = LRS, low: float = 0.2, minimum_at: float = 1e-1) -> np.ndarray:
+    """A clean range-test curve: flat at 2.3, falling from ~1e-3 to ``minimum_at``, then up."""
+    x = np.log10(lrs)
+    center = math.log10(minimum_at)
+    fall = (2.3 - low) / (1 + np.exp(-(x - (center - 1.0)) * 3.0))
+    rise = np.where(x > center, 30 * (x - center) ** 2, 0.0)
+    return 2.3 - fall + rise
+
+
+def noise(scale: float, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, scale, len(LRS))
+
+
+def test_clean_valley():
+    s = suggest_lr(LRS, valley())
+    assert s.lr_high == pytest.approx(1e-1, rel=0.5)
+    assert 3e-3 < s.lr < 3e-2
+    assert s.lr_low < s.lr < s.lr_high
+    assert s.findings == []
+    assert "lowest" in s.reason
+
+
+def test_noisy_valley_stays_close_and_is_flagged_when_very_noisy():
+    clean = suggest_lr(LRS, valley()).lr
+    for seed in range(5):
+        noisy = suggest_lr(LRS, valley() + noise(0.1, seed))
+        assert clean / 2.5 < noisy.lr < clean * 2.5
+    very = suggest_lr(LRS, valley() + noise(0.8))
+    assert "lr_curve_noisy" in [f.id for f in very.findings]
+
+
+def test_spikes_do_not_move_the_suggestion():
+    curve = valley()
+    spiky = curve.copy()
+    rng = random.Random(0)
+    for index in rng.sample(range(5, 85), 8):
+        spiky[index] += 25.0
+    clean, with_spikes = suggest_lr(LRS, curve), suggest_lr(LRS, spiky)
+    assert clean.lr / 2 < with_spikes.lr < clean.lr * 2
+    assert with_spikes.lr_high == pytest.approx(clean.lr_high, rel=0.3)
+
+
+def test_flat_curve_warns_and_suggests_below_the_rise():
+    flat = np.where(np.log10(LRS) < 0, 1.0, 1.0 + 5 * np.log10(LRS).clip(0)) + noise(0.005)
+    s = suggest_lr(LRS, flat)
+    assert [f.id for f in s.findings] == ["lr_curve_flat"]
+    assert s.findings[0].severity == "warning"
+    assert 3e-2 < s.lr < 3e-1  # a tenth of the rise at ~1
+    flat_forever = suggest_lr(LRS, np.full(len(LRS), 0.7))
+    assert flat_forever.lr is None and flat_forever.findings[0].severity == "error"
+
+
+def test_negative_and_rescaled_losses_give_the_same_suggestion():
+    curve = valley() + noise(0.05)
+    base = suggest_lr(LRS, curve)
+    shifted = suggest_lr(LRS, curve - 10.0)  # e.g. a negative log-likelihood bound
+    scaled = suggest_lr(LRS, 3.0 * curve)
+    assert shifted.lr == pytest.approx(base.lr, rel=1e-9)
+    assert scaled.lr == pytest.approx(base.lr, rel=1e-9)
+    assert np.allclose(np.array(shifted.smoothed) + 10.0, base.smoothed)
+    assert shifted.smoothed[int(np.argmin(shifted.smoothed))] < -9
+
+
+def test_nan_tail_is_cut_and_the_valley_still_read():
+    curve = valley()
+    cut_at = int(np.searchsorted(LRS, 0.5))
+    with_nan = curve.copy()
+    with_nan[cut_at:] = np.nan
+    s = suggest_lr(LRS, with_nan)
+    assert s.lr == pytest.approx(suggest_lr(LRS[:cut_at], curve[:cut_at]).lr)
+    assert all(math.isnan(v) for v in s.smoothed[cut_at:])
+
+
+def test_too_short_a_curve_gives_no_suggestion():
+    s = suggest_lr(LRS[:5], valley()[:5])
+    assert s.lr is None and s.findings[0].id == "lr_curve_too_short"
+
+
+def test_minimum_at_the_end_of_the_range_warns():
+    s = suggest_lr(LRS[:60], valley()[:60])  # stops while the loss still falls
+    assert "lr_range_too_narrow" in [f.id for f in s.findings]
+
+
+def test_long_descent_is_capped_at_its_steepest_point():
+    """Transformer-like: a fast early fall, then a long slow slide to a far-right minimum."""
+    x = np.log10(LRS)
+    curve = 3.0 - 2.0 / (1 + np.exp(-(x + 4) * 4)) - 0.3 * np.clip(x + 3, 0, None) / 3.5
+    curve = np.where(x > 0.5, curve + 40 * (x - 0.5) ** 2, curve)
+    s = suggest_lr(LRS, curve)
+    assert s.lr_high > 1
+    assert s.lr < s.lr_high / 10 and "steepest" in s.reason
+    assert s.lr == pytest.approx(1e-4, rel=1.0)
+
+
+def test_early_stop_rule_uses_differences_only():
+    assert _early_stop(2.0, 1.0, 4.5, 0.01, 3, 100) == "diverged"
+    assert _early_stop(-8.0, -9.0, -5.5, 0.01, 3, 100) == "diverged"  # negative losses
+    assert _early_stop(-8.0, -9.0, -8.4, 0.01, 20, 100) == "past_minimum"
+    assert _early_stop(-8.0, -9.0, -8.4, 0.01, 3, 100) is None  # minimum too recent
+    assert _early_stop(2.0, 1.99, 2.001, 0.005, 50, 100) is None  # flat: no clear fall
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _data(n_batches: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_batches * 32, 32, generator=g)
+    y = x[:, :10].argmax(1)
+    return [(x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)]
+
+
+def test_sweep_finds_a_valley_and_restores_everything_bitwise():
+    model = examples.resnet_bn(widths=(8,), blocks=1)
+    model.eval()
+    model.stem.train()
+    for p in model.fc.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    optimizer.step()  # the optimizer now holds state that must come back
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    saved_exp_avg = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    images = [(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))) for _ in range(4)]
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+
+    result = lr_find(model, images, optimizer=optimizer, steps=30, start_lr=1e-5, end_lr=1.0)
+
+    assert len(result.lrs) == len(result.losses) <= 30
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert (g is None and p.grad is None) or torch.equal(p.grad, g)
+    assert [m.training for m in model.modules()] == modes
+    assert optimizer.state_dict()["param_groups"] == opt_state["param_groups"]
+    for saved, now in zip(saved_exp_avg, optimizer.state.values(), strict=True):
+        assert torch.equal(saved, now["exp_avg"])
+    assert torch.equal(torch.get_rng_state(), rng[0])
+    assert random.getstate() == rng[1]
+    assert np.array_equal(np.random.get_state()[1], rng[2][1])
+
+
+def test_param_groups_keep_their_learning_rate_ratios():
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
+    seen: list[tuple[float, float]] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append((self.param_groups[0]["lr"], self.param_groups[1]["lr"]))
+            return super().step(closure)
+
+    optimizer = Recording([{"params": model[0].parameters(), "lr": 1e-3},
+                           {"params": model[2].parameters(), "lr": 1e-4}], lr=1e-3)
+    result = lr_find(model, _data(), optimizer=optimizer, steps=20, early_stop=False)
+    assert len(seen) == 20
+    assert all(second / first == pytest.approx(0.1) for first, second in seen)
+    assert [first for first, _ in seen] == pytest.approx(result.lrs)
+    assert result.summary["param_group_lr_ratios"] == pytest.approx([1.0, 0.1])
+    assert optimizer.param_groups[0]["lr"] == 1e-3  # restored
+
+
+def test_accumulate_records_the_mean_of_the_micro_batches():
+    model = examples.he_mlp(depth=3, width=16)
+    data = _data(6)
+    expected = sum(float(F.cross_entropy(model(x), y)) for x, y in data[:3]) / 3
+    result = lr_find(model, data, optimizer="sgd", steps=10, accumulate=3, start_lr=1e-9,
+                     end_lr=1e-8)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_data_is_cycled_including_one_shot_iterators():
+    model = examples.he_mlp(depth=3, width=16)
+    result = lr_find(model, iter(_data(2)), steps=12, early_stop=False)
+    assert len(result.losses) == 12
+    single = lr_find(model, _data(1)[0], steps=9, early_stop=False)
+    assert len(single.losses) == 9
+
+
+def test_divergence_stops_the_sweep_early():
+    model = examples.he_mlp(depth=3, width=16)
+    result = lr_find(model, _data(), optimizer="sgd", steps=100)
+    assert result.stopped_because in ("diverged", "non_finite_loss", "past_minimum")
+    assert len(result.losses) < 100
+    assert result.suggested_lr is not None and result.lr_high is not None
+
+
+def test_bad_input_is_a_usage_error():
+    model = examples.he_mlp(depth=3, width=16)
+    with pytest.raises(UsageError, match="larger than"):
+        lr_find(model, _data(), start_lr=1e-2, end_lr=1e-4)
+    with pytest.raises(UsageError, match="no batch"):
+        lr_find(model, [], steps=10)
+    nan_batch = (torch.full((8, 32), float("nan")), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(UsageError, match="first step"):
+        lr_find(model, [nan_batch], steps=10)
+    with pytest.raises(UsageError, match="at least"):
+        lr_find(model, _data(), steps=3)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+SPEC = "tests/fixtures/models.py"
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from nndiag.cli.app import app
+
+    return CliRunner().invoke(app, ["lr-find", *args])
+
+
+def test_cli_json_plot_and_exit_code(tmp_path):
+    import jsonschema
+
+    from tests.fixtures.models import FIXTURES
+
+    result = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches",
+                  "--optimizer", "sgd", "--json", "--plot", str(tmp_path / "lr.png"))
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    schema = json.loads(resources.files("nndiag").joinpath(
+        "schemas/lr-find-1.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    assert data["suggested_lr"] and len(data["lrs"]) == len(data["losses"])
+    assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+    text = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches")
+    assert text.exit_code == 0 and "suggested learning rate" in text.stdout
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--data", "empty_data"), "no batch"),
+    (("--data", "nan_data"), "first step"),
+    (("--data", "classification_batches", "--start-lr", "1", "--end-lr", "0.1"), "larger than"),
+    (("--data", "classification_batches", "--optimizer", "lion"), "--optimizer"),
+])
+def test_cli_bad_input_exit_2_with_one_message(args, fragment):
+    from tests.fixtures.models import FIXTURES
+
+    spec_args = [a if not a.endswith(("_data", "_batches")) else f"{FIXTURES}:{a}" for a in args]
+    result = _cli("--model", f"{FIXTURES}:mlp8", *spec_args)
+    assert result.exit_code == 2, result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
