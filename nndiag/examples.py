@@ -383,3 +383,15 @@ def dict_input_loss(outputs: tuple[torch.Tensor, torch.Tensor],
     """Loss for ``dict_input_model``: cross-entropy on the logits plus a small aux penalty."""
     logits, aux = outputs
     return F.cross_entropy(logits, targets) + 0.1 * aux.square().mean()
+
+
+def classification_data(batches: int = 16, batch_size: int = 64,
+                        features: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of a learnable 10-class problem on 32 features (for the MLP examples).
+
+    The label is the index of the largest of the first ten features.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batches * batch_size, features, generator=generator)
+    y = x[:, :10].argmax(dim=1)
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]

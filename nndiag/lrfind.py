@@ -198,7 +198,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
 
 # ----------------------------------------------------------------------------- the sweep
 
-# Steps before the early-stopping rule starts judging (the start level is their average).
+# Fewest steps before the early-stopping rule starts judging (their median is the start level).
 EARLY_STOP_WARMUP = 5
 
 
@@ -207,10 +207,11 @@ def _early_stop(start: float, best: float, current: float, noise: float, since_b
     """Stop rule on the EMA of the loss; differences only, so negative losses work too.
 
     ``diverged``: the loss has risen above its start level by twice its fall (or by six times
-    the noise at the minimum, for curves that never fell). ``past_minimum``: a clear fall
-    (eight times the noise and a tenth of the start level) has been half undone and the
-    minimum is at least ``steps // 10`` steps old. The noise is the one measured when the
-    minimum was reached, so a loss that explodes cannot raise its own threshold.
+    the noise, for curves that never fell). ``past_minimum``: a clear fall (eight times the
+    noise and a tenth of the start level) has been half undone and the minimum is at least
+    ``steps // 10`` steps old. The start level and the noise (1.4826 x MAD) come from the first
+    ``max(EARLY_STOP_WARMUP, steps // 10)`` steps, whose learning rates are too small to move
+    the loss, so a loss that explodes cannot raise its own threshold.
     """
     fall = start - best
     if current > start + 2 * max(fall, 3 * noise, 1e-12):
@@ -416,9 +417,9 @@ def lr_find(
         ratios = [(group["lr"] / base) if base else 1.0 for group in opt.param_groups]
         batches = _cycle(data)
         model.train()
+        warmup = max(EARLY_STOP_WARMUP, steps // 10)
         start_level = best = ema = None
         best_step = 0
-        deviations: list[float] = []
         noise = 0.0
         for step, lr in enumerate(lrs):
             for group, ratio in zip(opt.param_groups, ratios, strict=True):
@@ -459,14 +460,14 @@ def lr_find(
             if progress is not None:
                 progress(step + 1, steps)
             ema = total if ema is None else 0.8 * ema + 0.2 * total
-            deviations.append(abs(total - ema))
+            if step < warmup:  # learning rates still tiny: the scatter is batch noise
+                continue
+            if start_level is None:
+                start_level = statistics.median(losses[:warmup])
+                noise = 1.4826 * statistics.median(abs(v - start_level)
+                                                   for v in losses[:warmup])
             if best is None or ema < best:
                 best, best_step = ema, step
-                noise = 1.4826 * statistics.median(deviations)
-            if step < max(EARLY_STOP_WARMUP, steps // 10):
-                start_level = statistics.fmean(losses[:EARLY_STOP_WARMUP])
-                continue
-            assert start_level is not None and best is not None
             stop = _early_stop(start_level, best, ema, noise, step - best_step, steps)
             if early_stop and stop:
                 stopped = stop
