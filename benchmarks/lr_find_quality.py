@@ -265,7 +265,7 @@ def fastai_finder(task: Task) -> float | None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        avg = 0.98 * avg + 0.02 * float(loss)
+        avg = 0.98 * avg + 0.02 * float(loss.detach())
         value = avg / (1 - 0.98 ** (i + 1))
         lrs.append(lr)
         smooth.append(value)

@@ -4,6 +4,7 @@ Public API:
     inspect_model: measure a live model and return a ``Report`` of findings.
     inspect_checkpoint: analyse a checkpoint's weights without data, or load them into an
         architecture and inspect it live.
+    lr_find: a learning-rate range test with a suggestion (suggest_lr: the rule alone).
     Report, Finding, Fix: the result objects every command renders.
     UsageError, UserCodeError: errors with the CLI's exit codes (2 and 3).
 """
@@ -11,12 +12,14 @@ Public API:
 from nndiag.errors import NndiagError, UsageError, UserCodeError
 from nndiag.findings import Finding, Fix, Report
 from nndiag.inspection import inspect_checkpoint, inspect_model
+from nndiag.lrfind import LRFindResult, lr_find, suggest_lr
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Finding",
     "Fix",
+    "LRFindResult",
     "NndiagError",
     "Report",
     "UsageError",
@@ -24,4 +27,6 @@ __all__ = [
     "__version__",
     "inspect_checkpoint",
     "inspect_model",
+    "lr_find",
+    "suggest_lr",
 ]
