@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 from nndiag.findings import Finding, Fix
 from nndiag.records import CheckpointRecord, LayerRecord, ProbeRecord
+from nndiag.runlog import RunLog
 
 NORM_KINDS = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
                         "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
@@ -484,3 +485,77 @@ def advise_checkpoint(finding: Finding, record: CheckpointRecord) -> Finding:
     if advisor is not None:
         finding.explanation, finding.fixes = advisor(finding, record)
     return finding
+
+
+# ----------------------------------------------------------------------------- recorded runs
+
+
+def _run_kinds(log: RunLog) -> set[str]:
+    return {layer.get("kind", "") for layer in log.meta.get("weight_layers", [])}
+
+
+def advise_run(finding: Finding, log: RunLog) -> Finding:
+    """Fill the explanation and fixes of a finding over a recorded run."""
+    ev = finding.evidence
+    kinds = _run_kinds(log)
+    first = ev.get("first_step")
+    when = f" It appears at step {first}." if first is not None else ""
+    if finding.id == "nan_inf":
+        finding.explanation = (f"NaN/Inf reached {ev['where']} at step {first}; every step "
+                               "after it is lost. The steps before it usually show the loss or "
+                               "the gradient norm climbing: a learning rate too high for this "
+                               "model, or an overflow in the loss.")
+        finding.fixes = [_lr_fix(lower=True), _clip_fix()]
+    elif finding.id == "loss_diverging":
+        finding.explanation = (f"The running median of the loss went from {ev['start']:.4g} "
+                               f"down to {ev['best']:.4g} (step {ev['best_step']}) and ends at "
+                               f"{ev['end']:.4g}.{when} A loss that climbs back is the signature "
+                               "of a learning rate that became too high for the sharper region "
+                               "training reached.")
+        finding.fixes = [_lr_fix(lower=True), _warmup_fix(), _clip_fix()]
+    elif finding.id == "loss_not_decreasing":
+        finding.explanation = (f"The running median of the loss moved from {ev['start']:.4g} to "
+                               f"{ev['end']:.4g}, within its noise ({ev['noise']:.3g}). Either "
+                               "the updates are too small (see update_ratio_low), the gradient "
+                               "does not reach the layers (see vanishing_gradients), or the "
+                               "targets cannot be learned from the inputs.")
+        finding.fixes = [_lr_fix(lower=False), he_init_fix(kinds)]
+    elif finding.id == "loss_oscillating":
+        finding.explanation = (f"In the second half of the run the loss swings by "
+                               f"{ev['relative_amplitude']:.0%} of its level "
+                               f"({ev['amplitude']:.3g} around {ev['level']:.3g}) without "
+                               "falling further: steps overshoot the minimum they aim at.")
+        finding.fixes = [_lr_fix(lower=True), _warmup_fix()]
+    elif finding.id == "vanishing_gradients":
+        finding.explanation = (f"At the median sampled step of the second half, the smallest "
+                               f"gradient-to-weight ratio of a Linear/conv layer is "
+                               f"{ev['spread']:.1e} of the largest; the weakest layer is "
+                               f"{ev['weakest_layer']}.{when} Those layers barely learn.")
+        finding.fixes = [_norm_fix(kinds), _skip_fix(), he_init_fix(kinds)]
+    elif finding.id == "exploding_gradients":
+        finding.explanation = (f"The gradient of {ev['layer']} reaches "
+                               f"{ev['max_grad_to_weight']:.1e}x its weights at the median "
+                               f"sampled step of the second half.{when}")
+        finding.fixes = [_clip_fix(), _lr_fix(lower=True), he_init_fix(kinds)]
+    elif finding.id == "dead_relu":
+        finding.explanation = (f"By the last sampled step, {len(ev['dead_fraction'])} ReLU "
+                               f"layer(s) have units that never fire on the sampled batch "
+                               f"(from {(ev.get('initial') or 0):.0%} at the start).{when} "
+                               "Units that die during training usually die after a too-large "
+                               "update pushed their bias negative.")
+        finding.fixes = [_lr_fix(lower=True), _warmup_fix(), _bias_fix(finding.layers[:3])]
+    elif finding.id in ("update_ratio_high", "update_ratio_low"):
+        ratios = ev["median_update_ratio"]
+        listed = ", ".join(f"{k}: {v:.1e}" for k, v in list(ratios.items())[:4])
+        finding.explanation = (f"The median of ||w_after - w_before|| / ||w_before|| per step "
+                               f"is {listed}{' ...' if len(ratios) > 4 else ''}; the rule of "
+                               "thumb is about 1e-3.")
+        finding.fixes = ([_lr_fix(lower=True), _warmup_fix()] if finding.id.endswith("high")
+                         else [_lr_fix(lower=False)])
+    return finding
+
+
+def _warmup_fix() -> Fix:
+    return _fix("lr_warmup", "warm the learning rate up over the first steps", """
+scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=500)
+# call scheduler.step() after each optimizer.step()""")

@@ -45,7 +45,7 @@ from nndiag.stats.activations import (
     VECTOR_FIELDS,
     activation_vector,
     alive_units,
-    finish_vector,
+    pool_batches,
     square_sum,
 )
 from nndiag.stats.weights import expected_std, fans
@@ -448,15 +448,8 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
 
 def _layer_record(index: int, site: _Site, values: list[float], numels: list[int],
                   dead: float | None, grad_sq: float | None) -> LayerRecord:
-    """Combine a site's per-batch vectors (pooled mean and variance, max of absmax)."""
-    width = len(VECTOR_FIELDS)
-    rows = [finish_vector(dict(zip(VECTOR_FIELDS, values[i * width:(i + 1) * width],
-                                   strict=True)), numel)
-            for i, numel in enumerate(numels)]
-    mean, var = _pool([r["mean"] for r in rows], [r["var"] for r in rows], numels)
-    saturated = _weighted([r["saturated_fraction"] for r in rows], numels)
-    pre_mean, pre_var = _pool([r["preact_mean"] for r in rows], [r["preact_var"] for r in rows],
-                              numels)
+    """Turn a site's per-batch sums into a record (pooled over the probe batches)."""
+    pooled = pool_batches(values, numels)
     return LayerRecord(
         name=site.name,
         module=site.module,
@@ -465,35 +458,10 @@ def _layer_record(index: int, site: _Site, values: list[float], numels: list[int
         activation=site.activation,
         functional=site.functional,
         shape=site.shape,
-        mean=mean,
-        std=math.sqrt(var) if var is not None and var >= 0 else var,
-        absmax=max(r["absmax"] for r in rows) if not any(math.isnan(r["absmax"]) for r in rows)
-        else math.nan,
         dead_fraction=dead,
-        saturated_fraction=saturated,
-        preact_mean=pre_mean,
-        preact_std=math.sqrt(pre_var) if pre_var is not None and pre_var >= 0 else pre_var,
         grad_out_norm=math.sqrt(grad_sq / site.grad_batches) if grad_sq is not None else None,
+        **pooled,
     )
-
-
-def _weighted(values: list[float], weights: list[int]) -> float | None:
-    if all(math.isnan(v) for v in values):
-        return None
-    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
-
-
-def _pool(means: list[float], variances: list[float],
-          numels: list[int]) -> tuple[float | None, float | None]:
-    """Pooled mean and population variance of several batches."""
-    if all(math.isnan(m) for m in means):
-        return None, None
-    mean = _weighted(means, numels)
-    second = _weighted([v + m * m for m, v in zip(means, variances, strict=True)], numels)
-    if mean is None or second is None:
-        return mean, None
-    variance = second - mean * mean if len(numels) > 1 else variances[0]
-    return mean, max(variance, 0.0) if math.isfinite(variance) else variance
 
 
 def _attach_parameters(layers: list[LayerRecord], owners: list[_Owner],

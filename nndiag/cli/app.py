@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from nndiag import __version__
-from nndiag.cli import inspect_cmd, lrfind_cmd
+from nndiag.cli import inspect_cmd, lrfind_cmd, run_cmds
 
 app = typer.Typer(
     name="nndiag",
@@ -37,6 +37,8 @@ def root(
 
 app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect)
 app.command("lr-find", no_args_is_help=True)(lrfind_cmd.lr_find)
+app.command("check", no_args_is_help=True)(run_cmds.check)
+app.command("report", no_args_is_help=True)(run_cmds.report)
 
 
 def main() -> None:

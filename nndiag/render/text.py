@@ -275,3 +275,21 @@ def render_lr_find(result: LRFindResult, console: Console) -> None:
                       style="bold" if suggested else "")
     console.print()
     console.print(table)
+
+
+def render_check(report: Report, console: Console) -> None:
+    """Print a run check: the run, status, findings with the step each appeared."""
+    s = report.summary
+    console.print(Text.assemble(
+        ("nndiag check ", "bold"), (str(s.get("run")), "bold cyan"),
+        f": {s.get('model')} with {s.get('optimizer')}; {s.get('steps')} steps, "
+        f"{s.get('samples')} sampled every {s.get('every')}"
+        + (f" on {s['world_size']} ranks" if (s.get("world_size") or 1) > 1 else "")
+        + (f"; final loss {fmt(s.get('final_loss'))}" if s.get("final_loss") is not None
+           else "")))
+    console.print(_status_line(report))
+    for finding in report.findings:
+        console.print()
+        console.print(_finding(finding))
+    for note in report.notes:
+        console.print(Text(f"note: {note}", style="yellow"))

@@ -97,6 +97,41 @@ THRESHOLDS: dict[str, Threshold] = {
     ),
 }
 
+RUN_THRESHOLDS: dict[str, Threshold] = {
+    "grad_to_weight_spread": Threshold(
+        1e-4, 1e-7, False,
+        "Smallest over largest gradient-to-weight ratio among the Linear/conv layers of a "
+        "sampled step (median over the second half of the run): the early layers learn that "
+        "much slower than the late ones. Healthy models: >= 1e-3 (ResNet with BN 2e-3, pre-LN "
+        "transformer 6e-3); 20 stacked sigmoids: 1e-17.",
+    ),
+    "grad_to_weight": Threshold(
+        10.0, 1e3, True,
+        "Largest gradient-to-weight ratio of any layer (median over the second half of the "
+        "run), as for inspect's exploding_gradients.",
+    ),
+    "update_ratio_high": Threshold(
+        0.05, 0.5, True,
+        "Median ||w_after - w_before|| / ||w_before|| of a layer over the run. The rule of "
+        "thumb is ~1e-3 per step; above 5% a layer is rewritten within twenty steps and "
+        "training is unstable; above 50% it is noise.",
+    ),
+    "update_ratio_low": Threshold(
+        1e-5, 1e-8, False,
+        "Median update ratio of a layer over the run: below 1e-5 a layer needs ~1e5 steps to "
+        "change by its own size -- it is effectively not learning (too low a learning rate, or "
+        "a vanishing gradient).",
+    ),
+    "loss_oscillation": Threshold(
+        0.4, 1.0, True,
+        "Spread of the loss around its running median (1.4826 x MAD) over the second half of "
+        "the run, relative to the loss level there, while the loss has stopped falling: a "
+        "healthy run that has converged has mini-batch noise well below its level, and a noisy "
+        "run that is still falling is not judged; an oscillating run swings by a large share "
+        "of its own level (Adam at 20x its usual learning rate: ~50%).",
+    ),
+}
+
 # Below this many probe samples a unit that never fired is not evidence of a dead unit.
 MIN_SAMPLES_FOR_DEAD_UNITS = 8
 # A unit counts as blocking gradients when its layer is at least this dead.

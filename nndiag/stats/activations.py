@@ -18,6 +18,8 @@ Definitions (each one has an oracle test in ``tests/test_stats_oracle.py``):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SATURATION_DERIVATIVE_RATIO = 0.05
@@ -102,6 +104,53 @@ def finish_vector(values: dict[str, float], numel: int) -> dict[str, float]:
     return {"mean": mean, "var": var, "absmax": values["absmax"],
             "saturated_fraction": values["saturated_fraction"],
             "preact_mean": pre_mean, "preact_var": pre_var}
+
+
+def _weighted(values: list[float], weights: list[int]) -> float | None:
+    if all(math.isnan(v) for v in values):
+        return None
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+
+
+def _pooled_moments(means: list[float], variances: list[float],
+                    numels: list[int]) -> tuple[float | None, float | None]:
+    """Pooled mean and standard deviation of several batches (``None`` when not measured)."""
+    mean = _weighted(means, numels)
+    if mean is None:
+        return None, None
+    second = _weighted([v + m * m for m, v in zip(means, variances, strict=True)], numels)
+    variance = variances[0] if len(numels) == 1 or second is None else second - mean * mean
+    if variance != variance or math.isinf(variance):
+        return mean, variance
+    return mean, math.sqrt(max(variance, 0.0))
+
+
+def pool_batches(values: list[float], numels: list[int]) -> dict[str, float | None]:
+    """Pool the raw vectors (``VECTOR_FIELDS``) of several batches into one set of statistics.
+
+    Args:
+        values: The concatenated vectors, ``len(VECTOR_FIELDS)`` numbers per batch.
+        numels: Elements of the output in each batch.
+
+    Returns:
+        ``mean``, ``std``, ``absmax``, ``saturated_fraction``, ``preact_mean``, ``preact_std``.
+    """
+    width = len(VECTOR_FIELDS)
+    rows = [finish_vector(dict(zip(VECTOR_FIELDS, values[i * width:(i + 1) * width],
+                                   strict=True)), numel)
+            for i, numel in enumerate(numels)]
+    mean, std = _pooled_moments([r["mean"] for r in rows], [r["var"] for r in rows], numels)
+    pre_mean, pre_std = _pooled_moments([r["preact_mean"] for r in rows],
+                                        [r["preact_var"] for r in rows], numels)
+    absmax = [r["absmax"] for r in rows]
+    return {
+        "mean": mean,
+        "std": std,
+        "absmax": math.nan if any(math.isnan(a) for a in absmax) else max(absmax),
+        "saturated_fraction": _weighted([r["saturated_fraction"] for r in rows], numels),
+        "preact_mean": pre_mean,
+        "preact_std": pre_std,
+    }
 
 
 def alive_units(output: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""``check_run``: judge a recorded run; JUnit XML for CI systems."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from nndiag.advice import advise_run
+from nndiag.findings import Report, severity_rank
+from nndiag.rules.run import run_rules
+from nndiag.rules.thresholds import Threshold
+from nndiag.runlog import RunLog, read_run
+
+SCHEMA = "nndiag.check/1"
+# Every finding a run check can report: each becomes one JUnit test case.
+RUN_FINDINGS = ("nan_inf", "loss_diverging", "loss_not_decreasing", "loss_oscillating",
+                "vanishing_gradients", "exploding_gradients", "dead_relu",
+                "update_ratio_high", "update_ratio_low")
+
+
+def check_run(run_dir: str | Path, thresholds: dict[str, Threshold] | None = None) -> Report:
+    """Read a run log and judge it with the rules over time.
+
+    Args:
+        run_dir: A directory written by ``nndiag.Monitor``.
+        thresholds: Override thresholds (see ``nndiag.rules.thresholds``).
+
+    Returns:
+        A ``nndiag.check/1`` report: findings with the first step each appeared.
+
+    Raises:
+        UsageError: Not a run directory.
+    """
+    log = read_run(run_dir)
+    findings = [advise_run(f, log) for f in run_rules(log, thresholds)]
+    return build_run_report(log, findings)
+
+
+def build_run_report(log: RunLog, findings: list) -> Report:
+    """The check report of a run log and its findings."""
+    notes = []
+    if log.skipped_lines:
+        notes.append(f"{log.skipped_lines} unreadable line(s) skipped (a run cut short while "
+                     "writing)")
+    if not log.samples:
+        notes.append("no sampled step yet: only the loss was judged")
+    summary = {
+        "run": str(log.path),
+        "model": log.meta.get("model"),
+        "optimizer": log.meta.get("optimizer"),
+        "every": log.meta.get("every"),
+        "world_size": log.meta.get("world_size", 1),
+        "steps": len(log.losses),
+        "last_step": log.last_step,
+        "samples": len(log.samples),
+        "final_loss": log.losses[-1] if log.losses else None,
+    }
+    return Report(SCHEMA, sorted(findings, key=lambda f: -severity_rank(f.severity)), [],
+                  summary, notes)
+
+
+def write_junit(report: Report, path: str | Path, fail_on: str = "error") -> Path:
+    """Write the report as JUnit XML, atomically.
+
+    One test case per rule, failed when its finding is at or above ``fail_on``.
+    """
+    found = {f.id: f for f in report.findings}
+    threshold = severity_rank(fail_on)
+    suite = ET.Element("testsuite", name="nndiag.check", tests=str(len(RUN_FINDINGS)))
+    failures = 0
+    for finding_id in RUN_FINDINGS:
+        case = ET.SubElement(suite, "testcase", classname="nndiag.check", name=finding_id)
+        finding = found.get(finding_id)
+        if finding is None:
+            continue
+        if severity_rank(finding.severity) >= threshold:
+            failures += 1
+            failure = ET.SubElement(case, "failure", type=finding.severity,
+                                    message=finding.summary)
+            fixes = "\n".join(f"fix {x.id}: {x.summary}" for x in finding.fixes)
+            failure.text = f"{finding.explanation}\n{fixes}".strip()
+        else:
+            ET.SubElement(case, "system-out").text = f"[{finding.severity}] {finding.summary}"
+    suite.set("failures", str(failures))
+    suite.set("errors", "0")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".junit-", suffix=".xml")
+    os.close(handle)
+    ET.ElementTree(suite).write(temp, encoding="utf-8", xml_declaration=True)
+    os.chmod(temp, 0o644)
+    os.replace(temp, target)
+    return target

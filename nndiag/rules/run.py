@@ -1,0 +1,276 @@
+"""Rules over a recorded run: pure functions of a ``RunLog`` (no torch).
+
+Each finding carries the first step it appeared at.
+
+The loss is judged on a running median (window ``max(5, steps / 20)``): ``start`` is its first
+value, ``best`` its minimum and ``end`` its last; ``noise`` is the robust spread (1.4826 x MAD)
+of the raw loss around it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+
+from nndiag.findings import Finding, worst_severity
+from nndiag.rules.thresholds import RUN_THRESHOLDS, THRESHOLDS, Threshold
+from nndiag.runlog import RunLog
+
+LINEAR_OR_CONV = ("Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
+                  "ConvTranspose2d", "ConvTranspose3d", "NonDynamicallyQuantizableLinear")
+
+
+def running_median(values: Sequence[float], window: int) -> list[float]:
+    """Centered running median (the window shrinks at the edges)."""
+    half = window // 2
+    return [statistics.median(values[max(0, i - half): i + half + 1])
+            for i in range(len(values))]
+
+
+def _mad(values: Sequence[float]) -> float:
+    return 1.4826 * statistics.median(abs(v) for v in values) if values else 0.0
+
+
+def _finite_prefix(log: RunLog) -> tuple[list[int], list[float], int | None]:
+    for i, value in enumerate(log.losses):
+        if not math.isfinite(value):
+            return log.steps[:i], log.losses[:i], log.steps[i]
+    return log.steps, log.losses, None
+
+
+def nan_inf(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+    """The first step whose loss, gradient norm or activations are NaN/Inf."""
+    _, _, first_bad = _finite_prefix(log)
+    where = "the loss"
+    for sample in log.samples:
+        bad_grad = sample.get("grad_norm") is not None and not math.isfinite(sample["grad_norm"])
+        bad_act = any(v is not None and not math.isfinite(v)
+                      for v in sample["sites"].get("absmax", []))
+        if (bad_grad or bad_act) and (first_bad is None or sample["step"] < first_bad):
+            first_bad, where = sample["step"], "the gradients" if bad_grad else "activations"
+            break
+    if first_bad is None:
+        return None
+    return Finding("nan_inf", "error", [], f"NaN/Inf in {where} from step {first_bad}",
+                   evidence={"first_step": first_bad, "where": where})
+
+
+def _loss_levels(log: RunLog) -> dict[str, float | int] | None:
+    steps, losses, _ = _finite_prefix(log)
+    if len(losses) < 10:
+        return None
+    window = max(5, len(losses) // 20)
+    smooth = running_median(losses, window)
+    best_index = min(range(len(smooth)), key=smooth.__getitem__)
+    noise = _mad([raw - s for raw, s in zip(losses, smooth, strict=True)])
+    half = len(losses) // 2
+    late = losses[half:]
+    late_smooth = smooth[half:]
+    return {"start": smooth[0], "end": smooth[-1], "best": smooth[best_index],
+            "best_step": steps[best_index], "noise": noise, "window": window,
+            "late_noise": _mad([r - s for r, s in zip(late, late_smooth, strict=True)]),
+            "late_level": statistics.median(late), "steps": len(losses)}
+
+
+def loss_trend(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+    """Judge the loss trend: ``loss_diverging`` or ``loss_not_decreasing``.
+
+    Diverging: the loss ends above its start, or gives back half of its fall. Not decreasing:
+    no fall beyond the noise of the running median.
+    """
+    levels = _loss_levels(log)
+    if levels is None:
+        return None
+    start, end, best, noise = levels["start"], levels["end"], levels["best"], levels["noise"]
+    fall = start - best
+    level_noise = noise / math.sqrt(levels["window"])
+    steps, losses, _ = _finite_prefix(log)
+    evidence = {k: levels[k] for k in ("start", "end", "best", "best_step", "noise")}
+    if end > start + 3 * level_noise and end - start > 0.01 * abs(start):
+        first = _first_above(steps, losses, levels["window"], start + 3 * level_noise)
+        return Finding("loss_diverging", "error", [], f"the loss ends higher than it started "
+                       f"({start:.4g} -> {end:.4g}), rising from step {first}",
+                       evidence={**evidence, "first_step": first})
+    if fall > 3 * level_noise and end - best > 0.5 * fall:
+        first = _first_above(steps, losses, levels["window"], best + 0.5 * fall,
+                             after=levels["best_step"])
+        return Finding("loss_diverging", "warning", [], f"the loss gave back "
+                       f"{(end - best) / fall:.0%} of its fall after step {levels['best_step']}",
+                       evidence={**evidence, "first_step": first})
+    if start - end <= max(3 * level_noise, 0.01 * abs(start)):
+        return Finding("loss_not_decreasing", "warning", [], f"the loss does not fall: "
+                       f"{start:.4g} -> {end:.4g} over {levels['steps']} steps (noise "
+                       f"{noise:.3g})", evidence={**evidence, "first_step": steps[0]})
+    return None
+
+
+def _first_above(steps: list[int], losses: list[float], window: int, level: float,
+                 after: int = -1) -> int:
+    smooth = running_median(losses, window)
+    for step, value in zip(steps, smooth, strict=True):
+        if step > after and value > level:
+            return step
+    return steps[-1]
+
+
+def loss_oscillating(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+    """The loss swings by a large share of its level, and has stopped falling, late in the run.
+
+    Judged on the second half: the spread around the running median relative to the loss
+    level there (at least 2% of the starting loss, so that a converged loss near zero is not
+    judged on its relative noise), while the last quarter's median is no lower than half the
+    third quarter's (a loss still falling fast is not oscillating, however noisy).
+    """
+    levels = _loss_levels(log)
+    if levels is None:
+        return None
+    amplitude = levels["late_noise"]
+    relative = amplitude / max(abs(levels["late_level"]), 1e-12)
+    severity = t["loss_oscillation"].severity(relative)
+    if severity is None or amplitude < 0.02 * abs(levels["start"]):
+        return None
+    _, losses, _ = _finite_prefix(log)
+    late = losses[len(losses) // 2:]
+    third, fourth = statistics.median(late[: len(late) // 2]), statistics.median(
+        late[len(late) // 2:])
+    if fourth - third < -0.5 * abs(third):
+        return None
+    steps = log.steps[: levels["steps"]]
+    return Finding("loss_oscillating", severity, [], f"the loss swings by {relative:.0%} of its "
+                   "level in the second half of the run without falling further", evidence={
+                       "amplitude": amplitude, "level": levels["late_level"],
+                       "relative_amplitude": relative,
+                       "first_step": steps[len(steps) // 2]})
+
+
+def _weight_series(log: RunLog, stat: str) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for sample in log.samples:
+        weights = sample["weights"]
+        values = weights.get(stat)
+        if values is None:
+            continue
+        for name, kind, value in zip(weights["name"], weights["kind"], values, strict=True):
+            if value is not None and math.isfinite(value):
+                series.setdefault(f"{name}\t{kind}", []).append((sample["step"], value))
+    return series
+
+
+def _grad_to_weight(log: RunLog) -> list[tuple[int, dict[str, float]]]:
+    rows = []
+    for sample in log.samples:
+        w = sample["weights"]
+        if w.get("grad_norm") is None:
+            continue
+        ratios = {name: g / n for name, kind, g, n in zip(w["name"], w["kind"], w["grad_norm"],
+                                                          w["weight_norm"], strict=True)
+                  if kind in LINEAR_OR_CONV and n and g is not None and math.isfinite(g)}
+        rows.append((sample["step"], ratios))
+    return rows
+
+
+def gradient_trends(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
+    """Vanishing (early layers' ratio far below the late ones') and exploding gradients."""
+    rows = [(step, r) for step, r in _grad_to_weight(log) if len(r) >= 2]
+    if not rows:
+        return []
+    spreads = [(step, min(r.values()) / max(r.values()) if max(r.values()) > 0 else 1.0, r)
+               for step, r in rows]
+    late = spreads[len(spreads) // 2:]
+    findings = []
+    spread_rule = t["grad_to_weight_spread"]
+    median_spread = statistics.median(s for _, s, _ in late)
+    severity = spread_rule.severity(median_spread)
+    if severity is not None:
+        first = next(step for step, s, _ in spreads if spread_rule.severity(s))
+        last = late[-1][2]
+        weakest = min(last, key=last.get)
+        findings.append(Finding(
+            "vanishing_gradients", severity, [weakest],
+            f"early layers get {median_spread:.1e} of the late layers' gradient-to-weight "
+            f"ratio (weakest: {weakest}), from step {first}",
+            evidence={"spread": median_spread, "first_step": first, "weakest_layer": weakest,
+                      "grad_to_weight": last}))
+    high_rule = t["grad_to_weight"]
+    peak = statistics.median(max(r.values()) for _, r in rows[len(rows) // 2:])
+    severity = high_rule.severity(peak)
+    if severity is not None:
+        first = next(step for step, r in rows if high_rule.severity(max(r.values())))
+        last = rows[-1][1]
+        top = max(last, key=last.get)
+        findings.append(Finding(
+            "exploding_gradients", severity, [top],
+            f"gradients reach {peak:.1e}x the weights ({top}), from step {first}",
+            evidence={"max_grad_to_weight": peak, "first_step": first, "layer": top}))
+    return findings
+
+
+def dead_units(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+    """ReLU layers whose dead fraction reached the thresholds, and when."""
+    if not log.samples:
+        return None
+    rule = t["dead_fraction"]
+    last = log.samples[-1]["sites"]
+    flagged = [(name, dead) for name, dead in zip(last["name"], last["dead"], strict=True)
+               if dead is not None and rule.severity(dead)]
+    if not flagged:
+        return None
+    severity = worst_severity(*(rule.severity(d) for _, d in flagged))
+    assert severity is not None
+    name, worst = max(flagged, key=lambda item: item[1])
+    first = log.samples[-1]["step"]
+    initial = None
+    for sample in log.samples:
+        sites = dict(zip(sample["sites"]["name"], sample["sites"]["dead"], strict=True))
+        value = sites.get(name)
+        if initial is None and value is not None:
+            initial = value
+        if value is not None and rule.severity(value):
+            first = sample["step"]
+            break
+    return Finding("dead_relu", severity, [n for n, _ in flagged],
+                   f"{len(flagged)} ReLU layer(s) with dead units; {name}: {worst:.0%} dead "
+                   f"(from {initial if initial is not None else 0:.0%} at the start), from "
+                   f"step {first}",
+                   evidence={"dead_fraction": dict(flagged), "first_step": first,
+                             "initial": initial})
+
+
+def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
+    """Layers whose median update-to-weight ratio is outside the band around ~1e-3."""
+    series = _weight_series(log, "update_ratio")
+    findings = []
+    for finding_id, rule in (("update_ratio_high", t["update_ratio_high"]),
+                             ("update_ratio_low", t["update_ratio_low"])):
+        judged = {}
+        for key, points in series.items():
+            median = statistics.median(v for _, v in points)
+            severity = rule.severity(median)
+            if severity is not None:
+                first = next((s for s, v in points if rule.severity(v)), points[0][0])
+                judged[key.split("\t")[0]] = (severity, median, first)
+        if judged:
+            severity = worst_severity(*(s for s, _, _ in judged.values()))
+            assert severity is not None
+            name = max(judged, key=lambda k: abs(math.log10(max(judged[k][1], 1e-30))))
+            word = "above" if finding_id.endswith("high") else "below"
+            findings.append(Finding(
+                finding_id, severity, list(judged),
+                f"{len(judged)} layer(s) with update ratio {word} the band; {name}: "
+                f"{judged[name][1]:.1e} per step (rule of thumb ~1e-3)",
+                evidence={"median_update_ratio": {k: v[1] for k, v in judged.items()},
+                          "first_step": min(v[2] for v in judged.values())}))
+    return findings
+
+
+def run_rules(log: RunLog, thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
+    """Every rule over a recorded run, most severe first."""
+    t = {**THRESHOLDS, **RUN_THRESHOLDS, **(thresholds or {})}
+    single: tuple[Callable[[RunLog, dict[str, Threshold]], Finding | None], ...] = (
+        nan_inf, loss_trend, loss_oscillating, dead_units)
+    findings = [f for rule in single if (f := rule(log, t)) is not None]
+    findings += gradient_trends(log, t) + update_ratios(log, t)
+    from nndiag.findings import severity_rank
+
+    return sorted(findings, key=lambda f: -severity_rank(f.severity))
