@@ -550,6 +550,9 @@ def advise_run(finding: Finding, log: RunLog) -> Finding:
         finding.explanation = (f"The median of ||w_after - w_before|| / ||w_before|| per step "
                                f"is {listed}{' ...' if len(ratios) > 4 else ''}; the rule of "
                                "thumb is about 1e-3.")
+        if finding.id.endswith("low"):
+            finding.explanation += (" A layer fed by dead units or a vanishing gradient stops "
+                                    "updating too: if those are reported, fix them first.")
         finding.fixes = ([_lr_fix(lower=True), _warmup_fix()] if finding.id.endswith("high")
                          else [_lr_fix(lower=False)])
     return finding

@@ -12,8 +12,12 @@ so an unsampled step costs a list append). Every ``every``-th step is sampled: p
 activation mean and std, dead fraction (ReLU family) and saturation (sigmoid/tanh family) from
 forward hooks; gradient norms after accumulation and before clipping (read at the end of each
 backward pass); the true update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from
-the optimizer's step hooks, valid for any optimizer; and the global gradient norm. Statistics
-are reduced on the device and moved to the host once per sampled step.
+the optimizer's step hooks, valid for any optimizer (on a fixed strided subset of at most
+``update_sample`` elements of each big tensor: copying every weight twice a step is what makes
+``every=1`` expensive, and the ratio of a 65,536-element subset is within ~1% of the whole; with
+an optimizer, the weight norm of such a tensor is its subset's, scaled by
+sqrt(elements / subset)); and the global gradient norm. Statistics are reduced on the device
+and moved to the host once per sampled step.
 
 Hook policy: the optimizer's step hooks are registered once and gated. Forward and gradient
 hooks are attached just before a sampled step and removed after it (with ``every=1`` they stay):
@@ -24,9 +28,11 @@ step (``benchmarks/monitor_overhead.py``).
 Under ``torch.distributed`` every rank measures its own batch and rank 0 writes one log. The
 reduction, done with two collectives per sampled step and none otherwise: losses, activation
 sums and sums of squares are summed over ranks (so means and stds are those of the union of the
-ranks' batches), saturation counts summed; absolute maxima and "unit fired" masks take the
-maximum (a unit is dead only if it never fired on any rank). Gradient norms, weights and update
-ratios are read from rank 0 (after DDP's all-reduce the gradients are the same everywhere).
+ranks' batches), saturation counts summed; "unit fired" masks take the maximum (a unit is
+dead only if it never fired on any rank). Gradient norms, weights and update
+ratios are read from rank 0. Under DDP the gradients are read at the optimizer step, once DDP
+has averaged them (so after any clipping the loop does), not at the end of backward, where
+each rank still holds its own.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from nndiag.capture.probe import ROOT_NAME, _owners
 from nndiag.errors import UsageError
 from nndiag.runlog import RunWriter
 from nndiag.specs import primary_output
-from nndiag.stats.activations import activation_vector, alive_units
+from nndiag.stats.activations import activation_sums, alive_units
 
 
 def _distributed() -> tuple[int, int]:
@@ -83,6 +89,9 @@ class Monitor:
         log_dir: The run directory to write (one per run); ``None`` keeps records in memory
             only (``monitor.samples``).
         activations: Record activation statistics (forward hooks) on sampled steps.
+        update_sample: Most elements per weight tensor the update ratio is measured on: a
+            bigger tensor is measured on every k-th element (a fixed strided subset, the
+            same before and after the step). ``0`` measures every element.
 
     Raises:
         UsageError: ``every`` below 1, a ``model`` that is not an ``nn.Module``, or a
@@ -97,7 +106,7 @@ class Monitor:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  every: int = 50, log_dir: str | Path | None = None,
-                 activations: bool = True) -> None:
+                 activations: bool = True, update_sample: int = 1 << 16) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"Monitor needs an nn.Module, got {type(model).__name__}")
         if every < 1:
@@ -135,10 +144,21 @@ class Monitor:
         self._grad_queued = False
         self._grad_sq: torch.Tensor | None = None
         self._before: list[torch.Tensor] | None = None
+        self._before_norms: torch.Tensor | None = None
+        self._update_strides = [max(1, math.ceil(p.numel() / update_sample))
+                                if update_sample else 1 for p in self._weights]
+        # Scales a strided subset's norm to the whole tensor's (1 for tensors read whole).
+        self._norm_scale = torch.tensor(
+            [math.sqrt(p.numel() / len(range(0, p.numel(), s))) if p.numel() else 1.0
+             for p, s in zip(self._weights, self._update_strides, strict=True)])
+        self._after_norms: torch.Tensor | None = None
         self._update: tuple[torch.Tensor, torch.Tensor] | None = None
         self._optimizer_handles: list[RemovableHandle] = []
         self._sampling = False
         self.closed = False
+        # Under DDP the averaged gradient exists only once DDP's reducer has finished, after
+        # the end of backward: read it at the optimizer step instead.
+        self._reads_grads_at_step = self.world_size > 1 and optimizer is not None
 
         self._writer: RunWriter | None = None
         if log_dir is not None and self.rank == 0:
@@ -168,7 +188,7 @@ class Monitor:
         elif not sampled and self._sampling:
             self._detach_sampling_hooks()
         self._sampling = sampled
-        self._sites, self._grad_sq, self._update = {}, None, None
+        self._sites, self._grad_sq, self._update, self._after_norms = {}, None, None, None
         self._calls.clear()
 
     def _detach_sampling_hooks(self) -> None:
@@ -191,9 +211,9 @@ class Monitor:
         saturating = activation if activation in SATURATING else None
         bounds = hardtanh_bounds(activation, module) if saturating else (-1.0, 1.0)
         with torch.no_grad():
-            site.vectors.append(activation_vector(tensor, saturating,
-                                                  pre if saturating and pre is not tensor
-                                                  else None, bounds))
+            site.vectors.append(activation_sums(tensor, saturating,
+                                                pre if saturating and pre is not tensor
+                                                else None, bounds))
             site.numels.append(tensor.numel())
             if activation in RELU_FAMILY:
                 alive = alive_units(tensor)
@@ -203,6 +223,8 @@ class Monitor:
                     site.alive |= alive
 
     def _on_grad(self, param: torch.Tensor) -> None:
+        if self._reads_grads_at_step:
+            return
         if not self._grad_queued:
             self._grad_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._read_grads)
@@ -216,19 +238,35 @@ class Monitor:
             self._grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
                 if grads else None
 
+    def _update_views(self) -> list[torch.Tensor]:
+        """The weight elements the update ratio is measured on (a strided subset of big ones)."""
+        return [p.detach().reshape(-1)[::stride]
+                for p, stride in zip(self._weights, self._update_strides, strict=True)]
+
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._sampling and self._reads_grads_at_step:
+            self._read_grads()
         if self._sampling and self._weights:
-            self._before = [p.detach().clone() for p in self._weights]
+            with torch.no_grad():
+                views = self._update_views()
+                self._before_norms = torch.stack(torch._foreach_norm(views)).float()
+                if self._before is None:
+                    self._before = [v.clone() for v in views]
+                else:
+                    torch._foreach_copy_(self._before, views)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._before is None:
+        if self._before is None or not self._sampling:
             return
         with torch.no_grad():
-            after = [p.detach() for p in self._weights]
-            deltas = torch._foreach_sub(after, self._before)
-            self._update = (torch.stack(torch._foreach_norm(deltas)).float(),
-                            torch.stack(torch._foreach_norm(self._before)).float())
-        self._before = None
+            views = self._update_views()
+            after = torch.stack(torch._foreach_norm(views)).float()
+            self._after_norms = after * self._norm_scale.to(after.device)
+            torch._foreach_sub_(self._before, views)
+            self._update = (torch.stack(torch._foreach_norm(self._before)).float(),
+                            self._before_norms)
+        if self.every > 1:  # a copy of the weights is only kept while sampling every step
+            self._before = None
 
     # ------------------------------------------------------------------ steps
 
@@ -272,31 +310,34 @@ class Monitor:
         sites = list(self._sites.values())
         device = next((p.device for p in self._trainable), torch.device("cpu"))
         with torch.no_grad():
-            sums, maxima, alive_sizes = self._site_tensors(sites, device)
+            sums = self._site_sums(sites, device)
+            dead = self._dead_fractions(sites, device)
             losses = self._loss_tensor()
             summable = torch.cat([losses.double(), sums.reshape(-1)])
             if self.world_size > 1:
                 torch.distributed.all_reduce(summable)
-                torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
                 summable[: len(losses)] /= self.world_size
-            weights = torch.stack(torch._foreach_norm([p.detach() for p in self._weights])) \
-                .float() if self._weights else torch.zeros(0, device=device)
-            layer_sq = self._per_layer(weights.square())
+            if self._after_norms is not None:  # measured at the optimizer step already
+                weights = self._after_norms
+            elif self._weights:
+                weights = torch.stack(torch._foreach_norm([p.detach() for p in self._weights]))
+                weights = weights.float()
+            else:
+                weights = torch.zeros(0, device=device)
+            pieces = [summable, dead.double(), self._per_layer(weights.square()).double()]
             grad_sq = self._grad_sq
-            grad_layer = self._per_layer(grad_sq[: len(self._trainable)]
-                                         [self._weight_positions()]) \
-                if grad_sq is not None and self._weights else None
-            update = self._update
-            pieces = [summable, maxima.double(), layer_sq.double()]
+            has_layer_grads = grad_sq is not None and bool(self._weights)
             if grad_sq is not None:
-                pieces += [grad_sq.sum().double().reshape(1)]
-                pieces += [grad_layer.double()] if grad_layer is not None else []
+                pieces.append(grad_sq.sum().double().reshape(1))
+                if has_layer_grads:
+                    pieces.append(self._per_layer(grad_sq[self._weight_positions()]).double())
+            update = self._update
             if update is not None:
                 pieces += [self._per_layer(update[0].square()).double(),
                            self._per_layer(update[1].square()).double()]
             host = torch.cat([p.reshape(-1).cpu() for p in pieces]).tolist()
-        self._record(sites, host, len(self._pending_losses), alive_sizes, grad_sq is not None,
-                     grad_layer is not None, update is not None)
+        self._record(sites, host, len(self._pending_losses), grad_sq is not None,
+                     has_layer_grads, update is not None)
 
     def _weight_positions(self) -> torch.Tensor:
         if not hasattr(self, "_positions"):
@@ -310,36 +351,44 @@ class Monitor:
         return torch.zeros(len(self.weight_layers), device=values.device,
                            dtype=values.dtype).index_add_(0, index, values)
 
-    def _site_tensors(self, sites: list[_SiteAccumulator], device: torch.device
-                      ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Per site, summable [n, S1, S2, saturated, preS1, preS2] and maxima [absmax, alive]."""
-        rows, maxima, alive_sizes = [], [], []
+    @staticmethod
+    def _site_sums(sites: list[_SiteAccumulator], device: torch.device) -> torch.Tensor:
+        """Per site, the summable [n, S1, S2, saturated count, pre S1, pre S2] (float64)."""
+        if not sites:
+            return torch.zeros(0, 6, dtype=torch.float64, device=device)
+        counts = [len(site.vectors) for site in sites]
+        v = torch.stack([vec for site in sites for vec in site.vectors]).double()
+        n = torch.tensor([numel for site in sites for numel in site.numels],
+                         dtype=torch.float64, device=v.device)
+        shift, total, squares = v[:, 0], v[:, 1], v[:, 2]
+        pre_shift, pre_total, pre_squares = v[:, 5], v[:, 6], v[:, 7]
+        per_batch = torch.stack([
+            n, total + n * shift, squares + 2 * shift * total + n * shift * shift, v[:, 4] * n,
+            pre_total + n * pre_shift,
+            pre_squares + 2 * pre_shift * pre_total + n * pre_shift * pre_shift], dim=1)
+        site_index = torch.repeat_interleave(torch.arange(len(sites), device=v.device),
+                                             torch.tensor(counts, device=v.device))
+        return torch.zeros(len(sites), 6, dtype=torch.float64, device=v.device) \
+            .index_add_(0, site_index, per_batch).to(device)
+
+    def _dead_fractions(self, sites: list[_SiteAccumulator], device: torch.device
+                        ) -> torch.Tensor:
+        """Dead-unit fraction per site (NaN where not measured); DDP: a unit alive anywhere."""
+        masks = [site.alive for site in sites if site.alive is not None]
+        if self.world_size > 1 and masks:
+            flat = torch.cat([m.float().reshape(-1) for m in masks])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
+            masks = list(flat.split([m.numel() for m in masks]))
+        fractions, it = [], iter(masks)
         for site in sites:
-            v = torch.stack(site.vectors).double()  # batches x VECTOR_FIELDS
-            n = torch.tensor(site.numels, dtype=torch.float64, device=v.device)
-            shift, total, squares = v[:, 0], v[:, 1], v[:, 2]
-            s1 = total + n * shift
-            s2 = squares + 2 * shift * total + n * shift * shift
-            pre_shift, pre_total, pre_squares = v[:, 5], v[:, 6], v[:, 7]
-            p1 = pre_total + n * pre_shift
-            p2 = pre_squares + 2 * pre_shift * pre_total + n * pre_shift * pre_shift
-            rows.append(torch.stack([n.sum(), s1.sum(), s2.sum(), (v[:, 4] * n).sum(),
-                                     p1.sum(), p2.sum()]))
-            maxima.append(v[:, 3].max().reshape(1).float())
-            if site.alive is not None:
-                maxima.append(site.alive.float().reshape(-1))
-                alive_sizes.append(site.alive.numel())
+            if site.alive is None:
+                fractions.append(torch.full((), math.nan, device=device))
             else:
-                alive_sizes.append(0)
-        sums = torch.stack(rows).to(device) if rows else torch.zeros(0, 6, dtype=torch.float64,
-                                                                     device=device)
-        flat = torch.cat([m.to(device) for m in maxima]) if maxima else torch.zeros(0,
-                                                                                   device=device)
-        return sums, flat, alive_sizes
+                fractions.append(1.0 - next(it).float().mean().to(device))
+        return torch.stack(fractions) if fractions else torch.zeros(0, device=device)
 
     def _record(self, sites: list[_SiteAccumulator], host: list[float], n_losses: int,
-                alive_sizes: list[int], has_grads: bool, has_layer_grads: bool,
-                has_update: bool) -> None:
+                has_grads: bool, has_layer_grads: bool, has_update: bool) -> None:
         values = iter(host)
 
         def take(count: int) -> list[float]:
@@ -347,11 +396,7 @@ class Monitor:
 
         losses = take(n_losses)
         sums = [take(6) for _ in sites]
-        absmax, dead = [], []
-        for size in alive_sizes:
-            absmax.append(next(values))
-            alive = take(size)
-            dead.append(1.0 - sum(alive) / size if size else None)
+        dead = [None if math.isnan(v) else v for v in take(len(sites))]
         weight_sq = take(len(self.weight_layers))
         grad_norm = math.sqrt(next(values)) if has_grads else None
         grad_layer = [math.sqrt(v) for v in take(len(self.weight_layers))] \
@@ -361,25 +406,26 @@ class Monitor:
             deltas, before = take(len(self.weight_layers)), take(len(self.weight_layers))
             update = [math.sqrt(d) / math.sqrt(b) if b > 0 else None
                       for d, b in zip(deltas, before, strict=True)]
-        means, stds, saturated = [], [], []
+        means, stds, saturated, nonfinite = [], [], [], []
         for n, s1, s2, sat, _, _ in sums:
             mean = s1 / n if n else math.nan
-            means.append(mean)
             variance = s2 / n - mean * mean if n else math.nan
+            means.append(mean)
             stds.append(math.sqrt(max(variance, 0.0)) if math.isfinite(variance) else variance)
             saturated.append(sat / n if n and sat == sat else None)
-        weight_norms = [math.sqrt(v) for v in weight_sq]
+            nonfinite.append(not (math.isfinite(s1) and math.isfinite(s2)))
         record = {
             "step": self.step_count,
             "loss": losses[-1] if losses else None,
             "grad_norm": grad_norm,
             "sites": {"name": [s.name for s in sites], "kind": [s.kind for s in sites],
                       "activation": [s.activation for s in sites], "mean": means,
-                      "std": stds, "absmax": absmax, "dead": dead, "saturated": saturated},
+                      "std": stds, "dead": dead, "saturated": saturated,
+                      "nonfinite": nonfinite},
             "weights": {"name": [n for n, _ in self.weight_layers],
                         "kind": [k for _, k in self.weight_layers],
-                        "weight_norm": weight_norms, "grad_norm": grad_layer,
-                        "update_ratio": update},
+                        "weight_norm": [math.sqrt(v) for v in weight_sq],
+                        "grad_norm": grad_layer, "update_ratio": update},
         }
         self.samples.append(record)
         self._flush_losses(losses)

@@ -45,8 +45,7 @@ def nan_inf(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
     where = "the loss"
     for sample in log.samples:
         bad_grad = sample.get("grad_norm") is not None and not math.isfinite(sample["grad_norm"])
-        bad_act = any(v is not None and not math.isfinite(v)
-                      for v in sample["sites"].get("absmax", []))
+        bad_act = any(sample["sites"].get("nonfinite", []))
         if (bad_grad or bad_act) and (first_bad is None or sample["step"] < first_bad):
             first_bad, where = sample["step"], "the gradients" if bad_grad else "activations"
             break

@@ -1,0 +1,288 @@
+"""Monitor: every recorded statistic against a plain reference, the run log, crash safety."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag import UsageError, examples
+from nndiag.monitor import Monitor
+from nndiag.runlog import SAMPLES, STEPS, RunWriter, read_run
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 4))
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(24, 16, generator=g) * 2, torch.randint(0, 4, (24,), generator=g)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.01),
+], ids=["sgd_momentum", "adam"])
+def test_every_statistic_against_a_plain_reference(make_optimizer):
+    model = _model()
+    optimizer = make_optimizer(model.parameters())
+    monitor = Monitor(model, optimizer, every=2)
+    reference = []
+    for step in range(4):
+        x, y = _batch(step)
+        outputs: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_hook(
+            lambda m, a, o, n=name: outputs.__setitem__(n, o.detach().clone()))
+            for name, m in model.named_modules() if name]
+        loss = F.cross_entropy(model(x), y)
+        for h in handles:
+            h.remove()
+        optimizer.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)  # recorded norms are pre-clip
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        monitor.step(loss)
+        reference.append((loss.item(), outputs, grads, before, after))
+    monitor.close()
+
+    assert [s["step"] for s in monitor.samples] == [0, 2]
+    for sample in monitor.samples:
+        loss, outputs, grads, before, after = reference[sample["step"]]
+        assert sample["loss"] == pytest.approx(loss, rel=1e-6)
+        sites = sample["sites"]
+        for i, name in enumerate(sites["name"]):
+            out = outputs[name]
+            assert sites["mean"][i] == pytest.approx(out.mean().item(), rel=1e-4, abs=1e-6)
+            assert sites["std"][i] == pytest.approx(out.std(unbiased=False).item(), rel=1e-4)
+            assert sites["nonfinite"][i] is False
+            if name == "1":
+                dead = (out == 0).all(0).float().mean().item()
+                assert sites["dead"][i] == pytest.approx(dead)
+            if name == "3":
+                sat = (1 - out ** 2 < 0.05).float().mean().item()
+                assert sites["saturated"][i] == pytest.approx(sat)
+        assert sample["grad_norm"] == pytest.approx(
+            math.sqrt(sum(g.norm().item() ** 2 for g in grads.values())), rel=1e-5)
+        weights = sample["weights"]
+        for i, layer in enumerate(weights["name"]):
+            w = f"{layer}.weight"
+            assert weights["grad_norm"][i] == pytest.approx(grads[w].norm().item(), rel=1e-5)
+            assert weights["weight_norm"][i] == pytest.approx(after[w].norm().item(), rel=1e-5)
+            ratio = (after[w] - before[w]).norm().item() / before[w].norm().item()
+            assert weights["update_ratio"][i] == pytest.approx(ratio, rel=1e-4)
+
+
+def test_gradient_accumulation_reads_the_accumulated_gradient():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = Monitor(model, optimizer, every=1)
+    optimizer.zero_grad()
+    for seed in range(3):  # three micro-batches, one optimizer step
+        x, y = _batch(seed)
+        (F.cross_entropy(model(x), y) / 3).backward()
+    total = math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters()))
+    optimizer.step()
+    monitor.step(torch.tensor(1.0))
+    monitor.close()
+    assert monitor.samples[0]["grad_norm"] == pytest.approx(total, rel=1e-5)
+    relu = monitor.samples[0]["sites"]["name"].index("1")
+    assert monitor.samples[0]["sites"]["mean"][relu] > 0
+
+
+def test_hooks_are_removed_and_unsampled_steps_leave_none_attached():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = Monitor(model, optimizer, every=3)
+    x, y = _batch()
+    for _ in range(2):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss)
+    assert all(not m._forward_hooks for m in model.modules())  # step 2 is not sampled
+    monitor.close()
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    with pytest.raises(UsageError, match="after close"):
+        monitor.step(1.0)
+
+
+def test_run_log_round_trip_and_partial_last_line(tmp_path):
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with Monitor(model, optimizer, every=4, log_dir=tmp_path / "run") as monitor:
+        for step in range(10):
+            x, y = _batch(step)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    log = read_run(tmp_path / "run")
+    assert log.steps == list(range(10)) and len(log.samples) == 3
+    assert log.lrs == [1e-3] * 10
+    assert log.meta["optimizer"] == "Adam" and log.meta["every"] == 4
+    with open(tmp_path / "run" / SAMPLES, "a") as handle:
+        handle.write('{"step": 12, "sites": {"na')  # a write cut by a crash
+    again = read_run(tmp_path / "run")
+    assert len(again.samples) == 3 and again.skipped_lines == 1
+    with pytest.raises(UsageError, match="already holds a run"):
+        Monitor(model, optimizer, log_dir=tmp_path / "run")
+    with pytest.raises(UsageError, match="not a run directory"):
+        read_run(tmp_path)
+
+
+def test_log_of_a_long_run_of_a_50_layer_model_stays_small(tmp_path):
+    """Measure the bytes of real records, then project 10,000 steps at every=50."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(25):
+        layers += [nn.Linear(8, 8), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(16, 8)
+    with Monitor(model, optimizer, every=50, log_dir=tmp_path / "run") as monitor:
+        for _ in range(100):
+            loss = model(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    per_sample = (tmp_path / "run" / SAMPLES).stat().st_size / 2
+    per_step = (tmp_path / "run" / STEPS).stat().st_size / 100
+    projected = 200 * per_sample + 10_000 * per_step
+    assert len(read_run(tmp_path / "run").samples[0]["sites"]["name"]) == 50
+    assert projected < 5 * 1024 * 1024, projected
+
+
+def test_writer_encodes_non_finite_values(tmp_path):
+    writer = RunWriter(tmp_path / "r", {"every": 1})
+    writer.write_steps(0, [1.0, float("nan"), float("inf")], [0.1, 0.1, 0.1])
+    writer.close()
+    log = read_run(tmp_path / "r")
+    assert log.losses[0] == 1.0 and math.isnan(log.losses[1]) and log.losses[2] == math.inf
+
+
+CRASHING_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    import torch.nn.functional as F
+    from nndiag import examples
+    from nndiag.monitor import Monitor
+    torch.set_num_threads(1)
+    model = examples.he_mlp(depth=3, width=32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = examples.classification_data(batches=4)
+    monitor = Monitor(model, optimizer, every=5, log_dir=sys.argv[1])
+    step = 0
+    while True:
+        x, y = data[step % 4]
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        monitor.step(loss)
+        step += 1
+""")
+
+
+def test_sigkill_mid_run_leaves_a_log_check_can_read(tmp_path):
+    from typer.testing import CliRunner
+
+    from nndiag.cli.app import app
+
+    script = tmp_path / "train.py"
+    script.write_text(CRASHING_SCRIPT)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=env)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            samples = run_dir / SAMPLES
+            if samples.exists() and samples.read_text().count("\n") >= 6:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the training subprocess wrote no samples")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    log = read_run(run_dir)
+    assert len(log.samples) >= 6 and len(log.losses) >= 25
+    result = CliRunner().invoke(app, ["check", str(run_dir), "--json"])
+    assert result.exit_code in (0, 1), result.stderr
+    import json
+
+    report = json.loads(result.stdout)
+    assert report["summary"]["steps"] == len(log.losses)
+    assert report["summary"]["samples"] == len(log.samples)
+
+
+def test_monitor_works_on_a_cnn_with_inplace_relu_and_a_transformer():
+    for model, x in ((examples.inplace_relu_cnn(), torch.randn(8, 3, 16, 16)),
+                     (examples.transformer_preln(layers=1, dim=32),
+                      torch.randint(0, 100, (4, 10)))):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with Monitor(model, optimizer, every=1) as monitor:
+            out = model(x)
+            loss = out.float().square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+        sample = monitor.samples[0]
+        assert sample["grad_norm"] > 0
+        assert all(r is not None and r > 0 for r in sample["weights"]["update_ratio"])
+
+
+def test_update_ratio_when_sampling_every_step():
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    monitor = Monitor(model, optimizer, every=1)
+    expected = []
+    for step in range(3):
+        x, y = _batch(step)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        before = model[2].weight.detach().clone()
+        optimizer.step()
+        monitor.step(loss)
+        after = model[2].weight.detach()
+        expected.append((after - before).norm().item() / before.norm().item())
+    monitor.close()
+    index = monitor.samples[0]["weights"]["name"].index("2")
+    recorded = [s["weights"]["update_ratio"][index] for s in monitor.samples]
+    assert recorded == pytest.approx(expected, rel=1e-4)
+
+
+def test_update_ratio_of_a_strided_subset_tracks_the_whole_tensor():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sampled = Monitor(model, optimizer, every=1, update_sample=4096)
+    x, y = torch.randn(32, 512), torch.randint(0, 4, (32,))
+    before = model[0].weight.detach().clone()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    sampled.step(loss)
+    sampled.close()
+    whole = (model[0].weight.detach() - before).norm().item() / before.norm().item()
+    assert sampled.samples[0]["weights"]["update_ratio"][0] == pytest.approx(whole, rel=0.03)
