@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check nndiag tests benchmarks
+	$(BIN)/ruff check nndiag tests benchmarks sample_runs
 
 test: setup lint
 	$(BIN)/python -m pytest

@@ -62,6 +62,7 @@ def record(name: str, out: Path, steps: int = 300, every: int = 10) -> Path:
 
 
 def main() -> None:
+    """Record the runs named on the command line (all by default)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", default=list(RUNS))
     parser.add_argument("--out", type=Path, default=HERE)

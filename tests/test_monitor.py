@@ -45,7 +45,7 @@ def test_every_statistic_against_a_plain_reference(make_optimizer):
         x, y = _batch(step)
         outputs: dict[str, torch.Tensor] = {}
         handles = [m.register_forward_hook(
-            lambda m, a, o, n=name: outputs.__setitem__(n, o.detach().clone()))
+            lambda m, a, o, n=name, kept=outputs: kept.__setitem__(n, o.detach().clone()))
             for name, m in model.named_modules() if name]
         loss = F.cross_entropy(model(x), y)
         for h in handles:
