@@ -24,8 +24,9 @@ test: setup lint
 	$(BIN)/python -m pytest
 
 # The main job on built-in models: a network that cannot train (20 stacked sigmoids), with
-# every automatic fix applied to a copy and re-measured, a healthy ResNet for contrast, and a
-# learning-rate range test on a built-in classification problem.
+# every automatic fix applied to a copy and re-measured, a healthy ResNet for contrast, a
+# learning-rate range test on a built-in classification problem, and the check and figures of a
+# recorded run whose ReLUs died.
 # Exit code 1 only means "findings were reported"; 2 or 3 would be a real failure.
 demo: setup
 	mkdir -p $(DEMO_OUT)
@@ -34,13 +35,17 @@ demo: setup
 	$(BIN)/nndiag inspect --model nndiag.examples:resnet_bn --input-shape 16,3,32,32
 	$(BIN)/nndiag lr-find --model nndiag.examples:he_mlp --data nndiag.examples:classification_data \
 		--optimizer sgd --plot $(DEMO_OUT)/lr_find.png
-	@echo "Figures: $(DEMO_OUT)/deep_sigmoid_gradient_flow.png $(DEMO_OUT)/lr_find.png"
+	$(BIN)/nndiag check sample_runs/dying_relu; test $$? -le 1
+	$(BIN)/nndiag report sample_runs/dying_relu --out $(DEMO_OUT)/dying_relu_report
+	@echo "Figures: $(DEMO_OUT)/deep_sigmoid_gradient_flow.png $(DEMO_OUT)/lr_find.png $(DEMO_OUT)/dying_relu_report/"
 
 bench: setup
 	$(BIN)/python -m pip install -q --disable-pip-version-check scikit-learn torch-lr-finder
 	$(BIN)/python benchmarks/inspect_overhead.py
 	$(BIN)/python benchmarks/checkpoint_memory.py
 	$(BIN)/python benchmarks/lr_find_quality.py
+	$(BIN)/python benchmarks/monitor_overhead.py
+	$(BIN)/python benchmarks/check_gate_time.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from nndiag.findings import Finding, Fix
 from nndiag.records import CheckpointRecord, LayerRecord, ProbeRecord
@@ -562,3 +563,46 @@ def _warmup_fix() -> Fix:
     return _fix("lr_warmup", "warm the learning rate up over the first steps", """
 scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=500)
 # call scheduler.step() after each optimizer.step()""")
+
+
+# ----------------------------------------------------------------------------- sanity checks
+
+
+def advise_sanity(finding: Finding, record: Any) -> Finding:
+    """Fill the explanation and fixes of a pre-training sanity finding."""
+    ev = finding.evidence
+    if finding.id == "loss_at_init_unexpected":
+        if ev["ratio"] > 1:
+            finding.explanation = (
+                f"Before training the loss is {ev['ratio']:.1f}x what a model that knows "
+                f"nothing scores ({ev['expected']:.4g} = log of the class count): the model "
+                "starts confidently wrong, usually because the last layer's outputs are too "
+                "large. Training first has to undo that.")
+            finding.fixes = [_fix("xavier_init", "initialize the output layer small so the "
+                                  "logits start near zero", "nn.init.normal_(model.head.weight, "
+                                  "std=1e-3); nn.init.zeros_(model.head.bias)")]
+        else:
+            finding.explanation = (
+                f"Before training the loss is only {ev['ratio']:.2f}x the log of the class count: "
+                "the model already knows the answer, which usually means the labels leak into "
+                "the inputs, or the loss is computed on the wrong tensors.")
+    elif finding.id == "parameters_not_updated":
+        finding.explanation = ("These parameters receive a gradient, but one optimizer step "
+                               "left them exactly as they were: they are missing from the "
+                               "optimizer's parameter groups, or their group's learning rate "
+                               "is zero.")
+    elif finding.id == "cannot_overfit_batch":
+        finding.explanation = (
+            f"A healthy model drives the loss of {ev['batch_size']} samples close to zero "
+            f"within {ev['steps']} steps; this one went from {ev['first']:.4g} to "
+            f"{ev['best']:.4g}. Common causes: the forward pass ignores its input, inputs and "
+            "labels are misaligned, the learning rate is far too low, or the model lacks "
+            "capacity.")
+        finding.fixes = [_lr_fix(lower=False)]
+    elif finding.id == "batch_mixing":
+        finding.explanation = (
+            f"In eval mode, sample 0's output changes with the other samples' inputs "
+            f"(measured by {ev['method']}): a reshape, view or "
+            "transpose mixes the batch dimension with another one (for example "
+            "x.view(-1, batch) where x.view(batch, -1) was meant).")
+    return finding

@@ -8,3 +8,5 @@ torch.set_num_threads(1)
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+pytest_plugins = ["pytester"]

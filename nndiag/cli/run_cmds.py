@@ -11,8 +11,22 @@ from nndiag.cli.output import Output
 
 
 def check(
-    run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
-                                   help="A run directory written by nndiag.Monitor."),
+    run_dir: Path | None = typer.Argument(None, metavar="[RUN_DIR]", show_default=False,
+                                          help="A run directory written by nndiag.Monitor."),
+    model: str | None = typer.Option(None, "--model", "-m", metavar="SPEC",
+                                     help="Instead of a run: train this model briefly and "
+                                          "check it (with --data)."),
+    data: str | None = typer.Option(None, "--data", "-d", metavar="SPEC",
+                                    help="Training batches for --model."),
+    loss: str | None = typer.Option(None, "--loss", metavar="NAME|SPEC",
+                                    help="cross_entropy, mse, bce, l1, huber, nll or a spec."),
+    optimizer: str = typer.Option("adamw", "--optimizer", metavar="NAME|SPEC",
+                                  help="sgd, adam, adamw, rmsprop or f(params, lr)."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default 1e-3; SGD "
+                                                       "1e-2)."),
+    steps: int = typer.Option(50, "--steps", help="Steps of the short training run."),
+    log_dir: Path | None = typer.Option(None, "--log-dir", metavar="DIR",
+                                        help="Keep the short run's log here."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     junit: Path | None = typer.Option(None, "--junit", metavar="FILE",
                                       help="Also write JUnit XML (one test case per rule)."),
@@ -20,17 +34,46 @@ def check(
                                    help="Exit 1 when a finding is at or above this severity."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
-    """Judge a recorded run: loss trend, NaN/Inf, gradients, dead units, update ratios.
+    """Judge a recorded run, or gate training code with a short check run.
 
-    Example: nndiag check runs/exp1 --junit reports/nndiag.xml
+    With RUN_DIR: loss trend, NaN/Inf, gradients, dead units and update ratios over time.
+    With --model and --data: the model is inspected at init, sanity-checked (loss at init,
+    parameters that do not update, overfitting one batch, batch mixing) and trained for
+    --steps steps, and the run is judged the same way.
+
+    Examples:
+      nndiag check runs/exp1 --junit reports/nndiag.xml
+      nndiag check --model train.py:build_model --data train.py:train_batches --steps 50
     """
     out = Output(debug=debug)
     try:
         from nndiag.checking import check_run, write_junit
+        from nndiag.errors import UsageError
         from nndiag.render.json import render_json
         from nndiag.render.text import render_check
 
-        report = check_run(run_dir)
+        if (run_dir is None) == (model is None):
+            raise UsageError("give either RUN_DIR or --model SPEC --data SPEC")
+        if model is not None:
+            from nndiag.losses import resolve_loss
+            from nndiag.optimizers import OPTIMIZER_NAMES, optimizer_factory
+            from nndiag.specs import load_data, load_model
+            from nndiag.training_check import check_training
+
+            if data is None:
+                raise UsageError("--model needs --data SPEC (training batches)")
+            factory = optimizer if optimizer.lower() in OPTIMIZER_NAMES else \
+                optimizer_factory(optimizer)
+            with out.stderr.status("loading the model and data", spinner="dots"):
+                net, batches = load_model(model), load_data(data)
+            with out.stderr.status(f"checking: init, sanity, {steps} training steps",
+                                   spinner="dots"):
+                report = check_training(net, batches, loss=resolve_loss(loss),
+                                        optimizer=factory, lr=lr, steps=steps,
+                                        log_dir=log_dir)
+        else:
+            assert run_dir is not None
+            report = check_run(run_dir)
         if junit is not None:
             write_junit(report, junit, fail_on.value)
             out.message(f"wrote {junit}")

@@ -278,15 +278,21 @@ def render_lr_find(result: LRFindResult, console: Console) -> None:
 
 
 def render_check(report: Report, console: Console) -> None:
-    """Print a run check: the run, status, findings with the step each appeared."""
+    """Print a check: the run (recorded or short), status, findings with the step each appeared."""
     s = report.summary
+    training = s.get("mode") == "training"
+    what = "training gate" if training else str(s.get("run"))
     console.print(Text.assemble(
-        ("nndiag check ", "bold"), (str(s.get("run")), "bold cyan"),
+        ("nndiag check ", "bold"), (what, "bold cyan"),
         f": {s.get('model')} with {s.get('optimizer')}; {s.get('steps')} steps, "
         f"{s.get('samples')} sampled every {s.get('every')}"
         + (f" on {s['world_size']} ranks" if (s.get("world_size") or 1) > 1 else "")
         + (f"; final loss {fmt(s.get('final_loss'))}" if s.get("final_loss") is not None
            else "")))
+    if training:
+        console.print(Text(f"loss at init {fmt(s.get('loss_at_init'))} (uninformed model: "
+                           f"{fmt(s.get('expected_loss_at_init'))}); learning rate "
+                           f"{fmt(s.get('lr'))}", style="dim"))
     console.print(_status_line(report))
     for finding in report.findings:
         console.print()

@@ -1,0 +1,48 @@
+"""The pytest plugin, run on two small projects with pytester."""
+
+from __future__ import annotations
+
+PROJECT = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag import examples
+
+
+class Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h.reshape(h.shape[1], h.shape[0]).t())
+
+
+def test_healthy_model_trains(nndiag_check):
+    torch.set_num_threads(1)
+    report = nndiag_check(examples.he_mlp(depth=4, width=64), examples.classification_data(),
+                          F.cross_entropy, steps=30)
+    assert report.status == "ok"
+
+
+def test_broken_model_trains(nndiag_check):
+    torch.set_num_threads(1)
+    nndiag_check(Mixer(), examples.classification_data(), F.cross_entropy, steps=20)
+'''
+
+
+def test_plugin_passes_a_healthy_project_and_fails_a_broken_one(pytester):
+    pytester.makepyfile(test_training=PROJECT)
+    result = pytester.runpytest_subprocess("-q")  # loaded through its entry point
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*batch_mixing*", "*mixes the batch dimension*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_plugin_is_registered_and_inert(pytester):
+    pytester.makepyfile(test_plain="def test_nothing():\n    assert True\n")
+    result = pytester.runpytest_subprocess("-q", "--trace-config")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*nndiag*pytest_plugin*"])
