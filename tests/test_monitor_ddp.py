@@ -56,6 +56,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.barrier()  # both ranks done before the group is torn down
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's threads can abort the process there ("terminate called
+    # without an active exception") after all work is done, which mp.spawn reports as a crash.
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
