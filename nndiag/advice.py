@@ -401,12 +401,17 @@ _ADVISORS: dict[str, Callable[[Finding, ProbeRecord], tuple[str, list[Fix]]]] = 
 }
 
 
+def _apply(advisors: dict[str, Callable[[Finding, Any], tuple[str, list[Fix]]]],
+           finding: Finding, record: Any) -> Finding:
+    advisor = advisors.get(finding.id)
+    if advisor is not None:
+        finding.explanation, finding.fixes = advisor(finding, record)
+    return finding
+
+
 def advise(finding: Finding, probe: ProbeRecord) -> Finding:
     """Fill a finding's explanation and fixes from the probe it was judged on."""
-    advisor = _ADVISORS.get(finding.id)
-    if advisor is not None:
-        finding.explanation, finding.fixes = advisor(finding, probe)
-    return finding
+    return _apply(_ADVISORS, finding, probe)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -482,10 +487,7 @@ _CHECKPOINT_ADVISORS: dict[str, Callable[[Finding, CheckpointRecord], tuple[str,
 
 def advise_checkpoint(finding: Finding, record: CheckpointRecord) -> Finding:
     """Fill a data-free finding's explanation and fixes from the checkpoint record."""
-    advisor = _CHECKPOINT_ADVISORS.get(finding.id)
-    if advisor is not None:
-        finding.explanation, finding.fixes = advisor(finding, record)
-    return finding
+    return _apply(_CHECKPOINT_ADVISORS, finding, record)
 
 
 # ----------------------------------------------------------------------------- recorded runs

@@ -22,7 +22,7 @@ from nndiag.checkpoints import (
 )
 from nndiag.errors import UsageError
 from nndiag.findings import Finding, Report, severity_rank
-from nndiag.losses import Loss, resolve_loss
+from nndiag.losses import Loss, as_loss
 from nndiag.records import CheckpointRecord, ProbeRecord
 from nndiag.rules import run_checkpoint_rules, run_probe_rules
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
@@ -72,16 +72,6 @@ def synthetic_batches(model: nn.Module, input_shape: Sequence[int], *, dtype: st
                          f"{', '.join([*_FLOAT_DTYPES, *_INT_DTYPES])}")
     return [Batch(torch.randn(shape, generator=generator).to(_FLOAT_DTYPES[dtype]))
             for _ in range(count)]
-
-
-def _as_loss(loss: str | Loss | Callable[[Any, Any], torch.Tensor] | None) -> Loss:
-    if loss is None or isinstance(loss, str):
-        return resolve_loss(loss)
-    if isinstance(loss, Loss):
-        return loss
-    if callable(loss):
-        return Loss(getattr(loss, "__name__", type(loss).__name__), loss, user_code=True)
-    raise UsageError(f"loss: expected a name, a spec or a function, got {type(loss).__name__}")
 
 
 def inspect_model(
@@ -142,7 +132,7 @@ def inspect_model(
         probe_batches = synthetic_batches(model, input_shape, dtype=input_dtype,
                                           input_max=input_max, count=batches, seed=seed)
     thresholds = thresholds or THRESHOLDS
-    config = ProbeConfig(loss=_as_loss(loss), seed=seed)
+    config = ProbeConfig(loss=as_loss(loss), seed=seed)
     probe = run_probe(model, probe_batches, config)
     findings = [advise(f, probe) for f in run_probe_rules(probe, thresholds)]
     if try_fixes:

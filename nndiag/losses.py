@@ -68,6 +68,21 @@ def resolve_loss(name_or_spec: str | None) -> Loss:
     return Loss(name_or_spec, obj, user_code=True)
 
 
+def as_loss(loss: str | Loss | Callable[[Any, Any], torch.Tensor] | None) -> Loss:
+    """Accept a name, a spec, a ``Loss`` or a function ``f(outputs, targets)``.
+
+    Raises:
+        UsageError: Anything else.
+    """
+    if loss is None or isinstance(loss, str):
+        return resolve_loss(loss)
+    if isinstance(loss, Loss):
+        return loss
+    if callable(loss):
+        return Loss(getattr(loss, "__name__", type(loss).__name__), loss, user_code=True)
+    raise UsageError(f"loss: expected a name, a spec or a function, got {type(loss).__name__}")
+
+
 def synthetic_targets(output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Targets for a model probed without data: random class labels, or normal values."""
     if output.dim() >= 2 and output.shape[-1] > 1:

@@ -269,7 +269,7 @@ class LRFindResult:
         return {"schema": self.schema, "status": self.status, **data}
 
 
-def _cycle(data: Any) -> Iterator[Any]:
+def cycle_batches(data: Any) -> Iterator[Any]:
     """Batches forever: re-iterate the data, or replay what a one-shot iterator gave."""
     from collections.abc import Mapping
 
@@ -385,8 +385,7 @@ def lr_find(
     import torch
 
     from nndiag.errors import UsageError, UserCodeError, describe_exception
-    from nndiag.inspection import _as_loss
-    from nndiag.losses import compute_loss
+    from nndiag.losses import as_loss, compute_loss
     from nndiag.optimizers import optimizer_factory
     from nndiag.specs import call_model, move_to, unpack_batch
 
@@ -398,7 +397,7 @@ def lr_find(
         raise UsageError(f"--steps must be at least {MIN_POINTS}, got {steps}")
     if accumulate < 1:
         raise UsageError(f"--accumulate must be at least 1, got {accumulate}")
-    loss_spec = _as_loss(loss)
+    loss_spec = as_loss(loss)
     user_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     state = _ModelState(model, user_optimizer)
     generator = torch.Generator().manual_seed(seed)
@@ -415,7 +414,7 @@ def lr_find(
             opt = factory([p for p in model.parameters() if p.requires_grad], start_lr)
         base = opt.param_groups[0]["lr"] or 1.0
         ratios = [(group["lr"] / base) if base else 1.0 for group in opt.param_groups]
-        batches = _cycle(data)
+        batches = cycle_batches(data)
         model.train()
         warmup = max(EARLY_STOP_WARMUP, steps // 10)
         start_level = best = ema = None

@@ -27,9 +27,9 @@ from nndiag.advice import advise_run, advise_sanity
 from nndiag.checking import RUN_FINDINGS, build_run_report
 from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.findings import Finding, Report, severity_rank
-from nndiag.inspection import _as_loss, inspect_model
-from nndiag.losses import Loss, compute_loss
-from nndiag.lrfind import _cycle
+from nndiag.inspection import inspect_model
+from nndiag.losses import Loss, as_loss, compute_loss
+from nndiag.lrfind import cycle_batches
 from nndiag.monitor import Monitor
 from nndiag.optimizers import optimizer_factory
 from nndiag.rules.pretraining import SANITY_RULES, SanityRecord
@@ -83,7 +83,7 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
     name = optimizer.lower() if isinstance(optimizer, str) else None
     factory = optimizer_factory(name) if name else optimizer
     rate = lr if lr is not None else DEFAULT_LR.get(name or "", 1e-3)
-    loss_spec = _as_loss(loss)
+    loss_spec = as_loss(loss)
     first = iter_batches(data, 1)[0]
 
     init = inspect_model(copy.deepcopy(model), (first.inputs, first.targets), loss=loss_spec,
@@ -218,7 +218,7 @@ def _train(model: nn.Module, data: Any, loss: Loss, factory: Any, rate: float, s
     model.train()
     optimizer = factory([p for p in model.parameters() if p.requires_grad], rate)
     generator = torch.Generator().manual_seed(seed)
-    batches = _cycle(data)
+    batches = cycle_batches(data)
     with Monitor(model, optimizer, every=max(1, steps // 10), log_dir=run_dir) as monitor:
         for _ in range(steps):
             try:

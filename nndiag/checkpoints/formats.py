@@ -172,17 +172,8 @@ def _lazy_entry(path: Path, name: str, meta: torch.Tensor) -> TensorEntry:
     storage = meta.untyped_storage()
     base = getattr(storage, "_checkpoint_offset", 0) or 0
     itemsize = meta.element_size()
-    shape, stride, dtype = tuple(meta.shape), tuple(meta.stride()), meta.dtype
-    file_offset = base + meta.storage_offset() * itemsize
-
-    def read() -> torch.Tensor:
-        try:
-            return read_strided(str(path), file_offset, dtype, shape, stride)
-        except (EOFError, OSError) as exc:
-            raise UsageError(f"{str(path)!r}: tensor {name!r} could not be read "
-                             f"({describe_exception(exc)}); the file may be truncated") from exc
-
-    return TensorEntry(name, shape, dtype, read)
+    return _entry_at(path, name, base + meta.storage_offset() * itemsize, meta.dtype,
+                     tuple(meta.shape), tuple(meta.stride()))
 
 
 def _load_torch_whole(path: Path, unsafe_load: bool, legacy: bool) -> Checkpoint:
@@ -329,12 +320,13 @@ def _safetensors_entries(path: Path) -> tuple[list[TensorEntry], dict[str, str]]
 
 def _entry_at(path: Path, name: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
               stride: tuple[int, ...]) -> TensorEntry:
+    """An entry that reads its tensor from ``offset`` of ``path`` when asked."""
     def read() -> torch.Tensor:
         try:
             return read_strided(str(path), offset, dtype, shape, stride)
         except (EOFError, OSError) as exc:
             raise UsageError(f"{str(path)!r}: tensor {name!r} could not be read "
-                             f"({describe_exception(exc)})") from exc
+                             f"({describe_exception(exc)}); the file may be truncated") from exc
 
     return TensorEntry(name, shape, dtype, read)
 
