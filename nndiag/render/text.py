@@ -110,6 +110,13 @@ def _layer_rows(report: Report) -> list[dict[str, Any]]:
     return keep
 
 
+def _status_and_findings(report: Report, console: Console) -> None:
+    console.print(_status_line(report))
+    for finding in report.findings:
+        console.print()
+        console.print(_finding(finding))
+
+
 def layer_table(report: Report) -> Table:
     """A compact per-layer table; flagged layers are highlighted."""
     flagged = {name: f.severity for f in report.findings for name in f.layers}
@@ -145,10 +152,7 @@ def render_text(report: Report, console: Console) -> None:
     if checkpoint:
         console.print(Text(f"weights from {checkpoint['path']} ({checkpoint['format']})",
                            style="dim"))
-    console.print(_status_line(report))
-    for finding in report.findings:
-        console.print()
-        console.print(_finding(finding))
+    _status_and_findings(report, console)
     console.print()
     console.print(layer_table(report))
     console.print(Text("gain: gradient norm at the layer's output / at the model output; "
@@ -210,10 +214,7 @@ def render_checkpoint_text(report: Report, console: Console) -> None:
     if extras:
         console.print(Text("also in the file: " + "; ".join(f"{k}: {v}" for k, v in
                                                             extras.items()), style="dim"))
-    console.print(_status_line(report))
-    for finding in report.findings:
-        console.print()
-        console.print(_finding(finding))
+    _status_and_findings(report, console)
     console.print()
     console.print(checkpoint_table(report))
     console.print(Text("He x / Xavier x: weight RMS over the He std sqrt(2/fan_in) / the Xavier "
@@ -293,9 +294,6 @@ def render_check(report: Report, console: Console) -> None:
         console.print(Text(f"loss at init {fmt(s.get('loss_at_init'))} (uninformed model: "
                            f"{fmt(s.get('expected_loss_at_init'))}); learning rate "
                            f"{fmt(s.get('lr'))}", style="dim"))
-    console.print(_status_line(report))
-    for finding in report.findings:
-        console.print()
-        console.print(_finding(finding))
+    _status_and_findings(report, console)
     for note in report.notes:
         console.print(Text(f"note: {note}", style="yellow"))

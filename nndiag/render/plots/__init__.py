@@ -6,9 +6,18 @@ import os
 import tempfile
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nndiag.findings import Report
+
+
+def figure_and_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
+    """The axes to draw on and their figure: a new one-panel figure when ``ax`` is None."""
+    if ax is None:
+        fig = Figure(figsize=size)
+        return fig, fig.subplots()
+    return ax.get_figure(), ax  # type: ignore[return-value]
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:

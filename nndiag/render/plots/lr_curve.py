@@ -8,6 +8,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nndiag.lrfind import LRFindResult
+from nndiag.render.plots import figure_and_axes
 
 
 def plot_lr_curve(result: LRFindResult, ax: Axes | None = None) -> Figure:
@@ -23,11 +24,7 @@ def plot_lr_curve(result: LRFindResult, ax: Axes | None = None) -> Figure:
     Returns:
         The figure.
     """
-    if ax is None:
-        fig = Figure(figsize=(9, 5))
-        ax = fig.subplots()
-    else:
-        fig = ax.get_figure()  # type: ignore[assignment]
+    fig, ax = figure_and_axes(ax, (9, 5))
     lrs, losses = result.lrs, result.losses
     smoothed = [v for v in result.smoothed if v is not None and math.isfinite(v)]
     ax.plot(lrs, losses, ".", color="tab:blue", alpha=0.35, ms=4, label="loss at each step")

@@ -14,16 +14,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nndiag.findings import Finding
+from nndiag.render.plots import figure_and_axes
 from nndiag.runlog import RunLog
 
 _COLORS = {"error": "tab:red", "warning": "tab:orange", "info": "tab:gray"}
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (10, 4.5)) -> tuple[Figure, Axes]:
-    if ax is None:
-        fig = Figure(figsize=size)
-        return fig, fig.subplots()
-    return ax.get_figure(), ax  # type: ignore[return-value]
+    return figure_and_axes(ax, size)
 
 
 def _mark(ax: Axes, findings: list[Finding], ids: tuple[str, ...] | None = None) -> None:

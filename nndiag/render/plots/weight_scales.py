@@ -8,6 +8,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nndiag.findings import Report
+from nndiag.render.plots import figure_and_axes
 
 
 def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
@@ -24,11 +25,7 @@ def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
     Returns:
         The figure.
     """
-    if ax is None:
-        fig = Figure(figsize=(11, 4.5))
-        ax = fig.subplots()
-    else:
-        fig = ax.get_figure()  # type: ignore[assignment]
+    fig, ax = figure_and_axes(ax, (11, 4.5))
     flagged = {name for f in report.findings if f.severity != "info" for name in f.layers}
     layers = [r for r in report.layers if r.get("init_scale_he")]
     xs = list(range(len(layers)))
