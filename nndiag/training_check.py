@@ -81,7 +81,7 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
     if steps < 2:
         raise UsageError(f"--steps must be at least 2, got {steps}")
     name = optimizer.lower() if isinstance(optimizer, str) else None
-    factory = optimizer_factory(name) if name else optimizer
+    factory = optimizer_factory(optimizer) if isinstance(optimizer, str) else optimizer
     rate = lr if lr is not None else DEFAULT_LR.get(name or "", 1e-3)
     loss_spec = as_loss(loss)
     first = iter_batches(data, 1)[0]

@@ -46,3 +46,14 @@ def test_plugin_is_registered_and_inert(pytester):
     result = pytester.runpytest_subprocess("-q", "--trace-config")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*nndiag*pytest_plugin*"])
+
+
+def test_loading_the_plugin_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, nndiag.pytest_plugin; "
+            "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["False", "False"]

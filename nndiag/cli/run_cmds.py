@@ -102,13 +102,14 @@ def report(
     """
     out = Output(debug=debug)
     try:
-        from nndiag.checking import check_run
+        from nndiag.advice import advise_run
         from nndiag.render.plots import save_figure
         from nndiag.render.plots.run_figures import FIGURES
+        from nndiag.rules.run import run_rules
         from nndiag.runlog import read_run
 
         log = read_run(run_dir)
-        findings = check_run(run_dir).findings
+        findings = [advise_run(f, log) for f in run_rules(log)]
         target = out_dir or (run_dir / "report")
         for name, figure in FIGURES.items():
             path = save_figure(figure(log, findings), target / name)
