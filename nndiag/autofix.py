@@ -76,12 +76,12 @@ def _orthogonal(model: nn.Module, probe: ProbeRecord, batches: list[Batch]) -> l
 
 def _non_saturating(model: nn.Module, probe: ProbeRecord, batches: list[Batch]) -> list[Batch]:
     last = probe.layers[-1].module if probe.layers else None
+    names = {id(module): name or ROOT_NAME for name, module in model.named_modules()}
     swapped = 0
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if module_activation(child) in _SWAPPABLE:
-                qualified = _qualified_name(model, child)
-                if qualified == last:
+                if names.get(id(child)) == last:
                     continue  # an output activation (e.g. a final sigmoid) keeps its meaning
                 setattr(parent, child_name, nn.ReLU())
                 swapped += 1
@@ -90,13 +90,6 @@ def _non_saturating(model: nn.Module, probe: ProbeRecord, batches: list[Batch]) 
                             "forward(), so they cannot be swapped automatically")
     _he(model, probe, batches)
     return batches
-
-
-def _qualified_name(model: nn.Module, target: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if module is target:
-            return name or ROOT_NAME
-    return ""
 
 
 def _normalize(model: nn.Module, probe: ProbeRecord, batches: list[Batch]) -> list[Batch]:

@@ -131,6 +131,10 @@ class Monitor:
         self._weights = [p for _, _, ws in groups for p in ws]
         self._weight_layer_index = torch.tensor(
             [i for i, (_, _, ws) in enumerate(groups) for _ in ws], dtype=torch.long)
+        # Where each weight sits among the trainable parameters (whose gradients are read).
+        trainable_index = {id(p): i for i, p in enumerate(self._trainable)}
+        self._weight_positions = torch.tensor([trainable_index[id(p)] for p in self._weights],
+                                              dtype=torch.long)
 
         self.step_count = 0
         self.samples: list[dict[str, Any]] = []
@@ -330,7 +334,8 @@ class Monitor:
             if grad_sq is not None:
                 pieces.append(grad_sq.sum().double().reshape(1))
                 if has_layer_grads:
-                    pieces.append(self._per_layer(grad_sq[self._weight_positions()]).double())
+                    positions = self._weight_positions.to(grad_sq.device)
+                    pieces.append(self._per_layer(grad_sq[positions]).double())
             update = self._update
             if update is not None:
                 pieces += [self._per_layer(update[0].square()).double(),
@@ -338,13 +343,6 @@ class Monitor:
             host = torch.cat([p.reshape(-1).cpu() for p in pieces]).tolist()
         self._record(sites, host, len(self._pending_losses), grad_sq is not None,
                      has_layer_grads, update is not None)
-
-    def _weight_positions(self) -> torch.Tensor:
-        if not hasattr(self, "_positions"):
-            index = {id(p): i for i, p in enumerate(self._trainable)}
-            self._positions = torch.tensor([index[id(p)] for p in self._weights],
-                                           dtype=torch.long)
-        return self._positions.to(self._grad_sq.device if self._grad_sq is not None else "cpu")
 
     def _per_layer(self, values: torch.Tensor) -> torch.Tensor:
         index = self._weight_layer_index.to(values.device)

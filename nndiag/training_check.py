@@ -35,7 +35,15 @@ from nndiag.optimizers import optimizer_factory
 from nndiag.rules.pretraining import SANITY_RULES, SanityRecord
 from nndiag.rules.run import run_rules
 from nndiag.runlog import read_run
-from nndiag.specs import Batch, call_model, iter_batches, move_to, primary_output
+from nndiag.specs import (
+    Batch,
+    call_model,
+    iter_batches,
+    iter_tensors,
+    move_to,
+    primary_output,
+    unpack_batch,
+)
 
 SANITY_FINDINGS = ("loss_at_init_unexpected", "parameters_not_updated", "cannot_overfit_batch",
                    "batch_mixing")
@@ -168,8 +176,6 @@ def _sanity(model: nn.Module, batch: Batch, loss: Loss, factory: Any, rate: floa
 
 def iter_tensors_with_batch(obj: Any) -> Any:
     """Tensors with a batch dimension inside nested inputs."""
-    from nndiag.specs import iter_tensors
-
     return (t for t in iter_tensors(obj) if t.dim() >= 1)
 
 
@@ -225,8 +231,6 @@ def _train(model: nn.Module, data: Any, loss: Loss, factory: Any, rate: float, s
                 raw = next(batches)
             except StopIteration:
                 raise UsageError("--data: the data yielded no batch") from None
-            from nndiag.specs import unpack_batch
-
             value, _, _ = _loss(loss, model, unpack_batch(raw), generator)
             optimizer.zero_grad()
             value.backward()

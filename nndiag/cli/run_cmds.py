@@ -56,20 +56,17 @@ def check(
             raise UsageError("give either RUN_DIR or --model SPEC --data SPEC")
         if model is not None:
             from nndiag.losses import resolve_loss
-            from nndiag.optimizers import OPTIMIZER_NAMES, optimizer_factory
             from nndiag.specs import load_data, load_model
             from nndiag.training_check import check_training
 
             if data is None:
                 raise UsageError("--model needs --data SPEC (training batches)")
-            factory = optimizer if optimizer.lower() in OPTIMIZER_NAMES else \
-                optimizer_factory(optimizer)
             with out.stderr.status("loading the model and data", spinner="dots"):
                 net, batches = load_model(model), load_data(data)
             with out.stderr.status(f"checking: init, sanity, {steps} training steps",
                                    spinner="dots"):
                 report = check_training(net, batches, loss=resolve_loss(loss),
-                                        optimizer=factory, lr=lr, steps=steps,
+                                        optimizer=optimizer, lr=lr, steps=steps,
                                         log_dir=log_dir)
         else:
             assert run_dir is not None

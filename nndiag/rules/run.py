@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from nndiag.findings import Finding, worst_severity
+from nndiag.findings import Finding, severity_rank, worst_severity
 from nndiag.rules.thresholds import RUN_THRESHOLDS, THRESHOLDS, Threshold
 from nndiag.runlog import RunLog
 
@@ -55,65 +56,79 @@ def nan_inf(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
                    evidence={"first_step": first_bad, "where": where})
 
 
-def _loss_levels(log: RunLog) -> dict[str, float | int] | None:
+@dataclass
+class LossLevels:
+    """The finite prefix of the loss, its running median and the levels read from them."""
+
+    steps: list[int]
+    losses: list[float]
+    smooth: list[float]
+    window: int
+    start: float
+    end: float
+    best: float
+    best_step: int
+    noise: float
+    late_noise: float
+    late_level: float
+
+    def first_above(self, level: float, after: int = -1) -> int:
+        """The first step after ``after`` whose running median exceeds ``level``."""
+        for step, value in zip(self.steps, self.smooth, strict=True):
+            if step > after and value > level:
+                return step
+        return self.steps[-1]
+
+    def evidence(self) -> dict[str, float | int]:
+        """The levels a loss finding reports."""
+        return {"start": self.start, "end": self.end, "best": self.best,
+                "best_step": self.best_step, "noise": self.noise}
+
+
+def loss_levels(log: RunLog) -> LossLevels | None:
+    """Running median and levels of the finite loss (``None`` for fewer than 10 steps)."""
     steps, losses, _ = _finite_prefix(log)
     if len(losses) < 10:
         return None
     window = max(5, len(losses) // 20)
     smooth = running_median(losses, window)
     best_index = min(range(len(smooth)), key=smooth.__getitem__)
-    noise = _mad([raw - s for raw, s in zip(losses, smooth, strict=True)])
     half = len(losses) // 2
-    late = losses[half:]
-    late_smooth = smooth[half:]
-    return {"start": smooth[0], "end": smooth[-1], "best": smooth[best_index],
-            "best_step": steps[best_index], "noise": noise, "window": window,
-            "late_noise": _mad([r - s for r, s in zip(late, late_smooth, strict=True)]),
-            "late_level": statistics.median(late), "steps": len(losses)}
+    return LossLevels(
+        steps, losses, smooth, window, smooth[0], smooth[-1], smooth[best_index],
+        steps[best_index], _mad([r - s for r, s in zip(losses, smooth, strict=True)]),
+        _mad([r - s for r, s in zip(losses[half:], smooth[half:], strict=True)]),
+        statistics.median(losses[half:]))
 
 
-def loss_trend(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+def loss_trend(levels: LossLevels, t: dict[str, Threshold]) -> Finding | None:
     """Judge the loss trend: ``loss_diverging`` or ``loss_not_decreasing``.
 
     Diverging: the loss ends above its start, or gives back half of its fall. Not decreasing:
     no fall beyond the noise of the running median.
     """
-    levels = _loss_levels(log)
-    if levels is None:
-        return None
-    start, end, best, noise = levels["start"], levels["end"], levels["best"], levels["noise"]
+    start, end, best = levels.start, levels.end, levels.best
     fall = start - best
-    level_noise = noise / math.sqrt(levels["window"])
-    steps, losses, _ = _finite_prefix(log)
-    evidence = {k: levels[k] for k in ("start", "end", "best", "best_step", "noise")}
+    level_noise = levels.noise / math.sqrt(levels.window)
+    evidence = levels.evidence()
     if end > start + 3 * level_noise and end - start > 0.01 * abs(start):
-        first = _first_above(steps, losses, levels["window"], start + 3 * level_noise)
+        first = levels.first_above(start + 3 * level_noise)
         return Finding("loss_diverging", "error", [], f"the loss ends higher than it started "
                        f"({start:.4g} -> {end:.4g}), rising from step {first}",
                        evidence={**evidence, "first_step": first})
     if fall > 3 * level_noise and end - best > 0.5 * fall:
-        first = _first_above(steps, losses, levels["window"], best + 0.5 * fall,
-                             after=levels["best_step"])
+        first = levels.first_above(best + 0.5 * fall, after=levels.best_step)
         return Finding("loss_diverging", "warning", [], f"the loss gave back "
-                       f"{(end - best) / fall:.0%} of its fall after step {levels['best_step']}",
+                       f"{(end - best) / fall:.0%} of its fall after step {levels.best_step}",
                        evidence={**evidence, "first_step": first})
     if start - end <= max(3 * level_noise, 0.01 * abs(start)):
         return Finding("loss_not_decreasing", "warning", [], f"the loss does not fall: "
-                       f"{start:.4g} -> {end:.4g} over {levels['steps']} steps (noise "
-                       f"{noise:.3g})", evidence={**evidence, "first_step": steps[0]})
+                       f"{start:.4g} -> {end:.4g} over {len(levels.losses)} steps (noise "
+                       f"{levels.noise:.3g})", evidence={**evidence, "first_step": levels.steps[0]})
     return None
 
 
-def _first_above(steps: list[int], losses: list[float], window: int, level: float,
-                 after: int = -1) -> int:
-    smooth = running_median(losses, window)
-    for step, value in zip(steps, smooth, strict=True):
-        if step > after and value > level:
-            return step
-    return steps[-1]
-
-
-def loss_oscillating(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+def loss_oscillating(levels: LossLevels, t: dict[str, Threshold]) -> Finding | None:
     """The loss swings by a large share of its level, and has stopped falling, late in the run.
 
     Judged on the second half: the spread around the running median relative to the loss
@@ -121,26 +136,21 @@ def loss_oscillating(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
     judged on its relative noise), while the last quarter's median is no lower than half the
     third quarter's (a loss still falling fast is not oscillating, however noisy).
     """
-    levels = _loss_levels(log)
-    if levels is None:
-        return None
-    amplitude = levels["late_noise"]
-    relative = amplitude / max(abs(levels["late_level"]), 1e-12)
+    amplitude = levels.late_noise
+    relative = amplitude / max(abs(levels.late_level), 1e-12)
     severity = t["loss_oscillation"].severity(relative)
-    if severity is None or amplitude < 0.02 * abs(levels["start"]):
+    if severity is None or amplitude < 0.02 * abs(levels.start):
         return None
-    _, losses, _ = _finite_prefix(log)
-    late = losses[len(losses) // 2:]
+    late = levels.losses[len(levels.losses) // 2:]
     third, fourth = statistics.median(late[: len(late) // 2]), statistics.median(
         late[len(late) // 2:])
     if fourth - third < -0.5 * abs(third):
         return None
-    steps = log.steps[: levels["steps"]]
     return Finding("loss_oscillating", severity, [], f"the loss swings by {relative:.0%} of its "
                    "level in the second half of the run without falling further", evidence={
-                       "amplitude": amplitude, "level": levels["late_level"],
+                       "amplitude": amplitude, "level": levels.late_level,
                        "relative_amplitude": relative,
-                       "first_step": steps[len(steps) // 2]})
+                       "first_step": levels.steps[len(levels.steps) // 2]})
 
 
 def _weight_series(log: RunLog, stat: str) -> dict[str, list[tuple[int, float]]]:
@@ -266,10 +276,10 @@ def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
 def run_rules(log: RunLog, thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
     """Every rule over a recorded run, most severe first."""
     t = {**THRESHOLDS, **RUN_THRESHOLDS, **(thresholds or {})}
-    single: tuple[Callable[[RunLog, dict[str, Threshold]], Finding | None], ...] = (
-        nan_inf, loss_trend, loss_oscillating, dead_units)
-    findings = [f for rule in single if (f := rule(log, t)) is not None]
+    findings = [f for f in (nan_inf(log, t), dead_units(log, t)) if f is not None]
+    levels = loss_levels(log)
+    if levels is not None:
+        findings += [f for f in (loss_trend(levels, t), loss_oscillating(levels, t))
+                     if f is not None]
     findings += gradient_trends(log, t) + update_ratios(log, t)
-    from nndiag.findings import severity_rank
-
     return sorted(findings, key=lambda f: -severity_rank(f.severity))
