@@ -16,7 +16,7 @@ import torch
 
 from nndiag.checkpoints.formats import Checkpoint
 from nndiag.records import CheckpointRecord, ModuleWeights, TensorStats
-from nndiag.stats.weights import he_std, xavier_std
+from nndiag.stats.weights import fans_from_shape, he_std, xavier_std
 
 ROOT = "(root)"
 _EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|tok_emb|pos_emb|word_embeddings|"
@@ -67,11 +67,6 @@ def tensor_stats(name: str, tensor: torch.Tensor) -> TensorStats:
 def _split(name: str) -> tuple[str, str]:
     module, _, param = name.rpartition(".")
     return (module or ROOT), param
-
-
-def _fans(shape: list[int]) -> tuple[int, int]:
-    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
-    return shape[1] * receptive, shape[0] * receptive
 
 
 def _kind(module: str, tensors: dict[str, TensorStats]) -> str:
@@ -139,7 +134,7 @@ def _module_record(name: str, tensors: dict[str, TensorStats],
                            list(tensors.values()))
     weight = tensors.get("weight")
     if kind in ("linear", "conv") and weight is not None and weight.rms is not None:
-        record.fan_in, record.fan_out = _fans(weight.shape)
+        record.fan_in, record.fan_out = fans_from_shape(weight.shape)
         record.weight_rms = weight.rms
         if record.fan_in > 0 and record.fan_out > 0:
             record.init_scale_he = weight.rms / he_std(record.fan_in)
