@@ -1,0 +1,106 @@
+"""Advice on activation findings of a live probe.
+
+Scale drift through depth (``poor_initialization``), dead ReLUs, saturated activations.
+"""
+
+from __future__ import annotations
+
+from nndiag.advice.catalog import make_fix
+from nndiag.advice.common import (
+    PROBE,
+    SATURATION_ONSET,
+    Advisor,
+    activation_counts,
+    activation_fix,
+    between,
+    bias_fix,
+    dominant_saturating,
+    feeding_layer,
+    fmt,
+    he_init_fix,
+    init_story,
+    inputs_off_scale,
+    norm_fix,
+    normalize_inputs_fix,
+    probe_kinds,
+    xavier_init_fix,
+)
+from nndiag.findings import Finding, Fix
+from nndiag.records import ProbeRecord
+
+
+def poor_initialization(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    """How much the activation scale drifts per layer, and the init that keeps it."""
+    ev = finding.evidence
+    start, end = probe.layer(ev["from_layer"]), probe.layer(ev["to_layer"])
+    span = [r for r in probe.layers if r.fan_in is not None and start.index <= r.index <= end.index]
+    steps = max(len(span) - 1, 1)
+    per_layer = ev["factor"] ** (1 / steps)
+    parts = [f"Output std goes from {fmt(start.std)} at {start.label} to {fmt(end.std)} at "
+             f"{end.label}: {fmt(ev['factor'])}x over {steps} layers, about {per_layer:.2g}x "
+             "per layer. A well-initialized network keeps it within a small factor at every "
+             "depth."]
+    story, _ = init_story(span)
+    if story:
+        parts.append(story)
+    kinds = probe_kinds(probe)
+    saturating = dominant_saturating(activation_counts(between(probe, start, end.index)))
+    fixes = [xavier_init_fix(kinds, saturating[0]) if saturating else he_init_fix(kinds),
+             norm_fix(kinds)]
+    if inputs_off_scale(probe):
+        parts.append(f"The inputs themselves have std {fmt(probe.input_std)}.")
+        fixes.insert(0, normalize_inputs_fix(probe))
+    return " ".join(parts), fixes
+
+
+def dead_relu(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    """Which units never fire, whether a negative shift feeds them, and what it blocks."""
+    ev = finding.evidence
+    worst = probe.layer(max(ev["dead_fraction"], key=lambda k: ev["dead_fraction"][k]))
+    parts = [f"In {worst.label}, {worst.dead_fraction:.0%} of the units output zero for all "
+             f"{ev['samples']} probe samples, so they pass no gradient to the weights that feed "
+             "them and cannot recover by training."]
+    feeding = feeding_layer(probe, worst)
+    negative = feeding is not None and feeding.mean is not None and feeding.std is not None \
+        and feeding.mean < -0.5 * feeding.std
+    if feeding is not None and negative:
+        parts.append(f"Its input, the output of {feeding.label}, has mean {fmt(feeding.mean)} "
+                     f"against std {fmt(feeding.std)}: most pre-activations sit below zero "
+                     "(a negative bias or shift).")
+    blocked = [r.name for r in probe.weight_layers() if r.grad_out_norm == 0]
+    if blocked:
+        parts.append(f"Behind the fully dead layers the gradient is exactly zero: "
+                     f"{', '.join(blocked[:5])}{' ...' if len(blocked) > 5 else ''} "
+                     "receive none.")
+    fixes = [bias_fix(finding.layers)] if negative else []
+    fixes += [he_init_fix(probe_kinds(probe)), make_fix("lower_learning_rate")]
+    return " ".join(parts), fixes
+
+
+def saturated_activations(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    """How saturated the worst activation is, how large its inputs are, and the scale fix."""
+    ev = finding.evidence
+    worst = probe.layer(max(ev["saturated_fraction"], key=lambda k: ev["saturated_fraction"][k]))
+    kind = worst.activation or "tanh"
+    parts = [f"{worst.saturated_fraction:.0%} of the outputs of {worst.label} sit where the {kind} "
+             "derivative is below 5% of its peak: those units pass almost no gradient."]
+    if worst.preact_std is not None and kind in SATURATION_ONSET:
+        parts.append(f"Its inputs have std {fmt(worst.preact_std)}; a {kind} saturates beyond "
+                     f"|x| ~ {SATURATION_ONSET[kind]}.")
+    feeding = feeding_layer(probe, worst)
+    if feeding is not None and feeding.init_scale is not None:
+        parts.append(f"The layer feeding it, {feeding.label}, has weights at "
+                     f"{fmt(feeding.init_scale)}x the Xavier scale.")
+    kinds = probe_kinds(probe)
+    fixes = [xavier_init_fix(kinds, kind)]
+    if inputs_off_scale(probe):
+        fixes.insert(0, normalize_inputs_fix(probe))
+    fixes += [norm_fix(kinds), activation_fix(kind)]
+    return " ".join(parts), fixes
+
+
+ADVISORS: dict[tuple[str, str], Advisor] = {
+    (PROBE, "poor_initialization"): poor_initialization,
+    (PROBE, "dead_relu"): dead_relu,
+    (PROBE, "saturated_activations"): saturated_activations,
+}

@@ -1,0 +1,208 @@
+"""The fix catalogue as data: each fix id of DESIGN.md with its summary, code and automation.
+
+Summaries and code are ``str.format`` templates: a ``{name}`` placeholder is filled with a
+value that depends on the model (its layer types, an activation, the measured input scale),
+given to ``make_fix``. A fix phrased differently in some situations (BatchNorm after conv
+layers versus after Linear layers) keeps its one id and names the alternative wording as a
+variant. ``automatic`` marks the fixes ``--try-fixes`` can apply to a copy of the model and
+re-measure (see ``nndiag.autofix``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nndiag.findings import Fix
+
+
+@dataclass(frozen=True)
+class Wording:
+    """What a fix says and the code it shows, as templates.
+
+    Attributes:
+        summary: One line saying what to change, with ``{placeholders}``.
+        code: The torch code to apply it, with ``{placeholders}``.
+    """
+
+    summary: str
+    code: str
+
+
+@dataclass(frozen=True)
+class FixTemplate:
+    """One entry of the catalogue.
+
+    Attributes:
+        summary: The default summary template.
+        code: The default code template.
+        automatic: True when ``--try-fixes`` can apply the fix and re-measure.
+        variants: Alternative wordings by name, for situations the default does not fit.
+    """
+
+    summary: str
+    code: str
+    automatic: bool = False
+    variants: Mapping[str, Wording] = field(default_factory=dict)
+
+
+CATALOG: dict[str, FixTemplate] = {
+    "he_init": FixTemplate(
+        summary="re-initialize the layers that feed ReLUs with He (Kaiming) init, which keeps "
+                "the signal's scale constant through ReLU layers",
+        code="""
+for m in model.modules():
+    if isinstance(m, {layer_types}):
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)""",
+        automatic=True),
+    "xavier_init": FixTemplate(
+        summary="re-initialize the layers that feed {activation} with Xavier (Glorot) init, "
+                "which keeps pre-activations in the activation's linear range",
+        code="""
+for m in model.modules():
+    if isinstance(m, {layer_types}):
+        nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("{gain}"))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)""",
+        automatic=True,
+        variants={"output_layer": Wording(
+            summary="initialize the output layer small so the logits start near zero",
+            code="nn.init.normal_(model.head.weight, std=1e-3); nn.init.zeros_(model.head.bias)",
+        )}),
+    "orthogonal_init": FixTemplate(
+        summary="initialize the recurrent (hidden-to-hidden) weights orthogonally, which "
+                "preserves the signal's norm across steps",
+        code="""
+for name, p in rnn.named_parameters():
+    if "weight_hh" in name:
+        nn.init.orthogonal_(p)""",
+        automatic=True),
+    "batch_norm": FixTemplate(
+        summary="insert normalization after each Linear layer (before its activation): "
+                "BatchNorm1d, or LayerNorm for small or variable batches",
+        code="nn.Sequential(nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), "
+             "nn.ReLU())",
+        variants={"conv": Wording(
+            summary="insert BatchNorm after each conv layer (before its activation) so every "
+                    "layer sees a unit-scale signal",
+            code="""
+nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+              nn.BatchNorm2d(c_out), nn.ReLU())""",
+        )}),
+    "layer_norm": FixTemplate(
+        summary="normalize each block's input with LayerNorm (pre-norm)",
+        code="x = x + block(nn.LayerNorm(dim)(x))   # keep the LayerNorm as a module of the block"),
+    "gradient_clipping": FixTemplate(
+        summary="clip the global gradient norm before each optimizer step",
+        code="""
+loss.backward()
+torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+optimizer.step()"""),
+    "skip_connections": FixTemplate(
+        summary="add residual connections around blocks of layers, so the gradient has a path "
+                "that does not shrink with depth",
+        code="""
+class Residual(nn.Module):
+    def __init__(self, block): super().__init__(); self.block = block
+    def forward(self, x): return x + self.block(x)"""),
+    "non_saturating_activation": FixTemplate(
+        summary="replace the hidden {activation} activations with ReLU (or GELU) and "
+                "re-initialize with He init: ReLU passes the full gradient for every active unit",
+        code="""
+for m in list(model.modules()):
+    for child_name, child in m.named_children():
+        if isinstance(child, nn.{module}):
+            setattr(m, child_name, nn.ReLU())
+# then apply He init (he_init) to the Linear/conv layers""",
+        automatic=True),
+    "lower_learning_rate": FixTemplate(
+        summary="lower the learning rate (try 10x lower, or run `nndiag lr-find`)",
+        code="optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)"),
+    "raise_learning_rate": FixTemplate(
+        summary="raise the learning rate",
+        code="optimizer = torch.optim.AdamW(model.parameters(), lr=lr * 10)"),
+    "normalize_inputs": FixTemplate(
+        summary="standardize the inputs (measured mean {mean:.3g}, std {std:.3g}) to mean 0 "
+                "and std 1",
+        code="x = (x - {mean:.4g}) / {std:.4g}   # better: per-feature statistics of the "
+             "training set",
+        automatic=True),
+    "bias_init": FixTemplate(
+        summary="reset the biases feeding the dead units ({layers}) to zero (or a small "
+                "positive value) so that units start active",
+        code="""
+for m in model.modules():
+    if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+        nn.init.zeros_(m.bias)   # or nn.init.constant_(m.bias, 0.01)""",
+        automatic=True),
+    "gated_recurrent_unit": FixTemplate(
+        summary="replace nn.RNN with nn.LSTM or nn.GRU, whose gates carry the gradient across "
+                "time steps",
+        code="rnn = nn.LSTM(input_size, hidden_size, batch_first=True)"),
+    "lr_warmup": FixTemplate(
+        summary="warm the learning rate up over the first steps",
+        code="""
+scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=500)
+# call scheduler.step() after each optimizer.step()"""),
+}
+
+
+def make_fix(fix_id: str, variant: str | None = None, **values: Any) -> Fix:
+    """Instantiate a catalogue fix.
+
+    Args:
+        fix_id: A fix id of ``CATALOG``.
+        variant: The name of an alternative wording of that fix, or ``None`` for the default.
+        **values: The values of the template's placeholders.
+
+    Returns:
+        The fix, its code stripped of leading and trailing blank lines.
+
+    Raises:
+        KeyError: An unknown fix id or variant, or a placeholder without a value.
+
+    Example:
+        >>> make_fix("gradient_clipping").code.splitlines()[1]
+        'torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)'
+    """
+    entry = CATALOG[fix_id]
+    wording = entry.variants[variant] if variant is not None else entry
+    return Fix(fix_id, wording.summary.format(**values), wording.code.format(**values).strip("\n"),
+               automatic=entry.automatic)
+
+
+# ----------------------------------------------------------------------------- placeholder values
+
+_MODULE_NAME = {"sigmoid": "Sigmoid", "tanh": "Tanh", "hardtanh": "Hardtanh",
+                "softsign": "Softsign", "hardsigmoid": "Hardsigmoid"}
+# Activations ``nn.init.calculate_gain`` knows; for the others the snippet uses the linear gain
+# (1), as ``--try-fixes`` does when it applies Xavier init.
+_GAIN_NAMES = frozenset({"sigmoid", "tanh", "relu", "leaky_relu", "selu", "linear"})
+
+
+def layer_types(kinds: Iterable[str]) -> str:
+    """The ``{layer_types}`` value: the model's Linear/conv classes as an ``isinstance`` argument.
+
+    Args:
+        kinds: Module class names found in the model (``Linear``, ``Conv2d``, ``ReLU``...).
+
+    Returns:
+        ``nn.Linear``, or a tuple such as ``(nn.Conv2d, nn.Linear)``; ``nn.Linear`` when the
+        model has none.
+    """
+    layers = sorted(k for k in set(kinds) if k in ("Linear", "Bilinear") or k.startswith("Conv"))
+    names = ", ".join(f"nn.{k}" for k in layers or ["Linear"])
+    return f"({names})" if len(layers) > 1 else names
+
+
+def activation_module(activation: str) -> str:
+    """The ``{module}`` value: the ``nn`` class of an activation kind (``tanh`` -> ``Tanh``)."""
+    return _MODULE_NAME.get(activation, activation.title())
+
+
+def init_gain(activation: str) -> str:
+    """The ``{gain}`` value: the ``calculate_gain`` name for an activation kind."""
+    return activation if activation in _GAIN_NAMES else "linear"

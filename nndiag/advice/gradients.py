@@ -1,0 +1,107 @@
+"""Advice on gradient findings of a live probe: vanishing and exploding gradients."""
+
+from __future__ import annotations
+
+from nndiag.advice.catalog import make_fix
+from nndiag.advice.common import (
+    MAX_DERIVATIVE,
+    PROBE,
+    Advisor,
+    activation_counts,
+    activation_fix,
+    between,
+    dominant_saturating,
+    fmt,
+    has_norm,
+    he_init_fix,
+    init_story,
+    norm_fix,
+    probe_kinds,
+    recurrent_fixes,
+)
+from nndiag.findings import Finding, Fix
+from nndiag.records import ProbeRecord
+
+
+def vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    """Where the gradient shrinks, what on the path shrinks it, and how to keep it."""
+    ev = finding.evidence
+    weight_layers = probe.weight_layers()
+    parts: list[str] = []
+    start = probe.layer(ev["min_depth_gain_layer"]) if ev.get("min_depth_gain_layer") else None
+    path = between(probe, start) if start else probe.layers
+    saturating = dominant_saturating(activation_counts(path))
+    if "depth" in ev["judged_by"] and start is not None and ev["min_depth_gain"] == 0:
+        parts.append(f"No gradient at all reaches {start.label}: the path from the output to it "
+                     "is cut (a detached tensor, a zero multiplier, or units that never fire).")
+    elif "depth" in ev["judged_by"] and start is not None:
+        parts.append(f"The gradient reaching {start.label} is "
+                     f"{fmt(ev['min_depth_gain'])} of the gradient at the model output: it "
+                     f"shrinks {fmt(1 / ev['min_depth_gain'])}x across the "
+                     f"{sum(1 for r in path if r.has_weights) - 1} weight layers between it and "
+                     "the output.")
+    if "scale" in ev["judged_by"]:
+        first, last = (weight_layers[0], weight_layers[-1]) if weight_layers else (None, None)
+        ratio = (first.grad_norm / last.grad_norm if first and last and first.grad_norm
+                 and last.grad_norm else None)
+        top = probe.layer(ev["max_grad_to_weight_layer"])
+        parts.append(f"Every layer's gradient is tiny next to its weights: the largest "
+                     f"||g||/||w|| is {fmt(ev['max_grad_to_weight'])}, at "
+                     f"{top.label}, while the loss is still "
+                     f"{fmt(probe.loss)}, so no layer learns at a normal learning rate, even "
+                     f"though the first/last weight-gradient ratio ({fmt(ratio)}) looks "
+                     "unremarkable.")
+    if saturating:
+        kind, n = saturating
+        parts.append(f"The path crosses {n} {kind} activations; a {kind} passes at most "
+                     f"{MAX_DERIVATIVE[kind]:.2g} of the backward signal"
+                     + (f", so {n} of them multiply it by at most "
+                        f"{MAX_DERIVATIVE[kind] ** n:.1e}." if MAX_DERIVATIVE[kind] < 1 else
+                        " and much less once saturated."))
+    story, scale = init_story([r for r in path if r.has_weights])
+    if story:
+        parts.append(story)
+    if not has_norm(probe):
+        parts.append("No normalization layer re-scales the signal between layers.")
+    kinds = probe_kinds(probe)
+    fixes: list[Fix] = []
+    if saturating:
+        fixes.append(activation_fix(saturating[0]))
+    elif scale is not None and scale < 0.8:
+        fixes.append(he_init_fix(kinds))
+    fixes += [norm_fix(kinds), make_fix("skip_connections"), *recurrent_fixes(kinds)]
+    return " ".join(parts), fixes
+
+
+def exploding(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    """Where the gradient grows, whether the weight scale explains it, and how to bound it."""
+    ev = finding.evidence
+    parts = []
+    if "depth" in ev["judged_by"]:
+        parts.append(f"The gradient at {probe.layer(ev['max_depth_gain_layer']).label} is "
+                     f"{fmt(ev['max_depth_gain'])}x the gradient at the model output: it grows "
+                     "on its way back to the early layers.")
+    if "scale" in ev["judged_by"]:
+        parts.append(f"At {probe.layer(ev['max_grad_to_weight_layer']).label} the gradient is "
+                     f"{fmt(ev['max_grad_to_weight'])}x the size of the weights, so a single "
+                     "SGD step would overwrite them.")
+    story, scale = init_story(probe.weight_layers())
+    if story:
+        parts.append(story)
+    biggest = max((r for r in probe.layers if r.std is not None), key=lambda r: r.std or 0.0,
+                  default=None)
+    if biggest is not None and biggest.std and biggest.std > 100:
+        parts.append(f"Forward activations reach std {fmt(biggest.std)} at {biggest.label} and "
+                     f"the loss is {fmt(probe.loss)}.")
+    kinds = probe_kinds(probe)
+    fixes: list[Fix] = []
+    if scale is not None and scale > 1.25:
+        fixes.append(he_init_fix(kinds))
+    fixes += [make_fix("gradient_clipping"), norm_fix(kinds), *recurrent_fixes(kinds)]
+    return " ".join(parts), fixes
+
+
+ADVISORS: dict[tuple[str, str], Advisor] = {
+    (PROBE, "vanishing_gradients"): vanishing,
+    (PROBE, "exploding_gradients"): exploding,
+}

@@ -1,0 +1,125 @@
+"""Advice on findings over a recorded run.
+
+The loss curve, NaN/Inf, gradients, dead units and update ratios through training.
+
+The run's layer kinds come from its ``meta.json`` only (``run_layer_kinds``): advice never
+reads the sampled steps.
+"""
+
+from __future__ import annotations
+
+from nndiag.advice.catalog import make_fix
+from nndiag.advice.common import RUN, Advisor, bias_fix, he_init_fix, norm_fix
+from nndiag.findings import Finding, Fix
+from nndiag.runlog import RunLog
+
+
+def run_layer_kinds(log: RunLog) -> set[str]:
+    """The module class names of the run's weight layers, as recorded in its meta."""
+    return {layer.get("kind", "") for layer in log.meta.get("weight_layers", [])}
+
+
+def _when(finding: Finding) -> str:
+    first = finding.evidence.get("first_step")
+    return f" It appears at step {first}." if first is not None else ""
+
+
+def nan_inf(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """The step NaN/Inf appeared, and the usual causes."""
+    ev = finding.evidence
+    return (f"NaN/Inf reached {ev['where']} at step {ev.get('first_step')}; every step after "
+            "it is lost. The steps before it usually show the loss or the gradient norm "
+            "climbing: a learning rate too high for this model, or an overflow in the loss."), [
+                make_fix("lower_learning_rate"), make_fix("gradient_clipping")]
+
+
+def loss_diverging(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """A loss that fell and then climbed back."""
+    ev = finding.evidence
+    return (f"The running median of the loss went from {ev['start']:.4g} down to "
+            f"{ev['best']:.4g} (step {ev['best_step']}) and ends at {ev['end']:.4g}."
+            f"{_when(finding)} A loss that climbs back is the signature of a learning rate that "
+            "became too high for the sharper region training reached."), [
+                make_fix("lower_learning_rate"), make_fix("lr_warmup"),
+                make_fix("gradient_clipping")]
+
+
+def loss_not_decreasing(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """A loss that stays within its noise."""
+    ev = finding.evidence
+    return (f"The running median of the loss moved from {ev['start']:.4g} to {ev['end']:.4g}, "
+            f"within its noise ({ev['noise']:.3g}). Either the updates are too small (see "
+            "update_ratio_low), the gradient does not reach the layers (see "
+            "vanishing_gradients), or the targets cannot be learned from the inputs."), [
+                make_fix("raise_learning_rate"), he_init_fix(run_layer_kinds(log))]
+
+
+def loss_oscillating(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """A loss that swings without falling."""
+    ev = finding.evidence
+    return (f"In the second half of the run the loss swings by {ev['relative_amplitude']:.0%} "
+            f"of its level ({ev['amplitude']:.3g} around {ev['level']:.3g}) without falling "
+            "further: steps overshoot the minimum they aim at."), [
+                make_fix("lower_learning_rate"), make_fix("lr_warmup")]
+
+
+def vanishing_gradients(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """The spread of gradient-to-weight ratios across layers late in the run."""
+    ev = finding.evidence
+    kinds = run_layer_kinds(log)
+    return (f"At the median sampled step of the second half, the smallest gradient-to-weight "
+            f"ratio of a Linear/conv layer is {ev['spread']:.1e} of the largest; the weakest "
+            f"layer is {ev['weakest_layer']}.{_when(finding)} Those layers barely learn."), [
+                norm_fix(kinds), make_fix("skip_connections"), he_init_fix(kinds)]
+
+
+def exploding_gradients(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """A layer whose gradient dwarfs its weights late in the run."""
+    ev = finding.evidence
+    return (f"The gradient of {ev['layer']} reaches {ev['max_grad_to_weight']:.1e}x its "
+            f"weights at the median sampled step of the second half.{_when(finding)}"), [
+                make_fix("gradient_clipping"), make_fix("lower_learning_rate"),
+                he_init_fix(run_layer_kinds(log))]
+
+
+def dead_relu(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """Units that died during training."""
+    ev = finding.evidence
+    return (f"By the last sampled step, {len(ev['dead_fraction'])} ReLU layer(s) have units "
+            f"that never fire on the sampled batch (from {(ev.get('initial') or 0):.0%} at the "
+            f"start).{_when(finding)} Units that die during training usually die after a "
+            "too-large update pushed their bias negative."), [
+                make_fix("lower_learning_rate"), make_fix("lr_warmup"),
+                bias_fix(finding.layers[:3])]
+
+
+def _update_ratios(finding: Finding) -> str:
+    ratios = finding.evidence["median_update_ratio"]
+    listed = ", ".join(f"{k}: {v:.1e}" for k, v in list(ratios.items())[:4])
+    return (f"The median of ||w_after - w_before|| / ||w_before|| per step is "
+            f"{listed}{' ...' if len(ratios) > 4 else ''}; the rule of thumb is about 1e-3.")
+
+
+def update_ratio_high(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """Steps that move the weights by a large share of their norm."""
+    return _update_ratios(finding), [make_fix("lower_learning_rate"), make_fix("lr_warmup")]
+
+
+def update_ratio_low(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """Steps that barely move the weights."""
+    return (_update_ratios(finding) + " A layer fed by dead units or a vanishing gradient "
+            "stops updating too: if those are reported, fix them first."), [
+                make_fix("raise_learning_rate")]
+
+
+ADVISORS: dict[tuple[str, str], Advisor] = {
+    (RUN, "nan_inf"): nan_inf,
+    (RUN, "loss_diverging"): loss_diverging,
+    (RUN, "loss_not_decreasing"): loss_not_decreasing,
+    (RUN, "loss_oscillating"): loss_oscillating,
+    (RUN, "vanishing_gradients"): vanishing_gradients,
+    (RUN, "exploding_gradients"): exploding_gradients,
+    (RUN, "dead_relu"): dead_relu,
+    (RUN, "update_ratio_high"): update_ratio_high,
+    (RUN, "update_ratio_low"): update_ratio_low,
+}
