@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 SEVERITIES = ("info", "warning", "error")
 
@@ -67,14 +67,22 @@ class Finding:
 class Report:
     """The result of a command: findings plus the data they were judged on.
 
+    A command with top-level data of its own (lr-find's curve) subclasses it, adds its fields
+    and lists its JSON keys in ``json_fields``; ``status``, ``fails``, ``finding`` and
+    ``to_dict`` are shared.
+
     Attributes:
         schema: ``nndiag.<command>/<version>``.
         findings: Findings, most severe first.
         layers: Per-layer statistics (plain dicts).
         summary: Facts about the model and the probe.
         notes: Things the user should know that are not findings (unmeasured layers...).
+        json_fields: The top-level keys of the JSON contract after ``schema`` and ``status``,
+            in order (a class attribute; a subclass sets its own).
 
     """
+
+    json_fields: ClassVar[tuple[str, ...]] = ("findings", "layers", "summary", "notes")
 
     schema: str
     findings: list[Finding] = field(default_factory=list)
@@ -98,7 +106,7 @@ class Report:
         return next((f for f in self.findings if f.id == finding_id), None)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON contract of DESIGN.md as plain data."""
+        """The JSON contract of DESIGN.md as plain data: schema, status, then ``json_fields``."""
         data = asdict(self)
-        return {"schema": self.schema, "status": self.status, **{
-            k: v for k, v in data.items() if k != "schema"}}
+        return {"schema": self.schema, "status": self.status,
+                **{name: data[name] for name in self.json_fields}}

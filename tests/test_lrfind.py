@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag import UsageError, examples
-from nndiag.lrfind import _early_stop, lr_find, suggest_lr
+from nndiag.findings import Report
+from nndiag.lrfind import LRFindResult, lr_find, suggest_lr
+from nndiag.lrfind.sweep import _early_stop
 
 LRS = np.logspace(-7, 1, 100)
 
@@ -165,6 +167,46 @@ def test_sweep_finds_a_valley_and_restores_everything_bitwise():
     assert torch.equal(torch.get_rng_state(), rng[0])
     assert random.getstate() == rng[1]
     assert np.array_equal(np.random.get_state()[1], rng[2][1])
+
+
+def test_interrupted_sweep_still_restores_the_model():
+    model = examples.resnet_bn(widths=(8,), blocks=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+
+    def interrupt(step: int, steps: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    images = [(torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))) for _ in range(2)]
+    torch.set_rng_state(rng)
+    with pytest.raises(KeyboardInterrupt):
+        lr_find(model, images, steps=30, start_lr=1e-3, end_lr=10.0, progress=interrupt)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_result_is_a_report_with_the_lr_find_json_contract():
+    result = lr_find(examples.he_mlp(depth=3, width=16), _data(), optimizer="sgd", steps=20)
+    assert isinstance(result, Report) and isinstance(result, LRFindResult)
+    data = result.to_dict()
+    # The key order of nndiag.lr-find/1 as it has always been written.
+    assert list(data) == ["schema", "status", "suggested_lr", "lr_low", "lr_high", "lrs",
+                          "losses", "smoothed", "stopped_because", "reason", "findings",
+                          "summary"]
+    schema = json.loads(resources.files("nndiag").joinpath(
+        "schemas/lr-find-1.schema.json").read_text())
+    assert set(data) == set(schema["properties"]) == set(schema["required"])
+    assert data["schema"] == "nndiag.lr-find/1" and data["status"] == result.status
+    assert data["suggested_lr"] == result.suggested_lr and data["lrs"] == result.lrs
+    warned = LRFindResult(suggested_lr=None, lr_low=None, lr_high=None, lrs=[], losses=[],
+                          smoothed=[], stopped_because="completed", reason="r",
+                          findings=suggest_lr(LRS[:5], valley()[:5]).findings)
+    assert warned.status == "error" and warned.fails("warning")
+    assert warned.finding("lr_curve_too_short") is not None
 
 
 def test_param_groups_keep_their_learning_rate_ratios():

@@ -64,8 +64,8 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
     from nndiag.losses import resolve_loss
     from nndiag.lrfind import lr_find as run_lr_find
     from nndiag.optimizers import optimizer_factory
-    from nndiag.render.json import jsonable
-    from nndiag.render.text import render_lr_find
+    from nndiag.render.json import render_json
+    from nndiag.render.text import render_report
     from nndiag.specs import load_data, load_model
 
     if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
@@ -86,10 +86,7 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
         save_figure(plot_lr_curve(result), plot)
         out.message(f"wrote {plot}")
     if json_output:
-        import json
-
-        out.stdout.out(json.dumps(jsonable(result.to_dict()), indent=2, allow_nan=False),
-                       highlight=False)
+        out.stdout.out(render_json(result), highlight=False)
     else:
-        render_lr_find(result, out.stdout)
+        render_report(result, out.stdout)
     return 1 if result.fails(fail_on) else 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console, Group
 from rich.padding import Padding
@@ -11,7 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from nndiag.findings import Finding, Fix, Report
-from nndiag.lrfind import LRFindResult
+
+if TYPE_CHECKING:
+    from nndiag.lrfind import LRFindResult
 
 STYLE = {"ok": "bold green", "info": "cyan", "warning": "bold yellow", "error": "bold red"}
 MAX_TABLE_ROWS = 40
@@ -110,11 +112,15 @@ def _layer_rows(report: Report) -> list[dict[str, Any]]:
     return keep
 
 
-def _status_and_findings(report: Report, console: Console) -> None:
-    console.print(_status_line(report))
+def _findings(report: Report, console: Console) -> None:
     for finding in report.findings:
         console.print()
         console.print(_finding(finding))
+
+
+def _status_and_findings(report: Report, console: Console) -> None:
+    console.print(_status_line(report))
+    _findings(report, console)
 
 
 def layer_table(report: Report) -> Table:
@@ -228,6 +234,8 @@ def render_report(report: Report, console: Console) -> None:
     """Print any report as rich text, choosing the layout by its schema."""
     if report.schema.startswith("nndiag.inspect-checkpoint/"):
         render_checkpoint_text(report, console)
+    elif report.schema.startswith("nndiag.lr-find/"):
+        render_lr_find(cast("LRFindResult", report), console)
     else:
         render_text(report, console)
 
@@ -256,9 +264,7 @@ def render_lr_find(result: LRFindResult, console: Console) -> None:
         console.print(Padding(Text(f"{len(ratios)} param groups: their learning rates keep the "
                                    f"ratios {', '.join(f'{r:g}' for r in ratios)}",
                                    style="dim"), (0, 0, 0, 2)))
-    for finding in result.findings:
-        console.print()
-        console.print(_finding(finding))
+    _findings(result, console)
     table = Table(title="Loss by learning rate", title_justify="left", header_style="bold",
                   box=None, pad_edge=False)
     for column in ("learning rate", "loss", "smoothed"):

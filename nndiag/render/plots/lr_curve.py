@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from nndiag.lrfind import LRFindResult
 from nndiag.render.plots import figure_and_axes
+
+if TYPE_CHECKING:
+    from nndiag.lrfind import LRFindResult
 
 
 def plot_lr_curve(result: LRFindResult, ax: Axes | None = None) -> Figure:
