@@ -142,13 +142,7 @@ def inspect_model(
 
 def build_report(probe: ProbeRecord, findings: list[Finding]) -> Report:
     """Assemble the inspect report from a probe and its findings."""
-    reference = probe.output_grad_norm
-    layers = []
-    for record in probe.layers:
-        row = asdict(record)
-        row["depth_gain"] = (record.grad_out_norm / reference
-                             if reference and record.grad_out_norm is not None else None)
-        layers.append(row)
+    layers = [asdict(record) for record in probe.layers]
     notes = []
     if probe.not_run:
         notes.append("not measured (never ran during the probe): " + ", ".join(probe.not_run))

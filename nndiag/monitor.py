@@ -8,38 +8,37 @@
     monitor.close()          # or use ``with nndiag.Monitor(...) as monitor:``
 
 Every step records the loss and the learning rate (kept on the device and written in batches,
-so an unsampled step costs a list append). Every ``every``-th step is sampled: per layer the
-activation mean and std, dead fraction (ReLU family) and saturation (sigmoid/tanh family) from
-forward hooks; gradient norms after accumulation and before clipping (read at the end of each
-backward pass); the true update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from
-the optimizer's step hooks, valid for any optimizer (on a fixed strided subset of at most
-``update_sample`` elements of each big tensor: copying every weight twice a step is what makes
-``every=1`` expensive, and the ratio of a 65,536-element subset is within ~1% of the whole; with
-an optimizer, the weight norm of such a tensor is its subset's, scaled by
-sqrt(elements / subset)); and the global gradient norm. Statistics are reduced on the device
-and moved to the host once per sampled step.
+so an unsampled step costs a list append). Every ``every``-th step is sampled, with the same
+measurement core as ``nndiag inspect`` (``nndiag.capture.sites``): per call site (modules and
+activations applied as functions, named alike) the activation mean, std and largest value, the
+dead fraction (ReLU family) and saturation (sigmoid/tanh family), reduced a group of
+same-shaped outputs at a time when the forward pass ends; gradient norms after accumulation
+and before clipping (read at the end of each backward pass); the true update-to-weight ratio
+``||w_after - w_before|| / ||w_before||`` from the optimizer's step hooks, valid for any
+optimizer (on a fixed strided subset of at most ``update_sample`` elements of each big tensor:
+the ratio of a random-like 4,096-element subset is within a few percent of the whole, against
+the orders of magnitude the rules judge; the weight norm of such a tensor is its subset's,
+scaled by sqrt(elements / subset)); and the global gradient norm. Statistics are reduced on the
+device and moved to the host once per sampled step.
 
-Hook policy: the optimizer's step hooks are registered once and gated. Forward and gradient
-hooks are attached just before a sampled step and removed after it (with ``every=1`` they stay):
-a module forward hook, even one that returns at once, moves every module call to PyTorch's slow
-path and costs ~4% of a small model's step, which gated-but-registered hooks would pay on every
-step (``benchmarks/monitor_overhead.py``).
+Hook policy: the optimizer's step hooks are registered once and gated. The recorder's two
+global module hooks and the gradient hooks are attached just before a sampled step and removed
+after it (with ``every=1`` they stay): a module forward hook, even one that returns at once,
+moves every module call to PyTorch's slow path, which unsampled steps should not pay.
 
-Under ``torch.distributed`` every rank measures its own batch and rank 0 writes one log. The
-reduction, done with two collectives per sampled step and none otherwise: losses, activation
-sums and sums of squares are summed over ranks (so means and stds are those of the union of the
-ranks' batches), saturation counts summed; "unit fired" masks take the maximum (a unit is
-dead only if it never fired on any rank). Gradient norms, weights and update
-ratios are read from rank 0. Under DDP the gradients are read at the optimizer step, once DDP
-has averaged them (so after any clipping the loop does), not at the end of backward, where
-each rank still holds its own.
+Under ``torch.distributed`` every rank measures its own batch and rank 0 writes one log. On a
+sampled step, three collectives: the losses, and the activation moments, are summed over ranks
+(means and stds are those of the union of the ranks' batches); largest values and "unit fired"
+masks take the maximum (a unit is dead only if it fired on no rank). Gradient norms, weights and
+update ratios are rank 0's, read at the optimizer step, once DDP has averaged the gradients
+(so after any clipping the loop does), not at the end of backward, where each rank still holds
+its own.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +46,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from nndiag.capture.layers import (
-    RELU_FAMILY,
-    SATURATING,
-    hardtanh_bounds,
-    is_measured_module,
-    is_weight_name,
-    layer_kind,
-    module_activation,
-)
-from nndiag.capture.probe import ROOT_NAME, _owners
+from nndiag.capture.layers import layer_kind
+from nndiag.capture.probe import ROOT_NAME, owner_fans, owners
+from nndiag.capture.sites import SiteRecorder
 from nndiag.errors import UsageError
+from nndiag.records import ParamGroup, StepRecord, attach_parameters
 from nndiag.runlog import RunWriter
-from nndiag.specs import primary_output
-from nndiag.stats.activations import activation_sums, alive_units
+
+# Losses are written at least this often (seconds), so a killed run keeps its history.
+FLUSH_SECONDS = 1.0
 
 
 def _distributed() -> tuple[int, int]:
@@ -69,14 +63,31 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-class _SiteAccumulator:
-    """One call site's per-micro-batch sums during a sampled step."""
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(tensor, op=reduce_op)
+    return tensor
 
-    def __init__(self, name: str, kind: str, activation: str | None) -> None:
-        self.name, self.kind, self.activation = name, kind, activation
-        self.vectors: list[torch.Tensor] = []
-        self.numels: list[int] = []
-        self.alive: torch.Tensor | None = None
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper (anything with an ``.optimizer``)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
+            break
+        optimizer = inner
+    return optimizer
+
+
+class _WeightGroup:
+    """One module's trainable weights as the recorder tracks them."""
+
+    def __init__(self, name: str, kind: str, params: list[nn.Parameter],
+                 weights: list[nn.Parameter], fans: tuple[int | None, int | None]) -> None:
+        self.name, self.kind, self.params, self.weights = name, kind, params, weights
+        self.numel = sum(p.numel() for p in params)
+        self.weight_numel = sum(w.numel() for w in weights)
+        self.fan_in, self.fan_out = fans
 
 
 class Monitor:
@@ -84,7 +95,8 @@ class Monitor:
 
     Args:
         model: The model being trained.
-        optimizer: Its optimizer (for learning rates and update ratios); optional.
+        optimizer: Its optimizer (for learning rates and update ratios); optional. Wrapped
+            optimizers (anything with an ``.optimizer`` attribute) are unwrapped.
         every: Sample every ``every``-th step (the first step is always sampled).
         log_dir: The run directory to write (one per run); ``None`` keeps records in memory
             only (``monitor.samples``).
@@ -95,7 +107,7 @@ class Monitor:
 
     Raises:
         UsageError: ``every`` below 1, a ``model`` that is not an ``nn.Module``, or a
-            ``log_dir`` that already holds a run.
+            ``log_dir`` that already holds a run or cannot be written.
 
     Example:
         >>> with Monitor(model, optimizer, every=50, log_dir="runs/a") as monitor:  # doctest: +SKIP
@@ -106,47 +118,46 @@ class Monitor:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  every: int = 50, log_dir: str | Path | None = None,
-                 activations: bool = True, update_sample: int = 1 << 16) -> None:
+                 activations: bool = True, update_sample: int = 1 << 12) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"Monitor needs an nn.Module, got {type(model).__name__}")
-        if every < 1:
-            raise UsageError(f"every must be at least 1, got {every}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UsageError(f"every must be a whole number of at least 1, got {every!r}")
+        if update_sample < 0:
+            raise UsageError(f"update_sample must be 0 or more, got {update_sample}")
+        optimizer = unwrap_optimizer(optimizer)
         self.model, self.optimizer, self.every = model, optimizer, every
-        self.activations = activations
         self.rank, self.world_size = _distributed()
+        self._recorder = SiteRecorder(model, deferred=True) if activations else None
 
-        self._names: dict[int, tuple[str, str, str | None]] = {}
-        for name, module in model.named_modules():
-            if id(module) not in self._names and is_measured_module(module):
-                self._names[id(module)] = (name or ROOT_NAME, layer_kind(module),
-                                           module_activation(module))
         self._trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = []
-        for owner in _owners(model):
-            weights = [p for n, p in owner.params if p.requires_grad and is_weight_name(n)]
-            weights = weights or [p for _, p in owner.params if p.requires_grad]
+        self._groups = []
+        for owner in owners(model):
+            params = [p for _, p in owner.params if p.requires_grad]
+            weights = owner.weights(trainable_only=True)
             if weights:
-                groups.append((owner.name, layer_kind(owner.module), weights))
-        self.weight_layers = [(name, kind) for name, kind, _ in groups]
-        self._weights = [p for _, _, ws in groups for p in ws]
+                self._groups.append(_WeightGroup(owner.name, layer_kind(owner.module), params,
+                                                 weights, owner_fans(owner)))
+        self.weight_layers = [(g.name, g.kind) for g in self._groups]
+        self._weights = [w for g in self._groups for w in g.weights]
         self._weight_layer_index = torch.tensor(
-            [i for i, (_, _, ws) in enumerate(groups) for _ in ws], dtype=torch.long)
-        # Where each weight sits among the trainable parameters (whose gradients are read).
+            [i for i, g in enumerate(self._groups) for _ in g.weights], dtype=torch.long)
         trainable_index = {id(p): i for i, p in enumerate(self._trainable)}
         self._weight_positions = torch.tensor([trainable_index[id(p)] for p in self._weights],
                                               dtype=torch.long)
+        self._group_positions = [[trainable_index[id(p)] for p in g.params]
+                                 for g in self._groups]
 
         self.step_count = 0
-        self.samples: list[dict[str, Any]] = []
+        self.samples: list[StepRecord] = []
         self._pending_losses: list[Any] = []
         self._pending_lrs: list[float | None] = []
         self._pending_first = 0
-        self._sites: dict[str, _SiteAccumulator] = {}
-        self._calls: Counter[str] = Counter()
-        self._forward_handles: list[RemovableHandle] = []
+        self._last_flush = time.monotonic()
         self._grad_handles: list[RemovableHandle] = []
         self._grad_queued = False
         self._grad_sq: torch.Tensor | None = None
+        self._grad_present: list[bool] | None = None
         self._before: list[torch.Tensor] | None = None
         self._before_norms: torch.Tensor | None = None
         self._update_strides = [max(1, math.ceil(p.numel() / update_sample))
@@ -178,53 +189,31 @@ class Monitor:
             self._optimizer_handles = [optimizer.register_step_pre_hook(self._before_step),
                                        optimizer.register_step_post_hook(self._after_step)]
         self._prepare(0)
-
     # ------------------------------------------------------------------ hooks
 
     def _prepare(self, step: int) -> None:
         sampled = step % self.every == 0
         if sampled and not self._sampling:
-            if self.activations:
-                self._forward_handles = [m.register_forward_hook(self._on_forward)
-                                         for m in self.model.modules() if id(m) in self._names]
+            if self._recorder is not None:
+                self._recorder.attach()
+                self._recorder.active = True
             self._grad_handles = [p.register_post_accumulate_grad_hook(self._on_grad)
                                   for p in self._trainable]
         elif not sampled and self._sampling:
             self._detach_sampling_hooks()
         self._sampling = sampled
-        self._sites, self._grad_sq, self._update, self._after_norms = {}, None, None, None
-        self._calls.clear()
+        self._grad_sq, self._grad_present, self._update, self._after_norms = (None, None, None,
+                                                                              None)
+        if self._recorder is not None:
+            self._recorder.reset()
 
     def _detach_sampling_hooks(self) -> None:
-        for handle in self._forward_handles + self._grad_handles:
+        if self._recorder is not None:
+            self._recorder.active = False
+            self._recorder.detach()
+        for handle in self._grad_handles:
             handle.remove()
-        self._forward_handles, self._grad_handles = [], []
-
-    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        name, kind, activation = self._names[id(module)]
-        tensor = primary_output(output)
-        if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
-            return
-        count = self._calls[name]
-        self._calls[name] += 1
-        site_name = name if count == 0 else f"{name}#{count + 1}"
-        site = self._sites.get(site_name)
-        if site is None:
-            site = self._sites[site_name] = _SiteAccumulator(site_name, kind, activation)
-        pre = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        saturating = activation if activation in SATURATING else None
-        bounds = hardtanh_bounds(activation, module) if saturating else (-1.0, 1.0)
-        with torch.no_grad():
-            site.vectors.append(activation_sums(tensor, saturating,
-                                                pre if saturating and pre is not tensor
-                                                else None, bounds))
-            site.numels.append(tensor.numel())
-            if activation in RELU_FAMILY:
-                alive = alive_units(tensor)
-                if site.alive is None or site.alive.shape != alive.shape:
-                    site.alive = alive
-                else:
-                    site.alive |= alive
+        self._grad_handles = []
 
     def _on_grad(self, param: torch.Tensor) -> None:
         if self._reads_grads_at_step:
@@ -237,6 +226,7 @@ class Monitor:
         """End of a backward pass: the accumulated, not yet clipped gradients."""
         self._grad_queued = False
         with torch.no_grad():
+            self._grad_present = [p.grad is not None for p in self._trainable]
             grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device)
                      for p in self._trainable]
             self._grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
@@ -290,15 +280,18 @@ class Monitor:
         self._pending_lrs.append(float(lr) if lr is not None else None)
         if self._sampling:
             self._finish_sample()
-        elif len(self._pending_losses) >= self.every and self.world_size == 1:
+        elif self.world_size == 1 and (len(self._pending_losses) >= self.every or
+                                       time.monotonic() - self._last_flush > FLUSH_SECONDS):
             self._flush_losses(self._loss_values())
         self.step_count += 1
         self._prepare(self.step_count)
 
+    def _device(self) -> torch.device:
+        return next((p.device for p in self._trainable), torch.device("cpu"))
+
     def _loss_tensor(self) -> torch.Tensor:
-        device = next((p.device for p in self._trainable), torch.device("cpu"))
         return torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(v) for v in
-                            self._pending_losses]).to(device, torch.float32)
+                            self._pending_losses]).to(self._device(), torch.float32)
 
     def _loss_values(self) -> list[float]:
         return self._loss_tensor().cpu().tolist()
@@ -308,123 +301,74 @@ class Monitor:
             self._writer.write_steps(self._pending_first, values, self._pending_lrs)
         self._pending_first += len(values)
         self._pending_losses, self._pending_lrs = [], []
+        self._last_flush = time.monotonic()
 
     def _finish_sample(self) -> None:
-        """One device-to-host transfer (and, under DDP, two collectives) for the whole step."""
-        sites = list(self._sites.values())
-        device = next((p.device for p in self._trainable), torch.device("cpu"))
+        """One device-to-host transfer (and, under DDP, three collectives) for the step."""
+        device = self._device()
+        recorder = self._recorder
         with torch.no_grad():
-            sums = self._site_sums(sites, device)
-            dead = self._dead_fractions(sites, device)
-            losses = self._loss_tensor()
-            summable = torch.cat([losses.double(), sums.reshape(-1)])
+            losses = self._loss_tensor().double()
             if self.world_size > 1:
-                torch.distributed.all_reduce(summable)
-                summable[: len(losses)] /= self.world_size
+                _all_reduce(losses, "sum")
+                losses /= self.world_size
+            sites = recorder.collect(_all_reduce if self.world_size > 1 else None) \
+                if recorder is not None else torch.zeros(0, dtype=torch.float64, device=device)
             if self._after_norms is not None:  # measured at the optimizer step already
                 weights = self._after_norms
             elif self._weights:
                 weights = torch.stack(torch._foreach_norm([p.detach() for p in self._weights]))
-                weights = weights.float()
             else:
                 weights = torch.zeros(0, device=device)
-            pieces = [summable, dead.double(), self._per_layer(weights.square()).double()]
+            pieces = [losses, sites, self._per_layer(weights.float().square())]
             grad_sq = self._grad_sq
-            has_layer_grads = grad_sq is not None and bool(self._weights)
             if grad_sq is not None:
-                pieces.append(grad_sq.sum().double().reshape(1))
-                if has_layer_grads:
+                pieces.append(grad_sq.sum().reshape(1))
+                if self._weights:
                     positions = self._weight_positions.to(grad_sq.device)
-                    pieces.append(self._per_layer(grad_sq[positions]).double())
+                    pieces.append(self._per_layer(grad_sq[positions]))
             update = self._update
             if update is not None:
-                pieces += [self._per_layer(update[0].square()).double(),
-                           self._per_layer(update[1].square()).double()]
-            host = torch.cat([p.reshape(-1).cpu() for p in pieces]).tolist()
-        self._record(sites, host, len(self._pending_losses), grad_sq is not None,
-                     has_layer_grads, update is not None)
+                pieces += [self._per_layer(update[0].square()),
+                           self._per_layer(update[1].square())]
+            host = torch.cat([p.double().reshape(-1).to(device) for p in pieces]).cpu().tolist()
+        self._record(host, len(self._pending_losses), len(sites), grad_sq is not None,
+                     update is not None)
 
     def _per_layer(self, values: torch.Tensor) -> torch.Tensor:
         index = self._weight_layer_index.to(values.device)
-        return torch.zeros(len(self.weight_layers), device=values.device,
+        return torch.zeros(len(self._groups), device=values.device,
                            dtype=values.dtype).index_add_(0, index, values)
 
-    @staticmethod
-    def _site_sums(sites: list[_SiteAccumulator], device: torch.device) -> torch.Tensor:
-        """Per site, the summable [n, S1, S2, saturated count, pre S1, pre S2] (float64)."""
-        if not sites:
-            return torch.zeros(0, 6, dtype=torch.float64, device=device)
-        counts = [len(site.vectors) for site in sites]
-        v = torch.stack([vec for site in sites for vec in site.vectors]).double()
-        n = torch.tensor([numel for site in sites for numel in site.numels],
-                         dtype=torch.float64, device=v.device)
-        shift, total, squares = v[:, 0], v[:, 1], v[:, 2]
-        pre_shift, pre_total, pre_squares = v[:, 5], v[:, 6], v[:, 7]
-        per_batch = torch.stack([
-            n, total + n * shift, squares + 2 * shift * total + n * shift * shift, v[:, 4] * n,
-            pre_total + n * pre_shift,
-            pre_squares + 2 * pre_shift * pre_total + n * pre_shift * pre_shift], dim=1)
-        site_index = torch.repeat_interleave(torch.arange(len(sites), device=v.device),
-                                             torch.tensor(counts, device=v.device))
-        return torch.zeros(len(sites), 6, dtype=torch.float64, device=v.device) \
-            .index_add_(0, site_index, per_batch).to(device)
-
-    def _dead_fractions(self, sites: list[_SiteAccumulator], device: torch.device
-                        ) -> torch.Tensor:
-        """Dead-unit fraction per site (NaN where not measured); DDP: a unit alive anywhere."""
-        masks = [site.alive for site in sites if site.alive is not None]
-        if self.world_size > 1 and masks:
-            flat = torch.cat([m.float().reshape(-1) for m in masks])
-            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
-            masks = list(flat.split([m.numel() for m in masks]))
-        fractions, it = [], iter(masks)
-        for site in sites:
-            if site.alive is None:
-                fractions.append(torch.full((), math.nan, device=device))
-            else:
-                fractions.append(1.0 - next(it).float().mean().to(device))
-        return torch.stack(fractions) if fractions else torch.zeros(0, device=device)
-
-    def _record(self, sites: list[_SiteAccumulator], host: list[float], n_losses: int,
-                has_grads: bool, has_layer_grads: bool, has_update: bool) -> None:
+    def _record(self, host: list[float], n_losses: int, n_sites: int, has_grads: bool,
+                has_update: bool) -> None:
         values = iter(host)
 
         def take(count: int) -> list[float]:
             return [next(values) for _ in range(count)]
 
         losses = take(n_losses)
-        sums = [take(6) for _ in sites]
-        dead = [None if math.isnan(v) else v for v in take(len(sites))]
-        weight_sq = take(len(self.weight_layers))
+        layers = self._recorder.records(take(n_sites)) if self._recorder is not None else []
+        weight_sq = take(len(self._groups))
         grad_norm = math.sqrt(next(values)) if has_grads else None
-        grad_layer = [math.sqrt(v) for v in take(len(self.weight_layers))] \
-            if has_layer_grads else None
+        grad_sq = take(len(self._groups)) if has_grads and self._weights else None
         update = None
         if has_update:
-            deltas, before = take(len(self.weight_layers)), take(len(self.weight_layers))
+            deltas, before = take(len(self._groups)), take(len(self._groups))
             update = [math.sqrt(d) / math.sqrt(b) if b > 0 else None
                       for d, b in zip(deltas, before, strict=True)]
-        means, stds, saturated, nonfinite = [], [], [], []
-        for n, s1, s2, sat, _, _ in sums:
-            mean = s1 / n if n else math.nan
-            variance = s2 / n - mean * mean if n else math.nan
-            means.append(mean)
-            stds.append(math.sqrt(max(variance, 0.0)) if math.isfinite(variance) else variance)
-            saturated.append(sat / n if n and sat == sat else None)
-            nonfinite.append(not (math.isfinite(s1) and math.isfinite(s2)))
-        record = {
-            "step": self.step_count,
-            "loss": losses[-1] if losses else None,
-            "grad_norm": grad_norm,
-            "sites": {"name": [s.name for s in sites], "kind": [s.kind for s in sites],
-                      "activation": [s.activation for s in sites], "mean": means,
-                      "std": stds, "dead": dead, "saturated": saturated,
-                      "nonfinite": nonfinite},
-            "weights": {"name": [n for n, _ in self.weight_layers],
-                        "kind": [k for _, k in self.weight_layers],
-                        "weight_norm": [math.sqrt(v) for v in weight_sq],
-                        "grad_norm": grad_layer, "update_ratio": update},
-        }
+        present = self._grad_present
+        groups = []
+        for i, group in enumerate(self._groups):
+            got = [present[j] for j in self._group_positions[i]] if present is not None else []
+            groups.append(ParamGroup(
+                group.name, group.kind, group.numel, True, math.sqrt(weight_sq[i]),
+                group.weight_numel, grad_norm=math.sqrt(grad_sq[i]) if grad_sq else None,
+                used=all(got), any_used=any(got) or present is None,
+                fan_in=group.fan_in, fan_out=group.fan_out,
+                update_ratio=update[i] if update else None))
+        attach_parameters(layers, groups, ROOT_NAME)
+        record = StepRecord(self.step_count, losses[-1] if losses else None, grad_norm, layers)
         self.samples.append(record)
         self._flush_losses(losses)
         if self._writer is not None:

@@ -46,6 +46,9 @@ class LayerRecord:
         fan_out: Fan-out of a Linear/conv weight.
         init_reference: ``he`` when the layer feeds a ReLU-like activation, else ``xavier``.
         init_scale: ``weight_rms`` divided by the reference's expected standard deviation.
+        depth_gain: ``grad_out_norm`` over the gradient norm at the model output.
+        update_ratio: ``||w_after - w_before|| / ||w_before||`` of the weights over one
+            optimizer step (recorded steps only).
 
     """
 
@@ -74,6 +77,8 @@ class LayerRecord:
     fan_out: int | None = None
     init_reference: str | None = None
     init_scale: float | None = None
+    depth_gain: float | None = None
+    update_ratio: float | None = None
 
     @property
     def label(self) -> str:
@@ -161,6 +166,204 @@ class ProbeRecord:
         layers = [LayerRecord(**{k: v for k, v in d.items() if k in names}) for d in data["layers"]]
         own = {f.name for f in fields(cls)} - {"layers"}
         return cls(layers=layers, **{k: v for k, v in data.items() if k in own})
+
+
+@dataclass
+class StepRecord:
+    """What ``Monitor`` measured on one sampled training step.
+
+    The layers are ``LayerRecord``s, as in a probe: one per call site in forward order, with
+    the parameter statistics on a module's first call (``update_ratio`` included), so the
+    rules read one shape for a probe and for a recorded step.
+
+    Attributes:
+        step: The step index (0-based; one step per optimizer step).
+        loss: The loss of the step.
+        grad_norm: Global L2 norm of every trainable parameter's gradient.
+        layers: Per-site records.
+    """
+
+    step: int
+    loss: float | None = None
+    grad_norm: float | None = None
+    layers: list[LayerRecord] = field(default_factory=list)
+
+    def to_columns(self) -> dict[str, Any]:
+        """Columnar plain data: one list per ``LayerRecord`` field that any layer has."""
+        columns: dict[str, list[Any]] = {}
+        for f in fields(LayerRecord):
+            values = [getattr(layer, f.name) for layer in self.layers]
+            if any(v is not None and v is not False for v in values) or \
+                    f.name in _REQUIRED_COLUMNS:
+                columns[f.name] = values
+        return {"step": self.step, "loss": self.loss, "grad_norm": self.grad_norm,
+                "layers": columns}
+
+    @classmethod
+    def from_columns(cls, data: dict[str, Any]) -> StepRecord:
+        """Rebuild a step from ``to_columns`` output.
+
+        Raises:
+            ValueError: Data that is not such a record (wrong types, ragged columns).
+        """
+        step = data.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"step must be an integer, got {step!r}")
+        columns = data.get("layers") or {}
+        if not isinstance(columns, dict):
+            raise ValueError("layers must be an object of columns")
+        known = {f.name: f for f in fields(LayerRecord)}
+        names = columns.get("name") or []
+        if not isinstance(names, list) or any(not isinstance(c, list) or len(c) != len(names)
+                                              for c in columns.values()):
+            raise ValueError("layer columns must be lists of one length")
+        layers = []
+        for i in range(len(names)):
+            values = {k: v[i] for k, v in columns.items() if k in known}
+            values.setdefault("module", values.get("name"))
+            values.setdefault("kind", "")
+            values.setdefault("index", i)
+            layers.append(LayerRecord(**values))
+        for layer in layers:
+            _check_numbers(layer)
+        return cls(step, _number(data.get("loss")), _number(data.get("grad_norm")), layers)
+
+
+_REQUIRED_COLUMNS = frozenset({"name", "module", "kind", "index"})
+_NUMBER_FIELDS = ("mean", "std", "absmax", "dead_fraction", "saturated_fraction", "preact_mean",
+                  "preact_std", "grad_out_norm", "weight_norm", "weight_rms", "grad_norm",
+                  "grad_to_weight", "init_scale", "depth_gain", "update_ratio")
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _check_numbers(layer: LayerRecord) -> None:
+    if not isinstance(layer.name, str):
+        raise ValueError(f"layer name must be a string, got {layer.name!r}")
+    for name in _NUMBER_FIELDS:
+        setattr(layer, name, _number(getattr(layer, name)))
+
+
+@dataclass
+class ParamGroup:
+    """One module's own parameters, measured (plain numbers, for ``attach_parameters``).
+
+    Attributes:
+        name: The module's qualified name.
+        kind: Its class name.
+        params: Elements of its parameters.
+        trainable: Whether any of them requires a gradient.
+        weight_norm: L2 norm of its weights (parameters other than biases).
+        weight_numel: Elements of those weights.
+        grad_norm: L2 norm of the weights' gradient (``None`` when none was read).
+        used: True when every trainable parameter got a gradient.
+        any_used: True when any parameter got a gradient.
+        fan_in: Fan-in when the weight has a He/Xavier expectation (Linear/conv).
+        fan_out: Fan-out likewise.
+        update_ratio: ``||w_after - w_before|| / ||w_before||`` over an optimizer step.
+    """
+
+    name: str
+    kind: str
+    params: int
+    trainable: bool
+    weight_norm: float
+    weight_numel: int
+    grad_norm: float | None = None
+    used: bool = True
+    any_used: bool = True
+    fan_in: int | None = None
+    fan_out: int | None = None
+    update_ratio: float | None = None
+
+
+def ancestors(name: str, root: str) -> list[str]:
+    """Qualified names of a module's ancestors, nearest first (``root`` last)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)] + [root]
+
+
+def attach_parameters(layers: list[LayerRecord], groups: list[ParamGroup], root: str
+                      ) -> list[str]:
+    """Put each module's parameter statistics on its first call site, in place.
+
+    A module that never ran but whose parameters all got gradients (``out_proj`` inside
+    ``nn.MultiheadAttention``, whose weights are used functionally) is folded into its nearest
+    measured ancestor; with no such ancestor (submodules of a TorchScript module, whose calls
+    Python hooks do not see) it gets a record of its own. Then every Linear/conv layer gets
+    its init scale against He or Xavier, chosen by the next activation it feeds.
+
+    Args:
+        layers: Site records in forward order (records may be appended).
+        groups: Each parameter owner's statistics.
+        root: The name the root module's sites carry.
+
+    Returns:
+        The modules with parameters that stayed unmeasured (never ran, no gradient).
+    """
+    from nndiag.stats.weights import init_reference, init_scale
+
+    first_site: dict[str, LayerRecord] = {}
+    for layer in layers:
+        if not layer.functional:
+            first_site.setdefault(layer.module, layer)
+    members: dict[str, list[ParamGroup]] = {}
+    not_run = []
+    for group in groups:
+        target = group.name if group.name in first_site else None
+        if target is None and group.used:
+            target = next((a for a in ancestors(group.name, root) if a in first_site), None)
+        if target is None and group.any_used:
+            record = LayerRecord(group.name, group.name, group.kind, len(layers))
+            layers.append(record)
+            first_site[group.name] = record
+            target = group.name
+        if target is None:
+            not_run.append(group.name)
+            continue
+        members.setdefault(target, []).append(group)
+
+    for target, parts in members.items():
+        layer = first_site[target]
+        layer.params = sum(g.params for g in parts)
+        layer.trainable = any(g.trainable for g in parts)
+        layer.weight_norm = math.sqrt(sum(g.weight_norm ** 2 for g in parts))
+        numel = sum(g.weight_numel for g in parts)
+        layer.weight_rms = layer.weight_norm / math.sqrt(numel) if numel else 0.0
+        grads = [g.grad_norm for g in parts if g.grad_norm is not None]
+        if grads:
+            layer.grad_norm = math.sqrt(sum(v * v for v in grads))
+            layer.grad_to_weight = (layer.grad_norm / layer.weight_norm
+                                    if layer.weight_norm > 0 else math.inf)
+        moved = [(g.update_ratio * g.weight_norm) ** 2 for g in parts
+                 if g.update_ratio is not None]
+        if moved and layer.weight_norm > 0:
+            layer.update_ratio = math.sqrt(sum(moved)) / layer.weight_norm
+        own = parts[0]
+        if own.name == target and own.fan_in is not None and own.fan_out is not None:
+            layer.fan_in, layer.fan_out = own.fan_in, own.fan_out
+    for layer in layers:
+        if layer.fan_in is not None and layer.fan_out is not None and layer.weight_rms:
+            layer.init_reference = init_reference(_next_activation(layers, layer))
+            layer.init_scale = init_scale(layer.weight_rms, layer.init_reference, layer.fan_in,
+                                          layer.fan_out)
+    return not_run
+
+
+def _next_activation(layers: list[LayerRecord], layer: LayerRecord) -> str | None:
+    """The first activation after ``layer`` in forward order, before the next weight layer."""
+    for later in layers[layer.index + 1:]:
+        if later.activation is not None:
+            return later.activation
+        if later.fan_in is not None:
+            break
+    return None
 
 
 @dataclass

@@ -1,17 +1,22 @@
 """The run log: one directory per training run, append-only, readable while it grows.
 
-Layout (schema ``nndiag.run/1``)::
+Layout (schema ``nndiag.run/2``)::
 
     RUN_DIR/
       meta.json      written once, atomically: schema, model, sampling interval, layers, ranks
       steps.jsonl    one line per flush: {"first": step, "loss": [...], "lr": [...]}
-      samples.jsonl  one line per sampled step: per-layer statistics, columnar
+      samples.jsonl  one line per sampled step: a ``StepRecord``, its layers as columns
 
-Every line is written whole and flushed to the operating system before ``Monitor.step``
-returns, so a killed process (even SIGKILL) loses at most the line it was writing; the reader
-skips a last line that is cut short. Numbers are rounded to 6 significant digits and
-non-finite values are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``. Reading needs
-no torch.
+Losses are buffered and written at every sampled step, every ``every`` steps and at least once
+a second; samples as they are taken. Every line is written whole and flushed to the operating
+system, so a killed process (even SIGKILL) loses at most the last second of losses; the reader
+skips a last line that is cut short and any malformed line (counted in ``skipped_lines``).
+Numbers are rounded to 6 significant digits and non-finite values are written as the strings
+``"nan"``, ``"inf"``, ``"-inf"``. Reading needs no torch. Runs written as ``nndiag.run/1``
+(separate ``sites`` and ``weights`` columns) are read too.
+
+A writer that cannot write (a full disk, a removed directory) warns once and stops logging:
+it never breaks the training loop it records.
 """
 
 from __future__ import annotations
@@ -20,26 +25,35 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nndiag.errors import UsageError
+from nndiag.records import LayerRecord, ParamGroup, StepRecord, attach_parameters
 
-SCHEMA = "nndiag.run/1"
+SCHEMA = "nndiag.run/2"
+READABLE_SCHEMAS = ("nndiag.run/1", SCHEMA)
 META, STEPS, SAMPLES = "meta.json", "steps.jsonl", "samples.jsonl"
+
+
+def _round(value: float) -> float | str:
+    if value != value:
+        return "nan"
+    if value in (math.inf, -math.inf):
+        return "inf" if value > 0 else "-inf"
+    return float(f"{value:.6g}")
 
 
 def encode(value: Any) -> Any:
     """Round floats to 6 significant digits; non-finite floats become strings."""
     if isinstance(value, float):
-        if not math.isfinite(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        return float(f"{value:.6g}")
+        return _round(value)
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [encode(v) for v in value]
+        return [_round(v) if type(v) is float else encode(v) for v in value]
     return value
 
 
@@ -55,38 +69,67 @@ def decode(value: Any) -> Any:
 
 
 class RunWriter:
-    """Appends records to a run directory."""
+    """Appends records to a new run directory; stops (with one warning) if writing fails.
+
+    Raises:
+        UsageError: The directory already holds a run (or its files), or is not writable.
+    """
 
     def __init__(self, directory: str | Path, meta: dict[str, Any]) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if (self.directory / META).exists():
-            raise UsageError(f"{str(self.directory)!r} already holds a run: choose a new log_dir")
-        handle, temp = tempfile.mkstemp(dir=self.directory, prefix=".meta-")
-        with os.fdopen(handle, "w") as out:
-            json.dump(encode({"schema": SCHEMA, **meta}), out, indent=1)
-        os.chmod(temp, 0o644)
-        os.replace(temp, self.directory / META)
-        self._steps = open(self.directory / STEPS, "a", encoding="utf-8")  # noqa: SIM115
-        self._samples = open(self.directory / SAMPLES, "a", encoding="utf-8")  # noqa: SIM115
+        self.failed = False
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the run directory {str(self.directory)!r}: "
+                             f"{exc.strerror or exc}") from exc
+        taken = [name for name in (META, STEPS, SAMPLES) if (self.directory / name).exists()]
+        if taken:
+            raise UsageError(f"{str(self.directory)!r} already holds a run ({taken[0]}): "
+                             "choose a new log_dir")
+        try:
+            handle, temp = tempfile.mkstemp(dir=self.directory, prefix=".meta-")
+            with os.fdopen(handle, "w") as out:
+                json.dump(encode({"schema": SCHEMA, **meta}), out, indent=1)
+            os.chmod(temp, 0o644)
+            os.replace(temp, self.directory / META)
+            self._steps = open(self.directory / STEPS, "x", encoding="utf-8")  # noqa: SIM115
+            self._samples = open(self.directory / SAMPLES, "x", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise UsageError(f"cannot write the run log in {str(self.directory)!r}: "
+                             f"{exc.strerror or exc}") from exc
 
     def _write(self, handle: Any, record: dict[str, Any]) -> None:
-        handle.write(json.dumps(encode(record), separators=(",", ":")) + "\n")
-        handle.flush()
+        if self.failed:
+            return
+        try:
+            handle.write(json.dumps(encode(record), separators=(",", ":")) + "\n")
+            handle.flush()
+        except OSError as exc:
+            self.failed = True
+            warnings.warn(f"nndiag: writing the run log in {str(self.directory)!r} failed "
+                          f"({exc.strerror or exc}); logging stopped, training goes on",
+                          RuntimeWarning, stacklevel=4)
 
     def write_steps(self, first: int, losses: list[float], lrs: list[float | None]) -> None:
         """Append the losses and learning rates of consecutive steps from ``first``."""
         if losses:
             self._write(self._steps, {"first": first, "loss": losses, "lr": lrs})
 
-    def write_sample(self, record: dict[str, Any]) -> None:
+    def write_sample(self, record: StepRecord) -> None:
         """Append one sampled step's statistics."""
-        self._write(self._samples, record)
+        self._write(self._samples, record.to_columns())
 
     def close(self) -> None:
-        """Close the files."""
-        self._steps.close()
-        self._samples.close()
+        """Close the files (errors on close are the same warning as on write)."""
+        for handle in (self._steps, self._samples):
+            try:
+                handle.close()
+            except OSError as exc:
+                if not self.failed:
+                    self.failed = True
+                    warnings.warn(f"nndiag: closing the run log failed ({exc})", RuntimeWarning,
+                                  stacklevel=2)
 
 
 @dataclass
@@ -99,8 +142,9 @@ class RunLog:
         steps: Step index of every recorded loss.
         losses: Loss of every step.
         lrs: Learning rate of every step (``None`` without an optimizer).
-        samples: Sampled steps, in order (see ``Monitor`` for the fields).
-        skipped_lines: Lines that could not be read (a cut last line after a crash).
+        samples: Sampled steps, in order.
+        skipped_lines: Lines that could not be read (a cut last line after a crash, or a
+            malformed record).
     """
 
     path: Path
@@ -108,13 +152,13 @@ class RunLog:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     lrs: list[float | None] = field(default_factory=list)
-    samples: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[StepRecord] = field(default_factory=list)
     skipped_lines: int = 0
 
     @property
     def last_step(self) -> int | None:
         """The last step with a recorded loss or sample."""
-        candidates = self.steps[-1:] + [s["step"] for s in self.samples[-1:]]
+        candidates = self.steps[-1:] + [s.step for s in self.samples[-1:]]
         return max(candidates) if candidates else None
 
 
@@ -138,6 +182,31 @@ def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, skipped
 
 
+def _sample_v1(record: dict[str, Any]) -> StepRecord:
+    """A ``nndiag.run/1`` sample (separate ``sites`` and ``weights`` columns) as a StepRecord."""
+    sites, weights = record.get("sites") or {}, record.get("weights") or {}
+    layers = []
+    for i, name in enumerate(sites.get("name") or []):
+        column = {k: v[i] for k, v in sites.items() if isinstance(v, list) and i < len(v)}
+        layers.append(LayerRecord(
+            name=name, module=name.split("#")[0].split("/")[0], kind=column.get("kind", ""),
+            index=i, activation=column.get("activation"), functional="/" in name,
+            mean=column.get("mean"), std=column.get("std"),
+            absmax=math.inf if column.get("nonfinite") else None,
+            dead_fraction=column.get("dead"), saturated_fraction=column.get("saturated")))
+    groups = []
+    for i, name in enumerate(weights.get("name") or []):
+        def at(key: str, i: int = i) -> Any:
+            values = weights.get(key)
+            return values[i] if isinstance(values, list) and i < len(values) else None
+        groups.append(ParamGroup(name, at("kind") or "", 0, True, at("weight_norm") or 0.0, 0,
+                                 grad_norm=at("grad_norm"), update_ratio=at("update_ratio")))
+    attach_parameters(layers, groups, "(model)")
+    return StepRecord.from_columns({"step": record.get("step"), "loss": record.get("loss"),
+                                    "grad_norm": record.get("grad_norm"),
+                                    "layers": StepRecord(0, layers=layers).to_columns()["layers"]})
+
+
 def read_run(directory: str | Path) -> RunLog:
     """Read a run directory written by ``Monitor`` (also while the run is still going).
 
@@ -155,18 +224,34 @@ def read_run(directory: str | Path) -> RunLog:
         meta = decode(json.loads(meta_path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{str(meta_path)!r} is unreadable: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
-        raise UsageError(f"{str(meta_path)!r}: unknown run-log schema {meta.get('schema')!r} "
-                         f"(this nndiag reads {SCHEMA})")
+    schema = meta.get("schema") if isinstance(meta, dict) else None
+    if schema not in READABLE_SCHEMAS:
+        raise UsageError(f"{str(meta_path)!r}: unknown run-log schema {schema!r} "
+                         f"(this nndiag reads {', '.join(READABLE_SCHEMAS)})")
     log = RunLog(path, meta)
-    step_records, skipped_steps = _read_lines(path / STEPS)
+    step_records, skipped = _read_lines(path / STEPS)
     for record in step_records:
-        first = int(record.get("first", 0))
-        losses = record.get("loss") or []
-        lrs = record.get("lr") or [None] * len(losses)
-        log.steps += list(range(first, first + len(losses)))
-        log.losses += [float(v) for v in losses]
-        log.lrs += lrs
-    log.samples, skipped_samples = _read_lines(path / SAMPLES)
-    log.skipped_lines = skipped_steps + skipped_samples
+        try:
+            first = record.get("first", 0)
+            losses = record.get("loss") or []
+            lrs = record.get("lr") or [None] * len(losses)
+            if not isinstance(first, int) or not isinstance(losses, list) or \
+                    not isinstance(lrs, list) or len(lrs) != len(losses):
+                raise ValueError("malformed")
+            values = [float(v) for v in losses]
+            rates = [None if v is None else float(v) for v in lrs]
+        except (TypeError, ValueError):
+            skipped += 1
+            continue
+        log.steps += list(range(first, first + len(values)))
+        log.losses += values
+        log.lrs += rates
+    sample_records, skipped_samples = _read_lines(path / SAMPLES)
+    for record in sample_records:
+        try:
+            log.samples.append(_sample_v1(record) if schema == "nndiag.run/1"
+                               else StepRecord.from_columns(record))
+        except (TypeError, ValueError, KeyError):
+            skipped_samples += 1
+    log.skipped_lines = skipped + skipped_samples
     return log

@@ -61,31 +61,34 @@ def test_every_statistic_against_a_plain_reference(make_optimizer):
         reference.append((loss.item(), outputs, grads, before, after))
     monitor.close()
 
-    assert [s["step"] for s in monitor.samples] == [0, 2]
+    assert [s.step for s in monitor.samples] == [0, 2]
     for sample in monitor.samples:
-        loss, outputs, grads, before, after = reference[sample["step"]]
-        assert sample["loss"] == pytest.approx(loss, rel=1e-6)
-        sites = sample["sites"]
-        for i, name in enumerate(sites["name"]):
-            out = outputs[name]
-            assert sites["mean"][i] == pytest.approx(out.mean().item(), rel=1e-4, abs=1e-6)
-            assert sites["std"][i] == pytest.approx(out.std(unbiased=False).item(), rel=1e-4)
-            assert sites["nonfinite"][i] is False
-            if name == "1":
+        loss, outputs, grads, before, after = reference[sample.step]
+        assert sample.loss == pytest.approx(loss, rel=1e-6)
+        assert [layer.name for layer in sample.layers] == ["0", "1", "2", "3", "4"]
+        for layer in sample.layers:
+            out = outputs[layer.name]
+            assert layer.mean == pytest.approx(out.mean().item(), rel=1e-4, abs=1e-6)
+            assert layer.std == pytest.approx(out.std(unbiased=False).item(), rel=1e-4)
+            assert layer.absmax == pytest.approx(out.abs().max().item(), rel=1e-6)
+            if layer.name == "1":
                 dead = (out == 0).all(0).float().mean().item()
-                assert sites["dead"][i] == pytest.approx(dead)
-            if name == "3":
+                assert layer.dead_fraction == pytest.approx(dead)
+            if layer.name == "3":
                 sat = (1 - out ** 2 < 0.05).float().mean().item()
-                assert sites["saturated"][i] == pytest.approx(sat)
-        assert sample["grad_norm"] == pytest.approx(
+                assert layer.saturated_fraction == pytest.approx(sat)
+                assert layer.preact_std == pytest.approx(
+                    outputs["2"].std(unbiased=False).item(), rel=1e-4)
+        assert sample.grad_norm == pytest.approx(
             math.sqrt(sum(g.norm().item() ** 2 for g in grads.values())), rel=1e-5)
-        weights = sample["weights"]
-        for i, layer in enumerate(weights["name"]):
-            w = f"{layer}.weight"
-            assert weights["grad_norm"][i] == pytest.approx(grads[w].norm().item(), rel=1e-5)
-            assert weights["weight_norm"][i] == pytest.approx(after[w].norm().item(), rel=1e-5)
+        weighted = [layer for layer in sample.layers if layer.has_weights]
+        assert [layer.name for layer in weighted] == ["0", "2", "4"]
+        for layer in weighted:
+            w = f"{layer.name}.weight"
+            assert layer.grad_norm == pytest.approx(grads[w].norm().item(), rel=1e-5)
+            assert layer.weight_norm == pytest.approx(after[w].norm().item(), rel=1e-5)
             ratio = (after[w] - before[w]).norm().item() / before[w].norm().item()
-            assert weights["update_ratio"][i] == pytest.approx(ratio, rel=1e-4)
+            assert layer.update_ratio == pytest.approx(ratio, rel=1e-4)
 
 
 def test_gradient_accumulation_reads_the_accumulated_gradient():
@@ -100,9 +103,9 @@ def test_gradient_accumulation_reads_the_accumulated_gradient():
     optimizer.step()
     monitor.step(torch.tensor(1.0))
     monitor.close()
-    assert monitor.samples[0]["grad_norm"] == pytest.approx(total, rel=1e-5)
-    relu = monitor.samples[0]["sites"]["name"].index("1")
-    assert monitor.samples[0]["sites"]["mean"][relu] > 0
+    assert monitor.samples[0].grad_norm == pytest.approx(total, rel=1e-5)
+    relu = next(layer for layer in monitor.samples[0].layers if layer.name == "1")
+    assert relu.mean > 0
 
 
 def test_hooks_are_removed_and_unsampled_steps_leave_none_attached():
@@ -168,7 +171,7 @@ def test_log_of_a_long_run_of_a_50_layer_model_stays_small(tmp_path):
     per_sample = (tmp_path / "run" / SAMPLES).stat().st_size / 2
     per_step = (tmp_path / "run" / STEPS).stat().st_size / 100
     projected = 200 * per_sample + 10_000 * per_step
-    assert len(read_run(tmp_path / "run").samples[0]["sites"]["name"]) == 50
+    assert len(read_run(tmp_path / "run").samples[0].layers) == 50
     assert projected < 5 * 1024 * 1024, projected
 
 
@@ -247,8 +250,10 @@ def test_monitor_works_on_a_cnn_with_inplace_relu_and_a_transformer():
             optimizer.step()
             monitor.step(loss)
         sample = monitor.samples[0]
-        assert sample["grad_norm"] > 0
-        assert all(r is not None and r > 0 for r in sample["weights"]["update_ratio"])
+        assert sample.grad_norm > 0
+        weighted = [layer for layer in sample.layers if layer.has_weights]
+        assert weighted and all(layer.update_ratio > 0 for layer in weighted)
+        assert all(layer.std is not None for layer in sample.layers if layer.activation)
 
 
 def test_update_ratio_when_sampling_every_step():
@@ -267,8 +272,8 @@ def test_update_ratio_when_sampling_every_step():
         after = model[2].weight.detach()
         expected.append((after - before).norm().item() / before.norm().item())
     monitor.close()
-    index = monitor.samples[0]["weights"]["name"].index("2")
-    recorded = [s["weights"]["update_ratio"][index] for s in monitor.samples]
+    recorded = [next(layer.update_ratio for layer in s.layers if layer.name == "2")
+                for s in monitor.samples]
     assert recorded == pytest.approx(expected, rel=1e-4)
 
 
@@ -285,4 +290,88 @@ def test_update_ratio_of_a_strided_subset_tracks_the_whole_tensor():
     sampled.step(loss)
     sampled.close()
     whole = (model[0].weight.detach() - before).norm().item() / before.norm().item()
-    assert sampled.samples[0]["weights"]["update_ratio"][0] == pytest.approx(whole, rel=0.03)
+    assert sampled.samples[0].layers[0].update_ratio == pytest.approx(whole, rel=0.03)
+
+
+class FunctionalReLUNet(nn.Module):
+    """ReLUs applied as functions inside forward: no activation module to hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def test_functional_relus_killed_in_training_are_reported_by_check_run(tmp_path):
+    from nndiag.checking import check_run
+
+    torch.manual_seed(0)
+    model = FunctionalReLUNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    with Monitor(model, optimizer, every=5, log_dir=tmp_path / "run") as monitor:
+        for step in range(60):
+            x, y = _batch(step % 4)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    names = [layer.name for layer in monitor.samples[0].layers]
+    assert names == ["fc1", "(model)/relu", "fc2", "(model)/relu#2", "head"] or \
+        names == ["fc1", "relu", "fc2", "relu#2", "head"]
+    report = check_run(tmp_path / "run")
+    dead = report.finding("dead_relu")
+    assert dead is not None, [f.id for f in report.findings]
+    assert set(dead.layers) <= {"relu", "relu#2"} and dead.layers
+
+
+def test_monitor_refuses_a_directory_with_run_files_it_did_not_create(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / STEPS).write_text('{"first": 0, "loss": [1.0]}\n')
+    with pytest.raises(UsageError, match="already holds a run"):
+        Monitor(_model(), log_dir=tmp_path / "run")
+    assert (tmp_path / "run" / STEPS).read_text() == '{"first": 0, "loss": [1.0]}\n'
+
+
+def test_a_failing_disk_stops_logging_with_a_warning_but_not_training(tmp_path):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = Monitor(model, optimizer, every=1, log_dir=tmp_path / "run")
+
+    class FullDisk:
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monitor._writer._samples = FullDisk()
+    monitor._writer._steps = FullDisk()
+    x, y = _batch()
+    with pytest.warns(RuntimeWarning, match="logging stopped"):
+        for _ in range(3):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    monitor.close()
+    assert len(monitor.samples) == 3
+
+
+def test_a_run_written_in_the_first_log_format_is_still_read_and_judged():
+    from nndiag.checking import check_run
+
+    fixture = Path(__file__).parent / "fixtures" / "run_v1"
+    log = read_run(fixture)
+    assert log.meta["schema"] == "nndiag.run/1" and len(log.samples) == 30
+    relu = next(layer for layer in log.samples[-1].layers if layer.name == "5")
+    assert relu.dead_fraction == 1.0 and relu.activation == "relu"
+    ratios = [layer.update_ratio for layer in log.samples[-1].layers if layer.has_weights]
+    assert ratios == [0.0] * 4  # dead by then: nothing moves
+    assert check_run(fixture).finding("dead_relu").layers == ["3", "5"]

@@ -67,19 +67,18 @@ def test_ddp_two_ranks_one_log_with_reduced_statistics(tmp_path):
     log = read_run(tmp_path / "run")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert log.meta["world_size"] == 2
-    assert len(log.losses) == 4 and [s["step"] for s in log.samples] == [0, 2]
+    assert len(log.losses) == 4 and [s.step for s in log.samples] == [0, 2]
     for step in range(4):  # the loss of every step is the mean over ranks
         mean = (ranks[0][step]["loss"] + ranks[1][step]["loss"]) / 2
         assert log.losses[step] == pytest.approx(mean, rel=1e-5)
     for sample in log.samples:
-        step = sample["step"]
+        step = sample.step
         a, b = ranks[0][step], ranks[1][step]
-        sites = sample["sites"]
-        relu = sites["name"].index("module.1")
+        relu = next(layer for layer in sample.layers if layer.name == "module.1")
         pooled = (a["hidden_sum"] + b["hidden_sum"]) / (a["hidden_n"] + b["hidden_n"])
-        assert sites["mean"][relu] == pytest.approx(pooled, rel=1e-5)
+        assert relu.mean == pytest.approx(pooled, rel=1e-5)
         alive = [x or y for x, y in zip(a["alive"], b["alive"], strict=True)]
-        assert sites["dead"][relu] == pytest.approx(1 - sum(alive) / len(alive))
+        assert relu.dead_fraction == pytest.approx(1 - sum(alive) / len(alive))
         # after DDP's all-reduce both ranks hold the same gradient: the recorded norm is it
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-        assert sample["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert sample.grad_norm == pytest.approx(a["grad_norm"], rel=1e-5)

@@ -18,7 +18,8 @@ from tests.fixtures.models import ZOO_HEALTHY, example_batch
 def weight_layer(index: int, gain: float, grad_to_weight: float, std: float = 1.0,
                  **extra) -> LayerRecord:
     return LayerRecord(name=f"fc{index}", module=f"fc{index}", kind="Linear", index=index,
-                       std=std, mean=0.0, absmax=3.0, grad_out_norm=gain, params=10,
+                       std=std, mean=0.0, absmax=3.0, grad_out_norm=gain, depth_gain=gain,
+                       params=10,
                        trainable=True, weight_norm=1.0, weight_rms=0.1, grad_norm=grad_to_weight,
                        grad_to_weight=grad_to_weight, fan_in=64, fan_out=64,
                        init_reference="he", init_scale=1.0, **extra)
@@ -57,7 +58,7 @@ def test_vanishing_through_depth_from_records():
     assert ids(found) == {"vanishing_gradients": "warning"}
     assert found[0].layers == ["fc0"]
     assert found[0].evidence["judged_by"] == ["depth"]
-    layers[0].grad_out_norm = 1e-7
+    layers[0].grad_out_norm = layers[0].depth_gain = 1e-7
     assert ids(run_probe_rules(probe_of(layers))) == {"vanishing_gradients": "error"}
 
 

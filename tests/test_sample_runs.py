@@ -53,9 +53,9 @@ def test_findings_carry_the_step_they_first_appeared():
     dead = next(f for f in json.loads(result.stdout)["findings"] if f["id"] == "dead_relu")
     log = read_run(RUNS / "dying_relu")
     first = dead["evidence"]["first_step"]
-    before = [s for s in log.samples if s["step"] < first]
-    assert before and all(max(v for v in s["sites"]["dead"] if v is not None) < 0.5
-                          for s in before)
+    before = [s for s in log.samples if s.step < first]
+    assert before and all(max(layer.dead_fraction for layer in s.layers
+                              if layer.dead_fraction is not None) < 0.5 for s in before)
 
 
 def test_junit_xml_is_parsed_back(tmp_path):

@@ -55,14 +55,11 @@ def gradient_profile(probe: ProbeRecord) -> GradientProfile:
     When a ReLU layer is fully dead, gradients that are exactly zero are blocked by it rather
     than vanishing; they are left to the ``dead_relu`` rule.
     """
-    reference = probe.output_grad_norm
     blocked = any(r.dead_fraction is not None and r.dead_fraction >= FULLY_DEAD
                   for r in probe.layers)
     layers = probe.weight_layers()
-    gains = []
-    if reference:
-        gains = [(r, r.grad_out_norm / reference) for r in layers
-                 if r.grad_out_norm is not None and not (blocked and r.grad_out_norm == 0)]
+    gains = [(r, r.depth_gain) for r in layers
+             if r.depth_gain is not None and not (blocked and r.depth_gain == 0)]
     ratios = [(r, r.grad_to_weight) for r in layers
               if r.grad_to_weight is not None and not (blocked and r.grad_to_weight == 0)]
     return GradientProfile(gains, ratios, probe.loss)

@@ -45,10 +45,10 @@ def nan_inf(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
     _, _, first_bad = _finite_prefix(log)
     where = "the loss"
     for sample in log.samples:
-        bad_grad = sample.get("grad_norm") is not None and not math.isfinite(sample["grad_norm"])
-        bad_act = any(sample["sites"].get("nonfinite", []))
-        if (bad_grad or bad_act) and (first_bad is None or sample["step"] < first_bad):
-            first_bad, where = sample["step"], "the gradients" if bad_grad else "activations"
+        bad_grad = sample.grad_norm is not None and not math.isfinite(sample.grad_norm)
+        bad_act = any(not layer.output_finite for layer in sample.layers)
+        if (bad_grad or bad_act) and (first_bad is None or sample.step < first_bad):
+            first_bad, where = sample.step, "the gradients" if bad_grad else "activations"
             break
     if first_bad is None:
         return None
@@ -154,28 +154,25 @@ def loss_oscillating(levels: LossLevels, t: dict[str, Threshold]) -> Finding | N
 
 
 def _weight_series(log: RunLog, stat: str) -> dict[str, list[tuple[int, float]]]:
+    """Per layer with weights, the finite values of ``stat`` at each sampled step."""
     series: dict[str, list[tuple[int, float]]] = {}
     for sample in log.samples:
-        weights = sample["weights"]
-        values = weights.get(stat)
-        if values is None:
-            continue
-        for name, kind, value in zip(weights["name"], weights["kind"], values, strict=True):
-            if value is not None and math.isfinite(value):
-                series.setdefault(f"{name}\t{kind}", []).append((sample["step"], value))
+        for layer in sample.layers:
+            value = getattr(layer, stat)
+            if layer.has_weights and value is not None and math.isfinite(value):
+                series.setdefault(layer.name, []).append((sample.step, value))
     return series
 
 
 def _grad_to_weight(log: RunLog) -> list[tuple[int, dict[str, float]]]:
+    """Per sampled step, the gradient-to-weight ratio of each Linear/conv layer."""
     rows = []
     for sample in log.samples:
-        w = sample["weights"]
-        if w.get("grad_norm") is None:
-            continue
-        ratios = {name: g / n for name, kind, g, n in zip(w["name"], w["kind"], w["grad_norm"],
-                                                          w["weight_norm"], strict=True)
-                  if kind in LINEAR_OR_CONV and n and g is not None and math.isfinite(g)}
-        rows.append((sample["step"], ratios))
+        ratios = {layer.name: layer.grad_to_weight for layer in sample.layers
+                  if layer.kind in LINEAR_OR_CONV and layer.weight_norm
+                  and layer.grad_to_weight is not None and math.isfinite(layer.grad_to_weight)}
+        if any(layer.grad_norm is not None for layer in sample.layers):
+            rows.append((sample.step, ratios))
     return rows
 
 
@@ -220,23 +217,22 @@ def dead_units(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
     if not log.samples:
         return None
     rule = t["dead_fraction"]
-    last = log.samples[-1]["sites"]
-    flagged = [(name, dead) for name, dead in zip(last["name"], last["dead"], strict=True)
-               if dead is not None and rule.severity(dead)]
+    flagged = [(layer.name, layer.dead_fraction) for layer in log.samples[-1].layers
+               if layer.dead_fraction is not None and rule.severity(layer.dead_fraction)]
     if not flagged:
         return None
     severity = worst_severity(*(rule.severity(d) for _, d in flagged))
     assert severity is not None
     name, worst = max(flagged, key=lambda item: item[1])
-    first = log.samples[-1]["step"]
+    first = log.samples[-1].step
     initial = None
     for sample in log.samples:
-        sites = dict(zip(sample["sites"]["name"], sample["sites"]["dead"], strict=True))
-        value = sites.get(name)
+        value = next((layer.dead_fraction for layer in sample.layers if layer.name == name),
+                     None)
         if initial is None and value is not None:
             initial = value
         if value is not None and rule.severity(value):
-            first = sample["step"]
+            first = sample.step
             break
     return Finding("dead_relu", severity, [n for n, _ in flagged],
                    f"{len(flagged)} ReLU layer(s) with dead units; {name}: {worst:.0%} dead "
@@ -258,7 +254,7 @@ def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
             severity = rule.severity(median)
             if severity is not None:
                 first = next((s for s, v in points if rule.severity(v)), points[0][0])
-                judged[key.split("\t")[0]] = (severity, median, first)
+                judged[key] = (severity, median, first)
         if judged:
             severity = worst_severity(*(s for s, _, _ in judged.values()))
             assert severity is not None

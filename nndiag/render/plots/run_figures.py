@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nndiag.findings import Finding
+from nndiag.records import LayerRecord
 from nndiag.render.plots import figure_and_axes
 from nndiag.runlog import RunLog
 
@@ -39,28 +40,23 @@ def _mark(ax: Axes, findings: list[Finding], ids: tuple[str, ...] | None = None)
                     fontsize=7, color=_COLORS[worst.severity])
 
 
-def _series(log: RunLog, group: str, stat: str, keep: Callable[[str, dict], bool] | None = None
+def _series(log: RunLog, stat: str, keep: Callable[[LayerRecord], bool] | None = None
             ) -> tuple[list[int], list[str], np.ndarray]:
-    """A (layers x samples) matrix of one statistic (NaN where missing)."""
+    """A (layers x samples) matrix of one ``LayerRecord`` statistic (NaN where missing)."""
     names: list[str] = []
     for sample in log.samples:
-        block = sample[group]
-        for i, name in enumerate(block["name"]):
-            if name not in names and (keep is None or keep(name, {k: v[i] if isinstance(v, list)
-                                                                   else None for k, v in
-                                                                   block.items()})):
-                names.append(name)
-    steps = [s["step"] for s in log.samples]
+        for layer in sample.layers:
+            if layer.name not in names and getattr(layer, stat) is not None and (
+                    keep is None or keep(layer)):
+                names.append(layer.name)
+    steps = [s.step for s in log.samples]
     matrix = np.full((len(names), len(steps)), np.nan)
     row = {name: i for i, name in enumerate(names)}
     for j, sample in enumerate(log.samples):
-        block = sample[group]
-        values = block.get(stat)
-        if values is None:
-            continue
-        for name, value in zip(block["name"], values, strict=True):
-            if name in row and value is not None:
-                matrix[row[name], j] = value
+        for layer in sample.layers:
+            value = getattr(layer, stat)
+            if layer.name in row and value is not None:
+                matrix[row[layer.name], j] = value
     return steps, names, matrix
 
 
@@ -89,10 +85,9 @@ def plot_loss_lr(log: RunLog, findings: list[Finding], ax: Axes | None = None) -
     return fig
 
 
-def _heatmap(log: RunLog, findings: list[Finding], group: str, stat: str, title: str,
-             label: str, ax: Axes | None, keep: Callable[[str, dict], bool] | None = None
-             ) -> Figure:
-    steps, names, matrix = _series(log, group, stat, keep)
+def _heatmap(log: RunLog, findings: list[Finding], stat: str, title: str,
+             label: str, ax: Axes | None) -> Figure:
+    steps, names, matrix = _series(log, stat)
     fig, ax = _axes(ax, (10, max(3.0, 0.25 * len(names) + 1.5)))
     if names and steps:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -113,21 +108,21 @@ def _heatmap(log: RunLog, findings: list[Finding], group: str, stat: str, title:
 
 def plot_grad_heatmap(log: RunLog, findings: list[Finding], ax: Axes | None = None) -> Figure:
     """Per-layer gradient norm over sampled steps (log colour scale)."""
-    return _heatmap(log, findings, "weights", "grad_norm", "gradient norm per layer",
+    return _heatmap(log, findings, "grad_norm", "gradient norm per layer",
                     "gradient norm", ax)
 
 
 def plot_update_ratio(log: RunLog, findings: list[Finding], ax: Axes | None = None) -> Figure:
     """Per-layer update-to-weight ratio over sampled steps (log colour scale)."""
-    return _heatmap(log, findings, "weights", "update_ratio",
+    return _heatmap(log, findings, "update_ratio",
                     "update ratio ||dw|| / ||w|| per layer (rule of thumb ~1e-3)",
                     "update ratio", ax)
 
 
 def _lines(log: RunLog, findings: list[Finding], stat: str, title: str, ylabel: str,
            log_scale: bool, ids: tuple[str, ...], ax: Axes | None,
-           keep: Callable[[str, dict], bool] | None = None) -> Figure:
-    steps, names, matrix = _series(log, "sites", stat, keep)
+           keep: Callable[[LayerRecord], bool] | None = None) -> Figure:
+    steps, names, matrix = _series(log, stat, keep)
     fig, ax = _axes(ax)
     flagged = {name for f in findings if f.id in ids for name in f.layers}
     for name, row in zip(names, matrix, strict=True):
@@ -148,13 +143,14 @@ def _lines(log: RunLog, findings: list[Finding], stat: str, title: str, ylabel: 
 def plot_activation_std(log: RunLog, findings: list[Finding], ax: Axes | None = None) -> Figure:
     """Output std of every measured layer over sampled steps."""
     return _lines(log, findings, "std", "activation std per layer", "output std", True,
-                  ("vanishing_gradients", "exploding_gradients"), ax)
+                  ("vanishing_gradients", "exploding_gradients"), ax,
+                  keep=lambda layer: layer.mean is not None)
 
 
 def plot_dead_fraction(log: RunLog, findings: list[Finding], ax: Axes | None = None) -> Figure:
     """Dead-unit fraction of every ReLU-family layer over sampled steps."""
-    return _lines(log, findings, "dead", "dead ReLU units per layer", "dead fraction", False,
-                  ("dead_relu",), ax, keep=lambda name, row: row.get("dead") is not None)
+    return _lines(log, findings, "dead_fraction", "dead ReLU units per layer", "dead fraction",
+                  False, ("dead_relu",), ax)
 
 
 FIGURES: dict[str, Callable[[RunLog, list[Finding]], Figure]] = {
