@@ -9,9 +9,12 @@ Safety: nothing is unpickled beyond what ``torch.load(weights_only=True)`` allow
 whose loading would run code is refused with a message naming ``--unsafe-load``.
 
 Memory: a zip-format torch file is first read with ``map_location="meta"`` (structure only);
-each tensor is then read from its byte offset in the file when it is needed. Safetensors
-headers give offsets directly. Only legacy (pre-1.6) torch files, TorchScript archives and
-unsafe pickles are loaded whole.
+each tensor is then read from its byte offset in the file when it is needed, once the zip's own
+directory shows that the offset starts a record stored uncompressed with exactly the tensor's
+storage size (``ziplayout``). Safetensors headers give offsets directly. Legacy (pre-1.6) torch
+files, TorchScript archives, unsafe pickles and zips whose records are compressed, relocated
+(re-zipped by another tool) or in the other byte order are loaded whole by torch's own reader.
+A record shorter or longer than its storage is a corrupt checkpoint, as it is for torch.
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import re
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from torch import nn
 
-from nndiag.checkpoints.tensors import TensorEntry, in_memory, read_strided
+from nndiag.checkpoints.tensors import TensorEntry, in_memory, read_strided, span
 from nndiag.checkpoints.weights import find_weights
+from nndiag.checkpoints.ziplayout import ZipLayout, corrupt, read_zip_layout
 from nndiag.errors import UsageError, describe_exception
 
 UNSAFE_HINT = ("If you trust the file, pass --unsafe-load (loading it runs code from the file: "
@@ -142,14 +147,16 @@ def _load_zip(path: Path, unsafe_load: bool) -> Checkpoint:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            if any(name.endswith("/constants.pkl") for name in names):
+                return _load_torchscript(path)
+            if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+                raise UsageError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint "
+                                 "(no data.pkl inside)")
+            layout = read_zip_layout(path, archive)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError,
+            RuntimeError, zlib.error) as exc:  # RuntimeError: an encrypted entry
         raise UsageError(f"{str(path)!r} is a corrupt or truncated zip archive "
                          f"({describe_exception(exc)})") from exc
-    if any(name.endswith("/constants.pkl") for name in names):
-        return _load_torchscript(path)
-    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
-        raise UsageError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint "
-                         "(no data.pkl inside)")
     try:
         structure = torch.load(path, map_location="meta", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -159,34 +166,62 @@ def _load_zip(path: Path, unsafe_load: bool) -> Checkpoint:
     except Exception as exc:
         raise UsageError(f"{str(path)!r} could not be read as a PyTorch checkpoint "
                          f"({describe_exception(exc)}); it may be truncated or corrupt") from exc
-    offsets_known = all(
-        getattr(t.untyped_storage(), "_checkpoint_offset", None) is not None
-        for t in _tensors_in(structure) if t.numel()
-    )
-    if not offsets_known:  # an older torch without per-record offsets
+    if not layout.raw_readable:  # stored in the other byte order: torch swaps the bytes
         return _load_torch_whole(path, unsafe_load, legacy=False)
-    return _interpret(path, structure, lambda name, t: _lazy_entry(path, name, t))
+    try:
+        return _interpret(path, structure, lambda name, t: _lazy_entry(path, layout, name, t))
+    except _OffsetsUnusable:
+        return _load_torch_whole(path, unsafe_load, legacy=False)
 
 
-def _lazy_entry(path: Path, name: str, meta: torch.Tensor) -> TensorEntry:
+class _OffsetsUnusable(Exception):
+    """A tensor's bytes cannot be read at a raw offset (compressed or relocated record)."""
+
+
+def _lazy_entry(path: Path, layout: ZipLayout, name: str, meta: torch.Tensor) -> TensorEntry:
+    """An entry read at its record's offset, once the record is shown to hold exactly it.
+
+    Raises:
+        _OffsetsUnusable: The record is compressed, or torch's computed offset is not where
+            the zip's directory puts any record (a file re-zipped by another tool).
+        UsageError: The record is shorter or longer than the tensor's storage, or the tensor
+            reaches past its storage.
+    """
     storage = meta.untyped_storage()
-    base = getattr(storage, "_checkpoint_offset", 0) or 0
+    nbytes = storage.nbytes()
     itemsize = meta.element_size()
-    return _entry_at(path, name, base + meta.storage_offset() * itemsize, meta.dtype,
-                     tuple(meta.shape), tuple(meta.stride()))
+    shape, stride = tuple(meta.shape), tuple(meta.stride())
+    needed = (meta.storage_offset() + span(shape, stride)) * itemsize if meta.numel() else 0
+    if needed > nbytes:
+        raise corrupt(path, f"tensor {name!r} reaches byte {needed} of a {nbytes}-byte storage")
+    if nbytes == 0:
+        return in_memory(name, torch.empty(shape, dtype=meta.dtype))
+    base = getattr(storage, "_checkpoint_offset", None)
+    record = layout.data_records.get(base) if isinstance(base, int) else None
+    if record is None or not record.stored:
+        raise _OffsetsUnusable(name)
+    if record.size != nbytes:
+        raise corrupt(path, f"the zip entry {record.name!r} holds {record.size} bytes but "
+                            f"tensor {name!r} needs a {nbytes}-byte storage (truncated or "
+                            "tampered with)")
+    return _entry_at(path, name, record.data_offset + meta.storage_offset() * itemsize,
+                     meta.dtype, shape, stride)
 
 
 def _load_torch_whole(path: Path, unsafe_load: bool, legacy: bool) -> Checkpoint:
+    """Load everything with torch's own reader (it decompresses and checks record sizes)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True,
-                         mmap=not legacy)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not unsafe_load:
             raise _unsafe_error(path, exc) from exc
         obj = _unsafe_torch_load(path)
     except Exception as exc:
-        raise UsageError(f"{str(path)!r} could not be read as a PyTorch checkpoint "
-                         f"({describe_exception(exc)}); it may be truncated or corrupt") from exc
+        if legacy:
+            raise UsageError(f"{str(path)!r} could not be read as a PyTorch checkpoint "
+                             f"({describe_exception(exc)}); it may be truncated or "
+                             "corrupt") from exc
+        raise corrupt(path, f"torch.load refuses it ({describe_exception(exc)})") from exc
     return _interpret(path, obj, in_memory)
 
 
@@ -209,18 +244,6 @@ def _unsafe_error(path: Path, exc: Exception) -> UsageError:
         f"refusing to load {str(path)!r}: it holds pickled Python objects whose loading would "
         f"run code{what}, which torch.load(weights_only=True) does not allow. {UNSAFE_HINT}"
     )
-
-
-def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if depth > 6:
-        return []
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors_in(v, depth + 1)]
-    if isinstance(obj, list | tuple):
-        return [t for v in obj for t in _tensors_in(v, depth + 1)]
-    return []
 
 
 def _interpret(path: Path, obj: Any,
@@ -368,19 +391,51 @@ def _directory_shards(path: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 files = sorted(set(weight_map.values()))
+                if not all(isinstance(f, str) and f for f in files):
+                    raise TypeError("shard names must be non-empty strings")
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise UsageError(f"{str(index)!r} is not a valid shard index "
                                  f"({describe_exception(exc)})") from exc
+            for name in files:
+                _check_inside(path, index, name)
             missing = [f for f in files if not (path / f).is_file()]
             if missing:
                 raise UsageError(f"{str(index)!r} names shards that are missing: "
-                                 f"{', '.join(missing)}")
+                                 f"{', '.join(map(repr, missing))}")
             return [path / f for f in files]
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt"):
         found = sorted(p for p in path.glob(pattern) if p.is_file())
         if found:
             return found
     return []
+
+
+def _check_inside(directory: Path, index: Path, name: str) -> None:
+    """Refuse a shard name that leads out of the checkpoint directory.
+
+    Absolute names, ``..`` components and symlinks resolving elsewhere are refused; the one
+    exception is the Hugging Face cache, whose ``snapshots/<revision>/`` files are symlinks
+    into the repository's ``blobs/``.
+
+    Raises:
+        UsageError: The name leads outside.
+    """
+    refused = UsageError(f"{str(index)!r} names a shard outside the checkpoint directory "
+                         f"({name!r}); refusing to read it")
+    relative = PurePosixPath(name.replace("\\", "/"))
+    if relative.is_absolute() or PureWindowsPath(name).drive or ".." in relative.parts:
+        raise refused
+    try:
+        root = directory.resolve()
+        target = (directory / relative).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise UsageError(f"{str(index)!r} names a shard that cannot be resolved ({name!r}: "
+                         f"{describe_exception(exc)})") from exc
+    if target.is_relative_to(root):
+        return
+    if root.parent.name == "snapshots" and target.is_relative_to(root.parent.parent / "blobs"):
+        return
+    raise refused
 
 
 def _describe_config(config: Path) -> dict[str, str]:

@@ -181,6 +181,7 @@ def _assign_chains(modules: list[ModuleWeights]) -> None:
     container holds one layer per index stays one chain.
     """
     layers = [m for m in modules if m.kind in ("linear", "conv") and m.init_scale_he is not None]
+    in_layers = {id(m) for m in layers}  # identity: dataclass equality compares every field
     siblings: dict[str, int] = {}
     for module in layers:
         siblings[_parent(module.name)] = siblings.get(_parent(module.name), 0) + 1
@@ -188,7 +189,7 @@ def _assign_chains(modules: list[ModuleWeights]) -> None:
     for record in modules:
         if record.kind in ("batch_norm", "norm"):
             chain, previous_block = chain + 1, None
-        elif record in layers:
+        elif id(record) in in_layers:
             parent = _parent(record.name)
             block = parent if siblings[parent] >= 2 else None
             if previous_block is not None and block != previous_block:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -19,6 +20,7 @@ from rich.progress import (
 )
 
 from nndiag.errors import NndiagError
+from nndiag.render.safe import printable
 
 PIPED_WIDTH = 120
 # Exit code for a bug in nndiag itself (not part of the findings/usage/user-code contract).
@@ -86,13 +88,18 @@ class Output:
         if self.debug:
             traceback.print_exception(exc, file=sys.stderr)
         if isinstance(exc, NndiagError):
-            self.stderr.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            self.stderr.print(f"[bold red]error:[/] {_safe(exc)}", highlight=False, markup=True)
             hint = "" if self.debug or exc.exit_code != 3 else " (--debug shows the traceback)"
             if hint:
                 self.stderr.print(hint.strip(), style="dim")
             return exc.exit_code
-        self.stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}",
+        self.stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {_safe(exc)}",
                           highlight=False)
         self.stderr.print("this is a bug in nndiag; rerun with --debug and report the traceback",
                           style="dim")
         return INTERNAL_ERROR
+
+
+def _safe(exc: BaseException) -> str:
+    """An error message as inert text: names from files carry no markup or terminal escapes."""
+    return escape(printable(exc))

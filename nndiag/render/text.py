@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nndiag.findings import Finding, Fix, Report
+from nndiag.render.safe import printable
 
 if TYPE_CHECKING:
     from nndiag.lrfind import LRFindResult
@@ -78,24 +79,25 @@ def _finding(finding: Finding) -> Group:
     parts: list[Any] = []
     title = Text(f"[{finding.severity}] ", style=STYLE[finding.severity])
     title.append(finding.id, style="bold")
-    title.append(f"  {finding.summary}")
+    title.append(f"  {printable(finding.summary)}")
     parts.append(title)
     if finding.explanation:
-        parts.append(Padding(Text(finding.explanation), (0, 0, 0, 4)))
+        parts.append(Padding(Text(printable(finding.explanation)), (0, 0, 0, 4)))
     if finding.layers:
-        shown = ", ".join(finding.layers[:8]) + (f" ... (+{len(finding.layers) - 8})"
-                                                 if len(finding.layers) > 8 else "")
+        shown = ", ".join(map(printable, finding.layers[:8])) + (
+            f" ... (+{len(finding.layers) - 8})" if len(finding.layers) > 8 else "")
         parts.append(Padding(Text(f"layers: {shown}", style="dim"), (0, 0, 0, 4)))
     for number, fix in enumerate(finding.fixes, 1):
         line = Text(f"{number}. ", style="bold")
         line.append(fix.id, style="bold magenta")
-        line.append(f": {fix.summary}")
+        line.append(f": {printable(fix.summary)}")
         parts.append(Padding(line, (0, 0, 0, 4)))
         verified = _verified(fix)
         if verified is not None:
             parts.append(Padding(verified, (0, 0, 0, 7)))
         if fix.code:
-            parts.append(Padding(Text(fix.code, style="dim cyan"), (0, 0, 0, 7)))
+            code = "\n".join(map(printable, fix.code.split("\n")))
+            parts.append(Padding(Text(code, style="dim cyan"), (0, 0, 0, 7)))
     return Group(*parts)
 
 
@@ -145,7 +147,8 @@ def layer_table(report: Report) -> Table:
         init = (f"{row['init_scale']:.2f} {'He' if row['init_reference'] == 'he' else 'Xav'}"
                 if row.get("init_scale") is not None else "-")
         style = {"error": "red", "warning": "yellow"}.get(flagged.get(row["name"], ""), "")
-        table.add_row(str(row["index"]), row["name"], row["kind"], fmt(row.get("std")), share,
+        table.add_row(str(row["index"]), Text(printable(row["name"])), row["kind"],
+                      fmt(row.get("std")), share,
                       fmt(row.get("depth_gain")), fmt(row.get("grad_to_weight")), init,
                       style=style)
     return table
@@ -156,7 +159,8 @@ def render_text(report: Report, console: Console) -> None:
     console.print(_header(report))
     checkpoint = report.summary.get("checkpoint")
     if checkpoint:
-        console.print(Text(f"weights from {checkpoint['path']} ({checkpoint['format']})",
+        console.print(Text(f"weights from {printable(checkpoint['path'])} "
+                           f"({checkpoint['format']})",
                            style="dim"))
     _status_and_findings(report, console)
     console.print()
@@ -165,7 +169,7 @@ def render_text(report: Report, console: Console) -> None:
                        "init: weight RMS / the He or Xavier (Xav) std for its fans",
                        style="dim"))
     for note in report.notes:
-        console.print(Text(f"note: {note}", style="yellow"))
+        console.print(Text(f"note: {printable(note)}", style="yellow"))
 
 
 def _checkpoint_header(report: Report) -> Text:
@@ -173,7 +177,7 @@ def _checkpoint_header(report: Report) -> Text:
     where = f" (weights under {s['weights_key']!r})" if s.get("weights_key") else ""
     dtypes = ", ".join(f"{k} {v:,}" for k, v in s.get("dtypes", {}).items())
     return Text.assemble(
-        ("nndiag inspect ", "bold"), (str(s.get("path")), "bold cyan"),
+        ("nndiag inspect ", "bold"), (printable(s.get("path")), "bold cyan"),
         f": {s.get('format')}{where}; {s.get('parameters', 0):,} values in "
         f"{s.get('tensors')} tensors ({dtypes}); data-free analysis",
     )
@@ -202,7 +206,7 @@ def checkpoint_table(report: Report) -> Table:
         if row.get("zero_initialized"):
             notes.append("zero-init")
         style = {"error": "red", "warning": "yellow"}.get(flagged.get(row["name"], ""), "")
-        table.add_row(row["name"], row["kind"], f"{row['params']:,}",
+        table.add_row(Text(printable(row["name"])), row["kind"], f"{row['params']:,}",
                       "x".join(map(str, weight["shape"])) if weight else "-",
                       fmt(row.get("weight_rms")), fmt(row.get("init_scale_he")),
                       fmt(row.get("init_scale_xavier")),
@@ -218,8 +222,8 @@ def render_checkpoint_text(report: Report, console: Console) -> None:
     console.print(_checkpoint_header(report))
     extras = report.summary.get("extras") or {}
     if extras:
-        console.print(Text("also in the file: " + "; ".join(f"{k}: {v}" for k, v in
-                                                            extras.items()), style="dim"))
+        console.print(Text("also in the file: " + "; ".join(
+            f"{printable(k)}: {printable(v)}" for k, v in extras.items()), style="dim"))
     _status_and_findings(report, console)
     console.print()
     console.print(checkpoint_table(report))
@@ -227,7 +231,7 @@ def render_checkpoint_text(report: Report, console: Console) -> None:
                        "std sqrt(2/(fan_in+fan_out)); chain: layers with no normalization "
                        "between them", style="dim"))
     for note in report.notes:
-        console.print(Text(f"note: {note}", style="yellow"))
+        console.print(Text(f"note: {printable(note)}", style="yellow"))
 
 
 def render_report(report: Report, console: Console) -> None:

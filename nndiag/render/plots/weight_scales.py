@@ -37,7 +37,7 @@ def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
         if r.get("chain") != chain:
             running, chain = 0.0, r.get("chain")
         running += math.log(r["init_scale_he"])
-        products.append(math.exp(running))
+        products.append(math.exp(min(max(running, -600.0), 600.0)))  # 1e+-260: drawable
     ax.plot(xs, products, "k.-", label="predicted signal scale (product along the chain)")
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax.set_yscale("log")
