@@ -9,17 +9,19 @@
 
 Every step records the loss and the learning rate (kept on the device and written in batches,
 so an unsampled step costs a list append). Every ``every``-th step is sampled, with the same
-measurement core as ``nndiag inspect`` (``nndiag.capture.sites``): per call site (modules and
-activations applied as functions, named alike) the activation mean, std and largest value, the
-dead fraction (ReLU family) and saturation (sigmoid/tanh family), reduced a group of
+measurement core as ``nndiag inspect`` (``nndiag.capture.sites``) in its lean mode: per call
+site (modules and activations applied as functions, named alike) the activation mean and std,
+the dead fraction (ReLU family) and saturation (sigmoid/tanh family), reduced a group of
 same-shaped outputs at a time when the forward pass ends; gradient norms after accumulation
 and before clipping (read at the end of each backward pass); the true update-to-weight ratio
 ``||w_after - w_before|| / ||w_before||`` from the optimizer's step hooks, valid for any
-optimizer (on a fixed strided subset of at most ``update_sample`` elements of each big tensor:
-the ratio of a random-like 4,096-element subset is within a few percent of the whole, against
-the orders of magnitude the rules judge; the weight norm of such a tensor is its subset's,
-scaled by sqrt(elements / subset)); and the global gradient norm. Statistics are reduced on the
-device and moved to the host once per sampled step.
+optimizer; and the global gradient norm. The update ratio of a big tensor is measured on a
+fixed subset of at most ``update_sample`` elements, 16 evenly spaced runs of contiguous
+elements (a 4,096-element subset is within a few percent of the whole tensor's ratio, against
+the orders of magnitude the rules judge; copying every weight twice a step is what would make
+``every=1`` expensive); the weight norm of such a tensor is its subset's, scaled by
+sqrt(elements / subset). Statistics are reduced on the device and moved to the host once per
+sampled step.
 
 Hook policy: the optimizer's step hooks are registered once and gated. The recorder's two
 global module hooks and the gradient hooks are attached just before a sampled step and removed
@@ -55,6 +57,10 @@ from nndiag.runlog import RunWriter
 
 # Losses are written at least this often (seconds), so a killed run keeps its history.
 FLUSH_SECONDS = 1.0
+# A model with no activation applied as a function on its first sampled steps is looked at
+# again for them only every this many sampled steps: watching costs a Python call per torch
+# function of the forward pass (~6% of a small MLP's step).
+FUNCTIONAL_RECHECK = 100
 
 
 def _distributed() -> tuple[int, int]:
@@ -77,6 +83,22 @@ def unwrap_optimizer(optimizer: Any) -> Any:
             break
         optimizer = inner
     return optimizer
+
+
+# The update-ratio subset of a big tensor: this many evenly spaced runs of contiguous elements
+# (contiguous runs read a few cache lines; a plain stride would touch every line of the tensor).
+_SUBSET_RUNS = 16
+
+
+def _subset_layout(numel: int, budget: int) -> tuple[int, int, int]:
+    """``(runs, pitch, width)``: ``runs`` runs of ``width`` elements every ``pitch`` elements.
+
+    ``(0, 0, 0)`` means the whole tensor (small enough, or ``budget`` 0).
+    """
+    if not budget or numel <= budget:
+        return 0, 0, 0
+    runs = min(_SUBSET_RUNS, budget)
+    return runs, numel // runs, max(1, budget // runs)
 
 
 class _WeightGroup:
@@ -102,8 +124,8 @@ class Monitor:
             only (``monitor.samples``).
         activations: Record activation statistics (forward hooks) on sampled steps.
         update_sample: Most elements per weight tensor the update ratio is measured on: a
-            bigger tensor is measured on every k-th element (a fixed strided subset, the
-            same before and after the step). ``0`` measures every element.
+            bigger tensor is measured on 16 evenly spaced runs of contiguous elements (a
+            fixed subset, the same before and after the step). ``0`` measures every element.
 
     Raises:
         UsageError: ``every`` below 1, a ``model`` that is not an ``nn.Module``, or a
@@ -128,7 +150,7 @@ class Monitor:
         optimizer = unwrap_optimizer(optimizer)
         self.model, self.optimizer, self.every = model, optimizer, every
         self.rank, self.world_size = _distributed()
-        self._recorder = SiteRecorder(model, deferred=True) if activations else None
+        self._recorder = SiteRecorder(model, exact=False) if activations else None
 
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._groups = []
@@ -160,13 +182,16 @@ class Monitor:
         self._grad_present: list[bool] | None = None
         self._before: list[torch.Tensor] | None = None
         self._before_norms: torch.Tensor | None = None
-        self._update_strides = [max(1, math.ceil(p.numel() / update_sample))
-                                if update_sample else 1 for p in self._weights]
-        # Scales a strided subset's norm to the whole tensor's (1 for tensors read whole).
+        self._update_layout = [_subset_layout(p.numel(), update_sample) for p in self._weights]
+        # Scales a subset's norm to the whole tensor's (1 for tensors read whole).
         self._norm_scale = torch.tensor(
-            [math.sqrt(p.numel() / len(range(0, p.numel(), s))) if p.numel() else 1.0
-             for p, s in zip(self._weights, self._update_strides, strict=True)])
+            [math.sqrt(p.numel() / (rows * width)) if rows else 1.0
+             for p, (rows, _, width) in zip(self._weights, self._update_layout, strict=True)])
         self._after_norms: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
+        self._view_pointers: list[int] | None = None
+        # A non-contiguous weight's flat view is a copy: it must be taken anew every time.
+        self._views_cacheable = all(p.is_contiguous() for p in self._weights)
         self._update: tuple[torch.Tensor, torch.Tensor] | None = None
         self._optimizer_handles: list[RemovableHandle] = []
         self._sampling = False
@@ -206,6 +231,11 @@ class Monitor:
                                                                               None)
         if self._recorder is not None:
             self._recorder.reset()
+            # Activations applied as functions are looked for on the first sampled steps and
+            # then every FUNCTIONAL_RECHECK-th one; once one is seen, on every sampled step.
+            sampled_index = step // self.every
+            self._recorder.watch_functional = (self._recorder.functional_seen or
+                                               sampled_index % FUNCTIONAL_RECHECK < 2)
 
     def _detach_sampling_hooks(self) -> None:
         if self._recorder is not None:
@@ -233,9 +263,19 @@ class Monitor:
                 if grads else None
 
     def _update_views(self) -> list[torch.Tensor]:
-        """The weight elements the update ratio is measured on (a strided subset of big ones)."""
-        return [p.detach().reshape(-1)[::stride]
-                for p, stride in zip(self._weights, self._update_strides, strict=True)]
+        """The weight elements the update ratio is measured on (a subset of big tensors).
+
+        The views are made once and reused while every weight keeps its storage (an
+        optimizer updates in place; a ``load_state_dict`` into new tensors rebuilds them).
+        """
+        pointers = [p.data_ptr() for p in self._weights]
+        if pointers != self._view_pointers or not self._views_cacheable:
+            views = []
+            for p, (rows, pitch, width) in zip(self._weights, self._update_layout, strict=True):
+                flat = p.detach().reshape(-1)
+                views.append(flat[: rows * pitch].view(rows, pitch)[:, :width] if rows else flat)
+            self._views, self._view_pointers = views, pointers
+        return self._views
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._sampling and self._reads_grads_at_step:

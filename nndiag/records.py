@@ -92,8 +92,8 @@ class LayerRecord:
 
     @property
     def output_finite(self) -> bool:
-        """False when the output held NaN or Inf."""
-        return self.absmax is None or math.isfinite(self.absmax)
+        """False when the output held NaN or Inf (seen in its largest value or its moments)."""
+        return all(v is None or math.isfinite(v) for v in (self.absmax, self.mean, self.std))
 
     @property
     def grad_finite(self) -> bool:
@@ -189,13 +189,16 @@ class StepRecord:
     layers: list[LayerRecord] = field(default_factory=list)
 
     def to_columns(self) -> dict[str, Any]:
-        """Columnar plain data: one list per ``LayerRecord`` field that any layer has."""
+        """Columnar plain data: one list per recorded field (``STEP_COLUMNS``) any layer has.
+
+        Fields that follow from others or do not change during a run (module, shape, fans,
+        parameter counts) are left out; ``from_columns`` derives ``grad_to_weight``.
+        """
         columns: dict[str, list[Any]] = {}
-        for f in fields(LayerRecord):
-            values = [getattr(layer, f.name) for layer in self.layers]
-            if any(v is not None and v is not False for v in values) or \
-                    f.name in _REQUIRED_COLUMNS:
-                columns[f.name] = values
+        for name in STEP_COLUMNS:
+            values = [getattr(layer, name) for layer in self.layers]
+            if name == "name" or any(v is not None and v is not False for v in values):
+                columns[name] = values
         return {"step": self.step, "loss": self.loss, "grad_norm": self.grad_norm,
                 "layers": columns}
 
@@ -226,10 +229,16 @@ class StepRecord:
             layers.append(LayerRecord(**values))
         for layer in layers:
             _check_numbers(layer)
+            if layer.grad_to_weight is None and layer.grad_norm is not None and \
+                    layer.weight_norm:
+                layer.grad_to_weight = layer.grad_norm / layer.weight_norm
         return cls(step, _number(data.get("loss")), _number(data.get("grad_norm")), layers)
 
 
-_REQUIRED_COLUMNS = frozenset({"name", "module", "kind", "index"})
+# What a recorded step writes of each layer.
+STEP_COLUMNS = ("name", "kind", "activation", "functional", "mean", "std", "absmax",
+                "dead_fraction", "saturated_fraction", "preact_std", "weight_norm", "grad_norm",
+                "update_ratio", "init_scale")
 _NUMBER_FIELDS = ("mean", "std", "absmax", "dead_fraction", "saturated_fraction", "preact_mean",
                   "preact_std", "grad_out_norm", "weight_norm", "weight_rms", "grad_norm",
                   "grad_to_weight", "init_scale", "depth_gain", "update_ratio")

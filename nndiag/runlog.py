@@ -38,23 +38,43 @@ READABLE_SCHEMAS = ("nndiag.run/1", SCHEMA)
 META, STEPS, SAMPLES = "meta.json", "steps.jsonl", "samples.jsonl"
 
 
-def _round(value: float) -> float | str:
-    if value != value:
-        return "nan"
-    if value in (math.inf, -math.inf):
-        return "inf" if value > 0 else "-inf"
-    return float(f"{value:.6g}")
-
-
 def encode(value: Any) -> Any:
     """Round floats to 6 significant digits; non-finite floats become strings."""
     if isinstance(value, float):
-        return _round(value)
+        return json.loads(_json(value))
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_round(v) if type(v) is float else encode(v) for v in value]
+        return [encode(v) for v in value]
     return value
+
+
+def _json(value: Any) -> str:
+    """Compact JSON text of plain data, floats at 6 significant digits, non-finite as strings.
+
+    Written by hand for the hot path of ``Monitor(every=1)``: one formatting per number
+    (``json.dumps`` after rounding would format each one twice).
+    """
+    kind = type(value)
+    if kind is float:
+        if value != value:
+            return '"nan"'
+        if value in (math.inf, -math.inf):
+            return '"inf"' if value > 0 else '"-inf"'
+        text = f"{value:.6g}"
+        return text if "e" in text or "." in text or "n" in text else text + ".0"
+    if kind is list or kind is tuple:
+        return "[" + ",".join([_json(v) for v in value]) + "]"
+    if kind is dict:
+        return "{" + ",".join([json.dumps(str(k)) + ":" + _json(v)
+                               for k, v in value.items()]) + "}"
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    if isinstance(value, float):  # numpy and other float types
+        return _json(float(value))
+    return json.dumps(value)
 
 
 def decode(value: Any) -> Any:
@@ -103,7 +123,7 @@ class RunWriter:
         if self.failed:
             return
         try:
-            handle.write(json.dumps(encode(record), separators=(",", ":")) + "\n")
+            handle.write(_json(record) + "\n")
             handle.flush()
         except OSError as exc:
             self.failed = True

@@ -14,15 +14,16 @@ the recorder are checked to agree on them in ``tests/test_agreement.py``):
 - pre-activation mean / variance: of the input of a saturating activation (not available for
   in-place activations, whose input is overwritten).
 
-Every output is reduced to summable *moments* (``MOMENT_FIELDS``, float64): element count, sum,
-sum of squares, largest absolute value, saturated count, and the same three sums of the
-pre-activation. Sums of calls add up, so the moments pool over batches and over distributed
-ranks by plain addition (the largest value by a maximum), and mean and variance come out of
-them once, on the host (``finish_moments``). Outputs of the same shape are reduced together,
-stacked (``reduce_outputs``): one set of kernels for a whole group of layers instead of one
-per layer, which is what keeps recording every step cheap. Each output's values are shifted by
-its first element before the float32 sums, so ``E[y^2] - E[y]^2`` does not cancel when the
-mean is large against the spread.
+Every output is reduced, as soon as it appears (while it is still in the cache), to a few
+device scalars (``output_moments``): sum, sum of squares, and where they apply the
+largest absolute value, the saturated count and the pre-activation's sum and norm; ReLU-family
+outputs also to their per-unit maximum over the batch (a unit fired if it is above zero).
+Those are *moments*: sums over calls add up, so they pool over probe batches, micro-batches
+and distributed ranks by plain addition (the largest values by a maximum), and mean and
+variance come out of them once, on the host (``finish_moments``). The exact mode (the probe)
+shifts the values by their first element before the float32 sums, so ``E[y^2] - E[y]^2`` does
+not cancel when the mean is large against the spread, and reads the largest value; the lean
+mode (recorded training steps) skips both, three kernels cheaper per layer.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ import torch
 
 SATURATION_DERIVATIVE_RATIO = 0.05
 
-# Columns of the moments tensor; all are summed when pooling, but ``absmax`` (a maximum).
+# What one call of a layer is reduced to; all are summed when pooling, but ``absmax`` (a
+# maximum) and the shifts that exact-mode sums were taken against (undone when pooling).
+CALL_FIELDS = ("sum", "sumsq", "absmax", "saturated", "pre_sum", "pre_sumsq", "shift",
+               "pre_shift")
+# Pooled moments, in order (``n`` and ``pre_n`` are element counts).
 MOMENT_FIELDS = ("n", "sum", "sumsq", "absmax", "saturated", "pre_n", "pre_sum", "pre_sumsq")
-ABSMAX = MOMENT_FIELDS.index("absmax")
-
 
 def saturated_mask(kind: str, output: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     """Boolean mask of saturated elements of an activation's output (see module docstring)."""
@@ -54,84 +57,98 @@ def saturated_mask(kind: str, output: torch.Tensor, bounds: tuple[float, float])
     return (y <= low) | (y >= high)
 
 
-def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The tensors as rows of one float32 matrix (a view, not a copy, for a single tensor)."""
-    if len(tensors) == 1:
-        return tensors[0].detach().reshape(1, -1).float()
-    return torch.stack([t.detach().reshape(-1).float() for t in tensors])
+def _sums(values: torch.Tensor, exact: bool) -> list[torch.Tensor]:
+    """Sum and sum of squares of all elements (float32, 0-d), and, if exact, the first value.
+
+    Exact sums are of the values minus the first one (the shift is undone when the moments
+    are pooled, in float64). The shift is a copy: the output may be overwritten in place
+    after this call (``nn.ReLU(inplace=True)``).
+    """
+    flat = values.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    if not exact:
+        return [flat.sum(), torch.dot(flat, flat)]
+    shift = flat[0].clone()
+    centered = flat - shift
+    return [centered.sum(), torch.dot(centered, centered), shift]
 
 
-def _raw_sums(rows: torch.Tensor) -> torch.Tensor:
-    """Per row: count, sum and sum of squares (float64), from sums shifted by the first value."""
-    shift = rows[:, :1]
-    centered = rows - shift
-    total = centered.sum(1)
-    squares = torch.linalg.vecdot(centered, centered)
-    n = rows.shape[1]
-    shift64, total64, squares64 = shift[:, 0].double(), total.double(), squares.double()
-    return torch.stack([torch.full_like(shift64, n), total64 + n * shift64,
-                        squares64 + 2 * shift64 * total64 + n * shift64 * shift64], dim=1)
-
-
-def reduce_outputs(outputs: Sequence[torch.Tensor], *, saturation: str | None = None,
+def output_moments(output: torch.Tensor, *, saturation: str | None = None,
                    bounds: tuple[float, float] = (-1.0, 1.0),
-                   pre_activations: Sequence[torch.Tensor] | None = None,
-                   unit_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reduce outputs of one shape to their moments (and, for ReLUs, their fired-unit masks).
+                   pre_activation: torch.Tensor | None = None,
+                   exact: bool = True) -> list[tuple[int, torch.Tensor]]:
+    """Reduce one output (one call of a layer) to the device scalars of ``CALL_FIELDS``.
 
     Args:
-        outputs: Layer outputs of identical shape, dtype and device (at least one element
-            each): one group, reduced with one set of kernels.
-        saturation: The activation kind when the outputs come from a saturating activation.
+        output: The layer's output (at least one element).
+        saturation: The activation kind when it can saturate.
         bounds: Clipping bounds for hardtanh-family activations.
-        pre_activations: The activations' inputs (same shapes), when they are still intact.
-        unit_mask: Also return which units fired (ReLU family; see ``alive_units``).
+        pre_activation: The activation's input, when it is still intact.
+        exact: Shifted sums and the largest absolute value (the probe); ``False`` is the lean
+            mode of recorded training steps.
 
     Returns:
-        A ``(len(outputs), len(MOMENT_FIELDS))`` float64 tensor on the outputs' device (NaN in
-        the columns that do not apply), and a ``(len(outputs), units)`` boolean tensor or
-        ``None``. Nothing is moved to the host.
+        ``(field index, 0-d float32 tensor)`` for each field that applies (the others are
+        NaN in ``pool_moments``). Nothing is moved to the host, and nothing is stacked per
+        call: the caller stacks every call's scalars once.
     """
-    rows = _stacked(outputs)
-    sums = _raw_sums(rows)
-    low, high = torch.aminmax(rows, dim=1)
-    absmax = torch.maximum(high, -low).double().unsqueeze(1)
-    nan = torch.full_like(absmax, math.nan)
+    y = output.detach()
+    found = list(zip((0, 1, 6), _sums(y, exact), strict=False))
+    if exact:
+        found.append((2, y.abs().amax().float()))
     if saturation is not None:
-        saturated = saturated_mask(saturation, rows, bounds).sum(1).double().unsqueeze(1)
-    else:
-        saturated = nan
-    if pre_activations is not None:
-        pre = _raw_sums(_stacked(pre_activations))
-    else:
-        pre = nan.expand(-1, 3)
-    moments = torch.cat([sums, absmax, saturated, pre], dim=1)
-    alive = None
-    if unit_mask:
-        batch = outputs[0].shape[0] if outputs[0].dim() else 1
-        alive = _alive_rows(rows.reshape(rows.shape[0], batch, -1))
-    return moments, alive
+        found.append((3, saturated_mask(saturation, y.float(), bounds).sum().float()))
+    if pre_activation is not None and pre_activation.numel():
+        found += zip((4, 5, 7), _sums(pre_activation, exact), strict=False)
+    return found
 
 
-def _alive_rows(values: torch.Tensor) -> torch.Tensor:
-    """``(groups, batch, units)`` -> ``(groups, units)``: nonzero in some sample.
+def unit_peaks(output: torch.Tensor) -> torch.Tensor:
+    """Per unit (all positions but the batch dimension), the largest value over the batch.
 
-    For the ReLU family, whose outputs are never negative, "nonzero in some sample" is "the
-    maximum over the batch is above zero": a max over the batch is ~13x faster on CPU than an
-    ``any`` over a boolean tensor.
+    For the ReLU family, whose outputs are never negative, a unit fired in the batch exactly
+    when its peak is above zero, and the peaks of several calls combine by a maximum (a max
+    over the batch is ~13x faster on CPU than an ``any`` over a boolean tensor).
     """
-    return values.amax(dim=1) != 0
-
-
-def alive_units(output: torch.Tensor) -> torch.Tensor:
-    """Boolean mask over units (all positions but the batch dimension): nonzero in some sample."""
     y = output.detach()
     if y.dim() == 0:
-        return (y != 0).reshape(1)
-    flat = y.reshape(1, y.shape[0], -1)
-    if bool(y.dtype.is_floating_point):
-        return _alive_rows(flat)[0]
-    return (flat[0] != 0).any(dim=0)
+        return y.reshape(1)
+    return y.reshape(y.shape[0], -1).amax(dim=0)
+
+
+def pool_moments(calls: torch.Tensor, numels: torch.Tensor, sites: torch.Tensor,
+                 count: int, exact: bool = True) -> torch.Tensor:
+    """Pool per-call values into per-site moments (``MOMENT_FIELDS``), on the device.
+
+    Args:
+        calls: ``(calls, len(CALL_FIELDS))`` float64, NaN where a field was not measured.
+        numels: ``(calls, 2)`` element counts of each output and its pre-activation (0 when
+            the pre-activation was not read).
+        sites: ``(calls,)`` the site index of each call.
+        count: Number of sites.
+        exact: The calls hold exact-mode values: shifted sums (the shift is undone here, per
+            call, before the sums are added) and largest values (pooled by a maximum).
+
+    Returns:
+        A ``(count, len(MOMENT_FIELDS))`` float64 tensor.
+    """
+    n, pre_n = numels[:, 0], numels[:, 1]
+    total, squares, pre_total, pre_squares = calls[:, 0], calls[:, 1], calls[:, 4], calls[:, 5]
+    if exact:  # sums of (y - c) -> sums of y
+        c, pc = torch.nan_to_num(calls[:, 6]), torch.nan_to_num(calls[:, 7])
+        squares = squares + 2 * c * total + n * c * c
+        total = total + n * c
+        pre_squares = pre_squares + 2 * pc * pre_total + pre_n * pc * pc
+        pre_total = pre_total + pre_n * pc
+    rows = torch.stack([n, total, squares, calls[:, 2], calls[:, 3], pre_n, pre_total,
+                        pre_squares], 1)
+    pooled = torch.zeros(count, len(MOMENT_FIELDS), dtype=torch.float64, device=calls.device)
+    pooled.index_add_(0, sites, rows)
+    if exact:
+        absmax = torch.full((count,), -math.inf, dtype=torch.float64, device=calls.device)
+        pooled[:, 3] = absmax.scatter_reduce(0, sites, calls[:, 2], "amax")
+    return pooled
 
 
 def square_sum(values: torch.Tensor) -> torch.Tensor:
@@ -140,9 +157,9 @@ def square_sum(values: torch.Tensor) -> torch.Tensor:
     return torch.dot(flat, flat)
 
 
-def dead_fraction(alive: torch.Tensor) -> torch.Tensor:
-    """Share of units that never fired, from a fired-unit mask (0-d tensor, on device)."""
-    return 1.0 - alive.float().mean()
+def dead_fractions(peaks: torch.Tensor) -> torch.Tensor:
+    """Per row of unit peaks (``unit_peaks``, combined over calls), the share never above 0."""
+    return (peaks <= 0).double().mean(dim=-1)
 
 
 def _moments(n: float, total: float, squares: float) -> tuple[float | None, float | None]:
