@@ -1,0 +1,168 @@
+"""Per-site records of a probe: the plain numbers capture produces and rules read (no torch).
+
+A ``ProbeRecord`` is what one inspection measured; it round-trips through JSON so that rules
+can be run offline and tested with hand-made records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class LayerRecord:
+    """Measurements of one layer call site, in forward execution order.
+
+    A module called several times in one forward pass gets one record per call (``act``,
+    ``act#2``...). Activations applied functionally inside a module's ``forward`` get a record
+    named ``<module>/<activation>``. Parameter statistics sit on a module's first call.
+
+    Attributes:
+        name: Site name: the module's qualified name, with ``#k`` for its k-th call.
+        module: Qualified name of the module that ran (or contains a functional activation).
+        kind: The module class (``Linear``) or ``relu()`` for a functional activation.
+        index: Position in forward execution order.
+        activation: Activation kind (``relu``, ``tanh``...) for activation sites, else ``None``.
+        functional: True when the activation was applied as a function, not a module.
+        shape: Output shape of the first probe batch.
+        mean: Mean of the output.
+        std: Standard deviation of the output.
+        absmax: Largest absolute output value (``inf``/``nan`` when the output was not finite).
+        dead_fraction: Share of units that were zero for every probe sample (ReLU family).
+        saturated_fraction: Share of output elements in saturation (saturating activations).
+        preact_mean: Mean of a saturating activation's input, when it could be read.
+        preact_std: Standard deviation of that input.
+        grad_out_norm: L2 norm of the loss gradient with respect to the output
+            (root mean square over probe batches).
+        params: Number of the module's own parameters (first call site only).
+        trainable: Whether any of those parameters requires a gradient.
+        weight_norm: L2 norm of the module's weights (its parameters other than biases).
+        weight_rms: Root mean square of those weights.
+        grad_norm: L2 norm of the loss gradient with respect to those weights.
+        grad_to_weight: ``grad_norm / weight_norm``.
+        fan_in: Fan-in of a Linear/conv weight.
+        fan_out: Fan-out of a Linear/conv weight.
+        init_reference: ``he`` when the layer feeds a ReLU-like activation, else ``xavier``.
+        init_scale: ``weight_rms`` divided by the reference's expected standard deviation.
+        depth_gain: ``grad_out_norm`` over the gradient norm at the model output.
+        update_ratio: ``||w_after - w_before|| / ||w_before||`` of the weights over one
+            optimizer step (recorded steps only).
+
+    """
+
+    name: str
+    module: str
+    kind: str
+    index: int
+    activation: str | None = None
+    functional: bool = False
+    shape: list[int] | None = None
+    mean: float | None = None
+    std: float | None = None
+    absmax: float | None = None
+    dead_fraction: float | None = None
+    saturated_fraction: float | None = None
+    preact_mean: float | None = None
+    preact_std: float | None = None
+    grad_out_norm: float | None = None
+    params: int = 0
+    trainable: bool = False
+    weight_norm: float | None = None
+    weight_rms: float | None = None
+    grad_norm: float | None = None
+    grad_to_weight: float | None = None
+    fan_in: int | None = None
+    fan_out: int | None = None
+    init_reference: str | None = None
+    init_scale: float | None = None
+    depth_gain: float | None = None
+    update_ratio: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The name with the layer kind, for messages: ``features.3 (Conv2d)``."""
+        return f"{self.name} ({self.kind})"
+
+    @property
+    def has_weights(self) -> bool:
+        """True for the first call site of a module with weights."""
+        return self.weight_norm is not None
+
+    @property
+    def output_finite(self) -> bool:
+        """False when the output held NaN or Inf (seen in its largest value or its moments)."""
+        return all(v is None or math.isfinite(v) for v in (self.absmax, self.mean, self.std))
+
+    @property
+    def grad_finite(self) -> bool:
+        """False when a gradient (output or weights) held NaN or Inf."""
+        return all(v is None or math.isfinite(v) for v in (self.grad_out_norm, self.grad_norm))
+
+
+@dataclass
+class ProbeRecord:
+    """Everything one probe (forward and backward on a few batches) measured.
+
+    Attributes:
+        layers: Per-site records in forward execution order.
+        loss: Mean loss over the probe batches.
+        loss_name: The loss used (``cross_entropy``, ``mse``, or the user's function name).
+        num_classes: Classes of a cross-entropy loss (for the expected loss at init), else None.
+        output_grad_norm: L2 norm of the gradient of the loss with respect to the model output.
+        output_std: Standard deviation of the model output.
+        input_std: Standard deviation of floating-point inputs, ``None`` for integer inputs.
+        input_mean: Mean of floating-point inputs.
+        batches: Number of probe batches.
+        batch_size: Size of the first dimension of the first input tensor.
+        trainable_parameters: Number of trainable parameter elements.
+        frozen_parameters: Number of frozen parameter elements.
+        unused_parameters: Trainable parameters that received no gradient in any batch.
+        not_run: Modules with parameters that never ran during the probe.
+        model_class: The model's class name.
+
+    """
+
+    layers: list[LayerRecord]
+    loss: float
+    loss_name: str
+    num_classes: int | None = None
+    output_grad_norm: float | None = None
+    output_std: float | None = None
+    input_std: float | None = None
+    input_mean: float | None = None
+    batches: int = 1
+    batch_size: int | None = None
+    trainable_parameters: int = 0
+    frozen_parameters: int = 0
+    unused_parameters: list[str] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)
+    model_class: str = ""
+
+    def layer(self, name: str) -> LayerRecord:
+        """The record of the site called ``name``."""
+        for record in self.layers:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+    def weight_layers(self) -> list[LayerRecord]:
+        """Sites of modules with trainable weights, in forward order."""
+        return [r for r in self.layers if r.has_weights and r.trainable]
+
+    def activation_layers(self) -> list[LayerRecord]:
+        """Activation sites (module or functional), in forward order."""
+        return [r for r in self.layers if r.activation is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-ready apart from non-finite floats)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeRecord:
+        """Rebuild a record from ``to_dict`` output."""
+        names = {f.name for f in fields(LayerRecord)}
+        layers = [LayerRecord(**{k: v for k, v in d.items() if k in names}) for d in data["layers"]]
+        own = {f.name for f in fields(cls)} - {"layers"}
+        return cls(layers=layers, **{k: v for k, v in data.items() if k in own})
