@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from nndiag.advice import advise_run
-from nndiag.findings import Report, severity_rank
+from nndiag.findings import Finding, Report, severity_rank
 from nndiag.rules.run import run_rules
 from nndiag.rules.thresholds import Threshold
 from nndiag.runlog import RunLog, read_run
@@ -67,25 +67,30 @@ def write_junit(report: Report, path: str | Path, fail_on: str = "error") -> Pat
 
     One test case per rule, failed when its finding is at or above ``fail_on``.
     """
-    found = {f.id: f for f in report.findings}
+    found: dict[str, list[Finding]] = {}
+    for finding in report.findings:  # most severe first
+        found.setdefault(finding.id, []).append(finding)
     rules = list(report.summary.get("rules") or RUN_FINDINGS)
-    rules += [f.id for f in report.findings if f.id not in rules]
+    rules = list(dict.fromkeys([*rules, *(f.id for f in report.findings)]))
     threshold = severity_rank(fail_on)
     suite = ET.Element("testsuite", name="nndiag.check", tests=str(len(rules)))
     failures = 0
     for finding_id in rules:
         case = ET.SubElement(suite, "testcase", classname="nndiag.check", name=finding_id)
-        finding = found.get(finding_id)
-        if finding is None:
+        same_id = found.get(finding_id)
+        if not same_id:
             continue
+        finding = same_id[0]
         if severity_rank(finding.severity) >= threshold:
             failures += 1
             failure = ET.SubElement(case, "failure", type=finding.severity,
                                     message=finding.summary)
             fixes = "\n".join(f"fix {x.id}: {x.summary}" for x in finding.fixes)
-            failure.text = f"{finding.explanation}\n{fixes}".strip()
+            others = "\n".join(f"also [{f.severity}] {f.summary}" for f in same_id[1:])
+            failure.text = "\n".join(p for p in (finding.explanation, fixes, others) if p)
         else:
-            ET.SubElement(case, "system-out").text = f"[{finding.severity}] {finding.summary}"
+            ET.SubElement(case, "system-out").text = "\n".join(
+                f"[{f.severity}] {f.summary}" for f in same_id)
     suite.set("failures", str(failures))
     suite.set("errors", "0")
     target = Path(path)

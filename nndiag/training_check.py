@@ -26,7 +26,7 @@ from torch import nn
 from nndiag.advice import advise_run, advise_sanity
 from nndiag.checking import RUN_FINDINGS, build_run_report
 from nndiag.errors import UsageError, UserCodeError, describe_exception
-from nndiag.findings import Finding, Report, severity_rank
+from nndiag.findings import Report, severity_rank
 from nndiag.inspection import inspect_model
 from nndiag.losses import Loss, as_loss, compute_loss
 from nndiag.lrfind import cycle_batches
@@ -108,12 +108,14 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
         report = build_run_report(log, [])
         if log_dir is None:
             report.summary["run"] = None
-    merged: dict[str, Finding] = {}
-    for finding in [*init.findings, *findings, *run_findings]:
-        held = merged.get(finding.id)
-        if held is None or severity_rank(finding.severity) > severity_rank(held.severity):
-            merged[finding.id] = finding
-    report.findings = sorted(merged.values(), key=lambda f: -severity_rank(f.severity))
+    # Each phase judges its own evidence (a probe at init, the sanity checks, the recorded
+    # run): a finding id may come from two phases, and both are kept, tagged with their phase.
+    phases = (("init", init.findings), ("sanity", findings), ("training", run_findings))
+    for phase, found in phases:
+        for finding in found:
+            finding.evidence["phase"] = phase
+    report.findings = sorted([f for _, found in phases for f in found],
+                             key=lambda f: -severity_rank(f.severity))
     report.summary.update({"mode": "training", "lr": rate, "loss_at_init": record.loss_at_init,
                            "expected_loss_at_init": record.expected_loss,
                            "rules": [*SANITY_FINDINGS, *INIT_FINDINGS, *RUN_FINDINGS]})

@@ -87,3 +87,35 @@ def test_cli_check_needs_exactly_one_mode():
     assert CliRunner().invoke(app, ["check", "--data", "x:y"]).exit_code == 2
     result = CliRunner().invoke(app, ["check", "--model", f"{FIXTURES}:healthy_mlp"])
     assert result.exit_code == 2 and "--data" in result.stderr
+
+
+def test_a_finding_from_two_phases_is_kept_twice_and_fails_its_junit_case(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from nndiag.checking import write_junit
+    from nndiag.findings import Finding, Report
+
+    report = Report("nndiag.check/1", [
+        Finding("vanishing_gradients", "error", ["0"], "through depth at init",
+                evidence={"phase": "init"}),
+        Finding("vanishing_gradients", "warning", ["0"], "early layers lag in training",
+                evidence={"phase": "training"}),
+    ], summary={"rules": ["vanishing_gradients", "dead_relu"]})
+    suite = ET.parse(write_junit(report, tmp_path / "junit.xml")).getroot()
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert list(cases) == ["vanishing_gradients", "dead_relu"]
+    failure = cases["vanishing_gradients"].find("failure")
+    assert failure.get("message") == "through depth at init"
+    assert "also [warning] early layers lag in training" in failure.text
+    assert suite.get("failures") == "1"
+
+
+def test_the_gate_tags_every_finding_with_its_phase():
+    from nndiag import examples
+    from nndiag.training_check import check_training
+
+    report = check_training(examples.deep_sigmoid_mlp(depth=8),
+                            examples.classification_data(batches=2), steps=6,
+                            overfit_steps=5)
+    assert report.findings
+    assert all(f.evidence["phase"] in ("init", "sanity", "training") for f in report.findings)
