@@ -15,7 +15,7 @@ from torch import nn
 
 from nndiag import UsageError, examples
 from nndiag.findings import Report
-from nndiag.lrfind import LRFindResult, lr_find, suggest_lr
+from nndiag.lrfind import RULE, LRFindResult, Rule, choose_lr, lr_find, snap_lr, suggest_lr
 from nndiag.lrfind.sweep import _early_stop
 
 LRS = np.logspace(-7, 1, 100)
@@ -104,15 +104,55 @@ def test_minimum_at_the_end_of_the_range_warns():
     assert "lr_range_too_narrow" in [f.id for f in s.findings]
 
 
-def test_long_descent_is_capped_at_its_steepest_point():
-    """Transformer-like: a fast early fall, then a long slow slide to a far-right minimum."""
+def test_curve_falling_to_the_end_of_the_range_is_flagged_and_not_trusted():
+    """Adam on an LSTM: the sweep's own progress makes the loss fall all the way to lr = 10."""
+    x = np.log10(LRS)
+    curve = 1.4 - 1.3 / (1 + np.exp(-(x + 2.5) * 1.5)) + noise(0.01)
+    s = suggest_lr(LRS, curve)
+    assert s.shape == "falls_to_end"
+    assert "lr_range_too_narrow" in [f.id for f in s.findings]
+    assert s.lr <= LRS[-1] / 30  # far from the end of the range, which nothing says trains
+    assert s.candidates and max(s.candidates) < LRS[-1]
+    assert all(c == snap_lr(c) for c in s.candidates)
+
+
+def test_long_slow_slide_stays_low_on_the_slide():
+    """A fast early fall, then a long slow slide to a far-right minimum (transformers)."""
     x = np.log10(LRS)
     curve = 3.0 - 2.0 / (1 + np.exp(-(x + 4) * 4)) - 0.3 * np.clip(x + 3, 0, None) / 3.5
     curve = np.where(x > 0.5, curve + 40 * (x - 0.5) ** 2, curve)
     s = suggest_lr(LRS, curve)
-    assert s.lr_high > 1
-    assert s.lr < s.lr_high / 10 and "steepest" in s.reason
-    assert s.lr == pytest.approx(1e-4, rel=1.0)
+    assert s.shape == "valley" and s.lr_high > 1
+    assert s.lr_low <= s.lr <= s.lr_high / 3
+    assert all(c < s.lr_high for c in s.candidates)
+    capped = suggest_lr(LRS, curve, Rule(cap_at_steepest=True, min_divisor=10.0))
+    assert "steepest" in capped.reason and capped.lr == pytest.approx(1e-4, rel=1.0)
+
+
+def test_candidates_follow_the_rule_and_stay_in_the_range():
+    rule = Rule(candidates=3, candidate_offset=0.5, candidate_spacing=0.5)
+    s = suggest_lr(LRS, valley(minimum_at=1e-1), rule)
+    assert s.anchor == pytest.approx(s.lr_high)
+    expected = [snap_lr(s.lr_high * 10 ** -d) for d in (0.5, 1.0, 1.5)]
+    assert s.candidates == pytest.approx(expected)
+    early = suggest_lr(LRS, valley(minimum_at=3e-7), rule)  # a minimum near the start
+    assert all(c >= LRS[0] for c in early.candidates)
+
+
+def test_choose_lr_keeps_the_best_trial_and_survives_all_diverging():
+    picked = choose_lr([1e-1, 3e-2, 1e-2], [math.inf, 0.2, 0.3], 50, Rule(trial_shrink=0.0))
+    assert picked.lr == pytest.approx(3e-2) and picked.findings == []
+    assert "3.00e-02" in picked.reason
+    shrunk = choose_lr([1e-1, 3e-2, 1e-2], [math.inf, 0.2, 0.3], 50, Rule(trial_shrink=0.5))
+    assert shrunk.lr == pytest.approx(3e-2 / 10 ** 0.5)
+    lost = choose_lr([1e-1, 3e-2], [math.inf, math.nan], 50)
+    assert lost.lr < 3e-2 and [f.id for f in lost.findings] == ["lr_trials_diverged"]
+    with pytest.raises(ValueError):
+        choose_lr([1e-1], [], 50)
+
+
+def test_shipped_rule_is_a_rule():
+    assert isinstance(RULE, Rule) and RULE.candidates * RULE.trial_fraction <= 1.5
 
 
 def test_early_stop_rule_uses_differences_only():
@@ -193,13 +233,15 @@ def test_result_is_a_report_with_the_lr_find_json_contract():
     result = lr_find(examples.he_mlp(depth=3, width=16), _data(), optimizer="sgd", steps=20)
     assert isinstance(result, Report) and isinstance(result, LRFindResult)
     data = result.to_dict()
-    # The key order of nndiag.lr-find/1 as it has always been written.
+    # The key order of nndiag.lr-find/1 as it has always been written, then the optional
+    # fields added since (the curve's own suggestion and the trials).
     assert list(data) == ["schema", "status", "suggested_lr", "lr_low", "lr_high", "lrs",
                           "losses", "smoothed", "stopped_because", "reason", "findings",
-                          "summary"]
+                          "summary", "curve_lr", "trials"]
     schema = json.loads(resources.files("nndiag").joinpath(
         "schemas/lr-find-1.schema.json").read_text())
-    assert set(data) == set(schema["properties"]) == set(schema["required"])
+    assert set(data) == set(schema["properties"])
+    assert set(schema["required"]) == set(data) - {"curve_lr", "trials"}
     assert data["schema"] == "nndiag.lr-find/1" and data["status"] == result.status
     assert data["suggested_lr"] == result.suggested_lr and data["lrs"] == result.lrs
     warned = LRFindResult(suggested_lr=None, lr_low=None, lr_high=None, lrs=[], losses=[],
@@ -220,12 +262,47 @@ def test_param_groups_keep_their_learning_rate_ratios():
 
     optimizer = Recording([{"params": model[0].parameters(), "lr": 1e-3},
                            {"params": model[2].parameters(), "lr": 1e-4}], lr=1e-3)
-    result = lr_find(model, _data(), optimizer=optimizer, steps=20, early_stop=False)
+    result = lr_find(model, _data(), optimizer=optimizer, steps=20, early_stop=False,
+                     trials=False)
     assert len(seen) == 20
     assert all(second / first == pytest.approx(0.1) for first, second in seen)
     assert [first for first, _ in seen] == pytest.approx(result.lrs)
     assert result.summary["param_group_lr_ratios"] == pytest.approx([1.0, 0.1])
     assert optimizer.param_groups[0]["lr"] == 1e-3  # restored
+
+
+def test_trials_train_the_candidates_and_pick_the_best():
+    model = examples.he_mlp(depth=3, width=16)
+    result = lr_find(model, _data(), optimizer="sgd", steps=30, trial_steps=5)
+    assert result.trials and len(result.trials) <= RULE.candidates
+    assert all(t["steps"] <= 5 for t in result.trials)
+    finite = [t for t in result.trials if t["loss"] is not None]
+    best = min(finite, key=lambda t: t["loss"])
+    assert result.suggested_lr == pytest.approx(best["lr"] * 10 ** -RULE.trial_shrink)
+    assert result.curve_lr is not None and result.summary["trial_steps"] == 5
+    only_curve = lr_find(model, _data(), optimizer="sgd", steps=30, trials=False)
+    assert only_curve.trials == [] and only_curve.suggested_lr == only_curve.curve_lr
+    assert only_curve.curve_lr == pytest.approx(result.curve_lr)  # same sweep, same curve
+    chosen = lr_find(model, _data(), optimizer="sgd", steps=30, trial_steps=3,
+                     candidates=[1e-2, 1e-3])
+    assert [t["lr"] for t in chosen.trials] == [1e-2, 1e-3]
+
+
+def test_trials_start_from_the_same_state_and_data_order():
+    """Every stage sees the same batches: a DataLoader's own generator is restored too."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 32, generator=g)
+    loader = DataLoader(TensorDataset(x, x[:, :10].argmax(1)), batch_size=16, shuffle=True,
+                        generator=torch.Generator().manual_seed(3))
+    before = loader.generator.get_state()
+    model = examples.he_mlp(depth=3, width=16)
+    result = lr_find(model, loader, optimizer="sgd", steps=20, trial_steps=4,
+                     candidates=[1e-2, 1e-2])
+    assert torch.equal(loader.generator.get_state(), before)
+    first, second = result.trials
+    assert first["loss"] == second["loss"]  # same start, same batches, same learning rate
 
 
 def test_accumulate_records_the_mean_of_the_micro_batches():
@@ -295,6 +372,10 @@ def test_cli_json_plot_and_exit_code(tmp_path):
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
     text = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches")
     assert text.exit_code == 0 and "suggested learning rate" in text.stdout
+    curve_only = _cli("--model", f"{FIXTURES}:mlp8", "--data",
+                      f"{FIXTURES}:classification_batches", "--no-trials", "--json")
+    assert curve_only.exit_code == 0
+    assert json.loads(curve_only.stdout)["trials"] == []
 
 
 @pytest.mark.parametrize(("args", "fragment"), [

@@ -33,6 +33,12 @@ def lr_find(
                                    help="Micro-batches per step; the loss is their mean."),
     no_early_stop: bool = typer.Option(False, "--no-early-stop",
                                        help="Run every step even after the loss diverges."),
+    no_trials: bool = typer.Option(False, "--no-trials",
+                                   help="Read the suggestion from the curve alone; skip the "
+                                        "short trial trainings of its candidates (about 1.5x "
+                                        "the sweep's steps)."),
+    trial_steps: int | None = typer.Option(None, "--trial-steps", metavar="N",
+                                           help="Steps of each trial (default: half --steps)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png",
                                      help="Write the loss-vs-learning-rate figure."),
@@ -41,9 +47,9 @@ def lr_find(
     seed: int = typer.Option(0, "--seed", help="Seed for random targets."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
-    """Sweep the learning rate exponentially and suggest where to start training.
+    """Sweep the learning rate exponentially, try its best candidates briefly, suggest one.
 
-    The model, its buffers and modes and the RNG are restored afterwards.
+    The model, its buffers and modes, the RNG and the data order are restored afterwards.
 
     Example: nndiag lr-find --model train.py:build_model --data train.py:train_loader
     """
@@ -51,7 +57,7 @@ def lr_find(
     try:
         code = _run(out, model, data, loss, optimizer, momentum, weight_decay, start_lr,
                     end_lr, steps, accumulate, not no_early_stop, json_output, plot,
-                    fail_on.value, seed)
+                    fail_on.value, seed, not no_trials, trial_steps)
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)
     raise typer.Exit(code)
@@ -60,7 +66,7 @@ def lr_find(
 def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimizer: str,
          momentum: float | None, weight_decay: float, start_lr: float, end_lr: float,
          steps: int, accumulate: int, early_stop: bool, json_output: bool, plot: Path | None,
-         fail_on: str, seed: int) -> int:
+         fail_on: str, seed: int, trials: bool = True, trial_steps: int | None = None) -> int:
     from nndiag.losses import resolve_loss
     from nndiag.lrfind import lr_find as run_lr_find
     from nndiag.optimizers import optimizer_factory
@@ -75,10 +81,12 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
     with out.stderr.status("loading the model and data", spinner="dots"):
         net = load_model(model_spec)
         batches = load_data(data_spec)
-    with out.steps("learning-rate sweep") as advance:
+    with out.steps("learning-rate sweep and trials" if trials else "learning-rate sweep") \
+            as advance:
         result = run_lr_find(net, batches, loss=loss_fn, optimizer=factory, start_lr=start_lr,
                              end_lr=end_lr, steps=steps, accumulate=accumulate,
-                             early_stop=early_stop, seed=seed, progress=advance)
+                             early_stop=early_stop, trials=trials, trial_steps=trial_steps,
+                             seed=seed, progress=advance)
     if plot is not None:
         from nndiag.render.plots import save_figure
         from nndiag.render.plots.lr_curve import plot_lr_curve

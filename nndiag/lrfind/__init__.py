@@ -2,11 +2,13 @@
 
 Two concerns, one module each:
 
-- ``sweep``: ``lr_find`` trains with the learning rate growing exponentially, records the loss
-  and returns an ``LRFindResult`` (a ``Report`` carrying the curve); the model, optimizer and
-  RNG are restored afterwards.
-- ``suggestion``: ``suggest_lr``, a pure function of the recorded curve (no torch), documented
-  step by step in its module and testable on synthetic curves.
+- ``sweep``: ``lr_find`` trains with the learning rate growing exponentially, records the loss,
+  then trains the curve's candidate learning rates briefly from the same start (``trials``),
+  and returns an ``LRFindResult`` (a ``Report`` carrying the curve and the trials); the model,
+  optimizer, RNG and data order are restored afterwards.
+- ``suggestion``: ``suggest_lr`` and ``choose_lr``, pure functions of the recorded curve and of
+  the trials' losses (no torch), documented step by step in their module and testable on
+  synthetic curves.
 
 Example:
     >>> from nndiag.lrfind import lr_find  # doctest: +SKIP
@@ -16,8 +18,26 @@ Example:
 
 from __future__ import annotations
 
-from nndiag.lrfind.suggestion import MIN_POINTS, Suggestion, smooth_curve, suggest_lr
-from nndiag.lrfind.sweep import SCHEMA, LRFindResult, cycle_batches, lr_find
+from nndiag.lrfind.suggestion import (
+    MIN_POINTS,
+    RULE,
+    Choice,
+    Rule,
+    Suggestion,
+    choose_lr,
+    smooth_curve,
+    snap_lr,
+    suggest_lr,
+)
+from nndiag.lrfind.sweep import (
+    SCHEMA,
+    BatchSource,
+    LRFindResult,
+    cycle_batches,
+    lr_find,
+    train_trial,
+)
 
-__all__ = ["MIN_POINTS", "SCHEMA", "LRFindResult", "Suggestion", "cycle_batches", "lr_find",
-           "smooth_curve", "suggest_lr"]
+__all__ = ["MIN_POINTS", "RULE", "SCHEMA", "BatchSource", "Choice", "LRFindResult", "Rule",
+           "Suggestion", "choose_lr", "cycle_batches", "lr_find", "smooth_curve", "snap_lr",
+           "suggest_lr", "train_trial"]

@@ -1,4 +1,6 @@
-"""The suggestion: a learning rate read from a range-test curve, a pure function of the curve.
+"""The suggestion: learning rates read from a range-test curve, pure functions of the curve.
+
+``suggest_lr`` reads the curve:
 
 1. The curve is cut at the first non-finite loss.
 2. It is smoothed in log-lr: a running median over ``MEDIAN_WINDOW_DECADES`` (removes spikes),
@@ -7,18 +9,29 @@
 3. ``lr_high`` is the learning rate at the minimum of the smoothed curve; past it the loss
    rises. ``lr_low`` is where the smoothed loss has made ``LOW_FRACTION`` of its total drop:
    learning has clearly started.
-4. The suggestion is ``lr_high / MIN_DIVISOR``, capped at the steepest point of the descent
-   when that point is lower (on curves whose minimum sits far right of the descent, as for
-   transformers).
-5. Noise is the robust spread (1.4826 x MAD) of the raw loss around the smoothed curve; the
+4. The *anchor* is ``lr_high``; when the minimum sits at the very end of a completed sweep (the
+   loss still falls at the end of the range: the sweep's own progress may dominate the curve,
+   and the end is no evidence that such a rate trains) it is the end divided by
+   ``Rule.narrow_divisor`` (for the candidates: lowered by ``Rule.narrow_offset`` decades); on a
+   flat curve it is where the loss starts to rise.
+5. The curve-only suggestion is the anchor divided by ``Rule.min_divisor`` (``Rule.flat_divisor``
+   on a flat curve), capped at the steepest point of the descent when ``Rule.cap_at_steepest``
+   and that point is lower, and never below ``lr_low``.
+6. Noise is the robust spread (1.4826 x MAD) of the raw loss around the smoothed curve; the
    smoothed curve's own noise is that divided by the square root of the points the Gaussian
    averages. A drop smaller than ``FLAT_NOISE_RATIO`` x the curve's noise (or below
-   ``FLAT_RELATIVE_DROP`` of the loss) is "flat": the suggestion then falls back to a tenth of
-   where the loss starts to rise, with a warning. Raw noise above ``NOISY_FRACTION`` of the
-   drop is "noisy": a warning.
+   ``FLAT_RELATIVE_DROP`` of the loss) is "flat"; raw noise above ``NOISY_FRACTION`` of the drop
+   is "noisy": both are warned about.
+7. ``candidates`` are learning rates for short trial trainings (``nndiag.lrfind.sweep``): the
+   anchor lowered by ``Rule.candidate_offset`` decades, then by ``Rule.candidate_spacing``
+   decades each, ``Rule.candidates`` of them, rounded to quarter decades (1, 1.78, 3.16, 5.62).
 
-The constants were chosen on the tasks of ``benchmarks/lr_find_quality.py`` (see
-``benchmarks/README.md`` for the regret of each alternative rule).
+``choose_lr`` is the second stage's decision, also pure: the candidate whose trial reached the
+lowest loss, lowered by ``Rule.trial_shrink`` decades; when every trial diverged, a step below
+the lowest candidate, with a warning.
+
+The values of ``RULE`` were chosen by leave-one-problem-out cross-validation over the problems
+of ``benchmarks/lr_find_quality.py`` (see ``benchmarks/README.md`` for the held-out regret).
 """
 
 from __future__ import annotations
@@ -35,11 +48,44 @@ from nndiag.findings import Finding
 MEDIAN_WINDOW_DECADES = 0.4
 GAUSS_SIGMA_DECADES = 0.2
 LOW_FRACTION = 0.1
-MIN_DIVISOR = 10.0
 FLAT_NOISE_RATIO = 3.0
 FLAT_RELATIVE_DROP = 0.01
 NOISY_FRACTION = 0.3
 MIN_POINTS = 8
+QUARTER_DECADES = 4
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The constants of the suggestion, chosen together by cross-validation over problems.
+
+    Attributes:
+        min_divisor: Curve-only suggestion: the anchor (smoothed minimum) divided by this.
+        cap_at_steepest: Cap the curve-only suggestion at the steepest point of the descent.
+        flat_divisor: On a flat curve: where the loss starts to rise divided by this.
+        narrow_divisor: When the loss still falls at the end of the range, the curve-only
+            suggestion's anchor is the end divided by this.
+        narrow_offset: ... and the candidates start this many decades lower still.
+        candidates: How many learning rates the trial stage trains (0: none).
+        candidate_offset: Decades below the anchor of the first candidate.
+        candidate_spacing: Decades between candidates.
+        trial_fraction: Steps of each trial as a fraction of the sweep's steps.
+        trial_shrink: Decades below the best trial's learning rate that are suggested.
+    """
+
+    min_divisor: float = 10.0
+    cap_at_steepest: bool = True
+    flat_divisor: float = 10.0
+    narrow_divisor: float = 10.0
+    narrow_offset: float = 0.0
+    candidates: int = 3
+    candidate_offset: float = 0.5
+    candidate_spacing: float = 0.5
+    trial_fraction: float = 0.5
+    trial_shrink: float = 0.0
+
+
+RULE = Rule()
 
 
 @dataclass
@@ -55,6 +101,9 @@ class Suggestion:
         findings: Warnings about the curve (flat, noisy, range too narrow).
         noise: Robust spread of the raw loss around the smoothed curve.
         drop: Fall of the smoothed loss from its start to its minimum.
+        anchor: The learning rate the suggestion and the candidates are read below.
+        candidates: Learning rates for the trial stage, highest first.
+        shape: ``valley``, ``falls_to_end``, ``flat``, ``flat_no_rise`` or ``too_short``.
     """
 
     lr: float | None
@@ -65,6 +114,24 @@ class Suggestion:
     findings: list[Finding] = field(default_factory=list)
     noise: float | None = None
     drop: float | None = None
+    anchor: float | None = None
+    candidates: list[float] = field(default_factory=list)
+    shape: str = "valley"
+
+
+def snap_lr(lr: float) -> float:
+    """The nearest quarter decade (1, 1.78, 3.16, 5.62 x a power of ten)."""
+    return float(10 ** (round(math.log10(lr) * QUARTER_DECADES) / QUARTER_DECADES))
+
+
+def candidate_lrs(anchor: float, floor: float, rule: Rule = RULE) -> list[float]:
+    """Trial learning rates below ``anchor`` (highest first), none below ``floor``."""
+    out: list[float] = []
+    for k in range(rule.candidates):
+        lr = snap_lr(anchor * 10 ** -(rule.candidate_offset + k * rule.candidate_spacing))
+        if lr >= floor * (1 - 1e-9) and lr not in out:
+            out.append(lr)
+    return out
 
 
 def _running_median(values: np.ndarray, window: int) -> np.ndarray:
@@ -101,15 +168,17 @@ def _finding(finding_id: str, summary: str, explanation: str, severity: str = "w
     return Finding(finding_id, severity, [], summary, explanation, evidence)
 
 
-def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE) -> Suggestion:
     """Suggest a learning rate from a range-test curve (a pure function; see module docstring).
 
     Args:
         lrs: Increasing learning rates, one per step.
         losses: The loss recorded at each learning rate (NaN/Inf allowed at the end).
+        rule: The constants (``RULE``, chosen by cross-validation, unless given).
 
     Returns:
-        The suggestion, the range, the smoothed curve, the reason and any warnings.
+        The suggestion, the range, the smoothed curve, the reason, warnings and the
+        candidates for trial trainings.
     """
     lr_arr = np.asarray(lrs, dtype=float)
     loss_arr = np.asarray(losses, dtype=float)
@@ -122,7 +191,8 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
                           "read a learning rate from",
                           [_finding("lr_curve_too_short", "too few finite points to suggest a "
                                     "learning rate", "Run more --steps, or lower --start-lr "
-                                    "if the loss diverges at once.", "error", points=cut)])
+                                    "if the loss diverges at once.", "error", points=cut)],
+                          shape="too_short")
     log_lrs, raw = np.log10(lr_arr[:cut]), loss_arr[:cut]
     smoothed = smooth_curve(log_lrs, raw)
     smoothed_full[:cut] = smoothed
@@ -143,17 +213,19 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
         findings.append(_finding(
             "lr_curve_flat", "the loss barely falls over the whole range",
             "A flat curve (a pretrained model, a task already learned, or too few steps) holds "
-            "no valley to read a learning rate from. The suggestion is a tenth of where the "
-            "loss starts to rise, a safe upper bound rather than an optimum.",
+            "no valley to read a learning rate from. The suggestion sits below where the loss "
+            "starts to rise: a safe upper bound rather than an optimum.",
             "warning" if len(rise) else "error", drop=drop, noise=noise))
         if len(rise):
             lr_rise = float(lr_arr[rise[0]])
-            return Suggestion(lr_rise / 10, None, lr_rise, smoothed_full.tolist(),
-                              f"flat curve: a tenth of {lr_rise:.2e}, where the loss starts to "
-                              "rise", findings, noise, drop)
+            return Suggestion(max(lr_rise / rule.flat_divisor, float(lr_arr[0])), None, lr_rise,
+                              smoothed_full.tolist(),
+                              f"flat curve: {lr_rise:.2e} (where the loss starts to rise) / "
+                              f"{rule.flat_divisor:g}", findings, noise, drop, lr_rise,
+                              candidate_lrs(lr_rise, float(lr_arr[0]), rule), "flat")
         return Suggestion(None, None, None, smoothed_full.tolist(),
                           "flat curve with no rise: no learning rate can be read from it",
-                          findings, noise, drop)
+                          findings, noise, drop, shape="flat_no_rise")
 
     if noise > NOISY_FRACTION * drop:
         findings.append(_finding(
@@ -161,13 +233,17 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
             f"The raw loss scatters by {noise:.3g} around the smoothed curve against a fall of "
             f"{drop:.3g}: use a larger batch or --accumulate, or more --steps.",
             drop=drop, noise=noise))
-    if low_index >= cut - max(2, cut // 20) and cut == len(loss_arr):
+    narrow = low_index >= cut - max(2, cut // 20) and cut == len(loss_arr)
+    lr_high = float(lr_arr[low_index])
+    anchor = lr_high / rule.narrow_divisor if narrow else lr_high
+    if narrow:
         findings.append(_finding(
             "lr_range_too_narrow", "the loss still falls at the end of the range",
-            "The minimum sits at the end of the sweep: raise --end-lr to see where the loss "
-            "turns up.", end_lr=float(lr_arr[cut - 1])))
+            "The minimum sits at the end of the sweep: the sweep's own progress may dominate "
+            "the curve, and a rate this high may not train from the start. The suggestion is "
+            f"read below {anchor:.2e} (the end / {rule.narrow_divisor:g}); raise --end-lr to "
+            "see where the loss turns up.", end_lr=float(lr_arr[cut - 1])))
 
-    lr_high = float(lr_arr[low_index])
     descent = smoothed[: low_index + 1]
     slope = np.gradient(descent, log_lrs[: low_index + 1]) if low_index >= 2 else \
         np.zeros(low_index + 1)
@@ -175,12 +251,69 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion:
     lr_steep = float(lr_arr[steep_index])
     started = np.nonzero(descent <= start - LOW_FRACTION * drop)[0]
     lr_low = float(lr_arr[started[0]]) if len(started) else float(lr_arr[0])
-    lr = lr_high / MIN_DIVISOR
-    reason = (f"a tenth of {lr_high:.2e}, where the smoothed loss is lowest "
-              f"({float(smoothed[low_index]):.4g}, down {drop:.3g} from {start:.4g})")
-    if lr_steep < lr:
+    lr = anchor / rule.min_divisor
+    where = "the end of the range" if narrow else "where the smoothed loss is lowest"
+    reason = (f"{lr_high:.2e} ({where}, {float(smoothed[low_index]):.4g}, down {drop:.3g} "
+              f"from {start:.4g}) / {rule.min_divisor * (lr_high / anchor):.3g}")
+    if rule.cap_at_steepest and lr_steep < lr:
         lr = lr_steep
-        reason = (f"the steepest point of the descent ({lr_steep:.2e}), below a tenth of the "
-                  f"minimum at {lr_high:.2e}")
+        reason = (f"the steepest point of the descent ({lr_steep:.2e}), below "
+                  f"{lr_high:.2e} ({where}) / {rule.min_divisor * (lr_high / anchor):.3g}")
     lr = max(lr, lr_low)
-    return Suggestion(lr, lr_low, lr_high, smoothed_full.tolist(), reason, findings, noise, drop)
+    trial_anchor = lr_high * 10 ** -rule.narrow_offset if narrow else lr_high
+    return Suggestion(lr, lr_low, lr_high, smoothed_full.tolist(), reason, findings, noise, drop,
+                      trial_anchor, candidate_lrs(trial_anchor, float(lr_arr[0]), rule),
+                      "falls_to_end" if narrow else "valley")
+
+
+@dataclass
+class Choice:
+    """The second stage's decision (``choose_lr``).
+
+    Attributes:
+        lr: The suggested learning rate.
+        reason: Why, in words.
+        findings: Warnings (every trial diverged).
+    """
+
+    lr: float
+    reason: str
+    findings: list[Finding] = field(default_factory=list)
+
+
+def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
+              rule: Rule = RULE) -> Choice:
+    """Pick the learning rate whose short trial training reached the lowest loss (pure).
+
+    Args:
+        candidates: The learning rates tried, highest first.
+        scores: Loss of each after its trial (``inf`` or NaN: diverged).
+        steps: Steps of each trial (for the reason).
+        rule: The constants.
+
+    Returns:
+        The suggestion: the best candidate lowered by ``rule.trial_shrink`` decades; when
+        every trial diverged, a ``candidate_spacing`` below the lowest, with a warning.
+
+    Raises:
+        ValueError: No candidates, or as many scores as candidates not given.
+    """
+    if not candidates or len(candidates) != len(scores):
+        raise ValueError("choose_lr needs one score per candidate")
+    finite = [(s, lr) for lr, s in zip(candidates, scores, strict=True) if math.isfinite(s)]
+    tried = ", ".join(f"{lr:.2e}" for lr in candidates)
+    if not finite:
+        lowest = min(candidates)
+        lr = lowest * 10 ** -max(rule.candidate_spacing, 0.5)
+        return Choice(lr, f"every trial diverged ({tried}, {steps} steps each): "
+                          f"{lr:.2e}, below the lowest", [_finding(
+                              "lr_trials_diverged", "every trial learning rate diverged",
+                              f"Short trainings at {tried} all diverged although the range test "
+                              "read them as safe: the suggestion is below the lowest of them. "
+                              "Check it with a short run, or add warmup.",
+                              tried=list(candidates))])
+    score, best = min(finite)
+    lr = best * 10 ** -rule.trial_shrink
+    shrink = f", lowered by {rule.trial_shrink:g} decade" if rule.trial_shrink else ""
+    return Choice(lr, f"of {tried} trained {steps} steps each from the same start, {best:.2e} "
+                      f"reached the lowest loss ({score:.4g}){shrink}")

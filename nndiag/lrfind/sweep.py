@@ -1,27 +1,36 @@
-"""The sweep: train with an exponentially growing learning rate and record the loss.
+"""The sweep and the trials: train, record the loss, restore.
 
 ``lr_find`` trains on the user's data with the learning rate growing exponentially from
-``start_lr`` to ``end_lr``, one value per optimizer step, records the loss, stops early once the
-loss diverges or is clearly past its minimum, and restores the model, its optimizer and the RNG
-afterwards (``nndiag.capture.state.preserved_state``). The suggestion is read from the recorded
-curve by ``nndiag.lrfind.suggestion.suggest_lr``.
+``start_lr`` to ``end_lr``, one value per optimizer step, records the loss and stops early once
+the loss diverges or is clearly past its minimum. ``nndiag.lrfind.suggestion.suggest_lr`` reads
+the curve and proposes a few candidate learning rates; each is then trained for a short budget
+(``train_trial``) from the same starting state, the same RNG state and the same batches, and
+scored by its loss on a few fixed batches in eval mode; ``choose_lr`` keeps the best
+(``trials=0`` skips this stage and returns the curve's own suggestion).
+
+Every stage starts from the user's state: the model, its optimizer, the torch/Python/NumPy RNG
+and a DataLoader's own generator are restored after the sweep, after each trial and at the end
+(``nndiag.capture.state.preserved_state``).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from nndiag.findings import Report
-from nndiag.lrfind.suggestion import MIN_POINTS, suggest_lr
+from nndiag.lrfind.suggestion import MIN_POINTS, RULE, Rule, choose_lr, suggest_lr
 
 SCHEMA = "nndiag.lr-find/1"
 
 # Fewest steps before the early-stopping rule starts judging (their median is the start level).
 EARLY_STOP_WARMUP = 5
+# Fixed batches each trial is scored on (the first batches of the data, in eval mode).
+EVAL_BATCHES = 4
 
 
 def _early_stop(start: float, best: float, current: float, noise: float, since_best: int,
@@ -62,11 +71,14 @@ class LRFindResult(Report):
         reason: Why the suggestion, in words.
         findings: Warnings about the curve.
         summary: Settings of the sweep (optimizer, steps, range, group ratios).
+        curve_lr: The suggestion read from the curve alone (what ``trials=0`` returns).
+        trials: One entry per trial: ``lr``, ``steps`` run, ``loss`` on the fixed batches
+            (``None``: diverged), ``diverged``; empty when the trial stage was skipped.
     """
 
     json_fields: ClassVar[tuple[str, ...]] = (
         "suggested_lr", "lr_low", "lr_high", "lrs", "losses", "smoothed", "stopped_because",
-        "reason", "findings", "summary")
+        "reason", "findings", "summary", "curve_lr", "trials")
 
     schema: str = SCHEMA
     suggested_lr: float | None
@@ -77,31 +89,182 @@ class LRFindResult(Report):
     smoothed: list[float]
     stopped_because: str
     reason: str
+    curve_lr: float | None = None
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+
+class BatchSource:
+    """The user's data as restartable streams of batches.
+
+    Every ``stream()`` starts from the beginning and cycles forever: a DataLoader or list is
+    re-iterated; a one-shot iterator is replayed from what it has given so far, then read on;
+    a single batch repeats.
+    """
+
+    def __init__(self, data: Any) -> None:
+        from collections.abc import Mapping
+
+        import torch
+
+        self.data = data
+        self.single = isinstance(data, torch.Tensor | Mapping | tuple)
+        self.iterator = None if self.single or iter(data) is not data else data
+        self.seen: list[Any] = []
+
+    def stream(self) -> Iterator[Any]:
+        """Batches from the start, forever (stops only when the data holds none)."""
+        if self.single:
+            while True:
+                yield self.data
+        if self.iterator is None:
+            while True:
+                empty = True
+                for batch in self.data:
+                    empty = False
+                    yield batch
+                if empty:
+                    return
+        index = 0
+        while True:
+            if index < len(self.seen):
+                yield self.seen[index]
+            else:
+                batch = next(self.iterator, _END)
+                if batch is _END:
+                    if not self.seen:
+                        return
+                    index = 0
+                    continue
+                self.seen.append(batch)
+                yield batch
+            index += 1
+
+
+_END = object()
 
 
 def cycle_batches(data: Any) -> Iterator[Any]:
     """Batches forever: re-iterate the data, or replay what a one-shot iterator gave."""
-    from collections.abc import Mapping
+    return BatchSource(data).stream()
 
+
+def _loader_generators(data: Any) -> list[Any]:
+    """A DataLoader's own generators (its and its sampler's), whose state shuffles the data."""
     import torch
 
-    if isinstance(data, torch.Tensor | Mapping | tuple):
-        while True:
-            yield data
-    seen: list[Any] = []
-    one_shot = iter(data) is data
-    for batch in data:
-        if one_shot:
-            seen.append(batch)
-        yield batch
-    while True:
-        replay = seen if one_shot else data
-        empty = True
-        for batch in replay:
-            empty = False
-            yield batch
-        if empty:
-            return
+    found: list[Any] = []
+    for owner in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
+                  getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+@contextmanager
+def _same_data_order(data: Any) -> Iterator[None]:
+    """Restore a DataLoader's own generators afterwards, so the next stage sees the same order."""
+    generators = _loader_generators(data)
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
+
+
+@dataclass
+class _Context:
+    """What the sweep and the trials share: the model, data, loss and optimizer set-up."""
+
+    model: Any
+    source: BatchSource
+    loss_spec: Any
+    generator: Any
+    device: Any
+    accumulate: int
+    make_optimizer: Callable[[], Any]
+    ratios: list[float] = field(default_factory=list)
+
+    def step_loss(self, batches: Iterator[Any]) -> float:
+        """Forward and backward over ``accumulate`` micro-batches; the mean loss."""
+        from nndiag.errors import UsageError, UserCodeError, describe_exception
+        from nndiag.losses import compute_loss
+        from nndiag.specs import call_model, move_to, unpack_batch
+
+        total = 0.0
+        for _ in range(self.accumulate):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise UsageError("--data: the data yielded no batch") from None
+            except UsageError:
+                raise
+            except Exception as exc:
+                raise UserCodeError(f"--data: iterating the data raised "
+                                    f"{describe_exception(exc)}") from exc
+            unpacked = unpack_batch(batch)
+            inputs = move_to(unpacked.inputs, self.device)
+            try:
+                outputs = call_model(self.model, inputs)
+            except Exception as exc:
+                raise UserCodeError(f"the model raised: {describe_exception(exc)}") from exc
+            value, _, _ = compute_loss(self.loss_spec, outputs,
+                                       move_to(unpacked.targets, self.device), self.generator)
+            (value / self.accumulate).backward()
+            total += float(value.detach()) / self.accumulate
+        return total
+
+    def set_lr(self, opt: Any, lr: float) -> None:
+        for group, ratio in zip(opt.param_groups, self.ratios, strict=True):
+            group["lr"] = lr * ratio
+
+    def eval_loss(self, batches: list[Any]) -> float:
+        """Mean loss on fixed batches in eval mode (no backward pass, no update)."""
+        from nndiag.errors import UserCodeError, describe_exception
+        from nndiag.losses import compute_loss
+        from nndiag.specs import call_model, move_to, unpack_batch
+
+        self.model.eval()
+        total = 0.0
+        for batch in batches:  # with autograd on: the loss checks that gradients can flow
+            unpacked = unpack_batch(batch)
+            try:
+                outputs = call_model(self.model, move_to(unpacked.inputs, self.device))
+            except Exception as exc:
+                raise UserCodeError(f"the model raised: {describe_exception(exc)}") from exc
+            value, _, _ = compute_loss(self.loss_spec, outputs,
+                                       move_to(unpacked.targets, self.device), self.generator)
+            total += float(value.detach()) / len(batches)
+        self.model.train()
+        return total
+
+
+def _trial(ctx: _Context, lr: float, steps: int, eval_batches: list[Any],
+           eval_at: Sequence[int]) -> dict[str, Any]:
+    """Train ``steps`` steps at a constant ``lr`` from the current state; losses at ``eval_at``."""
+    opt = ctx.make_optimizer()
+    ctx.set_lr(opt, lr)
+    batches = ctx.source.stream()
+    ctx.model.train()
+    evals: dict[int, float | None] = {}
+    done = 0
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        loss = ctx.step_loss(batches)
+        if not math.isfinite(loss):
+            break
+        opt.step()
+        done = step
+        if step in eval_at:
+            value = ctx.eval_loss(eval_batches)
+            evals[step] = value if math.isfinite(value) else None
+            if not math.isfinite(value):
+                break
+    diverged = done < steps or any(v is None for v in evals.values())
+    final = None if diverged else evals.get(steps)
+    return {"lr": lr, "steps": done, "loss": final, "diverged": diverged,
+            "evals": {k: evals.get(k) for k in eval_at if k <= done}}
 
 
 def lr_find(
@@ -117,14 +280,24 @@ def lr_find(
     steps: int = 100,
     accumulate: int = 1,
     early_stop: bool = True,
+    trials: bool = True,
+    trial_steps: int | None = None,
+    candidates: Sequence[float] | None = None,
     seed: int = 0,
+    rule: Rule = RULE,
     progress: Callable[[int, int], None] | None = None,
 ) -> LRFindResult:
-    """Run a learning-rate range test and suggest a learning rate.
+    """Run a learning-rate range test, then short trials of its best candidates; suggest one.
+
+    The sweep records the loss while the learning rate grows exponentially; the curve gives a
+    suggestion and a few candidate learning rates below its minimum. With ``trials`` (the
+    default) each candidate is trained ``trial_steps`` steps at a constant rate from the same
+    starting state, RNG state and batches, scored by its loss on the first ``EVAL_BATCHES``
+    batches in eval mode, and the best is suggested (about 1.5x the sweep's steps more).
 
     The model, its buffers, train/eval flags, ``.grad``, the optimizer's state (when an
-    optimizer instance is passed) and the torch, Python and NumPy RNG states are restored
-    bitwise afterwards.
+    optimizer instance is passed), the torch, Python and NumPy RNG states and a DataLoader's own
+    generator are restored bitwise afterwards.
 
     Args:
         model: Any ``nn.Module``.
@@ -140,11 +313,16 @@ def lr_find(
         steps: Number of optimizer steps (learning rates) in the sweep.
         accumulate: Micro-batches per step; the recorded loss is their mean.
         early_stop: Stop once the loss diverges or is clearly past its minimum.
+        trials: Train the curve's candidates briefly and suggest the best (False: the curve's
+            own suggestion, one sweep only).
+        trial_steps: Steps of each trial (default ``rule.trial_fraction`` x ``steps``).
+        candidates: Learning rates to trial instead of those read from the curve.
         seed: Seed for random targets when the data has none.
-        progress: Called with (step, steps) after each step.
+        rule: The suggestion's constants (``nndiag.lrfind.RULE``).
+        progress: Called with (step, total) after each step of the sweep and the trials.
 
     Returns:
-        The curve, the suggestion and warnings.
+        The curve, the suggestion, the trials and warnings.
 
     Raises:
         UsageError: A bad range, no data, or a loss that is not finite from the first step.
@@ -157,10 +335,9 @@ def lr_find(
     import torch
 
     from nndiag.capture.state import preserved_state
-    from nndiag.errors import UsageError, UserCodeError, describe_exception
-    from nndiag.losses import as_loss, compute_loss
+    from nndiag.errors import UsageError
+    from nndiag.losses import as_loss
     from nndiag.optimizers import optimizer_factory
-    from nndiag.specs import call_model, move_to, unpack_batch
 
     if not (start_lr > 0 and end_lr > 0 and math.isfinite(start_lr) and math.isfinite(end_lr)):
         raise UsageError(f"learning rates must be positive, got {start_lr:g} .. {end_lr:g}")
@@ -170,87 +347,163 @@ def lr_find(
         raise UsageError(f"--steps must be at least {MIN_POINTS}, got {steps}")
     if accumulate < 1:
         raise UsageError(f"--accumulate must be at least 1, got {accumulate}")
-    loss_spec = as_loss(loss)
+    if trial_steps is not None and trial_steps < 1:
+        raise UsageError(f"--trial-steps must be at least 1, got {trial_steps}")
+    if candidates is not None and not all(c > 0 and math.isfinite(c) for c in candidates):
+        raise UsageError("candidate learning rates must be positive")
     user_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-    generator = torch.Generator().manual_seed(seed)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    lrs = [start_lr * (end_lr / start_lr) ** (i / (steps - 1)) for i in range(steps)]
-    losses: list[float] = []
-    stopped = "completed"
-    with preserved_state(model, user_optimizer, weights=True, grads=True):
-        if user_optimizer is not None:
-            opt = user_optimizer
-        else:
-            factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
-                optimizer_factory(str(optimizer), momentum=momentum, weight_decay=weight_decay)
-            opt = factory([p for p in model.parameters() if p.requires_grad], start_lr)
-        base = opt.param_groups[0]["lr"] or 1.0
-        ratios = [(group["lr"] / base) if base else 1.0 for group in opt.param_groups]
-        batches = cycle_batches(data)
-        model.train()
-        warmup = max(EARLY_STOP_WARMUP, steps // 10)
-        start_level = best = ema = None
-        best_step = 0
-        noise = 0.0
-        for step, lr in enumerate(lrs):
-            for group, ratio in zip(opt.param_groups, ratios, strict=True):
-                group["lr"] = lr * ratio
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for _ in range(accumulate):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    raise UsageError("--data: the data yielded no batch") from None
-                except UsageError:
-                    raise
-                except Exception as exc:
-                    raise UserCodeError(f"--data: iterating the data raised "
-                                        f"{describe_exception(exc)}") from exc
-                unpacked = unpack_batch(batch)
-                inputs = move_to(unpacked.inputs, device)
-                try:
-                    outputs = call_model(model, inputs)
-                except Exception as exc:
-                    raise UserCodeError(f"the model raised: {describe_exception(exc)}") from exc
-                value, _, _ = compute_loss(loss_spec, outputs,
-                                           move_to(unpacked.targets, device), generator)
-                (value / accumulate).backward()
-                total += float(value.detach()) / accumulate
-            if not math.isfinite(total):
-                if step == 0:
-                    raise UsageError(
-                        f"the loss is {total} from the first step (lr={lr:.1e}, before any "
-                        "update): the model or the data produces it; check the inputs and "
-                        "the loss with `nndiag inspect`")
-                losses.append(total)
-                stopped = "non_finite_loss"
-                break
-            opt.step()
-            losses.append(total)
-            if progress is not None:
-                progress(step + 1, steps)
-            ema = total if ema is None else 0.8 * ema + 0.2 * total
-            if step < warmup:  # learning rates still tiny: the scatter is batch noise
-                continue
-            if start_level is None:
-                start_level = statistics.median(losses[:warmup])
-                noise = 1.4826 * statistics.median(abs(v - start_level)
-                                                   for v in losses[:warmup])
-            if best is None or ema < best:
-                best, best_step = ema, step
-            stop = _early_stop(start_level, best, ema, noise, step - best_step, steps)
-            if early_stop and stop:
-                stopped = stop
-                break
+    if user_optimizer is None:
+        factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
+            optimizer_factory(str(optimizer), momentum=momentum, weight_decay=weight_decay)
+    n_trial = trial_steps or max(1, round(rule.trial_fraction * steps))
 
-    recorded = lrs[: len(losses)]
-    suggestion = suggest_lr(recorded, losses)
+    def make_optimizer() -> Any:
+        if user_optimizer is not None:
+            return user_optimizer
+        return factory([p for p in model.parameters() if p.requires_grad], start_lr)
+
+    lrs = [start_lr * (end_lr / start_lr) ** (i / (steps - 1)) for i in range(steps)]
+    trial_records: list[dict[str, Any]] = []
+    with preserved_state(model, user_optimizer, weights=True, grads=True), \
+            _same_data_order(data):
+        # Inside: asking a DataLoader for an iterator draws from its generator.
+        ctx = _Context(model, BatchSource(data), as_loss(loss),
+                       torch.Generator().manual_seed(seed),
+                       next((p.device for p in model.parameters()), torch.device("cpu")),
+                       accumulate, make_optimizer)
+        with preserved_state(model, user_optimizer, weights=True, grads=True), \
+                _same_data_order(data):
+            opt, losses, stopped = _sweep(ctx, lrs, early_stop, progress)
+        suggestion = suggest_lr(lrs[: len(losses)], losses, rule)
+        tried = list(candidates) if candidates is not None else suggestion.candidates
+        if trials and tried:
+            with preserved_state(model), _same_data_order(data):
+                eval_batches = _first_batches(ctx.source, EVAL_BATCHES)
+            total = len(losses) + n_trial * len(tried)
+            for index, lr in enumerate(tried):
+                with preserved_state(model, user_optimizer, weights=True, grads=True), \
+                        _same_data_order(data):
+                    record = _trial(ctx, lr, n_trial, eval_batches, (n_trial,))
+                record.pop("evals")
+                trial_records.append(record)
+                if progress is not None:
+                    progress(len(losses) + n_trial * (index + 1), total)
+
+    findings = list(suggestion.findings)
+    suggested, reason = suggestion.lr, suggestion.reason
+    if trial_records:
+        choice = choose_lr([r["lr"] for r in trial_records],
+                           [math.inf if r["loss"] is None else r["loss"] for r in trial_records],
+                           n_trial, rule)
+        suggested, reason = choice.lr, choice.reason
+        findings += choice.findings
     summary = {"optimizer": type(opt).__name__, "steps": steps, "steps_run": len(losses),
                "start_lr": start_lr, "end_lr": end_lr, "accumulate": accumulate,
-               "param_group_lr_ratios": ratios, "loss_name": loss_spec.name,
-               "noise": suggestion.noise, "drop": suggestion.drop}
+               "param_group_lr_ratios": ctx.ratios, "loss_name": ctx.loss_spec.name,
+               "noise": suggestion.noise, "drop": suggestion.drop, "shape": suggestion.shape,
+               "trial_steps": n_trial if trial_records else 0,
+               "trial_steps_run": sum(r["steps"] for r in trial_records)}
     return LRFindResult(
-        suggested_lr=suggestion.lr, lr_low=suggestion.lr_low, lr_high=suggestion.lr_high,
-        lrs=recorded, losses=losses, smoothed=suggestion.smoothed, stopped_because=stopped,
-        reason=suggestion.reason, findings=suggestion.findings, summary=summary)
+        suggested_lr=suggested, lr_low=suggestion.lr_low, lr_high=suggestion.lr_high,
+        lrs=lrs[: len(losses)], losses=losses, smoothed=suggestion.smoothed,
+        stopped_because=stopped, reason=reason, findings=findings, summary=summary,
+        curve_lr=suggestion.lr, trials=trial_records)
+
+
+def _first_batches(source: BatchSource, count: int) -> list[Any]:
+    """The first ``count`` distinct batches of the data (fewer if it holds fewer)."""
+    out: list[Any] = []
+    for batch in source.stream():
+        if len(out) == count or any(batch is b for b in out):
+            break
+        out.append(batch)
+    return out
+
+
+def _sweep(ctx: _Context, lrs: list[float], early_stop: bool,
+           progress: Callable[[int, int], None] | None) -> tuple[Any, list[float], str]:
+    """The range test: one step per learning rate; the optimizer, the losses, why it stopped."""
+    from nndiag.errors import UsageError
+
+    opt = ctx.make_optimizer()
+    base = opt.param_groups[0]["lr"] or 1.0
+    ctx.ratios = [(group["lr"] / base) if base else 1.0 for group in opt.param_groups]
+    batches = ctx.source.stream()
+    ctx.model.train()
+    steps = len(lrs)
+    warmup = max(EARLY_STOP_WARMUP, steps // 10)
+    start_level = best = ema = None
+    best_step = 0
+    noise = 0.0
+    losses: list[float] = []
+    stopped = "completed"
+    for step, lr in enumerate(lrs):
+        ctx.set_lr(opt, lr)
+        opt.zero_grad(set_to_none=True)
+        total = ctx.step_loss(batches)
+        if not math.isfinite(total):
+            if step == 0:
+                raise UsageError(
+                    f"the loss is {total} from the first step (lr={lr:.1e}, before any "
+                    "update): the model or the data produces it; check the inputs and "
+                    "the loss with `nndiag inspect`")
+            losses.append(total)
+            stopped = "non_finite_loss"
+            break
+        opt.step()
+        losses.append(total)
+        if progress is not None:
+            progress(step + 1, steps)
+        ema = total if ema is None else 0.8 * ema + 0.2 * total
+        if step < warmup:  # learning rates still tiny: the scatter is batch noise
+            continue
+        if start_level is None:
+            start_level = statistics.median(losses[:warmup])
+            noise = 1.4826 * statistics.median(abs(v - start_level) for v in losses[:warmup])
+        if best is None or ema < best:
+            best, best_step = ema, step
+        stop = _early_stop(start_level, best, ema, noise, step - best_step, steps)
+        if early_stop and stop:
+            stopped = stop
+            break
+    return opt, losses, stopped
+
+
+def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer: Any = "adamw",
+                steps: int = 50, accumulate: int = 1, eval_at: Sequence[int] | None = None,
+                seed: int = 0) -> dict[str, Any]:
+    """One trial as ``lr_find`` runs it, from the current state, which is restored afterwards.
+
+    Args:
+        model: Any ``nn.Module``.
+        data: Batches, as for ``lr_find``.
+        lr: The constant learning rate.
+        loss: As for ``lr_find``.
+        optimizer: A name, or a callable ``f(params, lr)``.
+        steps: Training steps.
+        accumulate: Micro-batches per step.
+        eval_at: Steps after which the loss on the fixed batches is recorded (default: the last).
+        seed: Seed for random targets when the data has none.
+
+    Returns:
+        ``lr``, ``steps`` run, ``loss`` after ``steps`` (``None``: diverged), ``diverged`` and
+        ``evals`` (the loss at each step of ``eval_at``).
+    """
+    import torch
+
+    from nndiag.capture.state import preserved_state
+    from nndiag.losses import as_loss
+    from nndiag.optimizers import optimizer_factory
+
+    factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
+        optimizer_factory(str(optimizer))
+    with preserved_state(model), _same_data_order(data):
+        ctx = _Context(model, BatchSource(data), as_loss(loss),
+                       torch.Generator().manual_seed(seed),
+                       next((p.device for p in model.parameters()), torch.device("cpu")),
+                       accumulate,
+                       lambda: factory([p for p in model.parameters() if p.requires_grad], lr))
+        eval_batches = _first_batches(ctx.source, EVAL_BATCHES)
+    with preserved_state(model, weights=True, grads=True), _same_data_order(data):
+        ctx.ratios = [1.0] * len(ctx.make_optimizer().param_groups)
+        return _trial(ctx, lr, steps, eval_batches, tuple(eval_at or (steps,)))
