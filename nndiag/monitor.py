@@ -57,9 +57,10 @@ from nndiag.runlog import RunWriter
 
 # Losses are written at least this often (seconds), so a killed run keeps its history.
 FLUSH_SECONDS = 1.0
-# A model with no activation applied as a function on its first sampled steps is looked at
-# again for them only every this many sampled steps: watching costs a Python call per torch
-# function of the forward pass (~6% of a small MLP's step).
+# Activations applied as functions are looked for in the whole forward pass only on the first
+# two and then every this many sampled steps; in between, only inside the modules that
+# applied one. Watching costs a Python call per torch function (~6% of a small MLP's step,
+# more in attention, which calls dozens).
 FUNCTIONAL_RECHECK = 100
 
 
@@ -162,11 +163,9 @@ class Monitor:
                                                  weights, owner_fans(owner)))
         self.weight_layers = [(g.name, g.kind) for g in self._groups]
         self._weights = [w for g in self._groups for w in g.weights]
-        self._weight_layer_index = torch.tensor(
-            [i for i, g in enumerate(self._groups) for _ in g.weights], dtype=torch.long)
         trainable_index = {id(p): i for i, p in enumerate(self._trainable)}
-        self._weight_positions = torch.tensor([trainable_index[id(p)] for p in self._weights],
-                                              dtype=torch.long)
+        # Where each weight sits among the trainable parameters (whose gradients are read).
+        self._weight_positions = [trainable_index[id(p)] for p in self._weights]
         self._group_positions = [[trainable_index[id(p)] for p in g.params]
                                  for g in self._groups]
 
@@ -231,11 +230,10 @@ class Monitor:
                                                                               None)
         if self._recorder is not None:
             self._recorder.reset()
-            # Activations applied as functions are looked for on the first sampled steps and
-            # then every FUNCTIONAL_RECHECK-th one; once one is seen, on every sampled step.
-            sampled_index = step // self.every
-            self._recorder.watch_functional = (self._recorder.functional_seen or
-                                               sampled_index % FUNCTIONAL_RECHECK < 2)
+            # Activations applied as functions are looked for everywhere on the first sampled
+            # steps and every FUNCTIONAL_RECHECK-th one; in between, only inside the modules
+            # whose own forward applied one.
+            self._recorder.watch_all = (step // self.every) % FUNCTIONAL_RECHECK < 2
 
     def _detach_sampling_hooks(self) -> None:
         if self._recorder is not None:
@@ -344,7 +342,11 @@ class Monitor:
         self._last_flush = time.monotonic()
 
     def _finish_sample(self) -> None:
-        """One device-to-host transfer (and, under DDP, three collectives) for the step."""
+        """One device-to-host transfer (and, under DDP, three collectives) for the step.
+
+        Raw per-tensor numbers go to the host; grouping them per layer is cheaper there than
+        a kernel per statistic on the device.
+        """
         device = self._device()
         recorder = self._recorder
         with torch.no_grad():
@@ -360,25 +362,16 @@ class Monitor:
                 weights = torch.stack(torch._foreach_norm([p.detach() for p in self._weights]))
             else:
                 weights = torch.zeros(0, device=device)
-            pieces = [losses, sites, self._per_layer(weights.float().square())]
+            pieces = [losses, sites, weights]
             grad_sq = self._grad_sq
             if grad_sq is not None:
-                pieces.append(grad_sq.sum().reshape(1))
-                if self._weights:
-                    positions = self._weight_positions.to(grad_sq.device)
-                    pieces.append(self._per_layer(grad_sq[positions]))
+                pieces.append(grad_sq)
             update = self._update
             if update is not None:
-                pieces += [self._per_layer(update[0].square()),
-                           self._per_layer(update[1].square())]
+                pieces += list(update)
             host = torch.cat([p.double().reshape(-1).to(device) for p in pieces]).cpu().tolist()
         self._record(host, len(self._pending_losses), len(sites), grad_sq is not None,
                      update is not None)
-
-    def _per_layer(self, values: torch.Tensor) -> torch.Tensor:
-        index = self._weight_layer_index.to(values.device)
-        return torch.zeros(len(self._groups), device=values.device,
-                           dtype=values.dtype).index_add_(0, index, values)
 
     def _record(self, host: list[float], n_losses: int, n_sites: int, has_grads: bool,
                 has_update: bool) -> None:
@@ -389,25 +382,30 @@ class Monitor:
 
         losses = take(n_losses)
         layers = self._recorder.records(take(n_sites)) if self._recorder is not None else []
-        weight_sq = take(len(self._groups))
-        grad_norm = math.sqrt(next(values)) if has_grads else None
-        grad_sq = take(len(self._groups)) if has_grads and self._weights else None
-        update = None
-        if has_update:
-            deltas, before = take(len(self._groups)), take(len(self._groups))
-            update = [math.sqrt(d) / math.sqrt(b) if b > 0 else None
-                      for d, b in zip(deltas, before, strict=True)]
+        weight_norms = take(len(self._weights))
+        grad_sq = take(len(self._trainable)) if has_grads else None
+        deltas, before = ((take(len(self._weights)), take(len(self._weights))) if has_update
+                          else (None, None))
         present = self._grad_present
-        groups = []
-        for i, group in enumerate(self._groups):
-            got = [present[j] for j in self._group_positions[i]] if present is not None else []
+        groups, offset = [], 0
+        for group, positions in zip(self._groups, self._group_positions, strict=True):
+            own = range(offset, offset + len(group.weights))
+            offset += len(group.weights)
+            got = [present[j] for j in positions] if present is not None else []
+            update = None
+            if deltas is not None and before is not None:
+                moved = math.sqrt(sum(deltas[i] ** 2 for i in own))
+                base = math.sqrt(sum(before[i] ** 2 for i in own))
+                update = moved / base if base > 0 else None
+            grad = (math.sqrt(sum(grad_sq[self._weight_positions[i]] for i in own))
+                    if grad_sq is not None else None)
             groups.append(ParamGroup(
-                group.name, group.kind, group.numel, True, math.sqrt(weight_sq[i]),
-                group.weight_numel, grad_norm=math.sqrt(grad_sq[i]) if grad_sq else None,
-                used=all(got), any_used=any(got) or present is None,
-                fan_in=group.fan_in, fan_out=group.fan_out,
-                update_ratio=update[i] if update else None))
+                group.name, group.kind, group.numel, True,
+                math.sqrt(sum(weight_norms[i] ** 2 for i in own)), group.weight_numel,
+                grad_norm=grad, used=all(got), any_used=any(got) or present is None,
+                fan_in=group.fan_in, fan_out=group.fan_out, update_ratio=update))
         attach_parameters(layers, groups, ROOT_NAME)
+        grad_norm = math.sqrt(sum(grad_sq)) if grad_sq is not None else None
         record = StepRecord(self.step_count, losses[-1] if losses else None, grad_norm, layers)
         self.samples.append(record)
         self._flush_losses(losses)

@@ -199,7 +199,8 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
     pieces += [torch.stack(output_grad_sq) if output_grad_sq else weight_norms.new_zeros(0)]
     pieces += [torch.stack(output_stds) if output_stds else weight_norms.new_zeros(0)]
     pieces += [norms for _, norms in grad_norms]
-    pieces += [recorder.collect()]
+    site_values = recorder.collect()
+    pieces += [site_values]
     host = iter(torch.cat([p.detach().double().reshape(-1).cpu() for p in pieces]).tolist())
 
     def take(n: int) -> list[float]:
@@ -213,7 +214,7 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
     for present, norms in grad_norms:
         for i, value in zip(present, take(len(norms)), strict=True):
             param_grad_sq[i] += value * value
-    layers = recorder.records(take(len(recorder.sites) * recorder.width))
+    layers = recorder.records(take(site_values.numel()))
     output_grad_norm = (math.sqrt(sum(output_grad_values) / len(output_grad_values))
                         if output_grad_values else None)
     for layer in layers:

@@ -56,11 +56,10 @@ from nndiag.records import LayerRecord
 from nndiag.specs import primary_output
 from nndiag.stats.activations import (
     CALL_FIELDS,
-    MOMENT_FIELDS,
     dead_fractions,
     finish_moments,
     output_moments,
-    pool_moments,
+    pool_calls,
     square_sum,
     unit_peaks,
 )
@@ -131,10 +130,11 @@ class SiteRecorder:
         self._handles: list[RemovableHandle] = []
         self._mode = _FunctionalActivations(self)
         self._mode_entered = False
-        # Whether passes watch for functional activations (the mode costs a Python call per
-        # torch function), and whether one was ever seen.
-        self.watch_functional = True
-        self.functional_seen = False
+        # Where passes watch for functional activations: everywhere (``watch_all``), or only
+        # inside the modules whose own forward applied one before (``functional_parents``).
+        # The mode costs a Python call per torch function it sees.
+        self.watch_all = True
+        self.functional_parents: set[str] = set()
         # Every call's scalars, where each goes (call * len(CALL_FIELDS) + field), element
         # counts and site: stacked once in ``collect``, not per call.
         self._scalars: list[torch.Tensor] = []
@@ -184,8 +184,14 @@ class SiteRecorder:
 
     # ------------------------------------------------------------------ hooks
 
+    def _watch(self, on: bool) -> None:
+        if on:
+            self._enter_mode()
+        else:
+            self._leave_mode()
+
     def _enter_mode(self) -> None:
-        if not self._mode_entered and self.watch_functional:
+        if not self._mode_entered:
             self._mode.__enter__()
             self._mode_entered = True
 
@@ -202,8 +208,11 @@ class SiteRecorder:
             self.calls.clear()
             self.inside_activation = 0
             self.failed_in = None
-            self._enter_mode()
+            if self.watch_all:
+                self._enter_mode()
         self.stack.append(info.name)
+        if not self.watch_all:
+            self._watch(info.name in self.functional_parents)
         if info.activation is not None:
             self.inside_activation += 1
 
@@ -229,6 +238,8 @@ class SiteRecorder:
                                 None if pre is tensor else pre, bounds)
         if not self.stack:  # the pass ended (or raised)
             self._leave_mode()
+        elif not self.watch_all:
+            self._watch(self.stack[-1] in self.functional_parents)
 
     # ------------------------------------------------------------------ measuring
 
@@ -248,7 +259,8 @@ class SiteRecorder:
                 site = _Site(len(self.sites), site_name, module_name, kind, activation,
                              functional, list(tensor.shape))
                 self.sites[site_name] = site
-                self.functional_seen = self.functional_seen or functional
+                if functional:
+                    self.functional_parents.add(module_name)
             saturation = activation if activation in SATURATING else None
             pre = pre if saturation is not None and pre is not None and pre.numel() else None
             base = len(self._call_sites) * len(CALL_FIELDS)
@@ -267,54 +279,53 @@ class SiteRecorder:
     # ------------------------------------------------------------------ results
 
     def collect(self, all_reduce: AllReduce | None = None) -> torch.Tensor:
-        """Pool every site's measurements into one flat float64 device tensor.
+        """Every measurement as one flat float64 device tensor (``records`` reads it back).
+
+        Per-site pooling is done on the host, in ``records``; on the device only what must
+        be: the dead fraction of each ReLU-family site (its calls' unit peaks combined) and,
+        for the probe, the gradient reaching each output.
 
         Args:
-            all_reduce: Under ``torch.distributed``, ``f(tensor, op)`` with ``op`` ``"sum"`` or
-                ``"max"``, reducing over ranks (moments are summed, largest values and unit
-                peaks maxed: a unit is dead only if it fired on no rank).
+            all_reduce: Under ``torch.distributed`` (lean mode), ``f(tensor, op)`` with ``op``
+                ``"sum"`` or ``"max"``, reducing over ranks: sums and counts are summed, unit
+                peaks maxed (a unit is dead only if it fired on no rank). Ranks must run the
+                same layers.
 
         Returns:
-            Per site (``width`` numbers), in order: the pooled moments, the dead fraction (NaN
-            when not a ReLU), and the mean square of the gradient reaching the output (NaN
-            without ``output_grads``).
+            The calls' scalars, [the calls' element counts, when reduced,] then per site the
+            dead fraction (NaN when not a ReLU) and the mean square of the gradient reaching
+            the output (NaN without ``output_grads``).
         """
-        sites = list(self.sites.values())
-        count = len(sites)
-        if not self._scalars:
+        count = len(self.sites)
+        if not self._call_sites:
             return torch.zeros(0, dtype=torch.float64)
         with _no_torch_function():
-            scalars = torch.stack(self._scalars).double()
-            device = scalars.device
-            calls = torch.full((len(self._call_sites), len(CALL_FIELDS)), math.nan,
-                               dtype=torch.float64, device=device)
-            calls.view(-1)[torch.tensor(self._positions, device=device)] = scalars
-            numels = torch.tensor(self._numels, dtype=torch.float64, device=device)
-            index = torch.tensor(self._call_sites, device=device)
-            pooled = pool_moments(calls, numels, index, count, self.exact)
-            peaks = self._site_peaks(count)
+            pieces = [torch.stack(self._scalars).double()]
+            device = pieces[0].device
+            peaks = self._site_peaks()
             if all_reduce is not None:
-                # Two collectives: moments summed; largest values and unit peaks maxed.
-                maxed = all_reduce(torch.cat([pooled[:, 3]] + [p.double() for _, p in peaks]),
-                                   "max")
-                pooled = all_reduce(pooled, "sum")
-                pooled[:, 3] = maxed[:count]
-                parts = maxed[count:].split([p.numel() for _, p in peaks])
-                peaks = [(i, part) for (i, _), part in zip(peaks, parts, strict=True)]
+                if self.exact:
+                    raise ValueError("only the lean mode reduces over ranks")
+                counts = torch.tensor(self._numels, dtype=torch.float64, device=device)
+                summed = all_reduce(torch.cat([pieces[0], counts.reshape(-1)]), "sum")
+                pieces = [summed]
+                if peaks:
+                    maxed = all_reduce(torch.cat([p for _, p in peaks]).double(), "max")
+                    parts = maxed.split([p.numel() for _, p in peaks])
+                    peaks = [(i, part) for (i, _), part in zip(peaks, parts, strict=True)]
             dead = torch.full((count,), math.nan, dtype=torch.float64, device=device)
             for members in _by_length(peaks).values():
-                rows = torch.stack([p for _, p in members])
-                fractions = dead_fractions(rows)
+                fractions = dead_fractions(torch.stack([p for _, p in members]))
                 index = torch.tensor([i for i, _ in members], device=device)
                 dead = dead.index_copy(0, index, torch.fmin(dead.index_select(0, index),
                                                             fractions))
             grads = torch.full((count,), math.nan, dtype=torch.float64, device=device)
-            for site in sites:
+            for site in self.sites.values():
                 if site.grad_sq:
                     grads[site.index] = torch.stack(site.grad_sq).double().mean()
-            return torch.cat([pooled, dead.unsqueeze(1), grads.unsqueeze(1)], 1).reshape(-1)
+            return torch.cat([*pieces, dead, grads])
 
-    def _site_peaks(self, count: int) -> list[tuple[int, torch.Tensor]]:
+    def _site_peaks(self) -> list[tuple[int, torch.Tensor]]:
         """Unit peaks per (site, unit count): the calls of a site combined by a maximum."""
         merged: dict[tuple[int, int], list[torch.Tensor]] = {}
         for peaks, site in self._peaks:
@@ -322,25 +333,29 @@ class SiteRecorder:
         return [(site, rows[0] if len(rows) == 1 else torch.stack(rows).amax(0))
                 for (site, _), rows in merged.items()]
 
-    @property
-    def width(self) -> int:
-        """Numbers per site in ``collect``'s result."""
-        return len(MOMENT_FIELDS) + 2
-
     def records(self, values: Sequence[float]) -> list[LayerRecord]:
         """Turn ``collect``'s numbers (on the host, in order) into one record per site."""
-        width = self.width
+        count = len(self.sites)
+        if not self._call_sites:
+            values = [math.nan] * (2 * count)
+        scalars = len(self._scalars)
+        numels: Sequence[tuple[float, float]] = self._numels
+        if len(values) > scalars + 2 * count:  # reduced over ranks: the counts follow
+            flat = values[scalars: scalars + 2 * len(self._numels)]
+            numels = list(zip(flat[::2], flat[1::2], strict=True))
+        pooled = pool_calls(values[:scalars], self._positions, numels, self._call_sites, count)
+        dead, grads = values[-2 * count: -count], values[-count:]
         layers = []
         for site in self.sites.values():
-            row = values[site.index * width: (site.index + 1) * width]
-            stats = finish_moments(row[: len(MOMENT_FIELDS)]) if row and row[0] else {}
+            row = pooled[site.index]
+            stats = finish_moments(row) if row[0] == row[0] and row[0] else {}
             if not self.exact:  # the lean mode does not read the largest value
                 stats.pop("absmax", None)
-            dead, grad_sq = (row[-2], row[-1]) if row else (math.nan, math.nan)
+            grad_sq = grads[site.index]
             layers.append(LayerRecord(
                 name=site.name, module=site.module, kind=site.kind, index=site.index,
                 activation=site.activation, functional=site.functional, shape=site.shape,
-                dead_fraction=None if dead != dead else dead,
+                dead_fraction=None if dead[site.index] != dead[site.index] else dead[site.index],
                 grad_out_norm=math.sqrt(grad_sq) if grad_sq == grad_sq else None,
                 **stats))
         return layers

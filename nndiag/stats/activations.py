@@ -117,38 +117,49 @@ def unit_peaks(output: torch.Tensor) -> torch.Tensor:
     return y.reshape(y.shape[0], -1).amax(dim=0)
 
 
-def pool_moments(calls: torch.Tensor, numels: torch.Tensor, sites: torch.Tensor,
-                 count: int, exact: bool = True) -> torch.Tensor:
-    """Pool per-call values into per-site moments (``MOMENT_FIELDS``), on the device.
+def pool_calls(values: Sequence[float], positions: Sequence[int],
+               numels: Sequence[tuple[float, float]], sites: Sequence[int], count: int
+               ) -> list[list[float]]:
+    """Pool the calls' scalars (on the host) into per-site moments (``MOMENT_FIELDS``).
 
     Args:
-        calls: ``(calls, len(CALL_FIELDS))`` float64, NaN where a field was not measured.
-        numels: ``(calls, 2)`` element counts of each output and its pre-activation (0 when
-            the pre-activation was not read).
-        sites: ``(calls,)`` the site index of each call.
+        values: Every call's scalars, in the order they were taken.
+        positions: Where each scalar goes: ``call * len(CALL_FIELDS) + field``.
+        numels: Per call, the element counts of the output and of its pre-activation.
+        sites: Per call, its site index.
         count: Number of sites.
-        exact: The calls hold exact-mode values: shifted sums (the shift is undone here, per
-            call, before the sums are added) and largest values (pooled by a maximum).
 
     Returns:
-        A ``(count, len(MOMENT_FIELDS))`` float64 tensor.
+        Per site, the moments (NaN in the fields none of its calls measured; a NaN or Inf
+        output shows as non-finite sums). Sums of an exact-mode call are un-shifted first
+        (``sum(y) = sum(y - c) + n c``), in float64.
     """
-    n, pre_n = numels[:, 0], numels[:, 1]
-    total, squares, pre_total, pre_squares = calls[:, 0], calls[:, 1], calls[:, 4], calls[:, 5]
-    if exact:  # sums of (y - c) -> sums of y
-        c, pc = torch.nan_to_num(calls[:, 6]), torch.nan_to_num(calls[:, 7])
-        squares = squares + 2 * c * total + n * c * c
-        total = total + n * c
-        pre_squares = pre_squares + 2 * pc * pre_total + pre_n * pc * pc
-        pre_total = pre_total + pre_n * pc
-    rows = torch.stack([n, total, squares, calls[:, 2], calls[:, 3], pre_n, pre_total,
-                        pre_squares], 1)
-    pooled = torch.zeros(count, len(MOMENT_FIELDS), dtype=torch.float64, device=calls.device)
-    pooled.index_add_(0, sites, rows)
-    if exact:
-        absmax = torch.full((count,), -math.inf, dtype=torch.float64, device=calls.device)
-        pooled[:, 3] = absmax.scatter_reduce(0, sites, calls[:, 2], "amax")
-    return pooled
+    width = len(CALL_FIELDS)
+    calls: list[list[float | None]] = [[None] * width for _ in sites]
+    for value, position in zip(values, positions, strict=True):
+        calls[position // width][position % width] = value
+    pooled: list[list[float | None]] = [[None] * len(MOMENT_FIELDS) for _ in range(count)]
+    for call, (n, pre_n), site in zip(calls, numels, sites, strict=True):
+        total, squares, absmax, saturated, pre_total, pre_squares, shift, pre_shift = call
+        if total is None or squares is None:
+            continue
+        if shift is not None:
+            total, squares = total + n * shift, squares + 2 * shift * total + n * shift ** 2
+        if pre_total is not None and pre_squares is not None and pre_shift is not None:
+            pre_total, pre_squares = (pre_total + pre_n * pre_shift,
+                                      pre_squares + 2 * pre_shift * pre_total
+                                      + pre_n * pre_shift ** 2)
+        pre_count = pre_n if pre_total is not None else None
+        row = pooled[site]
+        for i, value in enumerate((n, total, squares, None, saturated, pre_count, pre_total,
+                                   pre_squares)):
+            if value is not None:
+                held = row[i]
+                row[i] = value if held is None else held + value
+        if absmax is not None:
+            held = row[3]
+            row[3] = absmax if held is None or absmax != absmax else max(held, absmax)
+    return [[math.nan if v is None else v for v in row] for row in pooled]
 
 
 def square_sum(values: torch.Tensor) -> torch.Tensor:
