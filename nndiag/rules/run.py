@@ -2,9 +2,12 @@
 
 Each finding carries the first step it appeared at.
 
-The loss is judged on a running median (window ``max(5, steps / 20)``): ``start`` is its first
-value, ``best`` its minimum and ``end`` its last; ``noise`` is the robust spread (1.4826 x MAD)
-of the raw loss around it.
+The loss is judged on a running median (window ``max(5, steps / 20)``): ``start`` is its value
+half a window in (the first full window), ``end`` half a window from the end, ``best`` its
+minimum; ``noise`` is the robust spread (1.4826 x MAD) of the raw loss around it. A level read
+from the running median is uncertain by ``level_noise``: the step-to-step noise (from the MAD
+of successive differences, which a trend does not inflate) x 1.25 (a median's efficiency)
+over the square root of the window.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class LossLevels:
     noise: float
     late_noise: float
     late_level: float
+    level_noise: float
 
     def first_above(self, level: float, after: int = -1) -> int:
         """The first step after ``after`` whose running median exceeds ``level``."""
@@ -92,31 +96,39 @@ def loss_levels(log: RunLog) -> LossLevels | None:
         return None
     window = max(5, len(losses) // 20)
     smooth = running_median(losses, window)
-    best_index = min(range(len(smooth)), key=smooth.__getitem__)
     half = len(losses) // 2
+    edge = min(window // 2, len(losses) - 1)
+    best_index = min(range(edge, len(smooth)), key=smooth.__getitem__)
+    step_noise = _mad([b - a for a, b in zip(losses, losses[1:], strict=False)]) / math.sqrt(2)
     return LossLevels(
-        steps, losses, smooth, window, smooth[0], smooth[-1], smooth[best_index],
+        steps, losses, smooth, window, smooth[edge], smooth[-1 - edge], smooth[best_index],
         steps[best_index], _mad([r - s for r, s in zip(losses, smooth, strict=True)]),
         _mad([r - s for r, s in zip(losses[half:], smooth[half:], strict=True)]),
-        statistics.median(losses[half:]))
+        statistics.median(losses[half:]), 1.25 * step_noise / math.sqrt(window))
 
 
 def loss_trend(levels: LossLevels, t: dict[str, Threshold]) -> Finding | None:
     """Judge the loss trend: ``loss_diverging`` or ``loss_not_decreasing``.
 
-    Diverging: the loss ends above its start, or gives back half of its fall. Not decreasing:
-    no fall beyond the noise of the running median.
+    Diverging: the loss ends above its start by three standard deviations of the difference
+    of two levels (3 x sqrt(2) ``level_noise``) and 1%, or gives back half of a clear fall.
+    The lowest level is the minimum of many noisy ones, biased low, so a fall is clear only
+    beyond 6 ``level_noise`` (and 1%). Not decreasing: no fall beyond 3 ``level_noise`` (and
+    1%). On a flat loss with white noise (hand-made runs of 30 to 1,000 steps, 300 seeds
+    each) this says "not decreasing" for 98-99.7% of seeds; with the first release's edge
+    levels and noise it said "diverging" for about half.
     """
     start, end, best = levels.start, levels.end, levels.best
     fall = start - best
-    level_noise = levels.noise / math.sqrt(levels.window)
+    level_noise = levels.level_noise
     evidence = levels.evidence()
-    if end > start + 3 * level_noise and end - start > 0.01 * abs(start):
-        first = levels.first_above(start + 3 * level_noise)
+    rise = 3 * math.sqrt(2) * level_noise
+    if end > start + rise and end - start > 0.01 * abs(start):
+        first = levels.first_above(start + rise)
         return Finding("loss_diverging", "error", [], f"the loss ends higher than it started "
                        f"({start:.4g} -> {end:.4g}), rising from step {first}",
                        evidence={**evidence, "first_step": first})
-    if fall > 3 * level_noise and end - best > 0.5 * fall:
+    if fall > max(6 * level_noise, 0.01 * abs(start)) and end - best > 0.5 * fall:
         first = levels.first_above(best + 0.5 * fall, after=levels.best_step)
         return Finding("loss_diverging", "warning", [], f"the loss gave back "
                        f"{(end - best) / fall:.0%} of its fall after step {levels.best_step}",
