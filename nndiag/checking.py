@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from nndiag.advice import advise_run
+from nndiag.errors import UsageError
 from nndiag.findings import Finding, Report, severity_rank
 from nndiag.rules.run import run_rules
 from nndiag.rules.thresholds import Threshold
@@ -31,9 +32,12 @@ def check_run(run_dir: str | Path, thresholds: dict[str, Threshold] | None = Non
         A ``nndiag.check/1`` report: findings with the first step each appeared.
 
     Raises:
-        UsageError: Not a run directory.
+        UsageError: Not a run directory, or a run with no recorded step.
     """
     log = read_run(run_dir)
+    if not log.losses and not log.samples:
+        raise UsageError(f"{str(log.path)!r} holds no recorded step: nothing to judge (did "
+                         "training call monitor.step(loss)?)")
     findings = [advise_run(f, log) for f in run_rules(log, thresholds)]
     return build_run_report(log, findings)
 

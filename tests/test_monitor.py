@@ -375,3 +375,76 @@ def test_a_run_written_in_the_first_log_format_is_still_read_and_judged():
     ratios = [layer.update_ratio for layer in log.samples[-1].layers if layer.has_weights]
     assert ratios == [0.0] * 4  # dead by then: nothing moves
     assert check_run(fixture).finding("dead_relu").layers == ["3", "5"]
+
+
+def test_a_run_with_no_recorded_step_does_not_pass_the_gate(tmp_path):
+    from typer.testing import CliRunner
+
+    from nndiag.cli.app import app
+
+    Monitor(_model(), log_dir=tmp_path / "run").close()
+    result = CliRunner().invoke(app, ["check", str(tmp_path / "run"), "--fail-on", "warning"])
+    assert result.exit_code == 2 and "no recorded step" in result.stderr
+
+
+def test_malformed_records_are_skipped_with_a_note(tmp_path):
+    from nndiag.checking import check_run
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Monitor(model, optimizer, every=2, log_dir=tmp_path / "run") as monitor:
+        for step in range(12):
+            x, y = _batch(step % 3)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    with open(tmp_path / "run" / SAMPLES, "a") as handle:
+        handle.write('{"step": "x"}\n{"step": 3, "layers": {"name": ["a"], "mean": [1, 2]}}\n')
+    with open(tmp_path / "run" / STEPS, "a") as handle:
+        handle.write('{"first": "0", "loss": [1.0]}\n')
+    report = check_run(tmp_path / "run")
+    assert report.summary["samples"] == 6 and report.summary["steps"] == 12
+    assert any("3 unreadable line(s) skipped" in note for note in report.notes)
+
+
+SLOW_SAMPLING_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    import torch.nn.functional as F
+    from nndiag import examples
+    from nndiag.monitor import Monitor
+    torch.set_num_threads(1)
+    model = examples.he_mlp(depth=2, width=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = examples.classification_data(batches=1)[0]
+    monitor = Monitor(model, optimizer, every=1000, log_dir=sys.argv[1])
+    while True:
+        loss = F.cross_entropy(model(x[:, :model[0].in_features]), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        monitor.step(loss)
+        time.sleep(0.002)  # a few hundred steps a second: step 1000 is seconds away
+""")
+
+
+def test_sigkill_between_sparse_samples_keeps_the_losses_of_the_last_second(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SLOW_SAMPLING_SCRIPT)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=env)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait for a flush after the first sample
+            steps = run_dir / STEPS
+            if steps.exists() and steps.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the training subprocess flushed no losses")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    log = read_run(run_dir)
+    assert len(log.samples) == 1  # every=1000: only step 0 was sampled
+    assert len(log.losses) > 50 and log.steps == list(range(len(log.losses)))
