@@ -54,6 +54,7 @@ from nndiag.capture.sites import SiteRecorder
 from nndiag.errors import UsageError
 from nndiag.records import ParamGroup, StepRecord, attach_parameters
 from nndiag.runlog import RunWriter
+from nndiag.stats.weights import update_ratio
 
 # Losses are written at least this often (seconds), so a killed run keeps its history.
 FLUSH_SECONDS = 1.0
@@ -394,9 +395,7 @@ class Monitor:
             got = [present[j] for j in positions] if present is not None else []
             update = None
             if deltas is not None and before is not None:
-                moved = math.sqrt(sum(deltas[i] ** 2 for i in own))
-                base = math.sqrt(sum(before[i] ** 2 for i in own))
-                update = moved / base if base > 0 else None
+                update = update_ratio([deltas[i] for i in own], [before[i] for i in own])
             grad = (math.sqrt(sum(grad_sq[self._weight_positions[i]] for i in own))
                     if grad_sq is not None else None)
             groups.append(ParamGroup(

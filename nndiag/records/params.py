@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from nndiag.records.layers import LayerRecord
-from nndiag.stats.weights import init_reference, init_scale
+from nndiag.stats.weights import init_reference, init_scale, update_ratio
 
 
 @dataclass
@@ -98,10 +98,10 @@ def attach_parameters(layers: list[LayerRecord], groups: list[ParamGroup], root:
             layer.grad_norm = math.sqrt(sum(v * v for v in grads))
             layer.grad_to_weight = (layer.grad_norm / layer.weight_norm
                                     if layer.weight_norm > 0 else math.inf)
-        moved = [(g.update_ratio * g.weight_norm) ** 2 for g in parts
+        moved = [(g.update_ratio * g.weight_norm, g.weight_norm) for g in parts
                  if g.update_ratio is not None]
-        if moved and layer.weight_norm > 0:
-            layer.update_ratio = math.sqrt(sum(moved)) / layer.weight_norm
+        if moved:
+            layer.update_ratio = update_ratio([d for d, _ in moved], [w for _, w in moved])
         own = parts[0]
         if own.name == target and own.fan_in is not None and own.fan_out is not None:
             layer.fan_in, layer.fan_out = own.fan_in, own.fan_out

@@ -12,6 +12,8 @@ reads shapes, not tensors: nothing here needs torch).
 - reference: a layer whose next activation (before the next weight layer) is ReLU-like is
   judged against He, any other against Xavier.
 - init scale: the weight RMS over the reference std.
+- update ratio: ``||w_after - w_before|| / ||w_before||`` over one optimizer step, of one
+  tensor or several taken together (a layer's weights).
 """
 
 from __future__ import annotations
@@ -64,3 +66,14 @@ def expected_std(reference: str, fan_in: int, fan_out: int) -> float:
 def init_scale(weight_rms: float, reference: str, fan_in: int, fan_out: int) -> float:
     """Weight RMS over the reference's expected std (1.0 is exactly the reference scale)."""
     return weight_rms / expected_std(reference, fan_in, fan_out)
+
+
+def update_ratio(delta_norms: Sequence[float], weight_norms: Sequence[float]) -> float | None:
+    """``||w_after - w_before|| / ||w_before||`` of tensors taken together (``None`` at zero).
+
+    Args:
+        delta_norms: ``||w_after - w_before||`` of each tensor.
+        weight_norms: ``||w_before||`` of each tensor.
+    """
+    base = math.sqrt(sum(v * v for v in weight_norms))
+    return math.sqrt(sum(v * v for v in delta_norms)) / base if base > 0 else None
