@@ -56,8 +56,6 @@ from nndiag.records import ParamGroup, StepRecord, attach_parameters
 from nndiag.runlog import RunWriter
 from nndiag.stats.weights import update_ratio
 
-# Losses are written at least this often (seconds), so a killed run keeps its history.
-FLUSH_SECONDS = 1.0
 # Activations applied as functions are looked for in the whole forward pass only on the first
 # two and then every this many sampled steps; in between, only inside the modules that
 # applied one. Watching costs a Python call per torch function (~6% of a small MLP's step,
@@ -175,7 +173,6 @@ class Monitor:
         self._pending_losses: list[Any] = []
         self._pending_lrs: list[float | None] = []
         self._pending_first = 0
-        self._last_flush = time.monotonic()
         self._grad_handles: list[RemovableHandle] = []
         self._grad_queued = False
         self._grad_sq: torch.Tensor | None = None
@@ -319,28 +316,31 @@ class Monitor:
         self._pending_lrs.append(float(lr) if lr is not None else None)
         if self._sampling:
             self._finish_sample()
-        elif self.world_size == 1 and (len(self._pending_losses) >= self.every or
-                                       time.monotonic() - self._last_flush > FLUSH_SECONDS):
-            self._flush_losses(self._loss_values())
+        elif self._writer is not None and self.world_size == 1 and \
+                len(self._pending_losses) > 1:
+            # Write every loss but this step's (whose value an accelerator may still be
+            # computing): a killed run loses at most one step.
+            count = len(self._pending_losses) - 1
+            self._flush_losses(self._loss_tensor(count).cpu().tolist())
         self.step_count += 1
         self._prepare(self.step_count)
 
     def _device(self) -> torch.device:
         return next((p.device for p in self._trainable), torch.device("cpu"))
 
-    def _loss_tensor(self) -> torch.Tensor:
+    def _loss_tensor(self, count: int | None = None) -> torch.Tensor:
+        """The first ``count`` pending losses (all by default) as one device tensor."""
+        pending = self._pending_losses[:count]
         return torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(v) for v in
-                            self._pending_losses]).to(self._device(), torch.float32)
-
-    def _loss_values(self) -> list[float]:
-        return self._loss_tensor().cpu().tolist()
+                            pending]).to(self._device(), torch.float32)
 
     def _flush_losses(self, values: list[float]) -> None:
+        """Write the first ``len(values)`` pending steps and drop them from the buffer."""
+        count = len(values)
         if self._writer is not None:
-            self._writer.write_steps(self._pending_first, values, self._pending_lrs)
-        self._pending_first += len(values)
-        self._pending_losses, self._pending_lrs = [], []
-        self._last_flush = time.monotonic()
+            self._writer.write_steps(self._pending_first, values, self._pending_lrs[:count])
+        self._pending_first += count
+        del self._pending_losses[:count], self._pending_lrs[:count]
 
     def _finish_sample(self) -> None:
         """One device-to-host transfer (and, under DDP, three collectives) for the step.

@@ -7,10 +7,11 @@ Layout (schema ``nndiag.run/2``)::
       steps.jsonl    one line per flush: {"first": step, "loss": [...], "lr": [...]}
       samples.jsonl  one line per sampled step: a ``StepRecord``, its layers as columns
 
-Losses are buffered and written at every sampled step, every ``every`` steps and at least once
-a second; samples as they are taken. Every line is written whole and flushed to the operating
-system, so a killed process (even SIGKILL) loses at most the last second of losses; the reader
-skips a last line that is cut short and any malformed line (counted in ``skipped_lines``).
+A step's loss is written at the next step (the current one may still be computing on an
+accelerator) and at every sampled step; samples as they are taken. Every line is written
+whole and flushed to the operating system, so a killed process (even SIGKILL) loses at most
+one step; the reader skips a last line that is cut short and any malformed line (counted in
+``skipped_lines``).
 Numbers are rounded to 6 significant digits and non-finite values are written as the strings
 ``"nan"``, ``"inf"``, ``"-inf"``. Reading needs no torch. Runs written as ``nndiag.run/1``
 (separate ``sites`` and ``weights`` columns) are read too.
