@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nndiag.advice import RE_INITIALIZING
 from nndiag.capture.layers import SATURATING, has_init_expectation, module_activation
 from nndiag.capture.probe import ROOT_NAME, ProbeConfig, run_probe
 from nndiag.findings import Finding
@@ -142,6 +143,18 @@ APPLY = {
 }
 
 
+# A fix may not raise the probe loss by more than this share of it (batch-to-batch noise of a
+# probe on the same batches is far below; a re-initialized pretrained model is far above).
+LOSS_TOLERANCE = 0.05
+
+
+def _loss_got_worse(before: ProbeRecord, after: ProbeRecord) -> bool:
+    """True when the patched copy's probe loss rose beyond ``LOSS_TOLERANCE``."""
+    if before.loss != before.loss or after.loss != after.loss:
+        return after.loss != after.loss and before.loss == before.loss
+    return after.loss > before.loss + LOSS_TOLERANCE * max(abs(before.loss), 1e-12)
+
+
 def verify_fixes(model: nn.Module, batches: Sequence[Batch], probe: ProbeRecord,
                  findings: list[Finding], config: ProbeConfig,
                  thresholds: dict[str, Threshold]) -> None:
@@ -156,16 +169,22 @@ def verify_fixes(model: nn.Module, batches: Sequence[Batch], probe: ProbeRecord,
         for fix in finding.fixes:
             if not fix.automatic or fix.id not in APPLY:
                 continue
+            if fix.id not in results and probe.pretrained and fix.id in RE_INITIALIZING:
+                results[fix.id] = ("the weights are pretrained: re-initializing them would "
+                                   "throw away what they learned")
             if fix.id not in results:
                 patched = copy.deepcopy(model)
-                try:
-                    new_batches = APPLY[fix.id](patched, probe, list(batches))
-                except NotApplicable as reason:
-                    results[fix.id] = str(reason)
-                else:
-                    with torch.random.fork_rng(devices=[]):
+                # A re-initialization draws from the seeded generator, not the caller's RNG:
+                # the same model gets the same verdict whatever ran before.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(config.seed)
+                    try:
+                        new_batches = APPLY[fix.id](patched, probe, list(batches))
+                    except NotApplicable as reason:
+                        results[fix.id] = str(reason)
+                    else:
                         after = run_probe(patched, new_batches, config)
-                    results[fix.id] = (after, run_probe_rules(after, thresholds))
+                        results[fix.id] = (after, run_probe_rules(after, thresholds))
             outcome = results[fix.id]
             if isinstance(outcome, str):
                 fix.verified = {"applied": False, "reason": outcome}
@@ -174,11 +193,19 @@ def verify_fixes(model: nn.Module, batches: Sequence[Batch], probe: ProbeRecord,
             headline = HEADLINES[finding.id]
             remaining = next((f for f in after_findings if f.id == finding.id), None)
             before_ids = {f.id for f in findings}
+            new = sorted({f.id for f in after_findings if f.severity != "info"} - before_ids)
+            # The loss of a freshly initialized model is that of a random draw: it is judged
+            # only when the weights carry what they learned.
+            worse_loss = probe.pretrained and _loss_got_worse(probe, after_probe)
             fix.verified = {
                 "applied": True,
                 "before": headline(probe),
                 "after": headline(after_probe),
-                "resolved": remaining is None,
+                # Verified only when the finding is gone, nothing new is warned about, and (for
+                # pretrained weights) the probe loss is no worse beyond noise.
+                "resolved": remaining is None and not new and not worse_loss,
                 "severity_after": remaining.severity if remaining else None,
-                "new_findings": sorted({f.id for f in after_findings} - before_ids),
+                "new_findings": new,
+                "loss_before": probe.loss,
+                "loss_after": after_probe.loss,
             }

@@ -74,6 +74,16 @@ def synthetic_batches(model: nn.Module, input_shape: Sequence[int], *, dtype: st
             for _ in range(count)]
 
 
+def looks_pretrained(model: nn.Module) -> bool:
+    """True for weights loaded with Hugging Face's ``from_pretrained`` (it records the source).
+
+    Weights loaded from a checkpoint by nndiag are pretrained too; for other loaders pass
+    ``pretrained=True`` (``--pretrained``).
+    """
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", ""))
+
+
 def inspect_model(
     model: nn.Module,
     data: Any = None,
@@ -86,6 +96,7 @@ def inspect_model(
     try_fixes: bool = False,
     seed: int = 0,
     thresholds: dict[str, Threshold] | None = None,
+    pretrained: bool | None = None,
 ) -> Report:
     """Measure a model on a few batches, diagnose it and recommend fixes.
 
@@ -104,6 +115,9 @@ def inspect_model(
         try_fixes: Apply automatic fixes to copies of the model and report before/after.
         seed: Seed for random inputs and targets.
         thresholds: Override the rule thresholds (default ``THRESHOLDS``).
+        pretrained: The weights were trained (a checkpoint, a pretrained encoder): advice never
+            re-initializes them and ``--try-fixes`` never applies a re-initialization.
+            ``None`` detects Hugging Face ``from_pretrained`` models.
 
     Returns:
         The report: findings (with explanations and fixes), per-layer statistics, a summary.
@@ -134,6 +148,7 @@ def inspect_model(
     thresholds = thresholds or THRESHOLDS
     config = ProbeConfig(loss=as_loss(loss), seed=seed)
     probe = run_probe(model, probe_batches, config)
+    probe.pretrained = looks_pretrained(model) if pretrained is None else pretrained
     findings = [advise(f, probe) for f in run_probe_rules(probe, thresholds)]
     if try_fixes:
         verify_fixes(model, probe_batches, probe, findings, config, thresholds)
@@ -241,7 +256,8 @@ def inspect_checkpoint(
     loaded = load_into(model, checkpoint, strict=strict, progress=progress)
     report = inspect_model(model, data, input_shape=input_shape, input_dtype=input_dtype,
                            input_max=input_max, loss=loss, batches=batches,
-                           try_fixes=try_fixes, seed=seed, thresholds=thresholds)
+                           try_fixes=try_fixes, seed=seed, thresholds=thresholds,
+                           pretrained=True)
     return _with_checkpoint_summary(report, checkpoint, loaded)
 
 

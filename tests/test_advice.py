@@ -36,7 +36,8 @@ DESIGN_FIX_IDS = {"he_init", "xavier_init", "orthogonal_init", "batch_norm", "la
                   "lower_learning_rate", "raise_learning_rate", "normalize_inputs", "bias_init",
                   "gated_recurrent_unit", "lr_warmup"}
 PLACEHOLDERS = {"layer_types": layer_types({"Linear", "Conv2d"}), "activation": "tanh",
-                "gain": "tanh", "module": "Tanh", "mean": 0.5, "std": 2.0, "layers": "0, 2"}
+                "gain": "tanh", "module": "Tanh", "mean": 0.5, "std": 2.0, "layers": "0, 2",
+                "n_blocks": 2}
 TEMPLATES = [(fix_id, None) for fix_id in CATALOG] + [
     (fix_id, variant) for fix_id, entry in CATALOG.items() for variant in entry.variants]
 
@@ -66,8 +67,9 @@ def _run_snippet(code: str) -> None:
     exec(compile(code, "<fix>", "exec"), namespace)
 
 
-def test_catalogue_holds_exactly_the_design_fix_ids():
-    assert set(CATALOG) == DESIGN_FIX_IDS
+def test_catalogue_holds_every_design_fix_id():
+    # DESIGN.md's ids keep their meaning; new ids may be added (transformer inits, code fixes).
+    assert DESIGN_FIX_IDS <= set(CATALOG)
 
 
 @pytest.mark.parametrize(("fix_id", "variant"), TEMPLATES)

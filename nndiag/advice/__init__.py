@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from nndiag.advice import activations, checkpoint, gradients, run, sanity
+from nndiag.advice.catalog import make_fix
 from nndiag.advice.common import CHECKPOINT, PROBE, RUN, SANITY, Advisor
 from nndiag.findings import Finding
 from nndiag.records import CheckpointRecord, ProbeRecord
@@ -85,7 +86,25 @@ def advise(finding: Finding, context: Any) -> Finding:
     advisor = REGISTRY.get((context_kind(context), finding.id))
     if advisor is not None:
         finding.explanation, finding.fixes = advisor(finding, context)
+        if getattr(context, "pretrained", False):
+            _keep_pretrained_weights(finding)
     return finding
+
+
+# Fixes that overwrite trained weights: never recommended for a pretrained model.
+RE_INITIALIZING = frozenset({"he_init", "xavier_init", "orthogonal_init",
+                             "non_saturating_activation", "scaled_residual_init"})
+
+
+def _keep_pretrained_weights(finding: Finding) -> None:
+    """Drop re-initializing fixes for pretrained weights, and say why."""
+    kept = [fix for fix in finding.fixes if fix.id not in RE_INITIALIZING]
+    if len(kept) < len(finding.fixes):
+        finding.explanation += (" The weights are pretrained: re-initializing them would throw "
+                                "away what they learned, so no re-initialization is suggested.")
+    if not kept:
+        kept = [make_fix("lower_learning_rate"), make_fix("lr_warmup")]
+    finding.fixes = kept
 
 
 def advise_checkpoint(finding: Finding, record: CheckpointRecord) -> Finding:

@@ -20,6 +20,8 @@ from nndiag.advice.common import (
     he_init_fix,
     init_story,
     inputs_off_scale,
+    is_transformer,
+    n_blocks,
     norm_fix,
     normalize_inputs_fix,
     probe_kinds,
@@ -32,6 +34,8 @@ from nndiag.records import ProbeRecord
 def poor_initialization(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     """How much the activation scale drifts per layer, and the init that keeps it."""
     ev = finding.evidence
+    if "weight_scale" in ev.get("judged_by", []):
+        return oversized_weights(finding, probe)
     start, end = probe.layer(ev["from_layer"]), probe.layer(ev["to_layer"])
     span = [r for r in probe.layers if r.fan_in is not None and start.index <= r.index <= end.index]
     steps = max(len(span) - 1, 1)
@@ -50,6 +54,27 @@ def poor_initialization(finding: Finding, probe: ProbeRecord) -> tuple[str, list
     if inputs_off_scale(probe):
         parts.append(f"The inputs themselves have std {fmt(probe.input_std)}.")
         fixes.insert(0, normalize_inputs_fix(probe))
+    return " ".join(parts), fixes
+
+
+def oversized_weights(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    """Weights far too large for the fans: the logits, not the activations, give it away."""
+    ev = finding.evidence
+    parts = [f"The weights are at the median {fmt(ev['median_init_scale'])}x the He/Xavier "
+             f"scale of their fans, and before any training the loss is {fmt(ev['loss'])} "
+             f"where a model that knows nothing scores {fmt(ev['uninformed_loss'])}: the "
+             "logits are huge, so the model starts confidently wrong and the softmax passes "
+             "almost no gradient."]
+    kinds = probe_kinds(probe)
+    if is_transformer(probe):
+        parts.append("The LayerNorms keep the activations in range, which hides the scale "
+                     "everywhere but in the attention scores and the logits. Transformers are "
+                     "initialized at a fixed small scale (GPT-2, BERT and Llama use std 0.02, "
+                     "with the residual projections scaled down by sqrt(2 x blocks)).")
+        fixes = [make_fix("scaled_residual_init", n_blocks=n_blocks(probe)), make_fix("qk_norm"),
+                 make_fix("lr_warmup")]
+    else:
+        fixes = [he_init_fix(kinds), norm_fix(kinds)]
     return " ".join(parts), fixes
 
 

@@ -142,6 +142,35 @@ for m in model.modules():
         summary="replace nn.RNN with nn.LSTM or nn.GRU, whose gates carry the gradient across "
                 "time steps",
         code="rnn = nn.LSTM(input_size, hidden_size, batch_first=True)"),
+    "scaled_residual_init": FixTemplate(
+        summary="initialize like GPT-2: every Linear and embedding N(0, 0.02), the projections "
+                "that write into the residual stream N(0, 0.02 / sqrt(2 x {n_blocks} blocks)), "
+                "biases zero, LayerNorms at 1",
+        code="""
+import math
+residual_out = ("c_proj", "o_proj", "out_proj", "down_proj", "output.dense", "fc2", "linear2")
+for name, m in model.named_modules():
+    if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+        std = 0.02 / math.sqrt(2 * {n_blocks}) if name.endswith(residual_out) else 0.02
+        nn.init.normal_(m.weight, mean=0.0, std=std)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, mean=0.0, std=0.02)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)""",
+        automatic=True),
+    "qk_norm": FixTemplate(
+        summary="normalize queries and keys per head before their dot product (QK-norm), "
+                "which bounds the attention logits whatever the weights' scale",
+        code="""
+class QKNorm(nn.Module):
+    def __init__(self, head_dim):
+        super().__init__(); self.q, self.k = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
+    def forward(self, q, k):  # q, k: (batch, heads, tokens, head_dim)
+        return self.q(q), self.k(k)
+# in the attention: q, k = self.qk_norm(q, k) before scaled_dot_product_attention(q, k, v)"""),
     "lr_warmup": FixTemplate(
         summary="warm the learning rate up over the first steps",
         code="""
@@ -176,6 +205,9 @@ def make_fix(fix_id: str, variant: str | None = None, **values: Any) -> Fix:
 
 # ----------------------------------------------------------------------------- placeholder values
 
+# Weight-layer classes of torch.nn a snippet may name (Hugging Face's Conv1D is not one).
+TORCH_WEIGHT_LAYERS = frozenset({"Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d",
+                                 "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"})
 _MODULE_NAME = {"sigmoid": "Sigmoid", "tanh": "Tanh", "hardtanh": "Hardtanh",
                 "softsign": "Softsign", "hardsigmoid": "Hardsigmoid"}
 # Activations ``nn.init.calculate_gain`` knows; for the others the snippet uses the linear gain
@@ -193,7 +225,7 @@ def layer_types(kinds: Iterable[str]) -> str:
         ``nn.Linear``, or a tuple such as ``(nn.Conv2d, nn.Linear)``; ``nn.Linear`` when the
         model has none.
     """
-    layers = sorted(k for k in set(kinds) if k in ("Linear", "Bilinear") or k.startswith("Conv"))
+    layers = sorted(k for k in set(kinds) if k in TORCH_WEIGHT_LAYERS)
     names = ", ".join(f"nn.{k}" for k in layers or ["Linear"])
     return f"({names})" if len(layers) > 1 else names
 

@@ -14,6 +14,7 @@ from typing import Any
 from nndiag.advice.catalog import activation_module, init_gain, layer_types, make_fix
 from nndiag.findings import Finding, Fix
 from nndiag.records import LayerRecord, ProbeRecord
+from nndiag.records.layers import ATTENTION_ROLES
 
 # The kinds of context a finding is judged on (the first half of a registry key).
 PROBE = "probe"  # a live probe: ProbeRecord
@@ -61,11 +62,28 @@ def norm_fix(kinds: set[str]) -> Fix:
     BatchNorm after convs, else pre-norm LayerNorm for recurrent or attention models, else
     BatchNorm (or LayerNorm) after Linear layers.
     """
-    if any(k.startswith("Conv") for k in kinds):
-        return make_fix("batch_norm", "conv")
-    if kinds & (RECURRENT_KINDS | {"MultiheadAttention"}):
+    if is_transformer_kinds(kinds) or kinds & RECURRENT_KINDS:
         return make_fix("layer_norm")
+    if any(k in ("Conv1d", "Conv2d", "Conv3d") for k in kinds):
+        return make_fix("batch_norm", "conv")
     return make_fix("batch_norm")
+
+
+def is_transformer_kinds(kinds: set[str]) -> bool:
+    """True for a model with attention or LayerNorm/RMSNorm layers (never advise BatchNorm)."""
+    return any(k.endswith(("Attention", "LayerNorm", "RMSNorm")) or k in ("Conv1D",)
+               for k in kinds)
+
+
+def is_transformer(probe: ProbeRecord) -> bool:
+    """True when the probe saw attention layers or a transformer's normalization."""
+    return any(r.role in ATTENTION_ROLES for r in probe.layers) or \
+        is_transformer_kinds(probe_kinds(probe))
+
+
+def n_blocks(probe: ProbeRecord) -> int:
+    """How many repeated blocks the model has (1 when none was seen)."""
+    return len({r.block for r in probe.layers if r.block is not None}) or 1
 
 
 def activation_fix(activation: str) -> Fix:

@@ -15,6 +15,8 @@ from nndiag.advice.common import (
     has_norm,
     he_init_fix,
     init_story,
+    is_transformer,
+    n_blocks,
     norm_fix,
     probe_kinds,
     recurrent_fixes,
@@ -31,7 +33,14 @@ def vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     start = probe.layer(ev["min_depth_gain_layer"]) if ev.get("min_depth_gain_layer") else None
     path = between(probe, start) if start else probe.layers
     saturating = dominant_saturating(activation_counts(path))
-    if "depth" in ev["judged_by"] and start is not None and ev["min_depth_gain"] == 0:
+    trend = ev.get("block_trend")
+    if "depth" in ev["judged_by"] and trend is not None:
+        parts.append(f"Across the model's repeated blocks, the {trend['role']} layers of block "
+                     f"{trend['first_block']} receive {fmt(trend['ratio'])} of the gradient "
+                     f"those of block {trend['last_block']} receive (median per block): the "
+                     "backward signal shrinks block after block, so the early blocks learn "
+                     "far slower than the late ones.")
+    elif "depth" in ev["judged_by"] and start is not None and ev["min_depth_gain"] == 0:
         parts.append(f"No gradient at all reaches {start.label}: the path from the output to it "
                      "is cut (a detached tensor, a zero multiplier, or units that never fire).")
     elif "depth" in ev["judged_by"] and start is not None:
@@ -64,6 +73,13 @@ def vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     if not has_norm(probe):
         parts.append("No normalization layer re-scales the signal between layers.")
     kinds = probe_kinds(probe)
+    if is_transformer(probe):
+        parts.append("In a transformer, a deep stack keeps its gradient when each block's input "
+                     "is normalized (pre-LN) and the residual path carries the gradient "
+                     "unchanged; post-LN stacks and stacks without LayerNorm lose it, and warm-up "
+                     "lets them train.")
+        return " ".join(parts), [make_fix("layer_norm"), make_fix("lr_warmup"),
+                                 make_fix("gradient_clipping")]
     fixes: list[Fix] = []
     if saturating:
         fixes.append(activation_fix(saturating[0]))
@@ -94,6 +110,11 @@ def exploding(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
         parts.append(f"Forward activations reach std {fmt(biggest.std)} at {biggest.label} and "
                      f"the loss is {fmt(probe.loss)}.")
     kinds = probe_kinds(probe)
+    if is_transformer(probe):
+        fixes = [make_fix("gradient_clipping"), make_fix("lr_warmup")]
+        if scale is not None and scale > 1.25:
+            fixes.insert(0, make_fix("scaled_residual_init", n_blocks=n_blocks(probe)))
+        return " ".join(parts), fixes + [make_fix("lower_learning_rate")]
     fixes: list[Fix] = []
     if scale is not None and scale > 1.25:
         fixes.append(he_init_fix(kinds))

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nndiag.records.layers import (
+    ROLE_ATTENTION,
+    ROLE_ATTENTION_OUT,
+    ROLE_EMBEDDING,
+    ROLE_HEAD,
+    ROLE_KEY,
+    ROLE_NORM,
+    ROLE_QUERY,
+    ROLE_VALUE,
+)
 
 # Activations whose units can die (output exactly zero for every sample).
 RELU_FAMILY = frozenset({"relu", "relu6"})
@@ -69,11 +81,58 @@ _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaD
                  nn.Identity, nn.Flatten, nn.Unflatten)
 
 
+# Activation modules of other libraries, by class name (Hugging Face's ``NewGELUActivation``
+# computes GELU with an inner ``tanh``; that tanh is part of a non-saturating activation, not a
+# saturating layer). Parameter-free modules only.
+_NAMED_ACTIVATIONS = (("gelu", "gelu"), ("silu", "silu"), ("swish", "silu"), ("mish", "mish"),
+                      ("relusquared", "relu"))
+
+
 def module_activation(module: nn.Module) -> str | None:
     """The activation kind of an activation module (``"relu"``, ``"tanh"``...), else ``None``."""
     for cls, kind in _MODULE_ACTIVATIONS:
         if isinstance(module, cls):
             return kind
+    name = type(module).__name__.lower()
+    if any(True for _ in module.parameters(recurse=False)):
+        return None
+    return next((kind for key, kind in _NAMED_ACTIVATIONS if key in name), None)
+
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
+_NAME_ROLES = (
+    (re.compile(r"(^|[._])(q|query|q_proj|wq|to_q)$"), ROLE_QUERY),
+    (re.compile(r"(^|[._])(k|key|k_proj|wk|to_k)$"), ROLE_KEY),
+    (re.compile(r"(^|[._])(v|value|v_proj|wv|to_v)$"), ROLE_VALUE),
+    (re.compile(r"(^|[._])(c_attn|qkv|qkv_proj|in_proj|query_key_value|wqkv)$"),
+     ROLE_ATTENTION),
+    (re.compile(r"(^|[._])(o_proj|out_proj|wo|to_out|attention\.output\.dense|attn\.c_proj|"
+                r"attn\.o|attention\.o)$"), ROLE_ATTENTION_OUT),
+    (re.compile(r"(^|[._])(lm_head|classifier|head|score|qa_outputs|cls\.predictions\.decoder|"
+                r"fc_out|output_layer)$"), ROLE_HEAD),
+)
+
+
+def module_role(name: str, module: nn.Module) -> str | None:
+    """A module's role from its type, then its name (``None``: decided from the data flow).
+
+    Structure comes first: embeddings, normalization layers (by type, or a class name ending
+    in ``Norm``, as ``LlamaRMSNorm``) and fused attention are known by type; which Linear
+    feeds ``scaled_dot_product_attention`` as query, key or value is seen while the model runs
+    (``SiteRecorder``); names are the fallback for the rest.
+    """
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return ROLE_EMBEDDING
+    kind = type(module).__name__
+    if isinstance(module, _NORM_TYPES) or kind.endswith(("Norm", "LayerNorm", "RMSNorm")):
+        return ROLE_NORM
+    if isinstance(module, nn.MultiheadAttention):
+        return ROLE_ATTENTION
+    if kind.endswith("Embedding") or kind.endswith("Embeddings"):
+        return ROLE_EMBEDDING
+    for pattern, role in _NAME_ROLES:
+        if pattern.search(name):
+            return role
     return None
 
 
@@ -114,7 +173,9 @@ def layer_kind(module: nn.Module) -> str:
 
 _INIT_KINDS = frozenset({"Linear", "Bilinear", "LazyLinear", "NonDynamicallyQuantizableLinear",
                          "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-                         "ConvTranspose3d"})
+                         "ConvTranspose3d", "Conv1D"})
+# Hugging Face's ``Conv1D`` (GPT-2) is a Linear layer whose weight is stored as (in, out).
+TRANSPOSED_KINDS = frozenset({"Conv1D"})
 
 
 def has_init_expectation(module: nn.Module) -> bool:

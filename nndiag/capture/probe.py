@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from nndiag.capture.layers import has_init_expectation, is_weight_name, layer_kind
+from nndiag.capture.layers import (
+    TRANSPOSED_KINDS,
+    has_init_expectation,
+    is_weight_name,
+    layer_kind,
+)
 from nndiag.capture.sites import ROOT_NAME, SiteRecorder
 from nndiag.capture.state import preserved_state
 from nndiag.errors import UsageError, UserCodeError, describe_exception
@@ -76,7 +81,10 @@ def owners(model: nn.Module) -> list[Owner]:
 def owner_fans(owner: Owner) -> tuple[int | None, int | None]:
     """Fans of a Linear/conv-like owner's weight, else ``(None, None)``."""
     if has_init_expectation(owner.module):
-        return fans(owner.module.weight)
+        fan_in, fan_out = fans(owner.module.weight)
+        if layer_kind(owner.module) in TRANSPOSED_KINDS:
+            return fan_out, fan_in
+        return fan_in, fan_out
     return None, None
 
 

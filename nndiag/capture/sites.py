@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import (
     register_module_forward_hook,
@@ -51,8 +52,10 @@ from nndiag.capture.layers import (
     is_measured_module,
     layer_kind,
     module_activation,
+    module_role,
 )
 from nndiag.records import LayerRecord
+from nndiag.records.layers import ROLE_ATTENTION, ROLE_HEAD, ROLE_KEY, ROLE_QUERY, ROLE_VALUE
 from nndiag.specs import primary_output
 from nndiag.stats.activations import (
     CALL_FIELDS,
@@ -76,6 +79,7 @@ class _ModuleInfo:
     kind: str
     activation: str | None
     measured: bool
+    role: str | None
 
 
 @dataclass
@@ -119,7 +123,8 @@ class SiteRecorder:
         for name, module in model.named_modules():
             if id(module) not in self.info:
                 info = _ModuleInfo(name or ROOT_NAME, layer_kind(module),
-                                   module_activation(module), is_measured_module(module))
+                                   module_activation(module), is_measured_module(module),
+                                   module_role(name, module))
                 self.info[id(module)] = info
                 self.modules[info.name] = module
         self.stack: list[str] = []
@@ -143,6 +148,11 @@ class SiteRecorder:
         self._call_sites: list[int] = []
         # Per ReLU-family call: its unit peaks and site.
         self._peaks: list[tuple[torch.Tensor, int]] = []
+        # Roles seen in the data flow (module name -> role), kept across steps: which output
+        # fed scaled_dot_product_attention as query, key or value, which one is the model's
+        # output. ``_storages`` maps an output's storage to its module while a pass runs.
+        self.learned_roles: dict[str, str] = {}
+        self._storages: dict[int, str] = {}
         # The innermost module a forward pass raised in (hooks run while it propagates).
         self.failed_in: str | None = None
         self._failure: int | None = None
@@ -170,6 +180,7 @@ class SiteRecorder:
         self.calls.clear()
         self._scalars, self._positions, self._numels, self._call_sites = [], [], [], []
         self._peaks = []
+        self._storages = {}
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[None]:
@@ -237,6 +248,7 @@ class SiteRecorder:
                     self.record(info.name, info.name, info.kind, activation, False, tensor,
                                 None if pre is tensor else pre, bounds)
         if not self.stack:  # the pass ended (or raised)
+            self._learn_head(output)
             self._leave_mode()
         elif not self.watch_all:
             self._watch(self.stack[-1] in self.functional_parents)
@@ -273,8 +285,47 @@ class SiteRecorder:
             self._call_sites.append(site.index)
             if activation in RELU_FAMILY:
                 self._peaks.append((unit_peaks(tensor), site.index))
+            elif not functional:
+                self._storages[_storage(tensor)] = module_name
             if self.output_grads and tensor.requires_grad:
                 tensor.register_hook(site.add_grad)
+
+    def _learn_head(self, output: Any) -> None:
+        """The module whose output is the model's output is its head (if it has weights)."""
+        with _no_torch_function():
+            tensor = primary_output(output)
+            module = self._storages.get(_storage(tensor)) if tensor is not None else None
+        if module is not None and module not in self.learned_roles and \
+                self.info_by_name(module).role is None:
+            self.learned_roles[module] = ROLE_HEAD
+
+    def learn_attention(self, query: Any, key: Any, value: Any) -> None:
+        """Mark the layers whose outputs feed an attention product as query, key and value.
+
+        One layer feeding several of them (a fused ``qkv`` projection) is fused attention.
+        """
+        found: dict[str, list[str]] = {}
+        with _no_torch_function():
+            for tensor, role in ((query, ROLE_QUERY), (key, ROLE_KEY), (value, ROLE_VALUE)):
+                if isinstance(tensor, torch.Tensor):
+                    module = self._storages.get(_storage(tensor))
+                    if module is not None:
+                        found.setdefault(module, []).append(role)
+        for module, roles in found.items():
+            self.learned_roles[module] = roles[0] if len(roles) == 1 else ROLE_ATTENTION
+
+    def info_by_name(self, name: str) -> _ModuleInfo:
+        """The module facts of a module name."""
+        return self.info[id(self.modules[name])]
+
+    def role_of(self, site: _Site) -> str | None:
+        """A site's role: what the data flow showed, else the module's type and name."""
+        if site.functional:
+            return None
+        static = self.info_by_name(site.module).role
+        if static == ROLE_ATTENTION:  # a fused projection stays fused, whatever fed what
+            return static
+        return self.learned_roles.get(site.module) or static
 
     # ------------------------------------------------------------------ results
 
@@ -357,7 +408,7 @@ class SiteRecorder:
                 activation=site.activation, functional=site.functional, shape=site.shape,
                 dead_fraction=None if dead[site.index] != dead[site.index] else dead[site.index],
                 grad_out_norm=math.sqrt(grad_sq) if grad_sq == grad_sq else None,
-                **stats))
+                role=self.role_of(site), **stats))
         return layers
 
 
@@ -368,6 +419,11 @@ def _by_length(peaks: list[tuple[int, torch.Tensor]]
     for site, peaks_of_site in peaks:
         groups.setdefault(peaks_of_site.numel(), []).append((site, peaks_of_site))
     return groups
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    """Identity of a tensor's memory, shared by its views (``view``, ``transpose``...)."""
+    return tensor.untyped_storage().data_ptr()
 
 
 class _FunctionalActivations(TorchFunctionMode):
@@ -383,6 +439,9 @@ class _FunctionalActivations(TorchFunctionMode):
         recorder = self.recorder
         if not recorder.active:
             return func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            recorder.learn_attention(*(list(args[:3]) + [kwargs.get(k) for k in
+                                                         ("query", "key", "value")][len(args):]))
         activation = FUNCTIONAL_ACTIVATIONS.get(func)
         if activation is None or recorder.inside_activation:
             return func(*args, **kwargs)

@@ -7,8 +7,23 @@ can be run offline and tested with hand-made records.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+# Roles a layer plays in its architecture (``LayerRecord.role``; found by capture). Rules judge
+# layers of one role together: attention query/key projections legitimately get tiny gradients
+# at init (near-uniform attention passes little gradient to them), an embedding's gradient is
+# a sum over the tokens that used each row, normalization re-scales the signal.
+ROLE_QUERY, ROLE_KEY, ROLE_VALUE, ROLE_ATTENTION_OUT = ("attention_query", "attention_key",
+                                                        "attention_value", "attention_output")
+ROLE_ATTENTION = "attention"  # fused projections (nn.MultiheadAttention's in_proj, c_attn)
+ROLE_EMBEDDING, ROLE_NORM, ROLE_HEAD = "embedding", "normalization", "head"
+ATTENTION_ROLES = frozenset({ROLE_QUERY, ROLE_KEY, ROLE_VALUE, ROLE_ATTENTION_OUT,
+                             ROLE_ATTENTION})
+
+# A repeated block: a container of numbered children (``layers.3``, ``h.3``, ``block.3``).
+_BLOCK = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|stages?)\.(\d+)(?:\.|$)")
 
 
 @dataclass
@@ -49,6 +64,9 @@ class LayerRecord:
         depth_gain: ``grad_out_norm`` over the gradient norm at the model output.
         update_ratio: ``||w_after - w_before|| / ||w_before||`` of the weights over one
             optimizer step (recorded steps only).
+        role: What the layer does in its architecture (``nndiag.capture.layers``: attention
+            query/key/value/output, fused attention, embedding, normalization, head), from the
+            data flow and module types first and names second; ``None`` for plain layers.
 
     """
 
@@ -79,6 +97,13 @@ class LayerRecord:
     init_scale: float | None = None
     depth_gain: float | None = None
     update_ratio: float | None = None
+    role: str | None = None
+
+    @property
+    def block(self) -> int | None:
+        """Index of the repeated block the layer sits in (``encoder.layer.3.…`` -> 3)."""
+        match = _BLOCK.search(self.module)
+        return int(match.group(1)) if match else None
 
     @property
     def label(self) -> str:
@@ -121,6 +146,8 @@ class ProbeRecord:
         unused_parameters: Trainable parameters that received no gradient in any batch.
         not_run: Modules with parameters that never ran during the probe.
         model_class: The model's class name.
+        pretrained: The weights were loaded (a checkpoint, ``from_pretrained``): no advice
+            re-initializes them.
 
     """
 
@@ -139,6 +166,7 @@ class ProbeRecord:
     unused_parameters: list[str] = field(default_factory=list)
     not_run: list[str] = field(default_factory=list)
     model_class: str = ""
+    pretrained: bool = False
 
     def layer(self, name: str) -> LayerRecord:
         """The record of the site called ``name``."""

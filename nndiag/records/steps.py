@@ -76,7 +76,7 @@ class StepRecord:
 
 
 # What a recorded step writes of each layer.
-STEP_COLUMNS = ("name", "kind", "activation", "functional", "mean", "std", "absmax",
+STEP_COLUMNS = ("name", "kind", "role", "activation", "functional", "mean", "std", "absmax",
                 "dead_fraction", "saturated_fraction", "preact_std", "weight_norm", "grad_norm",
                 "update_ratio", "init_scale")
 _NUMBER_FIELDS = ("mean", "std", "absmax", "dead_fraction", "saturated_fraction", "preact_mean",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 
 from nndiag.findings import Finding, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
-from nndiag.rules.thresholds import MIN_SAMPLES_FOR_DEAD_UNITS, Threshold
+from nndiag.records.layers import ROLE_NORM
+from nndiag.rules.thresholds import LOSS_AT_INIT_FACTOR, MIN_SAMPLES_FOR_DEAD_UNITS, Threshold
 
 
 @dataclass
@@ -25,6 +28,10 @@ class Drift:
 def activation_drift(probe: ProbeRecord) -> Drift:
     """Scan Linear/conv outputs in forward order for the largest growth and collapse.
 
+    A normalization layer between two of them resets the comparison: it re-scales whatever
+    reaches it (a new head after a pretrained body's final LayerNorm is not compared with
+    the body's middle layers).
+
     Layers with all-zero weights (a deliberately zero-initialized head or residual branch)
     and layers whose output is exactly constant are skipped: their scale says nothing about
     the signal's propagation.
@@ -32,9 +39,15 @@ def activation_drift(probe: ProbeRecord) -> Drift:
     layers = [r for r in probe.layers
               if r.fan_in is not None and r.weight_rms and r.std and r.std == r.std]
     drift = Drift(1.0, None, None, 1.0, None, None, layers)
+    # A normalization layer re-scales the signal: drift is judged between two of them.
+    resets = {r.index for r in probe.layers if r.role == ROLE_NORM}
     low = high = None
+    previous = -1
     for record in layers:
         assert record.std is not None
+        if any(previous < i < record.index for i in resets):
+            low = high = None
+        previous = record.index
         if low is not None and record.std / low.std > drift.growth:
             drift.growth, drift.growth_from, drift.growth_to = record.std / low.std, low, record
         if high is not None and record.std / high.std < drift.collapse:
@@ -48,19 +61,57 @@ def activation_drift(probe: ProbeRecord) -> Drift:
 def drift_headline(probe: ProbeRecord) -> dict[str, float | None]:
     """Largest growth and collapse of activation scale through depth."""
     drift = activation_drift(probe)
-    return {"activation_growth": drift.growth, "activation_collapse": drift.collapse}
+    scales = [r.init_scale for r in probe.layers if r.init_scale is not None and r.trainable]
+    return {"activation_growth": drift.growth, "activation_collapse": drift.collapse,
+            "median_init_scale": statistics.median(scales) if scales else None,
+            "loss": probe.loss}
+
+
+def oversized_weights(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
+    """Weights far above their fans' scale while the loss is far above an uninformed model's.
+
+    Normalization can keep every activation in range while the weights are tens of times too
+    large (a transformer's LayerNorms do): the sign is then the logits, a cross-entropy loss
+    far above log(classes) before any training.
+    """
+    if probe.loss_name not in ("cross_entropy", "nll") or not probe.num_classes or \
+            probe.num_classes < 2:
+        return None
+    expected = math.log(probe.num_classes)
+    if probe.loss < LOSS_AT_INIT_FACTOR * expected:
+        return None
+    layers = [r for r in probe.layers if r.init_scale is not None and r.trainable]
+    if len(layers) < 2:
+        return None
+    median = statistics.median(r.init_scale for r in layers)  # type: ignore[misc]
+    severity = thresholds["weight_scale"].severity(median)
+    if severity is None:
+        return None
+    if probe.loss >= 1.5 * LOSS_AT_INIT_FACTOR * expected:  # three times an uninformed loss
+        severity = "error"
+    return Finding(
+        "poor_initialization", severity, [r.name for r in layers],
+        f"weights {median:.2g}x their He/Xavier scale (median of {len(layers)} layers) and a "
+        f"loss of {probe.loss:.3g} against {expected:.3g} for an uninformed model",
+        evidence={"judged_by": ["weight_scale"], "median_init_scale": median,
+                  "init_scale": {r.name: r.init_scale for r in layers}, "loss": probe.loss,
+                  "uninformed_loss": expected})
 
 
 def poor_initialization(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
-    """The activation scale drifts by orders of magnitude through depth."""
+    """The activation scale drifts through depth, or the weights are oversized for the loss.
+
+    The second (``oversized_weights``) is judged only when the first finds nothing.
+    """
     drift = activation_drift(probe)
     growth = thresholds["activation_growth"].severity(drift.growth)
     collapse = thresholds["activation_collapse"].severity(drift.collapse)
     severity = worst_severity(growth, collapse)
     if severity is None:
-        return None
+        return oversized_weights(probe, thresholds)
     scales = [r.init_scale for r in drift.layers if r.init_scale is not None]
     evidence: dict[str, object] = {
+        "judged_by": ["drift"],
         "activation_growth": drift.growth,
         "activation_collapse": drift.collapse,
         "layer_output_std": {r.name: r.std for r in drift.layers},

@@ -10,11 +10,29 @@ explodes although its first layer's weight gradient is smaller than its last.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from nndiag.findings import Finding, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
+from nndiag.records.layers import ROLE_EMBEDDING, ROLE_KEY, ROLE_QUERY
 from nndiag.rules.thresholds import FULLY_DEAD, Threshold
+
+# Judged apart from the backward signal through depth: attention query/key projections get a
+# tiny gradient at init in every block, the last included (near-uniform attention passes
+# little of it back), and an embedding's gradient is a sum over the tokens that used each row.
+JUDGED_APART = frozenset({ROLE_QUERY, ROLE_KEY, ROLE_EMBEDDING})
+
+
+@dataclass
+class BlockTrend:
+    """The backward signal across repeated blocks, for the layers of one role."""
+
+    role: str
+    ratio: float
+    first: LayerRecord
+    first_block: int
+    last_block: int
 
 
 @dataclass
@@ -24,6 +42,23 @@ class GradientProfile:
     gains: list[tuple[LayerRecord, float]]
     ratios: list[tuple[LayerRecord, float]]
     loss: float
+    trend: BlockTrend | None = None
+
+    @property
+    def weakest(self) -> tuple[LayerRecord, float] | None:
+        """What "vanishing through depth" is judged on.
+
+        In a model of repeated blocks (a transformer's ``layer.N``), the gain of the first
+        block over the last one for the layers of one role (the worst role): a trend through
+        depth, not the smallest layer anywhere. Elsewhere, the smallest gain.
+        """
+        if self.trend is not None:
+            outside = [(r, g) for r, g in self.gains if r.block is None]
+            low = min(outside, key=lambda item: item[1], default=None)
+            if low is None or self.trend.ratio <= low[1]:
+                return self.trend.first, self.trend.ratio
+            return low
+        return self.min_gain
 
     @property
     def min_gain(self) -> tuple[LayerRecord, float] | None:
@@ -57,12 +92,37 @@ def gradient_profile(probe: ProbeRecord) -> GradientProfile:
     """
     blocked = any(r.dead_fraction is not None and r.dead_fraction >= FULLY_DEAD
                   for r in probe.layers)
-    layers = probe.weight_layers()
+    layers = [r for r in probe.weight_layers() if r.role not in JUDGED_APART]
     gains = [(r, r.depth_gain) for r in layers
              if r.depth_gain is not None and not (blocked and r.depth_gain == 0)]
     ratios = [(r, r.grad_to_weight) for r in layers
               if r.grad_to_weight is not None and not (blocked and r.grad_to_weight == 0)]
-    return GradientProfile(gains, ratios, probe.loss)
+    return GradientProfile(gains, ratios, probe.loss, block_trend(gains))
+
+
+def block_trend(gains: list[tuple[LayerRecord, float]]) -> BlockTrend | None:
+    """The worst first-block / last-block ratio of median gains, over roles (``None``: no blocks).
+
+    Layers are grouped by role (plain layers together) and by block; a role needs at least
+    two blocks to show a trend.
+    """
+    by_role: dict[str, dict[int, list[tuple[LayerRecord, float]]]] = {}
+    for record, gain in gains:
+        if record.block is not None:
+            by_role.setdefault(record.role or "hidden", {}).setdefault(record.block,
+                                                                        []).append((record, gain))
+    worst = None
+    for role, blocks in by_role.items():
+        if len(blocks) < 2:
+            continue
+        first, last = min(blocks), max(blocks)
+        first_gain = statistics.median(g for _, g in blocks[first])
+        last_gain = statistics.median(g for _, g in blocks[last])
+        ratio = first_gain / last_gain if last_gain > 0 else 1.0
+        if worst is None or ratio < worst.ratio:
+            weakest = min(blocks[first], key=lambda item: item[1])[0]
+            worst = BlockTrend(role, ratio, weakest, first, last)
+    return worst
 
 
 def _at(key: str, item: tuple[LayerRecord, float] | None) -> dict[str, object]:
@@ -77,7 +137,7 @@ def _judged_by(depth: str | None, scale: str | None) -> list[str]:
 def vanishing_headline(probe: ProbeRecord) -> dict[str, float | None]:
     """Smallest depth gain and the largest gradient-to-weight ratio per unit of loss."""
     profile = gradient_profile(probe)
-    weakest = profile.min_gain
+    weakest = profile.weakest
     return {"min_depth_gain": weakest[1] if weakest else None,
             "max_grad_to_weight_per_loss": profile.max_ratio_per_loss}
 
@@ -95,14 +155,19 @@ def vanishing_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
     profile = gradient_profile(probe)
     depth_rule = thresholds["vanishing_depth_gain"]
     scale_rule = thresholds["vanishing_grad_to_weight_per_loss"]
-    weakest = profile.min_gain
+    weakest = profile.weakest
     per_loss = profile.max_ratio_per_loss
     depth = depth_rule.severity(weakest[1]) if weakest else None
     scale = scale_rule.severity(per_loss)
     severity = worst_severity(depth, scale)
     if severity is None:
         return None
-    if depth is not None:
+    trend = profile.trend if weakest is not None and profile.trend is not None and \
+        weakest[0] is profile.trend.first else None
+    if depth is not None and trend is not None:
+        layers = [r.name for r, _ in profile.gains if r.block == trend.first_block
+                  and (r.role or "hidden") == trend.role]
+    elif depth is not None:
         layers = [r.name for r, gain in profile.gains if depth_rule.severity(gain)]
     else:
         layers = [r.name for r, _ in profile.ratios]
@@ -110,7 +175,14 @@ def vanishing_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
     evidence = {**_at("min_depth_gain", weakest), **_at("max_grad_to_weight", top),
                 "max_grad_to_weight_per_loss": per_loss, "loss": probe.loss,
                 "judged_by": _judged_by(depth, scale)}
-    if depth is not None and weakest is not None:
+    if trend is not None:
+        evidence["block_trend"] = {"role": trend.role, "first_block": trend.first_block,
+                                   "last_block": trend.last_block, "ratio": trend.ratio}
+    if depth is not None and trend is not None:
+        summary = (f"gradient vanishes through the blocks: the {trend.role} layers of block "
+                   f"{trend.first_block} get {trend.ratio:.1e} of those of block "
+                   f"{trend.last_block}")
+    elif depth is not None and weakest is not None:
         summary = (f"gradient vanishes through depth: {weakest[1]:.1e} of the output gradient "
                    f"reaches {weakest[0].label}")
     else:

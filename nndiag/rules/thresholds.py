@@ -95,7 +95,20 @@ THRESHOLDS: dict[str, Threshold] = {
         "Share of a sigmoid/tanh-family output whose local derivative is below 5% of its "
         "maximum. Xavier-initialized tanh layers on standardized inputs have ~3%.",
     ),
+    "weight_scale": Threshold(
+        4.0, 16.0, True,
+        "Median over Linear/conv layers of the weight RMS over its He/Xavier std, judged only "
+        "together with a cross-entropy loss above twice that of an uninformed model "
+        "(LOSS_AT_INIT_FACTOR x log C): weights that big make the logits huge and the model "
+        "confidently wrong, even when normalization layers keep activations in range (a GPT-2 "
+        "built with initializer_range 1.0 instead of 0.02: 8x at width 64, loss 23 against "
+        "log(V) = 6.2). Standard inits sit at 0.15-1.2x; a trained model may grow its weights "
+        "but has a low loss.",
+    ),
 }
+
+# A cross-entropy loss above this factor of log(classes) is far worse than an uninformed model.
+LOSS_AT_INIT_FACTOR = 2.0
 
 RUN_THRESHOLDS: dict[str, Threshold] = {
     "grad_to_weight_spread": Threshold(
