@@ -40,7 +40,7 @@ demo: setup
 	@echo "Figures: $(DEMO_OUT)/deep_sigmoid_gradient_flow.png $(DEMO_OUT)/lr_find.png $(DEMO_OUT)/dying_relu_report/"
 
 bench: setup
-	$(BIN)/python -m pip install -q --disable-pip-version-check scikit-learn torch-lr-finder
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python benchmarks/inspect_overhead.py
 	$(BIN)/python benchmarks/checkpoint_memory.py
 	$(BIN)/python benchmarks/lr_find_quality.py
