@@ -29,8 +29,11 @@ SCHEMA = "nndiag.lr-find/1"
 
 # Fewest steps before the early-stopping rule starts judging (their median is the start level).
 EARLY_STOP_WARMUP = 5
-# Fixed batches each trial is scored on (the first batches of the data, in eval mode).
-EVAL_BATCHES = 4
+# Each trial is scored in eval mode on the first batches of the data: enough of them for
+# EVAL_SAMPLES samples, at most EVAL_MAX_BATCHES (a cost/precision trade-off: about 1-2 training
+# steps' worth of forward passes per trial).
+EVAL_SAMPLES = 256
+EVAL_MAX_BATCHES = 16
 
 
 def _early_stop(start: float, best: float, current: float, noise: float, since_best: int,
@@ -292,8 +295,9 @@ def lr_find(
     The sweep records the loss while the learning rate grows exponentially; the curve gives a
     suggestion and a few candidate learning rates below its minimum. With ``trials`` (the
     default) each candidate is trained ``trial_steps`` steps at a constant rate from the same
-    starting state, RNG state and batches, scored by its loss on the first ``EVAL_BATCHES``
-    batches in eval mode, and the best is suggested (about 1.5x the sweep's steps more).
+    starting state, RNG state and batches, scored by its loss on the first batches of the data
+    (``EVAL_SAMPLES`` samples) in eval mode, and the best is suggested (at most 1.5x the sweep's
+    steps more).
 
     The model, its buffers, train/eval flags, ``.grad``, the optimizer's state (when an
     optimizer instance is passed), the torch, Python and NumPy RNG states and a DataLoader's own
@@ -335,9 +339,10 @@ def lr_find(
     import torch
 
     from nndiag.capture.state import preserved_state
-    from nndiag.errors import UsageError
+    from nndiag.errors import UsageError, check_seed
     from nndiag.losses import as_loss
     from nndiag.optimizers import optimizer_factory
+    from nndiag.specs import require_usable_model
 
     if not (start_lr > 0 and end_lr > 0 and math.isfinite(start_lr) and math.isfinite(end_lr)):
         raise UsageError(f"learning rates must be positive, got {start_lr:g} .. {end_lr:g}")
@@ -351,6 +356,8 @@ def lr_find(
         raise UsageError(f"--trial-steps must be at least 1, got {trial_steps}")
     if candidates is not None and not all(c > 0 and math.isfinite(c) for c in candidates):
         raise UsageError("candidate learning rates must be positive")
+    check_seed(seed, "--seed")
+    require_usable_model(model, trainable=True)
     user_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     if user_optimizer is None:
         factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
@@ -378,7 +385,7 @@ def lr_find(
         tried = list(candidates) if candidates is not None else suggestion.candidates
         if trials and tried:
             with preserved_state(model), _same_data_order(data):
-                eval_batches = _first_batches(ctx.source, EVAL_BATCHES)
+                eval_batches = _first_batches(ctx.source)
             total = len(losses) + n_trial * len(tried)
             for index, lr in enumerate(tried):
                 with preserved_state(model, user_optimizer, weights=True, grads=True), \
@@ -410,13 +417,32 @@ def lr_find(
         curve_lr=suggestion.lr, trials=trial_records)
 
 
-def _first_batches(source: BatchSource, count: int) -> list[Any]:
-    """The first ``count`` distinct batches of the data (fewer if it holds fewer)."""
+def _batch_samples(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first input tensor (1 if none)."""
+    import torch
+
+    from nndiag.specs import unpack_batch
+
+    inputs = unpack_batch(batch).inputs
+    values = inputs.values() if isinstance(inputs, dict) else \
+        inputs if isinstance(inputs, tuple | list) else (inputs,)
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def _first_batches(source: BatchSource) -> list[Any]:
+    """The first distinct batches of the data: ``EVAL_SAMPLES`` samples or ``EVAL_MAX_BATCHES``."""
     out: list[Any] = []
+    samples = 0
     for batch in source.stream():
-        if len(out) == count or any(batch is b for b in out):
+        if any(batch is b for b in out):
             break
         out.append(batch)
+        samples += _batch_samples(batch)
+        if samples >= EVAL_SAMPLES or len(out) >= EVAL_MAX_BATCHES:
+            break
     return out
 
 
@@ -503,7 +529,7 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
                        next((p.device for p in model.parameters()), torch.device("cpu")),
                        accumulate,
                        lambda: factory([p for p in model.parameters() if p.requires_grad], lr))
-        eval_batches = _first_batches(ctx.source, EVAL_BATCHES)
+        eval_batches = _first_batches(ctx.source)
     with preserved_state(model, weights=True, grads=True), _same_data_order(data):
         ctx.ratios = [1.0] * len(ctx.make_optimizer().param_groups)
         return _trial(ctx, lr, steps, eval_batches, tuple(eval_at or (steps,)))
