@@ -2,25 +2,41 @@
 
 Module kinds are guessed from tensor names and shapes (``running_var`` means BatchNorm, a 1-D
 ``weight`` a normalization layer, a 2-D ``weight`` a Linear layer unless the module is named
-like an embedding, a 3- to 5-D one a convolution). Linear/conv layers are grouped into chains
-that normalization layers interrupt; the rules judge the product of their scales.
+like an embedding, a 3- to 5-D one a convolution). ``roles`` then reads what each module does
+in its architecture (attention projections, MLP, embeddings, heads, the GPT-2 ``Conv1D``
+layout) and groups layers in series into chains that normalization layers interrupt; the rules
+judge the product of their scales and, for a transformer, each weight against its family's
+init scale. Everything judged depends on names, shapes and values only, never on the order
+in which the file stores them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from nndiag.checkpoints import roles
 from nndiag.checkpoints.formats import Checkpoint
 from nndiag.records import CheckpointRecord, ModuleWeights, TensorStats
 from nndiag.stats.weights import fans_from_shape, he_std, xavier_std
 
 ROOT = "(root)"
 _EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|tok_emb|pos_emb|word_embeddings|"
-                             r"position_embeddings|token_type_embeddings|shared)", re.I)
+                             r"position_embeddings|token_type_embeddings|shared|"
+                             r"relative_attention_bias)", re.I)
+# The config.json values the analysis reads (numbers and names only), and the largest
+# config.json it reads at all.
+_CONFIG_KEYS = ("model_type", "architectures", "initializer_range", "initializer_factor",
+                "init_std", "n_layer", "num_hidden_layers", "num_layers", "hidden_size",
+                "n_embd", "d_model", "num_attention_heads", "n_head", "num_heads",
+                "vocab_size", "tie_word_embeddings")
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _RECURRENT_NAME = re.compile(r"^(weight|bias)_(ih|hh|hr)_l\d+")
 # A BatchNorm channel is dead when gamma or the running variance is this small against the
 # layer's largest value.
@@ -71,6 +87,8 @@ def _split(name: str) -> tuple[str, str]:
 
 def _kind(module: str, tensors: dict[str, TensorStats]) -> str:
     weight = tensors.get("weight")
+    if module.endswith("relative_attention_bias") and weight is not None:
+        return "embedding"
     if "running_var" in tensors:
         return "batch_norm"
     if any(_RECURRENT_NAME.match(p) for p in tensors):
@@ -102,6 +120,7 @@ def measure_checkpoint(checkpoint: Checkpoint,
     order: list[str] = []
     grouped: dict[str, dict[str, TensorStats]] = {}
     batch_norm_vectors: dict[str, dict[str, torch.Tensor]] = {}
+    fused: dict[str, dict[str, float]] = {}
     total, done = checkpoint.total_bytes, 0
     for entry in checkpoint.entries:
         module, param = _split(entry.name)
@@ -114,6 +133,10 @@ def measure_checkpoint(checkpoint: Checkpoint,
         if param in ("weight", "running_var", "running_mean", "num_batches_tracked") and \
                 tensor.dim() <= 1:
             batch_norm_vectors.setdefault(module, {})[param] = tensor.detach().float().clone()
+        if roles.is_sliceable_fused(module, param):
+            thirds = fused_thirds(entry.name, tensor)
+            if thirds is not None:
+                fused[module] = thirds
         del tensor
         done += entry.nbytes
         if progress is not None:
@@ -121,10 +144,70 @@ def measure_checkpoint(checkpoint: Checkpoint,
 
     modules = [_module_record(name, grouped[name], batch_norm_vectors.get(name, {}))
                for name in order]
-    _assign_chains(modules)
-    return CheckpointRecord(str(checkpoint.path), checkpoint.format, modules,
-                            checkpoint.weights_key, dict(checkpoint.extras),
-                            [str(f) for f in checkpoint.files])
+    for module in modules:
+        module.fused_rms = fused.get(module.name)
+    record = CheckpointRecord(str(checkpoint.path), checkpoint.format, modules,
+                              checkpoint.weights_key, dict(checkpoint.extras),
+                              [str(f) for f in checkpoint.files],
+                              config=read_config(checkpoint))
+    roles.annotate(record)
+    return record
+
+
+def fused_thirds(name: str, tensor: torch.Tensor) -> dict[str, float] | None:
+    """RMS of the query, key and value thirds of a fused projection weight.
+
+    The fused dimension is the one three times the other: (3d, d) for ``nn.Linear`` and
+    ``in_proj_weight``, (d, 3d) for GPT-2's ``Conv1D``. ``None`` for any other shape (grouped
+    queries make the parts unequal).
+    """
+    if tensor.dim() != 2 or not tensor.is_floating_point():
+        return None
+    rows, cols = tensor.shape
+    if cols == 3 * rows and rows > 0:
+        parts = tensor.chunk(3, dim=1)
+    elif rows == 3 * cols and cols > 0:
+        parts = tensor.chunk(3, dim=0)
+    else:
+        return None
+    thirds = {}
+    for part_name, part in zip(("query", "key", "value"), parts, strict=True):
+        rms = tensor_stats(name, part).rms
+        if rms is None or not math.isfinite(rms):
+            return None
+        thirds[part_name] = rms
+    return thirds
+
+
+def read_config(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The values of a Hugging Face directory's ``config.json`` the analysis uses.
+
+    Only plain numbers, booleans, short strings and lists of strings are kept; anything
+    unreadable, oversized or malformed yields ``{}`` (the config only refines explanations).
+    """
+    if checkpoint.format != "hf_directory":
+        return {}
+    path = Path(checkpoint.path) / "config.json"
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_CONFIG_BYTES:
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    config: dict[str, Any] = {}
+    for key in _CONFIG_KEYS:
+        value = data.get(key)
+        if isinstance(value, bool | int | float) and not (
+                isinstance(value, float) and not math.isfinite(value)):
+            config[key] = value
+        elif isinstance(value, str) and len(value) <= 100:
+            config[key] = value
+        elif isinstance(value, list) and all(isinstance(v, str) and len(v) <= 100
+                                             for v in value[:8]):
+            config[key] = list(value[:8])
+    return config
 
 
 def _module_record(name: str, tensors: dict[str, TensorStats],
@@ -168,30 +251,6 @@ def _dead_channels(record: ModuleWeights, vectors: dict[str, torch.Tensor]) -> N
     record.dead_channels = int(dead.sum())
 
 
-def _parent(name: str) -> str:
-    return name.rpartition(".")[0] or ROOT
-
-
 def _assign_chains(modules: list[ModuleWeights]) -> None:
-    """Number the runs of linear/conv layers that nothing is known to re-scale.
-
-    A normalization layer ends a chain. So does a block boundary: a state dict cannot show
-    skip connections, and they usually sit between sibling blocks (``blocks.0`` holding two
-    Linear layers, then ``blocks.1``). A plain stack (``features.0``, ``features.2``...) whose
-    container holds one layer per index stays one chain.
-    """
-    layers = [m for m in modules if m.kind in ("linear", "conv") and m.init_scale_he is not None]
-    in_layers = {id(m) for m in layers}  # identity: dataclass equality compares every field
-    siblings: dict[str, int] = {}
-    for module in layers:
-        siblings[_parent(module.name)] = siblings.get(_parent(module.name), 0) + 1
-    chain, previous_block = 0, None
-    for record in modules:
-        if record.kind in ("batch_norm", "norm"):
-            chain, previous_block = chain + 1, None
-        elif id(record) in in_layers:
-            parent = _parent(record.name)
-            block = parent if siblings[parent] >= 2 else None
-            if previous_block is not None and block != previous_block:
-                chain += 1
-            record.chain, previous_block = chain, block
+    """Number the runs of layers in series (``roles.assign_chains``)."""
+    roles.assign_chains(modules)

@@ -1,22 +1,101 @@
 """Data-free rules over a checkpoint's weights (no forward pass, no data).
 
-A Linear/conv layer followed by a ReLU multiplies the signal's scale by about
-``init_scale_he`` (its weight RMS over the He std). Along a chain of such layers with no
-normalization in between the factors multiply; the rule judges the largest growth and
-collapse of that product with the same thresholds the live ``poor_initialization`` rule uses
-for measured activations. Activations are unknown without the architecture, so ReLU is
-assumed (the explanation says so).
+``poor_initialization`` has three mechanisms; each is judged and the most severe becomes the
+one finding (the others are listed in its evidence under ``also``):
+
+- ``init_scale`` (transformers): every projection's weight RMS over the std its family
+  initializes it with (``roles.reference_std``: N(0, 0.02) for BERT, GPT-2, Llama, ViT, with
+  GPT-2's residual projections at 0.02/sqrt(2 n_layer); T5's and ``nn.Transformer``'s fan-in
+  schemes). Untrained weights (every normalization gain 1, every bias 0) are their init and
+  must sit near 1x; trained weights drift (pretrained BERT, GPT-2 and MiniLM projections sit
+  1-10x above their init), so they are only judged far off (30x). Embeddings follow
+  conventions of their own (PyTorch's ``nn.Embedding`` starts at N(0, 1)) and never decide the
+  finding alone, and a head tied to the embedding is judged as the embedding.
+- ``chain``: a Linear/conv layer followed by a ReLU multiplies the signal's scale by about
+  ``init_scale_he`` (its weight RMS over the He std); along a chain of layers with no
+  normalization in between the factors multiply, and the largest growth and collapse of the
+  product are judged with the thresholds the live rule uses for measured activations. In a
+  transformer the chains are the residual branches (value -> output projection, MLP in ->
+  out), whose input a normalization layer has just re-scaled, and only growth is judged: a
+  branch that starts small is a block that starts near the identity (what GPT-2's scaled
+  init aims for), not a vanishing signal.
+- ``no_normalization``: a stack of transformer blocks with no normalization weights in any of
+  them, where nothing re-scales the residual stream the blocks add to.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
-from nndiag.findings import Finding, worst_severity
-from nndiag.records import CheckpointRecord, ModuleWeights
+from nndiag.findings import Finding, severity_rank, worst_severity
+from nndiag.records.checkpoint import (
+    FAMILY_LABELS,
+    HF_INIT_STD,
+    INPUT_ROLES,
+    NORMAL_INIT_FAMILIES,
+    PROJECTION_ROLES,
+    QKV_ROLES,
+    ROLE_ATTENTION,
+    ROLE_EMBEDDING,
+    ROLE_HEAD,
+    ROLE_HIDDEN,
+    ROLE_KEY,
+    ROLE_NORM,
+    ROLE_QUERY,
+    CheckpointRecord,
+    ModuleWeights,
+    canonical_key,
+)
 from nndiag.rules.thresholds import Threshold
+
+# The data-free thresholds of the init-scale and normalization mechanisms. A rule reads them
+# from the thresholds it is given when present there (so that callers can override them), else
+# from here.
+CHECKPOINT_THRESHOLDS: dict[str, Threshold] = {
+    "init_scale_untrained": Threshold(
+        10.0, 30.0, True,
+        "Weight RMS of an untrained transformer projection over the std its family initializes "
+        "it with. A standard init sits at 1x (0.9-1.1x in the healthy zoo: BERT, GPT-2, Llama, "
+        "ViT, T5, nn.Transformer); PyTorch's default Linear init judged against 0.02 stays "
+        "under 10x down to a width of 8. At 10x the attention logits are 100x their intended "
+        "scale and at 30x the softmax is one-hot from the first step (GPT-2 with "
+        "initializer_range=1.0: 50x, loss 23 against ln(vocab) = 6.2).",
+    ),
+    "init_scale_untrained_low": Threshold(
+        0.1, 0.01, False,
+        "The same ratio for the projections that read the residual stream (queries, keys, "
+        "values, MLP inputs), below: a tenth of the family's scale leaves uniform attention "
+        "and blocks that pass almost nothing, and under Adam every early step rewrites these "
+        "weights entirely. Output projections and heads are not judged low: starting them "
+        "small (or at zero) is a deliberate choice.",
+    ),
+    "init_scale_trained": Threshold(
+        30.0, 100.0, True,
+        "The same ratio for trained weights, which legitimately drift from their init: the "
+        "pretrained all-MiniLM-L6-v2 sits at 0.45-4x, pretrained BERT and GPT-2 projections "
+        "at 1-10x. Thirty times the family's scale is no longer drift: the weights grew "
+        "unchecked during training (no weight decay, a learning rate too high) or started "
+        "that far off.",
+    ),
+}
+# A stack of at least this many transformer blocks without normalization is a finding even
+# when the weights predict little growth: the scale of the residual stream compounds over
+# blocks once training moves the weights (2-3 block toy models train without it).
+MIN_BLOCKS_WITHOUT_NORMALIZATION = 4
+# Tensors smaller than this have too few values for their RMS to mean much (a 2-row table).
+MIN_JUDGED_ELEMENTS = 16
+# Roles whose weight scale is judged against the family's init.
+_JUDGED_ROLES = PROJECTION_ROLES | {ROLE_HEAD, ROLE_HIDDEN}
+# Mechanisms in order of precedence when two are equally severe.
+_MECHANISMS = ("init_scale", "no_normalization", "chain")
+
+
+def _threshold(thresholds: dict[str, Threshold], name: str) -> Threshold:
+    return thresholds.get(name) or CHECKPOINT_THRESHOLDS[name]
 
 
 @dataclass
@@ -52,10 +131,19 @@ class ChainDrift:
 _LOG_MAX = math.log(sys.float_info.max)
 
 
+def gain(module: ModuleWeights) -> float | None:
+    """A layer's predicted signal gain: ``signal_gain``, else its He scale."""
+    return module.signal_gain if module.signal_gain is not None else module.init_scale_he
+
+
 def _usable_scale(module: ModuleWeights) -> bool:
-    """A finite, positive He scale: zero or non-finite ones have no log (NaN/Inf: own finding)."""
-    scale = module.init_scale_he
+    """A finite, positive gain: zero or non-finite ones have no log (NaN/Inf: own finding)."""
+    scale = gain(module)
     return scale is not None and math.isfinite(scale) and scale > 0
+
+
+def _ordered(modules: list[ModuleWeights]) -> list[ModuleWeights]:
+    return sorted(modules, key=lambda m: canonical_key(m.name, m.kind))
 
 
 def chain_drifts(record: CheckpointRecord) -> list[ChainDrift]:
@@ -65,7 +153,7 @@ def chain_drifts(record: CheckpointRecord) -> list[ChainDrift]:
     product above its lowest (highest) earlier value.
     """
     chains: dict[int, list[ModuleWeights]] = {}
-    for module in record.modules:
+    for module in _ordered(record.modules):
         if module.chain is not None and _usable_scale(module):
             chains.setdefault(module.chain, []).append(module)
     drifts = []
@@ -74,7 +162,7 @@ def chain_drifts(record: CheckpointRecord) -> list[ChainDrift]:
         low = high = (0.0, 0)  # (log of the product so far, index of the layer after it)
         grow = shrink = None
         for index, module in enumerate(layers):
-            log_prefix += math.log(module.init_scale_he)  # type: ignore[arg-type]
+            log_prefix += math.log(gain(module))  # type: ignore[arg-type]
             if grow is None or log_prefix - low[0] > grow[0]:
                 grow = (log_prefix - low[0], low[1], index)
             if shrink is None or log_prefix - high[0] < shrink[0]:
@@ -99,15 +187,25 @@ def format_factor(log10_factor: float) -> str:
 
 
 def _positions(record: CheckpointRecord) -> dict[str, int]:
-    """Each module's position in stored order (for sorting layer names in linear time)."""
-    return {module.name: index for index, module in enumerate(record.modules)}
+    """Each module's position in canonical order (the same in every format)."""
+    return {module.name: index for index, module in enumerate(_ordered(record.modules))}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2g}" if 1e-2 <= abs(value) < 1e3 else f"{value:.1e}"
 
 
 def predicted_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
                     ) -> Finding | None:
-    """Chains of layers whose weight scales multiply to an exploding or vanishing signal."""
+    """Chains of layers whose weight scales multiply to an exploding or vanishing signal.
+
+    In a transformer only growth is judged (see the module docstring).
+    """
+    transformer = record.family is not None
     judged = []
     for drift in chain_drifts(record):
+        if transformer and drift.direction != "grows":
+            continue
         rule = thresholds["activation_growth" if drift.direction == "grows"
                           else "activation_collapse"]
         severity = rule.severity(drift.factor)  # inf and 0.0 compare as they should
@@ -119,7 +217,8 @@ def predicted_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
     assert severity is not None
     worst = max((d for s, d in judged if s == severity), key=lambda d: abs(d.log_factor))
     scales = sorted(m.init_scale_he for m in worst.layers if m.init_scale_he is not None)
-    evidence = {
+    evidence: dict[str, Any] = {
+        "mechanism": "chain",
         "predicted_factor": worst.factor,
         "log10_predicted_factor": worst.log10_factor,
         "direction": worst.direction,
@@ -127,9 +226,14 @@ def predicted_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
         "to_layer": worst.end.name,
         "layers_in_chain": len(worst.layers),
         "init_scale_he": {m.name: m.init_scale_he for m in worst.layers},
-        "median_init_scale_he": scales[len(scales) // 2],
+        "median_init_scale_he": scales[len(scales) // 2] if scales else None,
         "assumes": "ReLU-like activations between the layers",
     }
+    if transformer:
+        evidence["signal_gain"] = {m.name: gain(m) for m in worst.layers}
+        evidence["roles"] = [m.role for m in worst.layers]
+        evidence["assumes"] = ("a unit-scale (normalized) input; value and output projections "
+                               "linear, a ReLU-like activation after an MLP input projection")
     position = _positions(record)
     layers = sorted({m.name for _, d in judged for m in d.layers}, key=position.__getitem__)
     summary = (f"weights predict a signal that {worst.direction} "
@@ -138,15 +242,223 @@ def predicted_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
     return Finding("poor_initialization", severity, layers, summary, evidence=evidence)
 
 
+def _module_state(record: CheckpointRecord, module: ModuleWeights) -> str:
+    """``untrained``, ``new head`` (a zero-bias head beside trained weights) or ``trained``."""
+    if record.untrained:
+        return "untrained"
+    bias = module.tensor("bias")
+    if module.role == ROLE_HEAD and bias is not None and bias.rms == 0:
+        return "new head"
+    return "trained"
+
+
+def _judge_scale(module: ModuleWeights, state: str, thresholds: dict[str, Threshold]
+                 ) -> tuple[str, str] | None:
+    """(severity, direction) of a module's init ratio, or ``None`` within bounds."""
+    ratio = module.init_ratio
+    if ratio is None or not math.isfinite(ratio) or ratio <= 0:
+        return None  # exactly zero: a deliberate zero init; NaN/Inf: nan_inf
+    fresh = state != "trained"
+    high = _threshold(thresholds, "init_scale_untrained" if fresh else "init_scale_trained")
+    severity = high.severity(ratio)
+    if severity is not None:
+        return severity, "grows"
+    if fresh and module.role in INPUT_ROLES:
+        severity = _threshold(thresholds, "init_scale_untrained_low").severity(ratio)
+        if severity is not None:
+            return severity, "collapses"
+    return None
+
+
+def _judgeable(module: ModuleWeights, roles: frozenset[str] | set[str]) -> bool:
+    weight = module.weight
+    return (module.role in roles and module.kind in ("linear", "attention", "embedding")
+            and not module.tied_to and module.init_ratio is not None and weight is not None
+            and weight.numel >= MIN_JUDGED_ELEMENTS)
+
+
+def attention_logit_std(record: CheckpointRecord) -> float | None:
+    """Largest predicted std of the attention logits q.k/sqrt(d_head) over the blocks.
+
+    For a unit-scale input of width d and weights of RMS s_q, s_k (independent at init) the
+    logits have std s_q * s_k * d. ``None`` for T5 (no 1/sqrt(d_head) scaling) and when no
+    block shows both projections.
+    """
+    if record.family == "t5":
+        return None
+    per_block: dict[str, dict[str, float]] = {}
+    width: dict[str, int] = {}
+    for module in record.modules:
+        if module.block is None or module.weight_rms is None or not module.fan_in:
+            continue
+        scales = per_block.setdefault(module.block, {})
+        if module.role in (ROLE_QUERY, ROLE_KEY):
+            scales.setdefault(module.role, module.weight_rms)
+            width[module.block] = module.fan_in
+        elif module.role == ROLE_ATTENTION and module.fused_rms:
+            scales.setdefault(ROLE_QUERY, module.fused_rms["query"])
+            scales.setdefault(ROLE_KEY, module.fused_rms["key"])
+            width[module.block] = module.fan_in
+    values = [s[ROLE_QUERY] * s[ROLE_KEY] * width[b] for b, s in per_block.items()
+              if ROLE_QUERY in s and ROLE_KEY in s]
+    return max(values) if values else None
+
+
+def output_layer(record: CheckpointRecord) -> ModuleWeights | None:
+    """The layer that makes the model's output logits.
+
+    Its largest untied head, else (an LM whose head is tied to it) its largest embedding table.
+    """
+    def size(module: ModuleWeights) -> int:
+        weight = module.weight
+        return weight.numel if weight is not None else 0
+
+    heads = [m for m in record.modules if m.role == ROLE_HEAD and not m.tied_to
+             and m.weight_rms is not None]
+    if heads:
+        return max(heads, key=lambda m: (size(m), m.name))
+    tables = [m for m in record.modules if m.role == ROLE_EMBEDDING and m.kind == "embedding"
+              and not m.tied_to and m.weight_rms is not None]
+    return max(tables, key=lambda m: (size(m), m.name)) if tables else None
+
+
+def output_logit_std(record: CheckpointRecord) -> float | None:
+    """Predicted std of the output logits: the output layer's RMS * sqrt(width)."""
+    layer = output_layer(record)
+    if layer is None or layer.weight_rms is None:
+        return None
+    width = layer.fan_in if layer.role == ROLE_HEAD else record.width
+    return layer.weight_rms * math.sqrt(width) if width else None
+
+
+def init_scale_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
+                     ) -> Finding | None:
+    """Transformer weights far off the scale their family initializes them at."""
+    if record.family is None:
+        return None
+    judged = [(m, _module_state(record, m)) for m in record.modules
+              if _judgeable(m, _JUDGED_ROLES)]
+    off = [(verdict, m, state) for m, state in judged
+           if (verdict := _judge_scale(m, state, thresholds)) is not None]
+    if not off:
+        return None
+    severity = worst_severity(*(v[0] for v, _, _ in off))
+    assert severity is not None
+    (_, direction), worst, state = max(
+        off, key=lambda o: (severity_rank(o[0][0]), abs(math.log(o[1].init_ratio or 1.0))))
+    chosen = [m for (_, d), m, _ in off if d == direction]
+    ratios = sorted(m.init_ratio for m in chosen if m.init_ratio is not None)
+    # Embeddings off the same way belong to the same problem (a tied LM head's scale).
+    embeddings = [m for m in record.modules if _judgeable(m, {ROLE_EMBEDDING})
+                  and (v := _judge_scale(m, "untrained" if record.untrained else "trained",
+                                         thresholds)) is not None and v[1] == direction]
+    position = _positions(record)
+    layers = sorted({m.name for m in chosen + embeddings}, key=position.__getitem__)
+    family = record.family
+    roles = Counter(m.role for m in chosen)
+    evidence: dict[str, Any] = {
+        "mechanism": "init_scale",
+        "family": family,
+        "state": state,
+        "direction": direction,
+        "reference_std": worst.reference_std,
+        "worst_layer": worst.name,
+        "worst_ratio": worst.init_ratio,
+        "median_ratio": ratios[len(ratios) // 2],
+        "layers_judged": len(judged),
+        "layers_off": len(chosen),
+        "ratios": {name: next(m.init_ratio for m in chosen + embeddings if m.name == name)
+                   for name in layers},
+        "roles": dict(sorted(roles.items(), key=lambda kv: str(kv[0]))),
+        "only_heads": set(roles) == {ROLE_HEAD},
+        "blocks": record.blocks,
+        "width": record.width,
+        "attention_logit_std": attention_logit_std(record),
+        "attention_logit_std_at_init": (HF_INIT_STD ** 2 * record.width
+                                        if family in NORMAL_INIT_FAMILIES and record.width
+                                        else None),
+        "output_layer": (layer.name if (layer := output_layer(record)) else None),
+        "output_is_embedding": layer is not None and layer.role == ROLE_EMBEDDING,
+        "output_logit_std": output_logit_std(record),
+    }
+    label = FAMILY_LABELS.get(family, family)
+    if evidence["only_heads"]:
+        summary = (f"head {worst.name} at {_fmt(worst.init_ratio or 0.0)}x the scale {label} "
+                   f"initializes heads at ({state} weights)")
+    else:
+        summary = (f"{len(chosen)} of {len(judged)} {label} projections at "
+                   f"{_fmt(ratios[len(ratios) // 2])}x the scale their family initializes them "
+                   f"at (worst {worst.name}: {_fmt(worst.init_ratio or 0.0)}x; {state} weights)")
+    return Finding("poor_initialization", severity, layers, summary, evidence=evidence)
+
+
+def missing_normalization(record: CheckpointRecord, thresholds: dict[str, Threshold]
+                          ) -> Finding | None:
+    """A stack of transformer blocks with no normalization weights in any of them."""
+    if record.family is None or record.blocks < MIN_BLOCKS_WITHOUT_NORMALIZATION:
+        return None
+    blocks = sorted({m.block for m in record.modules if m.role in QKV_ROLES and m.block},
+                    key=canonical_key)
+    if any(m.role == ROLE_NORM and m.block in blocks for m in record.modules):
+        return None
+    # Each residual branch adds its output to the stream: with a branch gain g the stream's
+    # variance is multiplied by (1 + g^2) (output and input uncorrelated at init).
+    branches: dict[int, list[ModuleWeights]] = {}
+    for module in record.modules:
+        if module.chain is not None and module.block in blocks and _usable_scale(module):
+            branches.setdefault(module.chain, []).append(module)
+    log_growth, gains = 0.0, []
+    for members in branches.values():
+        log_gain = sum(math.log(gain(m)) for m in members)  # type: ignore[arg-type]
+        gains.append(log_gain)
+        log_growth += 0.5 * math.log1p(math.exp(min(2 * log_gain, 700.0)))
+    factor = math.exp(log_growth) if log_growth < _LOG_MAX else math.inf
+    by_growth = thresholds["activation_growth"].severity(factor)
+    severity = worst_severity("warning", by_growth)
+    assert severity is not None
+    gains.sort()
+    evidence = {
+        "mechanism": "no_normalization",
+        "family": record.family,
+        "blocks": len(blocks),
+        "predicted_factor": factor,
+        "log10_predicted_factor": log_growth / math.log(10),
+        "median_branch_gain": math.exp(gains[len(gains) // 2]) if gains else None,
+        "branches": len(gains),
+    }
+    shown = _fmt(factor) if factor < 1e300 else format_factor(log_growth / math.log(10))
+    summary = (f"{len(blocks)} transformer blocks with no normalization weights in any of "
+               f"them: nothing re-scales the residual stream they add to (predicted growth "
+               f"{shown}x at the current weights)")
+    return Finding("poor_initialization", severity, blocks, summary, evidence=evidence)
+
+
+def poor_initialization(record: CheckpointRecord, thresholds: dict[str, Threshold]
+                        ) -> Finding | None:
+    """The most severe of the three ``poor_initialization`` mechanisms (module docstring)."""
+    found = [f for rule in (init_scale_drift, missing_normalization, predicted_drift)
+             if (f := rule(record, thresholds)) is not None]
+    if not found:
+        return None
+    best = max(found, key=lambda f: (severity_rank(f.severity),
+                                     -_MECHANISMS.index(f.evidence["mechanism"])))
+    others = [f for f in found if f is not best]
+    if others:
+        best.evidence["also"] = [{"mechanism": f.evidence["mechanism"], "severity": f.severity,
+                                  "summary": f.summary} for f in others]
+    return best
+
+
 def nonfinite_weights(record: CheckpointRecord, thresholds: dict[str, Threshold]
                       ) -> Finding | None:
     """NaN or Inf stored in the weights."""
     bad = [(m, t) for m in record.modules for t in m.tensors if t.nonfinite]
     if not bad:
         return None
+    names = sorted({m.name for m, _ in bad}, key=_positions(record).__getitem__)
+    bad.sort(key=lambda pair: canonical_key(pair[0].name, pair[0].kind))
     evidence = {"tensors": {t.name: t.nonfinite for _, t in bad},
                 "first_layer": bad[0][0].name}
-    names = sorted({m.name for m, _ in bad}, key=_positions(record).__getitem__)
     summary = (f"{len(bad)} tensor(s) hold NaN/Inf, first {bad[0][1].name} "
                f"({bad[0][1].nonfinite} of {bad[0][1].numel} values)")
     return Finding("nan_inf", "error", names, summary, evidence=evidence)
@@ -175,4 +487,4 @@ def dead_channels(record: CheckpointRecord, thresholds: dict[str, Threshold]
                    evidence=evidence)
 
 
-CHECKPOINT_RULES = (nonfinite_weights, predicted_drift, dead_channels)
+CHECKPOINT_RULES = (nonfinite_weights, poor_initialization, dead_channels)

@@ -1,22 +1,31 @@
-"""Weight-scale figure for a data-free checkpoint report: per-layer He scale and its product."""
+"""Weight-scale figure for a data-free checkpoint report: per-layer scale and chain products."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nndiag.findings import Report
+from nndiag.records.checkpoint import canonical_key
 from nndiag.render.plots import figure_and_axes
 
 
-def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
-    """Plot each Linear/conv layer's weight scale over He and the predicted signal scale.
+def _gain(row: dict[str, Any]) -> float | None:
+    value = row.get("signal_gain")
+    return value if value is not None else row.get("init_scale_he")
 
-    Bars: weight RMS / He std per layer (1 keeps a ReLU signal's scale). Line: the running
-    product along each chain of layers with no normalization between them (log scale).
-    Layers named by a warning or error finding are drawn in red.
+
+def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
+    """Plot each layer's weight scale and the predicted signal scale along its chain.
+
+    Bars: for a transformer, weight RMS over the std its family initializes it with (1 is the
+    family's init); for other networks, weight RMS over the He std (1 keeps a ReLU signal's
+    scale). Line: the running product of the signal gains along each chain of layers in series
+    (a transformer's residual branches), log scale. Layers are in canonical name order, the
+    same for every checkpoint format. Layers named by a warning or error finding are red.
 
     Args:
         report: A ``nndiag.inspect-checkpoint/1`` report.
@@ -27,25 +36,35 @@ def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
     """
     fig, ax = figure_and_axes(ax, (11, 4.5))
     flagged = {name for f in report.findings if f.severity != "info" for name in f.layers}
-    layers = [r for r in report.layers if r.get("init_scale_he")]
+    by_family = any(r.get("init_ratio") for r in report.layers)
+    key = "init_ratio" if by_family else "init_scale_he"
+    layers = sorted((r for r in report.layers if r.get(key) or
+                     (r.get("chain") is not None and _gain(r))),
+                    key=lambda r: canonical_key(r["name"], r.get("kind", "")))
     xs = list(range(len(layers)))
-    scales = [r["init_scale_he"] for r in layers]
+    scales = [r.get(key) or math.nan for r in layers]
     colors = ["tab:red" if r["name"] in flagged else "tab:blue" for r in layers]
-    ax.bar(xs, scales, color=colors, alpha=0.6, label="weight RMS / He std")
-    products, running, chain = [], 0.0, None
+    label = ("weight RMS / the family's init std" if by_family else "weight RMS / He std")
+    ax.bar(xs, scales, color=colors, alpha=0.6, label=label)
+    products: list[float] = []
+    running: dict[int, float] = {}
     for r in layers:
-        if r.get("chain") != chain:
-            running, chain = 0.0, r.get("chain")
-        running += math.log(r["init_scale_he"])
-        products.append(math.exp(min(max(running, -600.0), 600.0)))  # 1e+-260: drawable
+        chain, gain = r.get("chain"), _gain(r)
+        if chain is None or not gain or not math.isfinite(gain) or gain <= 0:
+            products.append(math.nan)
+            continue
+        running[chain] = running.get(chain, 0.0) + math.log(gain)
+        products.append(math.exp(min(max(running[chain], -600.0), 600.0)))  # 1e+-260: drawable
     ax.plot(xs, products, "k.-", label="predicted signal scale (product along the chain)")
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax.set_yscale("log")
-    ax.set_xlabel("Linear/conv layer (stored order)")
+    ax.set_xlabel("layer (canonical order)")
     ax.set_ylabel("scale")
     if len(layers) <= 40:
         ax.set_xticks(xs, [r["name"] for r in layers], rotation=60, ha="right", fontsize=7)
     ax.legend(loc="best", fontsize=8)
-    ax.set_title(f"{report.summary.get('path')}: weight scales ({report.status.upper()})")
+    family = (report.summary.get("architecture") or {}).get("family")
+    what = f"{family} weight scales" if family else "weight scales"
+    ax.set_title(f"{report.summary.get('path')}: {what} ({report.status.upper()})")
     fig.tight_layout()
     return fig
