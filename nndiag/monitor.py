@@ -28,6 +28,15 @@ global module hooks and the gradient hooks are attached just before a sampled st
 after it (with ``every=1`` they stay): a module forward hook, even one that returns at once,
 moves every module call to PyTorch's slow path, which unsampled steps should not pay.
 
+Mixed precision: with a ``GradScaler`` (``scaler=``, or found on a wrapper such as
+Accelerate's ``AcceleratedOptimizer``), gradient norms read at the end of backward, where the
+gradients are still multiplied by the loss scale, are divided by the scale they were computed
+with (read on the device, no synchronisation); norms read after ``unscale_`` are not. A step the
+scaler skipped (inf/NaN in the scaled gradients: the optimizer's step hooks did not run) is
+counted in ``skipped_steps``, written to ``amp.jsonl`` in the run directory and recorded
+without gradient norms or update ratios, so that the normal overflows of loss scaling are
+reported as an ``info`` finding (``nndiag.amp``), not as ``nan_inf``.
+
 Under ``torch.distributed`` every rank measures its own batch and rank 0 writes one log. On a
 sampled step, three collectives: the losses, and the activation moments, are summed over ranks
 (means and stds are those of the union of the ranks' batches); largest values and "unit fired"
@@ -85,6 +94,27 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def _is_grad_scaler(scaler: Any) -> bool:
+    return callable(getattr(scaler, "scale", None)) and callable(getattr(scaler, "unscale_",
+                                                                         None)) and \
+        callable(getattr(scaler, "get_scale", None))
+
+
+def find_scaler(optimizer: Any) -> Any:
+    """The ``GradScaler`` an optimizer wrapper carries (Accelerate's ``.scaler``), if any."""
+    for _ in range(8):
+        if optimizer is None:
+            break
+        scaler = getattr(optimizer, "scaler", None)
+        if _is_grad_scaler(scaler):
+            return scaler
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is optimizer:
+            break
+        optimizer = inner
+    return None
+
+
 # The update-ratio subset of a big tensor: this many evenly spaced runs of contiguous elements
 # (contiguous runs read a few cache lines; a plain stride would touch every line of the tensor).
 _SUBSET_RUNS = 16
@@ -126,10 +156,25 @@ class Monitor:
         update_sample: Most elements per weight tensor the update ratio is measured on: a
             bigger tensor is measured on 16 evenly spaced runs of contiguous elements (a
             fixed subset, the same before and after the step). ``0`` measures every element.
+        scaler: The AMP ``GradScaler`` scaling the loss (``torch.amp.GradScaler``); found on
+            the optimizer's wrapper when it carries one (Accelerate). Gradient norms are then
+            unscaled and steps the scaler skipped are counted (``skipped_steps``). A disabled
+            scaler is ignored.
+        tensorboard: Also write TensorBoard event files to this directory (rank 0): per
+            layer the gradient norm, update ratio, activation std and dead fraction of each
+            sampled step, the loss and learning rate of every step, and the findings of the
+            run as text when the monitor closes (needs the ``tensorboard`` package).
+
+    Attributes:
+        samples: The sampled steps (``StepRecord``), in memory as well as in the log.
+        skipped_steps: Steps whose optimizer step the ``GradScaler`` skipped.
+        report: The findings of the run (a ``Report``), computed when a monitor writing
+            TensorBoard closes; ``None`` otherwise.
 
     Raises:
-        UsageError: ``every`` below 1, a ``model`` that is not an ``nn.Module``, or a
-            ``log_dir`` that already holds a run or cannot be written.
+        UsageError: ``every`` below 1, a ``model`` that is not an ``nn.Module``, a
+            ``log_dir`` that already holds a run or cannot be written, or ``tensorboard``
+            without the ``tensorboard`` package.
 
     Example:
         >>> with Monitor(model, optimizer, every=50, log_dir="runs/a") as monitor:  # doctest: +SKIP
@@ -140,15 +185,27 @@ class Monitor:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  every: int = 50, log_dir: str | Path | None = None,
-                 activations: bool = True, update_sample: int = 1 << 12) -> None:
+                 activations: bool = True, update_sample: int = 1 << 12,
+                 scaler: Any = None, tensorboard: str | Path | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"Monitor needs an nn.Module, got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise UsageError(f"every must be a whole number of at least 1, got {every!r}")
         if update_sample < 0:
             raise UsageError(f"update_sample must be 0 or more, got {update_sample}")
+        if scaler is None:
+            scaler = find_scaler(optimizer)
+        elif not _is_grad_scaler(scaler):
+            raise UsageError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if scaler is not None and not (scaler.is_enabled() if callable(
+                getattr(scaler, "is_enabled", None)) else True):
+            scaler = None
         optimizer = unwrap_optimizer(optimizer)
+        if scaler is not None and optimizer is None:
+            raise UsageError("a GradScaler needs the optimizer it steps: "
+                             "Monitor(model, optimizer, scaler=scaler)")
         self.model, self.optimizer, self.every = model, optimizer, every
+        self.scaler = scaler
         self.rank, self.world_size = _distributed()
         self._recorder = SiteRecorder(model, exact=False) if activations else None
 
@@ -193,20 +250,34 @@ class Monitor:
         self._optimizer_handles: list[RemovableHandle] = []
         self._sampling = False
         self.closed = False
+        # Optimizer steps that ran (the post-step hook), to see the ones a GradScaler skipped.
+        self._optimizer_steps = 0
+        self._optimizer_steps_seen = 0
+        self.skipped_steps: list[int] = []
+        self.report: Any = None
         # Under DDP the averaged gradient exists only once DDP's reducer has finished, after
         # the end of backward: read it at the optimizer step instead.
         self._reads_grads_at_step = self.world_size > 1 and optimizer is not None
 
         self._writer: RunWriter | None = None
+        self._meta = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": type(model).__name__,
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "every": every, "world_size": self.world_size,
+            "weight_layers": [{"name": n, "kind": k} for n, k in self.weight_layers],
+            "trainable_parameters": sum(p.numel() for p in self._trainable),
+        }
+        if scaler is not None:
+            self._meta["grad_scaler"] = type(scaler).__name__
+        self._tensorboard: Any = None
+        if tensorboard is not None and self.rank == 0:
+            from nndiag.export import TensorBoardWriter
+
+            # Without a run log the writer keeps the losses, for the findings at close.
+            self._tensorboard = TensorBoardWriter(tensorboard, keep_losses=log_dir is None)
         if log_dir is not None and self.rank == 0:
-            self._writer = RunWriter(log_dir, {
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "model": type(model).__name__,
-                "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-                "every": every, "world_size": self.world_size,
-                "weight_layers": [{"name": n, "kind": k} for n, k in self.weight_layers],
-                "trainable_parameters": sum(p.numel() for p in self._trainable),
-            })
+            self._writer = RunWriter(log_dir, self._meta)
         if optimizer is not None:
             self._optimizer_handles = [optimizer.register_step_pre_hook(self._before_step),
                                        optimizer.register_step_post_hook(self._after_step)]
@@ -255,8 +326,30 @@ class Monitor:
             self._grad_present = [p.grad is not None for p in self._trainable]
             grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device)
                      for p in self._trainable]
-            self._grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
+            grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
                 if grads else None
+            if grad_sq is not None and self.scaler is not None:
+                scale = self._loss_scale()
+                if scale is not None:  # still scaled: divide by the scale they were made with
+                    grad_sq = grad_sq / scale.to(grad_sq.device, torch.float32).square()
+            self._grad_sq = grad_sq
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The loss scale the gradients are multiplied by now (``None``: already unscaled).
+
+        The scale is read as the device tensor (no synchronisation), at the time of the read:
+        ``GradScaler.update`` changes it in place afterwards.
+        """
+        scaler = self.scaler
+        states = getattr(scaler, "_per_optimizer_states", None)
+        state = states.get(id(self.optimizer)) if isinstance(states, dict) else None
+        stage = getattr(state.get("stage"), "name", None) if isinstance(state, dict) else None
+        if stage in ("UNSCALED", "STEPPED"):
+            return None
+        scale = getattr(scaler, "_scale", None)
+        if isinstance(scale, torch.Tensor):
+            return scale
+        return torch.tensor(float(scaler.get_scale()))
 
     def _update_views(self) -> list[torch.Tensor]:
         """The weight elements the update ratio is measured on (a subset of big tensors).
@@ -286,6 +379,7 @@ class Monitor:
                     torch._foreach_copy_(self._before, views)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._optimizer_steps += 1
         if self._before is None or not self._sampling:
             return
         with torch.no_grad():
@@ -297,6 +391,32 @@ class Monitor:
                             self._before_norms)
         if self.every > 1:  # a copy of the weights is only kept while sampling every step
             self._before = None
+
+    def read_gradients(self) -> None:
+        """Read this step's gradients now, if this step is sampled and reads them at the step.
+
+        For frameworks that run backward inside ``optimizer.step(closure)`` (Lightning): under
+        ``torch.distributed`` the gradients are read at the optimizer's step pre-hook, which
+        then runs before the closure's backward; a framework hook between the backward and the
+        update (``on_before_optimizer_step``) calls this to read the synchronised gradients.
+        Elsewhere a no-op: the gradients are read when backward ends.
+        """
+        if self._sampling and self._reads_grads_at_step:
+            self._read_grads()
+
+    def begin_step(self) -> None:
+        """The next training step starts now: forget activations measured since ``step``.
+
+        For framework callbacks: an evaluation pass run between two training steps (with the
+        next step's hooks attached) is not part of the step. Optional in your own loop.
+        """
+        if self._sampling and self._recorder is not None:
+            self._recorder.reset()
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory this monitor writes (``None``: no log, or not rank 0)."""
+        return self._writer.directory if self._writer is not None else None
 
     # ------------------------------------------------------------------ steps
 
@@ -314,8 +434,14 @@ class Monitor:
             self._pending_losses.append(float(loss))
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
         self._pending_lrs.append(float(lr) if lr is not None else None)
+        skipped = False
+        if self.scaler is not None:
+            skipped = self._optimizer_steps == self._optimizer_steps_seen
+            self._optimizer_steps_seen = self._optimizer_steps
+            if skipped:
+                self._skipped()
         if self._sampling:
-            self._finish_sample()
+            self._finish_sample(skipped)
         elif self._writer is not None and self.world_size == 1 and \
                 len(self._pending_losses) > 1:
             # Write every loss but this step's (whose value an accelerator may still be
@@ -324,6 +450,15 @@ class Monitor:
             self._flush_losses(self._loss_tensor(count).cpu().tolist())
         self.step_count += 1
         self._prepare(self.step_count)
+
+    def _skipped(self) -> None:
+        """The scaler skipped this step's update (inf/NaN gradients): count and log it."""
+        self.skipped_steps.append(self.step_count)
+        if self._writer is not None:
+            from nndiag.amp import append_skipped
+
+            append_skipped(self._writer.directory, self.step_count,
+                           float(self.scaler.get_scale()))
 
     def _device(self) -> torch.device:
         return next((p.device for p in self._trainable), torch.device("cpu"))
@@ -339,14 +474,17 @@ class Monitor:
         count = len(values)
         if self._writer is not None:
             self._writer.write_steps(self._pending_first, values, self._pending_lrs[:count])
+        if self._tensorboard is not None:
+            self._tensorboard.write_steps(self._pending_first, values, self._pending_lrs[:count])
         self._pending_first += count
         del self._pending_losses[:count], self._pending_lrs[:count]
 
-    def _finish_sample(self) -> None:
+    def _finish_sample(self, skipped: bool = False) -> None:
         """One device-to-host transfer (and, under DDP, three collectives) for the step.
 
         Raw per-tensor numbers go to the host; grouping them per layer is cheaper there than
-        a kernel per statistic on the device.
+        a kernel per statistic on the device. A step the scaler skipped is recorded without
+        its (non-finite) gradients: nothing was applied.
         """
         device = self._device()
         recorder = self._recorder
@@ -364,7 +502,7 @@ class Monitor:
             else:
                 weights = torch.zeros(0, device=device)
             pieces = [losses, sites, weights]
-            grad_sq = self._grad_sq
+            grad_sq = None if skipped else self._grad_sq
             if grad_sq is not None:
                 pieces.append(grad_sq)
             update = self._update
@@ -410,6 +548,8 @@ class Monitor:
         self._flush_losses(losses)
         if self._writer is not None:
             self._writer.write_sample(record)
+        if self._tensorboard is not None:
+            self._tensorboard.write_sample(record)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -429,7 +569,37 @@ class Monitor:
         self._optimizer_handles = []
         if self._writer is not None:
             self._writer.close()
+        if self._tensorboard is not None:
+            self._close_tensorboard()
         self.closed = True
+
+    def _close_tensorboard(self) -> None:
+        """The findings of the run as text, then close the TensorBoard writer.
+
+        The findings are judged on the run log when there is one, else on what the writer
+        and ``samples`` kept; a run too short to judge gets none. Never raises.
+        """
+        from nndiag.amp import check_run_with_amp, judge_log
+        from nndiag.runlog import RunLog
+
+        tensorboard = self._tensorboard
+        try:
+            if not self.step_count:
+                return
+            if self._writer is not None:
+                self.report = check_run_with_amp(self._writer.directory)
+            else:
+                log = RunLog(Path(tensorboard.directory), {"schema": None, **self._meta},
+                             *tensorboard.kept_losses(), samples=list(self.samples))
+                self.report = judge_log(log, self.skipped_steps)
+            tensorboard.write_findings(self.report, max(self.step_count - 1, 0))
+        except Exception as exc:  # noqa: BLE001 - a report must never break training
+            import warnings
+
+            warnings.warn(f"nndiag: the findings could not be written to TensorBoard ({exc})",
+                          RuntimeWarning, stacklevel=3)
+        finally:
+            tensorboard.close()
 
     def __enter__(self) -> Monitor:
         return self
