@@ -110,3 +110,9 @@ class Report:
         data = asdict(self)
         return {"schema": self.schema, "status": self.status,
                 **{name: data[name] for name in self.json_fields}}
+
+    def _repr_html_(self) -> str:
+        """The report as HTML for Jupyter, figures included (``nndiag.render.html``)."""
+        from nndiag.render.html import report_html
+
+        return report_html(self)
