@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 DEMO_OUT := out/demo
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ setup: $(STAMP)
 lint: setup
 	$(BIN)/ruff check nndiag tests benchmarks sample_runs
 
-test: setup lint
+# tests/test_html_report.py opens the HTML report in headless Chromium from the system packages
+# (installed once; skipped when /usr/bin/chromium exists).
+chromium:
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+test: setup lint chromium
 	$(BIN)/python -m pytest
 
 # The main job on built-in models: a network that cannot train (20 stacked sigmoids), with
