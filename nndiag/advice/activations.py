@@ -49,8 +49,11 @@ def poor_initialization(finding: Finding, probe: ProbeRecord) -> tuple[str, list
         parts.append(story)
     kinds = probe_kinds(probe)
     saturating = dominant_saturating(activation_counts(between(probe, start, end.index)))
-    fixes = [xavier_init_fix(kinds, saturating[0]) if saturating else he_init_fix(kinds),
-             norm_fix(kinds)]
+    if is_transformer(probe):
+        fixes = [make_fix("layer_norm"), make_fix("scaled_residual_init", n_blocks=n_blocks(probe))]
+    else:
+        fixes = [xavier_init_fix(kinds, saturating[0]) if saturating else he_init_fix(kinds),
+                 norm_fix(kinds)]
     if inputs_off_scale(probe):
         parts.append(f"The inputs themselves have std {fmt(probe.input_std)}.")
         fixes.insert(0, normalize_inputs_fix(probe))
@@ -60,6 +63,14 @@ def poor_initialization(finding: Finding, probe: ProbeRecord) -> tuple[str, list
 def oversized_weights(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     """Weights far too large for the fans: the logits, not the activations, give it away."""
     ev = finding.evidence
+    if ev.get("where") == "head":
+        head = probe.layer(finding.layers[0])
+        return (f"The output layer {head.label} has weights {fmt(ev['median_init_scale'])}x "
+                f"the Xavier scale of its fans, and before any training the loss is "
+                f"{fmt(ev['loss'])} where a model that knows nothing scores "
+                f"{fmt(ev['uninformed_loss'])}: its logits are huge, the model starts "
+                "confidently wrong, and the first updates are spent undoing it (the rest of "
+                "the network is at a normal scale).", [make_fix("xavier_init", "output_layer")])
     parts = [f"The weights are at the median {fmt(ev['median_init_scale'])}x the He/Xavier "
              f"scale of their fans, and before any training the loss is {fmt(ev['loss'])} "
              f"where a model that knows nothing scores {fmt(ev['uninformed_loss'])}: the "

@@ -14,7 +14,7 @@ from typing import Any
 from nndiag.advice.catalog import activation_module, init_gain, layer_types, make_fix
 from nndiag.findings import Finding, Fix
 from nndiag.records import LayerRecord, ProbeRecord
-from nndiag.records.layers import ATTENTION_ROLES
+from nndiag.records.layers import ATTENTION_ROLES, ROLE_NORM
 
 # The kinds of context a finding is judged on (the first half of a registry key).
 PROBE = "probe"  # a live probe: ProbeRecord
@@ -141,7 +141,7 @@ def activation_counts(records: Iterable[LayerRecord]) -> Counter[str]:
 
 def has_norm(probe: ProbeRecord) -> bool:
     """True when the model has a normalization layer."""
-    return any(r.kind in NORM_KINDS for r in probe.layers)
+    return any(r.kind in NORM_KINDS or r.role == ROLE_NORM for r in probe.layers)
 
 
 def dominant_saturating(counts: Counter[str]) -> tuple[str, int] | None:

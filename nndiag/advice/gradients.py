@@ -114,6 +114,10 @@ def exploding(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
         fixes = [make_fix("gradient_clipping"), make_fix("lr_warmup")]
         if scale is not None and scale > 1.25:
             fixes.insert(0, make_fix("scaled_residual_init", n_blocks=n_blocks(probe)))
+        if not has_norm(probe):
+            parts.append("No LayerNorm re-scales the residual stream: every block adds to it "
+                         "unchecked, and the backward signal grows block after block.")
+            fixes.insert(0, make_fix("layer_norm"))
         return " ".join(parts), fixes + [make_fix("lower_learning_rate")]
     fixes: list[Fix] = []
     if scale is not None and scale > 1.25:
@@ -122,7 +126,20 @@ def exploding(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     return " ".join(parts), fixes
 
 
+def post_ln_deep_stack(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    """Why a deep post-LN stack is hard to train, and the two standard remedies."""
+    ev = finding.evidence
+    return (f"{ev['post_ln_blocks']} of the model's {ev['blocks']} transformer blocks put "
+            "their LayerNorm after the residual add (post-LN), so the gradient reaching the "
+            "early blocks passes through every later LayerNorm. At init the measured gradients "
+            "look normal; in training, deep post-LN stacks are known to diverge or stall "
+            "unless the learning rate is warmed up, and to train reliably with the LayerNorm "
+            "at each block's input (pre-LN, as GPT-2 and Llama do).",
+            [make_fix("lr_warmup"), make_fix("layer_norm"), make_fix("gradient_clipping")])
+
+
 ADVISORS: dict[tuple[str, str], Advisor] = {
     (PROBE, "vanishing_gradients"): vanishing,
     (PROBE, "exploding_gradients"): exploding,
+    (PROBE, "post_ln_deep_stack"): post_ln_deep_stack,
 }

@@ -6,12 +6,13 @@ from collections.abc import Callable
 
 from nndiag.findings import Finding, severity_rank
 from nndiag.records import CheckpointRecord, ProbeRecord
-from nndiag.rules import activations, checkpoint, gradients, sanity
+from nndiag.rules import activations, architecture, checkpoint, gradients, sanity
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
 
 Rule = Callable[[ProbeRecord, dict[str, Threshold]], Finding | None]
 
 PROBE_RULES: tuple[Rule, ...] = (
+    architecture.post_ln_deep_stack,
     gradients.vanishing_gradients,
     gradients.exploding_gradients,
     activations.poor_initialization,
@@ -29,6 +30,8 @@ HEADLINES: dict[str, Callable[[ProbeRecord], dict[str, float | None]]] = {
     "saturated_activations": activations.saturation_headline,
     "nan_inf": sanity.nan_inf_headline,
     "unused_parameters": sanity.unused_headline,
+    "post_ln_deep_stack": lambda probe: {
+        "post_ln_blocks": float(len(architecture.post_ln_blocks(probe)[0]))},
 }
 
 

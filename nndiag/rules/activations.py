@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from nndiag.findings import Finding, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
-from nndiag.records.layers import ROLE_NORM
+from nndiag.records.layers import ATTENTION_ROLES, ROLE_HEAD, ROLE_NORM
 from nndiag.rules.thresholds import LOSS_AT_INIT_FACTOR, MIN_SAMPLES_FOR_DEAD_UNITS, Threshold
 
 
@@ -38,6 +38,9 @@ def activation_drift(probe: ProbeRecord) -> Drift:
     """
     layers = [r for r in probe.layers
               if r.fan_in is not None and r.weight_rms and r.std and r.std == r.std]
+    if any(r.role in ATTENTION_ROLES for r in probe.layers) and \
+            len({r.block for r in layers if r.block is not None}) >= 2:
+        return _block_drift(layers)
     drift = Drift(1.0, None, None, 1.0, None, None, layers)
     # A normalization layer re-scales the signal: drift is judged between two of them.
     resets = {r.index for r in probe.layers if r.role == ROLE_NORM}
@@ -55,6 +58,33 @@ def activation_drift(probe: ProbeRecord) -> Drift:
                                                                       high, record)
         low = record if low is None or record.std < low.std else low
         high = record if high is None or record.std > high.std else high
+    return drift
+
+
+def _block_drift(layers: list[LayerRecord]) -> Drift:
+    """Drift in a transformer: the same layer's output std from the first block to the last.
+
+    Inside a block, branch outputs legitimately differ by orders of magnitude at init (a
+    gated MLP multiplies two small projections); what must not drift is each role's scale
+    across the repeated blocks, which the residual stream carries.
+    """
+    by_key: dict[str, dict[int, list[LayerRecord]]] = {}
+    for record in layers:
+        if record.block is not None:
+            key = record.role or record.module.rsplit(".", 1)[-1]
+            by_key.setdefault(key, {}).setdefault(record.block, []).append(record)
+    drift = Drift(1.0, None, None, 1.0, None, None, layers)
+    for blocks in by_key.values():
+        if len(blocks) < 2:
+            continue
+        first, last = blocks[min(blocks)], blocks[max(blocks)]
+        low = statistics.median(r.std for r in first)  # type: ignore[misc]
+        high = statistics.median(r.std for r in last)  # type: ignore[misc]
+        ratio = high / low if low > 0 else 1.0
+        if ratio > drift.growth:
+            drift.growth, drift.growth_from, drift.growth_to = ratio, first[0], last[0]
+        if ratio < drift.collapse:
+            drift.collapse, drift.collapse_from, drift.collapse_to = ratio, first[0], last[0]
     return drift
 
 
@@ -83,19 +113,28 @@ def oversized_weights(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> F
     layers = [r for r in probe.layers if r.init_scale is not None and r.trainable]
     if len(layers) < 2:
         return None
+    rule = thresholds["weight_scale"]
     median = statistics.median(r.init_scale for r in layers)  # type: ignore[misc]
-    severity = thresholds["weight_scale"].severity(median)
+    head = next((r for r in reversed(layers) if r.role == ROLE_HEAD), layers[-1])
+    severity, where = rule.severity(median), "median"
+    if severity is None:  # the body is fine: is the output layer alone oversized?
+        severity, where = rule.severity(head.init_scale), "head"
+        layers = [head]
     if severity is None:
         return None
     if probe.loss >= 1.5 * LOSS_AT_INIT_FACTOR * expected:  # three times an uninformed loss
         severity = "error"
+    scale = median if where == "median" else head.init_scale
+    subject = (f"weights {scale:.2g}x their He/Xavier scale (median of {len(layers)} layers)"
+               if where == "median" else
+               f"the output layer {head.label} at {scale:.2g}x its He/Xavier scale")
     return Finding(
         "poor_initialization", severity, [r.name for r in layers],
-        f"weights {median:.2g}x their He/Xavier scale (median of {len(layers)} layers) and a "
-        f"loss of {probe.loss:.3g} against {expected:.3g} for an uninformed model",
-        evidence={"judged_by": ["weight_scale"], "median_init_scale": median,
-                  "init_scale": {r.name: r.init_scale for r in layers}, "loss": probe.loss,
-                  "uninformed_loss": expected})
+        f"{subject} and a loss of {probe.loss:.3g} against {expected:.3g} for an uninformed "
+        "model", evidence={"judged_by": ["weight_scale"], "where": where,
+                           "median_init_scale": scale,
+                           "init_scale": {r.name: r.init_scale for r in layers},
+                           "loss": probe.loss, "uninformed_loss": expected})
 
 
 def poor_initialization(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:

@@ -18,10 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nndiag.findings import Finding, severity_rank, worst_severity
+from nndiag.records.layers import ROLE_KEY, ROLE_QUERY
 from nndiag.rules.thresholds import RUN_THRESHOLDS, THRESHOLDS, Threshold
 from nndiag.runlog import RunLog
 
-LINEAR_OR_CONV = ("Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
+# Optimizers that scale each parameter's step by its own gradient statistics.
+ADAPTIVE_OPTIMIZERS = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad",
+                                 "Adadelta", "RMSprop", "SparseAdam", "Adafactor", "Lion",
+                                 "LAMB", "Lamb", "AdamWScheduleFree"})
+LINEAR_OR_CONV = ("Linear", "Conv1D", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
                   "ConvTranspose2d", "ConvTranspose3d", "NonDynamicallyQuantizableLinear")
 
 
@@ -182,6 +187,7 @@ def _grad_to_weight(log: RunLog) -> list[tuple[int, dict[str, float]]]:
     for sample in log.samples:
         ratios = {layer.name: layer.grad_to_weight for layer in sample.layers
                   if layer.kind in LINEAR_OR_CONV and layer.weight_norm
+                  and layer.role not in (ROLE_QUERY, ROLE_KEY)
                   and layer.grad_to_weight is not None and math.isfinite(layer.grad_to_weight)}
         if any(layer.grad_norm is not None for layer in sample.layers):
             rows.append((sample.step, ratios))
@@ -199,7 +205,11 @@ def gradient_trends(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
     findings = []
     spread_rule = t["grad_to_weight_spread"]
     median_spread = statistics.median(s for _, s, _ in late)
-    severity = spread_rule.severity(median_spread)
+    # An adaptive optimizer divides each update by the gradient's own scale: a small
+    # gradient-to-weight ratio there does not mean a layer barely learns (its update ratio,
+    # judged by update_ratio_low, says whether it does).
+    adaptive = str(log.meta.get("optimizer") or "") in ADAPTIVE_OPTIMIZERS
+    severity = None if adaptive else spread_rule.severity(median_spread)
     if severity is not None:
         first = next(step for step, s, _ in spreads if spread_rule.severity(s))
         last = late[-1][2]
