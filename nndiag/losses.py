@@ -8,7 +8,7 @@ seeded generator keeps the run reproducible and leaves the global RNG alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,12 @@ def synthetic_targets(output: torch.Tensor, generator: torch.Generator) -> torch
     return torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
 
 
+def _hidden_states_only(outputs: Any) -> bool:
+    """True for an encoder's output: hidden states and no logits (Hugging Face style)."""
+    return isinstance(outputs, Mapping) and "logits" not in outputs and (
+        "last_hidden_state" in outputs or "hidden_states" in outputs)
+
+
 def compute_loss(
     loss: Loss, outputs: Any, targets: Any, generator: torch.Generator
 ) -> tuple[torch.Tensor, str, int | None]:
@@ -117,6 +123,13 @@ def compute_loss(
         raise UsageError(
             f"the model output {describe_value(outputs)} holds no floating-point tensor to "
             "compute a loss on; pass --loss with a function f(outputs, targets)"
+        )
+    if targets is None and _hidden_states_only(outputs):
+        raise UsageError(
+            "the model returns hidden states (last_hidden_state, no logits) and the data has no "
+            "targets: nndiag cannot guess what the encoder is trained for; pass --loss with a "
+            "function f(outputs, targets) (for example a loss on the pooled embedding), or add "
+            "the head the model is trained with"
         )
     if targets is None:
         targets = synthetic_targets(output, generator)

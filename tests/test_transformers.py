@@ -270,3 +270,13 @@ def test_run_rules_do_not_call_small_query_key_gradients_vanishing():
     assert "vanishing_gradients" not in [f.id for f in run_rules(log)]
     log.meta["optimizer"] = "SGD"
     assert "vanishing_gradients" in [f.id for f in run_rules(log)]
+
+
+def test_an_encoder_without_targets_is_refused_with_a_clear_message():
+    from nndiag import UsageError
+
+    with pytest.raises(UsageError, match="hidden states .* pass --loss"):
+        inspect_model(minilm(), input_shape=(4, 8), input_dtype="long", input_max=V)
+    # with a loss of the user's, the same encoder is judged
+    assert inspect_model(minilm(), ({"input_ids": _ids()}, torch.zeros(8, 384)),
+                         loss=_pooled_mse).status == "ok"
