@@ -103,7 +103,7 @@ def _lit_module(killed: bool):
 
 
 def _fit_lightning(tmp_path, accumulate: int, killed: bool = False, epochs: int = 2,
-                   **callback_options):
+                   plugins: list | None = None, **callback_options):
     pl, module = _lit_module(killed)
     from nndiag.integrations.lightning import NndiagCallback
 
@@ -114,7 +114,7 @@ def _fit_lightning(tmp_path, accumulate: int, killed: bool = False, epochs: int 
                          accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[callback])
+                         callbacks=[callback], plugins=plugins)
     counter: list[_StepCounter] = []
 
     class _Count(pl.Callback):
@@ -144,6 +144,28 @@ def test_lightning_records_one_step_per_optimizer_step(tmp_path, accumulate):
     assert all(0.5 < loss < 2.0 for loss in log.losses)
     assert callback.report is not None and callback.report.summary["steps"] == optimizer_steps
     assert callback.monitor is None  # closed: no hook left behind
+
+
+def test_lightning_16_mixed_with_a_grad_scaler_records_unscaled_norms_and_skips(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    from nndiag.amp import read_skipped
+
+    # fp16 autocast on CPU with a real GradScaler; a scale of 2^20 overflows fp16 at first.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+    plugin = pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer, module, callback, optimizer_steps = _fit_lightning(tmp_path, 1, plugins=[plugin],
+                                                                every=1)
+    log = read_run(tmp_path / "nndiag")
+    assert len(log.losses) == trainer.global_step == 16
+    skipped = [row["step"] for row in read_skipped(tmp_path / "nndiag")]
+    assert skipped and optimizer_steps == 16 - len(skipped)  # the steps that really ran
+    for sample in log.samples:
+        if sample.step in skipped:
+            assert sample.grad_norm is None
+        else:  # Lightning's own norm, read after unscale_, not 2^k times larger
+            assert sample.grad_norm == pytest.approx(module.grad_norms[sample.step], rel=1e-3)
+    assert callback.report.finding("nan_inf") is None
+    assert callback.report.finding(FINDING_ID).severity == "info"
 
 
 def test_lightning_reports_killed_relus_at_the_end_and_raises_only_if_asked(tmp_path, capsys):
