@@ -228,11 +228,22 @@ def _head(ev: dict[str, Any], record: CheckpointRecord) -> tuple[str, list[Fix]]
     return text, [head_fix(head, std), make_fix("lr_warmup")]
 
 
+# The catalogue's ``xavier_init`` "output_layer" wording names ``model.head``; a checkpoint
+# knows its head's real name (``classifier``, ``lm_head``, ``score``...), so this wording of the
+# same fix id is filled here.
+_HEAD_SUMMARY = ("re-initialize the head {head} alone at its family's scale N(0, {std}), so its "
+                 "logits start near zero (the other weights stay as they are)")
+_HEAD_CODE = """head = model.get_submodule("{head}")
+nn.init.normal_(head.weight, mean=0.0, std={std})
+if head.bias is not None:
+    nn.init.zeros_(head.bias)"""
+
+
 def head_fix(head: str, std: float) -> Fix:
-    """Re-initialize one head, by its module name, at its family's scale."""
-    if "named_output_layer" not in CATALOG["xavier_init"].variants:  # an older catalogue
-        return make_fix("xavier_init", "output_layer")
-    return make_fix("xavier_init", "named_output_layer", head=head, std=f"{std:.2g}")
+    """Re-initialize one head, by its module name, at its family's scale (``xavier_init``)."""
+    values = {"head": head, "std": f"{std:.2g}"}
+    return Fix("xavier_init", _HEAD_SUMMARY.format(**values), _HEAD_CODE.format(**values),
+               automatic=CATALOG["xavier_init"].automatic)
 
 
 def _no_normalization(ev: dict[str, Any], record: CheckpointRecord) -> tuple[str, list[Fix]]:

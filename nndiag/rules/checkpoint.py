@@ -356,6 +356,7 @@ def init_scale_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
     layers = sorted({m.name for m in chosen + embeddings}, key=position.__getitem__)
     family = record.family
     roles = Counter(m.role for m in chosen)
+    ratio_of = {m.name: m.init_ratio for m in chosen + embeddings}
     evidence: dict[str, Any] = {
         "mechanism": "init_scale",
         "family": family,
@@ -367,8 +368,7 @@ def init_scale_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
         "median_ratio": ratios[len(ratios) // 2],
         "layers_judged": len(judged),
         "layers_off": len(chosen),
-        "ratios": {name: next(m.init_ratio for m in chosen + embeddings if m.name == name)
-                   for name in layers},
+        "ratios": {name: ratio_of[name] for name in layers},
         "roles": dict(sorted(roles.items(), key=lambda kv: str(kv[0]))),
         "only_heads": set(roles) == {ROLE_HEAD},
         "blocks": record.blocks,
@@ -399,13 +399,14 @@ def missing_normalization(record: CheckpointRecord, thresholds: dict[str, Thresh
         return None
     blocks = sorted({m.block for m in record.modules if m.role in QKV_ROLES and m.block},
                     key=canonical_key)
-    if any(m.role == ROLE_NORM and m.block in blocks for m in record.modules):
+    in_blocks = set(blocks)
+    if any(m.role == ROLE_NORM and m.block in in_blocks for m in record.modules):
         return None
     # Each residual branch adds its output to the stream: with a branch gain g the stream's
     # variance is multiplied by (1 + g^2) (output and input uncorrelated at init).
     branches: dict[int, list[ModuleWeights]] = {}
     for module in record.modules:
-        if module.chain is not None and module.block in blocks and _usable_scale(module):
+        if module.chain is not None and module.block in in_blocks and _usable_scale(module):
             branches.setdefault(module.chain, []).append(module)
     log_growth, gains = 0.0, []
     for members in branches.values():
