@@ -353,9 +353,9 @@ def reference_std(module: ModuleWeights, record: CheckpointRecord,
     Hugging Face's BERT, GPT-2, Llama and ViT: N(0, 0.02) for every Linear, conv and
     embedding; GPT-2 scales its residual projections (``c_proj``) by 1/sqrt(2 n_layer), which
     only an untrained model still shows (training moves them to the others' scale). T5:
-    1/sqrt(fan_in) for projections (queries also 1/sqrt(d_kv)), 1 for embeddings and an untied
-    LM head. ``nn.Transformer``: Xavier for the fused q/k/v, PyTorch's default
-    1/sqrt(3 fan_in) for Linear layers, 1 for ``nn.Embedding``.
+    1/sqrt(fan_in) for projections (untrained queries also 1/sqrt(d_kv), for the same reason),
+    1 for embeddings and an untied LM head. ``nn.Transformer``: Xavier for the fused q/k/v,
+    PyTorch's default 1/sqrt(3 fan_in) for Linear layers, 1 for ``nn.Embedding``.
     """
     family = record.family
     if family is None or module.role in (None, ROLE_NORM):
@@ -376,7 +376,7 @@ def reference_std(module: ModuleWeights, record: CheckpointRecord,
     if family == "t5":
         if module.role == ROLE_HEAD:
             return 1.0 if module.name.rsplit(".", 1)[-1] == "lm_head" else fan_in ** -0.5
-        if module.role == ROLE_QUERY:
+        if module.role == ROLE_QUERY and untrained:
             heads = _t5_heads(record.modules)
             return (fan_in * fan_out / heads) ** -0.5 if heads else None
         return fan_in ** -0.5
