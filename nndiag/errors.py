@@ -1,10 +1,15 @@
-"""Error types that carry nndiag's exit-code contract.
+"""Error types that carry nndiag's exit-code contract, and the argument checks they serve.
 
 The library raises these; only the CLI turns them into messages and exit codes
 (2: bad usage or unusable input, 3: the user's own model or loss code raised).
 """
 
 from __future__ import annotations
+
+import math
+
+# The seeds a torch.Generator accepts: any 64-bit integer, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 class NndiagError(Exception):
@@ -30,8 +35,67 @@ class UserCodeError(NndiagError):
     exit_code = 3
 
 
+class UserExit(UserCodeError):
+    """The user's code called ``sys.exit()`` (raised ``SystemExit``) while nndiag ran it.
+
+    ``SystemExit`` is not an ``Exception``: left alone it would end nndiag with the user's exit
+    code and no message. Converted where nndiag enters user code, it is a ``UserCodeError``
+    like any other (exit code 3).
+
+    Attributes:
+        code: The code passed to ``sys.exit``.
+
+    """
+
+    def __init__(self, code: object) -> None:
+        self.code = code
+        super().__init__(f"the user's code called sys.exit({'' if code is None else repr(code)})")
+
+
 def describe_exception(exc: BaseException) -> str:
     """Return a one-line ``Type: message`` description of an exception."""
+    if isinstance(exc, UserExit | SystemExit):
+        return f"SystemExit({'' if exc.code is None else repr(exc.code)}) (sys.exit was called)"
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def check_seed(seed: int, option: str = "seed") -> int:
+    """Return ``seed`` if a ``torch.Generator`` accepts it.
+
+    Raises:
+        UsageError: Not an integer, or outside the 64-bit range.
+
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (
+            SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise UsageError(f"{option} {seed!r}: must be an integer that fits in 64 bits "
+                         f"({SEED_RANGE[0]} .. {SEED_RANGE[1]})")
+    return seed
+
+
+def check_positive(value: float, option: str) -> float:
+    """Return ``value`` if it is a positive finite number (a learning rate, a scale).
+
+    Raises:
+        UsageError: Zero, negative, NaN, infinite or not a number.
+
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and value > 0):
+        raise UsageError(f"{option} {value!r}: must be a positive finite number")
+    return value
+
+
+def check_non_negative(value: float, option: str) -> float:
+    """Return ``value`` if it is a finite number ``>= 0`` (a momentum, a weight decay).
+
+    Raises:
+        UsageError: Negative, NaN, infinite or not a number.
+
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and value >= 0):
+        raise UsageError(f"{option} {value!r}: must be a finite number >= 0")
+    return value

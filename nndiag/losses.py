@@ -4,6 +4,9 @@ With no ``--loss``: integer targets get cross-entropy, floating targets of the o
 MSE. With no targets at all (``--input-shape``), random labels over the last output dimension
 are drawn for cross-entropy (MSE against standard-normal targets when that dimension is 1); a
 seeded generator keeps the run reproducible and leaves the global RNG alone.
+
+Class targets of ``IGNORE_INDEX`` (-100: padding in the Hugging Face convention) are ignored,
+as ``F.cross_entropy`` and ``F.nll_loss`` ignore them: the loss is the mean over the others.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from nndiag.errors import UsageError, UserCodeError, describe_exception
-from nndiag.specs import LOSS_NAMES, describe_value, load_object, primary_output
+from nndiag.specs import LOSS_NAMES, describe_value, load_object, primary_output, user_code
+
+# The label cross-entropy and NLL skip (their default ``ignore_index``).
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,8 @@ def resolve_loss(name_or_spec: str | None) -> Loss:
     obj = load_object(name_or_spec, "--loss")
     if isinstance(obj, type):
         try:
-            obj = obj()
+            with user_code():
+                obj = obj()
         except Exception as exc:
             raise UserCodeError(
                 f"--loss {name_or_spec!r}: constructing the loss raised {describe_exception(exc)}"
@@ -113,7 +120,8 @@ def compute_loss(
     if loss.user_code:
         assert loss.fn is not None
         try:
-            value = loss.fn(outputs, targets)
+            with user_code():
+                value = loss.fn(outputs, targets)
         except Exception as exc:
             raise UserCodeError(f"--loss {loss.name!r} raised {describe_exception(exc)}") from exc
         return _check_scalar(value, loss.name), loss.name, None
@@ -184,10 +192,17 @@ def _class_layout(output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
             "class dimension)"
         )
     classes = logits.shape[1]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+    kept = labels[labels != IGNORE_INDEX]
+    if labels.numel() and not kept.numel():
         raise UsageError(
-            f"class targets range over [{int(labels.min())}, {int(labels.max())}] but the "
-            f"model outputs {classes} classes"
+            f"every class target is {IGNORE_INDEX} (ignored, as padding is): the batch has no "
+            "label to compute a loss on"
+        )
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= classes):
+        raise UsageError(
+            f"class targets range over [{int(kept.min())}, {int(kept.max())}] but the "
+            f"model outputs {classes} classes (labels must be in [0, {classes - 1}], or "
+            f"{IGNORE_INDEX} to ignore a position)"
         )
     return logits, labels.long()
 

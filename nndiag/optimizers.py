@@ -7,11 +7,27 @@ from typing import Any
 
 import torch
 
-from nndiag.errors import UsageError, UserCodeError, describe_exception
-from nndiag.specs import load_object
+from nndiag.errors import (
+    UsageError,
+    UserCodeError,
+    check_non_negative,
+    check_positive,
+    describe_exception,
+)
+from nndiag.specs import load_object, user_code
 
 OptimizerFactory = Callable[[Iterable[Any], float], torch.optim.Optimizer]
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
+
+
+def check_lr(lr: float, option: str = "--lr") -> float:
+    """Return ``lr`` if it is a usable learning rate (positive and finite).
+
+    Raises:
+        UsageError: Zero, negative, NaN or infinite.
+
+    """
+    return check_positive(lr, option)
 
 
 def optimizer_factory(name_or_spec: str, *, momentum: float | None = None,
@@ -21,24 +37,39 @@ def optimizer_factory(name_or_spec: str, *, momentum: float | None = None,
     Args:
         name_or_spec: ``sgd`` (momentum 0.9 unless given), ``adam``, ``adamw``, ``rmsprop``, or a
             spec of a callable ``f(params, lr) -> Optimizer``.
-        momentum: Momentum for SGD and RMSprop.
-        weight_decay: Weight decay for the named optimizers.
+        momentum: Momentum for SGD and RMSprop (finite, ``>= 0``).
+        weight_decay: Weight decay for the named optimizers (finite, ``>= 0``).
 
     Raises:
-        UsageError: Unknown name, or a spec that is not callable.
+        UsageError: Unknown name, a spec that is not callable, a negative or non-finite
+            momentum or weight decay. The factory itself raises ``UsageError`` for a learning
+            rate that is not positive and finite, or arguments torch refuses (an empty
+            parameter list), and ``UserCodeError`` when the user's factory raises.
     """
+    if momentum is not None:
+        check_non_negative(momentum, "--momentum")
+    check_non_negative(weight_decay, "--weight-decay")
     name = name_or_spec.lower()
-    if name == "sgd":
-        mom = 0.9 if momentum is None else momentum
-        return lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=mom,
-                                                  weight_decay=weight_decay)
-    if name == "adam":
-        return lambda params, lr: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return lambda params, lr: torch.optim.RMSprop(params, lr=lr, momentum=momentum or 0.0,
-                                                      weight_decay=weight_decay)
+    builders: dict[str, Callable[[Iterable[Any], float], torch.optim.Optimizer]] = {
+        "sgd": lambda params, lr: torch.optim.SGD(
+            params, lr=lr, momentum=0.9 if momentum is None else momentum,
+            weight_decay=weight_decay),
+        "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
+        "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+        "rmsprop": lambda params, lr: torch.optim.RMSprop(
+            params, lr=lr, momentum=momentum or 0.0, weight_decay=weight_decay),
+    }
+    if name in builders:
+        builder = builders[name]
+
+        def build_named(params: Iterable[Any], lr: float) -> torch.optim.Optimizer:
+            check_lr(lr, "learning rate")
+            try:
+                return builder(params, lr)
+            except ValueError as exc:  # torch's own argument checks (an empty parameter list)
+                raise UsageError(f"--optimizer {name}: {describe_exception(exc)}") from exc
+
+        return build_named
     if ":" not in name_or_spec:
         raise UsageError(f"--optimizer {name_or_spec!r}: use one of {', '.join(OPTIMIZER_NAMES)} "
                          "or a spec of f(params, lr) -> Optimizer")
@@ -48,8 +79,10 @@ def optimizer_factory(name_or_spec: str, *, momentum: float | None = None,
                          f"{type(factory).__name__}")
 
     def build(params: Iterable[Any], lr: float) -> torch.optim.Optimizer:
+        check_lr(lr, "learning rate")
         try:
-            optimizer = factory(params, lr)
+            with user_code():
+                optimizer = factory(params, lr)
         except Exception as exc:
             raise UserCodeError(f"--optimizer {name_or_spec!r} raised "
                                 f"{describe_exception(exc)}") from exc

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nndiag.errors import UsageError, UserCodeError, describe_exception
+from nndiag.errors import UsageError, UserCodeError, UserExit, describe_exception
 
 LOSS_NAMES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
@@ -44,6 +45,26 @@ class Batch:
 
     inputs: Any
     targets: Any = None
+
+
+@contextmanager
+def user_code() -> Iterator[None]:
+    """Run a piece of the user's code: a ``SystemExit`` it raises becomes ``UserExit``.
+
+    Every place nndiag enters user code goes through here (importing a spec, calling a
+    factory, the model's forward, iterating the data, a loss or optimizer factory of the
+    user's), so ``sys.exit()`` in that code is exit code 3 with a message instead of ending
+    nndiag silently with the user's code. Its standard output is the CLI's business: the
+    command layer sends it to stderr (``nndiag.cli.output``).
+
+    Raises:
+        UserExit: The code raised ``SystemExit``.
+
+    """
+    try:
+        yield
+    except SystemExit as exc:
+        raise UserExit(exc.code) from exc
 
 
 def load_object(spec: str, option: str = "spec") -> Any:
@@ -82,7 +103,8 @@ def load_object(spec: str, option: str = "spec") -> Any:
 
 def _import_module(name: str, spec: str, option: str) -> Any:
     try:
-        return importlib.import_module(name)
+        with user_code():
+            return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
             raise UsageError(f"{option} {spec!r}: no module named {name!r}") from exc
@@ -108,7 +130,8 @@ def _import_file(path: Path, spec: str, option: str) -> Any:
     sys.modules[module_name] = module
     sys.path.insert(0, str(path.parent.resolve()))
     try:
-        file_spec.loader.exec_module(module)
+        with user_code():
+            file_spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
         raise UserCodeError(
@@ -121,7 +144,8 @@ def _import_file(path: Path, spec: str, option: str) -> Any:
 
 def _call_factory(obj: Any, spec: str, option: str) -> Any:
     try:
-        return obj()
+        with user_code():
+            return obj()
     except TypeError as exc:
         raise UsageError(
             f"{option} {spec!r}: the factory must be callable with no arguments "
@@ -186,10 +210,11 @@ def iter_batches(data: Any, limit: int) -> list[Batch]:
         )
     batches: list[Batch] = []
     try:
-        for item in data:
-            batches.append(unpack_batch(item))
-            if len(batches) >= limit:
-                break
+        with user_code():
+            for item in data:
+                batches.append(unpack_batch(item))
+                if len(batches) >= limit:
+                    break
     except UsageError:
         raise
     except Exception as exc:
@@ -228,12 +253,49 @@ def unpack_batch(batch: Any) -> Batch:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call the model as DESIGN.md prescribes: tuple as ``*args``, dict as ``**kwargs``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
+    """Call the model as DESIGN.md prescribes: tuple as ``*args``, dict as ``**kwargs``.
+
+    Raises:
+        UserExit: The model called ``sys.exit()``.
+
+    """
+    with user_code():
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, tuple | list):
+            return model(*inputs)
+        return model(inputs)
+
+
+def require_usable_model(model: Any, *, trainable: bool = False) -> nn.Module:
+    """Refuse a model nndiag cannot run: not a module, or holding tensors without data.
+
+    Args:
+        model: The model to check.
+        trainable: Also require a parameter with ``requires_grad`` (something to train).
+
+    Returns:
+        The model.
+
+    Raises:
+        UsageError: Not an ``nn.Module``, a parameter or buffer on the ``meta`` device, or
+            (``trainable``) no trainable parameter.
+
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
+    meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                 if t.is_meta), None)
+    if meta is not None:
+        raise UsageError(
+            f"the model's tensors are on the 'meta' device ({meta!r} and others hold no data): "
+            "materialize it first, e.g. model.to_empty(device='cpu') then initialize or load "
+            "its weights (load_state_dict(..., assign=True))"
+        )
+    if trainable and not any(p.requires_grad for p in model.parameters()):
+        raise UsageError("the model has no trainable parameter: nothing for an optimizer to "
+                         "update")
+    return model
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
