@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from nndiag.cli.output import Output
-from nndiag.errors import UsageError
+from nndiag.cli.output import Output, check_output_file, write_output
+from nndiag.errors import UsageError, check_seed
 
 
 class FailOn(str, Enum):
@@ -129,8 +129,11 @@ def _run(out: Output, o: InspectOptions) -> int:
         raise UsageError("give only one of --data SPEC and --input-shape N,...")
     if o.checkpoint is None and o.data is None and o.input_shape is None:
         raise UsageError("give --data SPEC or --input-shape N,... to probe the model")
-    if o.plot is not None and o.plot.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UsageError(f"--plot {str(o.plot)!r}: use a .png, .svg or .pdf file name")
+    if o.plot is not None:
+        if o.plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise UsageError(f"--plot {str(o.plot)!r}: use a .png, .svg or .pdf file name")
+        check_output_file(o.plot, "--plot")
+    check_seed(o.seed, "--seed")
     shape = parse_shape(o.input_shape) if o.input_shape is not None else None
     loss_fn = resolve_loss(o.loss)
     with out.stderr.status("loading the model and data", spinner="dots"):
@@ -147,13 +150,14 @@ def _run(out: Output, o: InspectOptions) -> int:
         with out.progress("reading weights") as advance:
             report = inspect_checkpoint(o.checkpoint, net, data, unsafe_load=o.unsafe_load,
                                         strict=o.strict, progress=advance, **live)
-    if o.plot is not None:
-        from nndiag.render.plots import plot_report, save_figure
-
-        save_figure(plot_report(report), o.plot)
-        out.message(f"wrote {o.plot}")
     if o.json_output:
         out.stdout.out(render_json(report), highlight=False)
     else:
         render_report(report, out.stdout)
+    if o.plot is not None:  # after the report: a figure that cannot be written loses nothing
+        from nndiag.render.plots import plot_report, save_figure
+
+        plot = o.plot
+        write_output("--plot", plot, lambda: save_figure(plot_report(report), plot))
+        out.message(f"wrote {plot}")
     return 1 if report.fails(o.fail_on) else 0

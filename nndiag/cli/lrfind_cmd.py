@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from nndiag.cli.inspect_cmd import FailOn
-from nndiag.cli.output import Output
-from nndiag.errors import UsageError
+from nndiag.cli.output import Output, check_output_file, write_output
+from nndiag.errors import UsageError, check_seed
 
 
 def lr_find(
@@ -76,6 +76,9 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
 
     if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"--plot {str(plot)!r}: use a .png, .svg or .pdf file name")
+    if plot is not None:
+        check_output_file(plot, "--plot")
+    check_seed(seed, "--seed")
     loss_fn = resolve_loss(loss)
     factory = optimizer_factory(optimizer, momentum=momentum, weight_decay=weight_decay)
     with out.stderr.status("loading the model and data", spinner="dots"):
@@ -87,14 +90,14 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
                              end_lr=end_lr, steps=steps, accumulate=accumulate,
                              early_stop=early_stop, trials=trials, trial_steps=trial_steps,
                              seed=seed, progress=advance)
-    if plot is not None:
-        from nndiag.render.plots import save_figure
-        from nndiag.render.plots.lr_curve import plot_lr_curve
-
-        save_figure(plot_lr_curve(result), plot)
-        out.message(f"wrote {plot}")
     if json_output:
         out.stdout.out(render_json(result), highlight=False)
     else:
         render_report(result, out.stdout)
+    if plot is not None:  # after the report: a figure that cannot be written loses nothing
+        from nndiag.render.plots import save_figure
+        from nndiag.render.plots.lr_curve import plot_lr_curve
+
+        write_output("--plot", plot, lambda: save_figure(plot_lr_curve(result), plot))
+        out.message(f"wrote {plot}")
     return 1 if result.fails(fail_on) else 0

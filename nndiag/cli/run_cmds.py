@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from nndiag.cli.inspect_cmd import FailOn
-from nndiag.cli.output import Output
+from nndiag.cli.output import Output, check_output_dir, check_output_file, write_output
 
 
 def check(
@@ -54,6 +54,14 @@ def check(
 
         if (run_dir is None) == (model is None):
             raise UsageError("give either RUN_DIR or --model SPEC --data SPEC")
+        if junit is not None:
+            check_output_file(junit, "--junit")
+        if log_dir is not None:
+            check_output_dir(log_dir, "--log-dir")
+        if lr is not None:
+            from nndiag.optimizers import check_lr
+
+            check_lr(lr, "--lr")
         if model is not None:
             from nndiag.losses import resolve_loss
             from nndiag.specs import load_data, load_model
@@ -71,13 +79,14 @@ def check(
         else:
             assert run_dir is not None
             report = check_run(run_dir)
-        if junit is not None:
-            write_junit(report, junit, fail_on.value)
-            out.message(f"wrote {junit}")
         if json_output:
             out.stdout.out(render_json(report), highlight=False)
         else:
             render_check(report, out.stdout)
+        if junit is not None:  # after the report: a file that cannot be written loses nothing
+            path = junit
+            write_output("--junit", path, lambda: write_junit(report, path, fail_on.value))
+            out.message(f"wrote {junit}")
         code = 1 if report.fails(fail_on.value) else 0
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)
@@ -105,6 +114,8 @@ def report(
         from nndiag.rules.run import run_rules
         from nndiag.runlog import read_run
 
+        if out_dir is not None:
+            check_output_dir(out_dir, "--out")
         log = read_run(run_dir)
         findings = [advise_run(f, log) for f in run_rules(log)]
         target = out_dir or (run_dir / "report")
