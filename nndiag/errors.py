@@ -7,6 +7,7 @@ The library raises these; only the CLI turns them into messages and exit codes
 from __future__ import annotations
 
 import math
+import operator
 
 # The seeds a torch.Generator accepts: any 64-bit integer, signed or unsigned.
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -62,17 +63,32 @@ def describe_exception(exc: BaseException) -> str:
 
 
 def check_seed(seed: int, option: str = "seed") -> int:
-    """Return ``seed`` if a ``torch.Generator`` accepts it.
+    """Return ``seed`` as an ``int`` if a ``torch.Generator`` accepts it.
+
+    Any integer type is accepted (a NumPy integer too); ``bool`` is not.
 
     Raises:
         UsageError: Not an integer, or outside the 64-bit range.
 
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (
-            SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
         raise UsageError(f"{option} {seed!r}: must be an integer that fits in 64 bits "
                          f"({SEED_RANGE[0]} .. {SEED_RANGE[1]})")
-    return seed
+    return value
+
+
+def _as_number(value: object) -> float | None:
+    """``value`` as a float if it is a real number (a NumPy scalar too), else ``None``."""
+    if isinstance(value, bool | str | bytes):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def check_positive(value: float, option: str) -> float:
@@ -82,8 +98,8 @@ def check_positive(value: float, option: str) -> float:
         UsageError: Zero, negative, NaN, infinite or not a number.
 
     """
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and value > 0):
+    number = _as_number(value)
+    if number is None or not (math.isfinite(number) and number > 0):
         raise UsageError(f"{option} {value!r}: must be a positive finite number")
     return value
 
@@ -95,7 +111,7 @@ def check_non_negative(value: float, option: str) -> float:
         UsageError: Negative, NaN, infinite or not a number.
 
     """
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and value >= 0):
+    number = _as_number(value)
+    if number is None or not (math.isfinite(number) and number >= 0):
         raise UsageError(f"{option} {value!r}: must be a finite number >= 0")
     return value

@@ -299,3 +299,17 @@ def test_other_runtime_errors_while_making_inputs_are_not_hidden(monkeypatch):
     monkeypatch.setattr(inspection.torch, "randn", fail)
     with pytest.raises(RuntimeError, match="something else"):
         synthetic_batches(nn.Linear(8, 2), (4, 8))
+
+
+def test_numpy_and_tensor_numbers_are_accepted_where_python_numbers_are():
+    import numpy as np
+
+    from nndiag.errors import check_positive
+
+    assert check_seed(np.int64(7)) == 7 and isinstance(check_seed(np.uint64(2**64 - 1)), int)
+    assert check_positive(np.float32(1e-3), "--lr") and check_positive(torch.tensor(0.1), "--lr")
+    optimizer_factory("sgd", momentum=np.float64(0.5))([nn.Parameter(torch.ones(1))],
+                                                       np.float32(0.1))
+    for bad in (True, "0.1", torch.ones(2)):
+        with pytest.raises(UsageError):
+            check_positive(bad, "--lr")

@@ -40,7 +40,9 @@ class NndiagCommand(TyperCommand):
             try:
                 return super().invoke(ctx)
             except SystemExit as exc:
-                Output(debug=bool(ctx.params.get("debug"))).fail(UserExit(exc.code))
+                error = UserExit(exc.code)
+                error.__cause__ = exc  # --debug shows where the user's code exited
+                Output(debug=bool(ctx.params.get("debug"))).fail(error)
                 raise typer.Exit(USER_CODE_ERROR) from exc
 
 
