@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nndiag.advice import advise, advise_checkpoint
+from nndiag.advice.checkpoint import architecture_summary, checkpoint_notes
 from nndiag.autofix import verify_fixes
 from nndiag.capture.probe import ProbeConfig, run_probe
 from nndiag.checkpoints import (
@@ -363,9 +364,7 @@ def build_checkpoint_report(record: CheckpointRecord, findings: list[Finding]) -
     if zero_init:
         notes.append("BatchNorm layers with gamma exactly zero and untouched running statistics "
                      "(zero-initialized residual branches, not dead): " + ", ".join(zero_init))
-    if any(m.kind in ("recurrent", "attention", "embedding") for m in record.modules):
-        notes.append("recurrent, attention and embedding weights are reported but not judged "
-                     "against He/Xavier: they keep conventions of their own")
+    notes += checkpoint_notes(record)
     summary = {
         "path": record.path,
         "format": record.format,
@@ -376,4 +375,7 @@ def build_checkpoint_report(record: CheckpointRecord, findings: list[Finding]) -
         "extras": record.extras,
         "files": record.files,
     }
+    architecture = architecture_summary(record)
+    if architecture is not None:
+        summary["architecture"] = architecture
     return Report(CHECKPOINT_SCHEMA, findings, layers, summary, notes)
