@@ -303,6 +303,22 @@ def test_data_free_does_not_chain_across_blocks_or_normalization(tmp_path):
         assert inspect_checkpoint(tmp_path / f"{name}.pt").status == "ok", name
 
 
+def test_plain_networks_give_the_same_findings_in_every_format(tmp_path):
+    """safetensors sorts its keys (``10.weight`` before ``2.weight``): chains follow the names."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    for name in ("normal_init_mlp", "resnet_bn", "inplace_relu_cnn"):
+        state = {k: v.contiguous() for k, v in getattr(examples, name)().state_dict().items()}
+        torch.save(state, tmp_path / f"{name}.pt")
+        safetensors_torch.save_file(state, tmp_path / f"{name}.safetensors")
+        reports = [inspect_checkpoint(tmp_path / f"{name}.{ext}") for ext in ("pt", "safetensors")]
+        found = [[(f.id, f.severity, f.layers, f.evidence) for f in r.findings] for r in reports]
+        assert found[0] == found[1], name
+        chains = [{row["name"]: row["chain"] for row in r.layers} for r in reports]
+        assert chains[0] == chains[1], name
+    chains = {row["name"]: row["chain"] for row in reports[0].layers}
+    assert chains["0"] is not None and chains["0"] != chains["3"]  # BatchNorm between them
+
+
 def test_nan_weights_and_dead_batchnorm_channels(tmp_path):
     model = examples.inplace_relu_cnn()
     with torch.no_grad():
