@@ -18,7 +18,22 @@ SCHEMA = "nndiag.check/1"
 # Every finding a run check can report: each becomes one JUnit test case.
 RUN_FINDINGS = ("nan_inf", "loss_diverging", "loss_not_decreasing", "loss_oscillating",
                 "vanishing_gradients", "exploding_gradients", "dead_relu",
-                "update_ratio_high", "update_ratio_low")
+                "update_ratio_high", "update_ratio_low", "zero_grad_missing")
+# What a bug in the training code makes the loss and the gradients look like: when the root
+# cause is found, these symptoms are tagged with it (``evidence["explained_by"]``), and their
+# learning-rate advice gives way to it.
+EXPLAINS: dict[str, tuple[str, ...]] = {
+    "zero_grad_missing": ("loss_diverging", "loss_oscillating", "loss_not_decreasing",
+                          "exploding_gradients", "update_ratio_high", "cannot_overfit_batch"),
+    "softmax_before_loss": ("cannot_overfit_batch", "loss_not_decreasing", "update_ratio_low"),
+    "train_mode_off": ("cannot_overfit_batch", "loss_not_decreasing"),
+    "loss_reduction_sum": ("loss_diverging", "loss_oscillating", "exploding_gradients",
+                           "update_ratio_high"),
+    "labels_misaligned": ("loss_not_decreasing",),
+    "parameters_not_updated": ("loss_not_decreasing", "update_ratio_low",
+                               "cannot_overfit_batch"),
+}
+_LR_FIXES = ("raise_learning_rate", "lower_learning_rate", "lr_warmup")
 
 
 def check_run(run_dir: str | Path, thresholds: dict[str, Threshold] | None = None) -> Report:
@@ -39,7 +54,38 @@ def check_run(run_dir: str | Path, thresholds: dict[str, Threshold] | None = Non
         raise UsageError(f"{str(log.path)!r} holds no recorded step: nothing to judge (did "
                          "training call monitor.step(loss)?)")
     findings = [advise_run(f, log) for f in run_rules(log, thresholds)]
-    return build_run_report(log, findings)
+    return build_run_report(log, explain_symptoms(findings))
+
+
+def explain_symptoms(findings: list[Finding]) -> list[Finding]:
+    """Tag the findings that a root cause found alongside them explains.
+
+    A symptom of a root cause (``EXPLAINS``) gets ``evidence["explained_by"]``, an explanation
+    that starts by naming the cause, and loses its learning-rate fixes: changing the learning
+    rate does not fix a bug in the training code. When the cause is an error, the symptom is
+    lowered to ``info``: the gate still fails, on the cause.
+
+    Args:
+        findings: Findings of one check (any phase), advised already.
+
+    Returns:
+        The same findings, most severe first.
+    """
+    causes = {f.id: f for f in findings if f.id in EXPLAINS}
+    for finding in findings:
+        if finding.id in causes:
+            continue
+        explained = [c for c in causes.values() if finding.id in EXPLAINS[c.id]]
+        if not explained:
+            continue
+        cause = max(explained, key=lambda c: severity_rank(c.severity))
+        finding.evidence["explained_by"] = [c.id for c in explained]
+        finding.explanation = (f"Probably a consequence of {cause.id} (see it): fix that first."
+                               + (f" {finding.explanation}" if finding.explanation else ""))
+        finding.fixes = [x for x in finding.fixes if x.id not in _LR_FIXES]
+        if cause.severity == "error":
+            finding.severity = "info"
+    return sorted(findings, key=lambda f: -severity_rank(f.severity))
 
 
 def build_run_report(log: RunLog, findings: list) -> Report:

@@ -393,3 +393,88 @@ def test_rules_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+# -- zero_grad_missing: gradient norms that grow like a running sum ---------------------------
+
+
+def scale_gradients(log: RunLog, factor) -> None:
+    """Multiply every sample's global and per-layer gradient norm by ``factor(step)``."""
+    for sample in log.samples:
+        scale = factor(sample.step)
+        sample.grad_norm *= scale
+        for layer in sample.layers:
+            if layer.grad_norm is not None:
+                layer.grad_norm *= scale
+                layer.grad_to_weight = layer.grad_norm / layer.weight_norm
+
+
+def summed_gradients(log: RunLog, exponent: float, seed: int = 0) -> None:
+    """Gradient norms of a sum of t + 1 gradients: ~(t + 1)^a, each gradient 10% noisy.
+
+    Consecutive sums share all but the newest terms, so their relative noise shrinks as
+    1 / sqrt(t + 1) (the healthy samples' independent jitter is replaced).
+    """
+    rng = random.Random(seed)
+    for sample in log.samples:
+        scale = (sample.step + 1) ** exponent * (
+            1 + 0.1 * rng.uniform(-1, 1) / math.sqrt(sample.step + 1))
+        sample.grad_norm = scale
+        for layer in sample.layers:
+            if layer.name in LINEARS:
+                weight_norm, ratio = LINEARS[layer.name]
+                layer.grad_norm = ratio * weight_norm * scale
+                layer.grad_to_weight = layer.grad_norm / layer.weight_norm
+
+
+@pytest.mark.parametrize("exponent", [0.5, 0.8, 1.0])
+def test_gradient_norm_growing_like_a_sum_is_zero_grad_missing(exponent):
+    # Without zero_grad the recorded gradient at step t sums t + 1 gradients: ~(t + 1)^a.
+    log = make_run()
+    summed_gradients(log, exponent)
+    finding = next(f for f in run_rules(log) if f.id == "zero_grad_missing")
+    assert finding.severity == "error"
+    assert finding.layers == ["0", "2", "4"]
+    assert finding.evidence["slope"] == pytest.approx(exponent, abs=0.1)
+    assert finding.evidence["first_step"] == 10  # the first sample at twice the first norm
+
+
+def test_summed_gradients_explain_the_diverging_loss():
+    from nndiag.advice import advise_run
+    from nndiag.checking import explain_symptoms
+
+    log = make_run(piecewise([(0, 2.3), (60, 1.0), (199, 4.0)]))
+    summed_gradients(log, 0.7)
+    findings = explain_symptoms([advise_run(f, log) for f in run_rules(log)])
+    assert [(f.id, f.severity) for f in findings if f.severity != "info"] == [
+        ("zero_grad_missing", "error")]
+    diverging = next(f for f in findings if f.id == "loss_diverging")
+    assert diverging.evidence["explained_by"] == ["zero_grad_missing"]
+    assert not {x.id for x in diverging.fixes} & {"lower_learning_rate", "lr_warmup"}
+    assert [x.id for x in findings[0].fixes] == ["zero_grad"]
+
+
+@pytest.mark.parametrize(("name", "factor"), [
+    # accumulation done right over 4 samples: the norm saw-tooths around a level
+    ("accumulation", lambda step: 1 + (step // EVERY) % 4),
+    # a learning rate too high: exponential, far faster than a sum of bounded gradients
+    ("exponential", lambda step: 1.05 ** step),
+    # a healthy run whose gradients double slowly (weights growing out of a small init)
+    ("slow growth", lambda step: 1 + step / STEPS),
+    # a jump in the middle: not a steady rise
+    ("jump", lambda step: 1 if step < 100 else 8),
+])
+def test_gradient_norms_that_do_not_grow_like_a_sum_are_not_zero_grad_missing(name, factor):
+    log = make_run()
+    scale_gradients(log, factor)
+    assert "zero_grad_missing" not in ids(log)
+
+
+def test_one_layer_growing_alone_is_not_zero_grad_missing():
+    # A missing zero_grad sums the gradient of every parameter: one layer alone is another story.
+    log = make_run()
+    summed_gradients(log, 0.7)
+    for name in ("0", "2"):
+        weight_norm, ratio = LINEARS[name]
+        tweak(log, name, grad_to_weight=ratio)
+    assert "zero_grad_missing" not in ids(log)

@@ -176,6 +176,126 @@ class QKNorm(nn.Module):
         code="""
 scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=500)
 # call scheduler.step() after each optimizer.step()"""),
+    # Fixes of the user's own training step: code changes, not hyperparameters. The code is
+    # a step function (F = torch.nn.functional), ready to compare with the user's own.
+    "zero_grad": FixTemplate(
+        summary="zero the gradients once per optimizer step: backward() adds to .grad, it "
+                "never overwrites it",
+        code="""
+def train_step(model, batch, optimizer):
+    x, y = batch
+    optimizer.zero_grad()              # every step, before backward()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+# accumulating k micro-batches on purpose? zero right after each optimizer.step():
+#     (loss / k).backward()
+#     if (i + 1) % k == 0:
+#         optimizer.step()
+#         optimizer.zero_grad()""",
+        variants={"order": Wording(
+            summary="call optimizer.zero_grad() before loss.backward(), not between backward() "
+                    "and step(): there it wipes the gradient the step was about to apply",
+            code="""
+def train_step(model, batch, optimizer):
+    x, y = batch
+    optimizer.zero_grad()              # first: clears the last step's gradient
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()                   # applies this step's gradient
+    return loss""")}),
+    "logits_to_loss": FixTemplate(
+        summary="pass the raw logits to the loss (cross_entropy applies log_softmax itself): "
+                "a softmax before it squashes the scores into [0, 1] and caps what the model "
+                "can learn",
+        code="""
+def train_step(model, batch, optimizer):
+    x, y = batch
+    optimizer.zero_grad()
+    logits = model(x)                  # no softmax before the loss
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    return loss
+# probabilities only where you need them (metrics, predictions): logits.softmax(dim=1)""",
+        variants={
+            "model": Wording(
+                summary="remove the softmax from the end of the model's forward and give the "
+                        "logits to the loss; apply softmax only to make predictions",
+                code="""
+class Classifier(nn.Module):
+    def __init__(self, body, head):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x):
+        return self.head(self.body(x))       # logits: no nn.Softmax / .softmax() here
+# loss = F.cross_entropy(model(x), y); probabilities = model(x).softmax(dim=1)"""),
+            "nll": Wording(
+                summary="give nll_loss log-probabilities (log_softmax), not probabilities "
+                        "(softmax); or pass the logits to cross_entropy",
+                code="""
+def classification_loss(logits, y):
+    return F.nll_loss(F.log_softmax(logits, dim=1), y)   # = F.cross_entropy(logits, y)"""),
+            "binary": Wording(
+                summary="pass the raw logits to binary_cross_entropy_with_logits (it applies "
+                        "the sigmoid itself), or use binary_cross_entropy on probabilities",
+                code="""
+def binary_loss(logits, y):
+    return F.binary_cross_entropy_with_logits(logits, y.float())   # no sigmoid before it"""),
+        }),
+    "train_mode": FixTemplate(
+        summary="put the model in training mode in the training step (model.train()), and "
+                "use model.eval() only around evaluation, switching back afterwards",
+        code="""
+def train_step(model, batch, optimizer):
+    model.train()                      # dropout on, BatchNorm on batch statistics
+    x, y = batch
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def evaluate(model, batches):
+    model.eval()
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(x), y) for x, y in batches]
+    model.train()                      # back to training mode
+    return sum(losses) / len(losses)"""),
+    "mean_reduction": FixTemplate(
+        summary="average the loss over the batch (reduction=\"mean\", the default), so that "
+                "the step size does not grow with the batch size",
+        code="""
+def classification_loss(logits, y):
+    return F.cross_entropy(logits, y)  # reduction="mean": the average over the batch
+    # summing per-sample losses by hand? divide by the number of samples:
+    # return F.cross_entropy(logits, y, reduction="sum") / y.shape[0]"""),
+    "align_inputs_labels": FixTemplate(
+        summary="keep every input with its own target: index, sort or shuffle inputs and "
+                "targets with one permutation",
+        code="""
+def reorder(x, y, order):              # order: torch.randperm(len(x)), lengths.argsort()...
+    return x[order], y[order]          # the same order for inputs and targets
+# datasets: DataLoader(TensorDataset(x, y), shuffle=True), never x and y shuffled apart"""),
+    "optimizer_params": FixTemplate(
+        summary="build the optimizer over every trainable parameter, with a non-zero "
+                "learning rate in each group",
+        code="""
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+# param groups: every trainable parameter in exactly one group, none with lr=0""",
+        variants={"step_call": Wording(
+            summary="call optimizer.step() after loss.backward() in the training step",
+            code="""
+def train_step(model, batch, optimizer):
+    x, y = batch
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()                   # applies the gradient: without it nothing learns
+    return loss""")}),
 }
 
 

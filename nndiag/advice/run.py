@@ -112,6 +112,21 @@ def update_ratio_low(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
                 make_fix("raise_learning_rate")]
 
 
+def zero_grad_missing(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """Gradient norms that grow like a running sum: ``.grad`` never zeroed."""
+    ev = finding.evidence
+    return (f"From step {ev['steps'][0]} to step {ev['steps'][-1]} the recorded gradient norm "
+            f"grew {ev['growth']:.1f}x, steadily (rising at {ev['rising_share']:.0%} of the "
+            f"sampled steps, like (step + 1)^{ev['slope']:.2f}), in {ev['layers_growing']} of "
+            f"{ev['layers']} weight layers at once.{_when(finding)} That is the shape of a "
+            "gradient that is the sum of every step's gradient so far (between (step + 1)^0.5 "
+            "and (step + 1)^1): loss.backward() adds to .grad and nothing zeroes it, so each "
+            "step applies all the earlier gradients again. A learning rate too high makes the "
+            "norm blow up faster than that, and gradient accumulation done right (zeroing "
+            "after each optimizer step) saw-tooths around a level instead. Lowering the "
+            "learning rate would only slow the growth."), [make_fix("zero_grad")]
+
+
 ADVISORS: dict[tuple[str, str], Advisor] = {
     (RUN, "nan_inf"): nan_inf,
     (RUN, "loss_diverging"): loss_diverging,
@@ -122,4 +137,5 @@ ADVISORS: dict[tuple[str, str], Advisor] = {
     (RUN, "dead_relu"): dead_relu,
     (RUN, "update_ratio_high"): update_ratio_high,
     (RUN, "update_ratio_low"): update_ratio_low,
+    (RUN, "zero_grad_missing"): zero_grad_missing,
 }
