@@ -395,3 +395,15 @@ def classification_data(batches: int = 16, batch_size: int = 64,
     x = torch.randn(batches * batch_size, features, generator=generator)
     y = x[:, :10].argmax(dim=1)
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+               optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """A healthy training step ``f(model, batch, optimizer) -> loss`` (``--train-step``)."""
+    inputs, targets = batch
+    model.train()
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    return loss

@@ -6,9 +6,14 @@ Registered under the ``pytest11`` entry point and inert unless a test asks for t
     def test_model_trains(nndiag_check):
         nndiag_check(build_model(), train_batches(), torch.nn.functional.cross_entropy, steps=30)
 
+    def test_my_training_step(nndiag_check):
+        nndiag_check(build_model(), train_batches(), train_step=train_step, steps=30)
+
 The fixture runs ``nndiag.training_check.check_training`` and fails the test, with every finding,
 its explanation and its fixes, when a finding is at or above ``fail_on`` (default ``error``).
-It returns the report otherwise.
+It returns the report otherwise. With ``train_step=f(model, batch, optimizer) -> loss`` (or
+``"lightning"``) the checks run through the project's own training step and name the bugs
+that live there (``zero_grad_missing``, ``softmax_before_loss``, ``train_mode_off``...).
 """
 
 from __future__ import annotations
@@ -37,7 +42,11 @@ def format_failure(report: Any, fail_on: str) -> str:
 
 @pytest.fixture
 def nndiag_check() -> Callable[..., Any]:
-    """Check that a model trains: ``nndiag_check(model, data, loss_fn=None, steps=30, ...)``."""
+    """Check that a model trains: ``nndiag_check(model, data, loss_fn=None, steps=30, ...)``.
+
+    Other keywords (``train_step``, ``optimizer``, ``lr``, ``overfit_steps``, ``log_dir``,
+    ``seed``) go to ``check_training``.
+    """
 
     def run(model: Any, data: Any, loss_fn: Any = None, *, steps: int = 30,
             fail_on: str = "error", **options: Any) -> Any:

@@ -41,6 +41,44 @@ def test_plugin_passes_a_healthy_project_and_fails_a_broken_one(pytester):
     assert "Traceback" not in result.stdout.str()
 
 
+STEP_PROJECT = '''
+import torch
+import torch.nn.functional as F
+
+from nndiag import examples
+
+
+def forgets_zero_grad(model, batch, optimizer):
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def test_healthy_step(nndiag_check):
+    torch.set_num_threads(1)
+    report = nndiag_check(examples.he_mlp(depth=3, width=64),
+                          examples.classification_data(batches=8),
+                          train_step=examples.train_step, steps=20)
+    assert report.status == "ok"
+
+
+def test_step_without_zero_grad(nndiag_check):
+    torch.set_num_threads(1)
+    nndiag_check(examples.he_mlp(depth=3, width=64), examples.classification_data(batches=8),
+                 train_step=forgets_zero_grad, steps=20)
+'''
+
+
+def test_plugin_checks_the_projects_own_training_step(pytester):
+    pytester.makepyfile(test_step=STEP_PROJECT)
+    result = pytester.runpytest_subprocess("-q")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*[[]error[]] zero_grad_missing*", "*fix zero_grad:*"])
+    assert "Traceback" not in result.stdout.str()
+
+
 def test_plugin_is_registered_and_inert(pytester):
     pytester.makepyfile(test_plain="def test_nothing():\n    assert True\n")
     result = pytester.runpytest_subprocess("-q", "--trace-config")

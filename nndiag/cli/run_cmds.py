@@ -21,7 +21,13 @@ def check(
     loss: str | None = typer.Option(None, "--loss", metavar="NAME|SPEC",
                                     help="cross_entropy, mse, bce, l1, huber, nll or a spec."),
     optimizer: str = typer.Option("adamw", "--optimizer", metavar="NAME|SPEC",
-                                  help="sgd, adam, adamw, rmsprop or f(params, lr)."),
+                                  help="sgd, adam, adamw, rmsprop, or a spec of f(params, lr) "
+                                       "or f(model)."),
+    train_step: str | None = typer.Option(None, "--train-step", metavar="SPEC|lightning",
+                                          help="Your training step f(model, batch, optimizer) "
+                                               "-> loss (it zeroes, steps and backpropagates "
+                                               "itself), or 'lightning' for the model's "
+                                               "training_step and configure_optimizers."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default 1e-3; SGD "
                                                        "1e-2)."),
     steps: int = typer.Option(50, "--steps", help="Steps of the short training run."),
@@ -39,11 +45,15 @@ def check(
     With RUN_DIR: loss trend, NaN/Inf, gradients, dead units and update ratios over time.
     With --model and --data: the model is inspected at init, sanity-checked (loss at init,
     parameters that do not update, overfitting one batch, batch mixing) and trained for
-    --steps steps, and the run is judged the same way.
+    --steps steps, and the run is judged the same way. With --train-step, the checks run
+    through your own step and watch it: gradients never zeroed, softmax before the loss,
+    eval mode while training, a loss summed over the batch, inputs and targets apart.
 
     Examples:
       nndiag check runs/exp1 --junit reports/nndiag.xml
       nndiag check --model train.py:build_model --data train.py:train_batches --steps 50
+      nndiag check --model train.py:build_model --data train.py:train_batches
+        --train-step train.py:train_step --optimizer train.py:make_optimizer
     """
     out = Output(debug=debug)
     try:
@@ -65,17 +75,18 @@ def check(
         if model is not None:
             from nndiag.losses import resolve_loss
             from nndiag.specs import load_data, load_model
-            from nndiag.training_check import check_training
+            from nndiag.training_check import check_training, load_train_step
 
             if data is None:
                 raise UsageError("--model needs --data SPEC (training batches)")
             with out.stderr.status("loading the model and data", spinner="dots"):
                 net, batches = load_model(model), load_data(data)
+                step = load_train_step(train_step) if train_step is not None else None
             with out.stderr.status(f"checking: init, sanity, {steps} training steps",
                                    spinner="dots"):
                 report = check_training(net, batches, loss=resolve_loss(loss),
                                         optimizer=optimizer, lr=lr, steps=steps,
-                                        log_dir=log_dir)
+                                        log_dir=log_dir, train_step=step)
         else:
             assert run_dir is not None
             report = check_run(run_dir)
