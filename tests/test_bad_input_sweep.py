@@ -144,6 +144,13 @@ def mlp():
     print("building the model")
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def dead_relu_mlp():
+    from nndiag import examples
+
+    print("building the model")
+    return examples.dead_relu_mlp()
 '''
 
 
