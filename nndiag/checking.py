@@ -22,16 +22,20 @@ RUN_FINDINGS = ("nan_inf", "loss_diverging", "loss_not_decreasing", "loss_oscill
 # What a bug in the training code makes the loss and the gradients look like: when the root
 # cause is found, these symptoms are tagged with it (``evidence["explained_by"]``), and their
 # learning-rate advice gives way to it.
+# (A step that cannot train makes the labels check fail too: training on the data's pairing
+# then beats shuffled targets no more than a broken step allows.)
 EXPLAINS: dict[str, tuple[str, ...]] = {
     "zero_grad_missing": ("loss_diverging", "loss_oscillating", "loss_not_decreasing",
-                          "exploding_gradients", "update_ratio_high", "cannot_overfit_batch"),
-    "softmax_before_loss": ("cannot_overfit_batch", "loss_not_decreasing", "update_ratio_low"),
-    "train_mode_off": ("cannot_overfit_batch", "loss_not_decreasing"),
+                          "exploding_gradients", "update_ratio_high", "dead_relu",
+                          "cannot_overfit_batch", "labels_misaligned"),
+    "softmax_before_loss": ("cannot_overfit_batch", "loss_not_decreasing", "update_ratio_low",
+                            "labels_misaligned"),
+    "train_mode_off": ("cannot_overfit_batch", "loss_not_decreasing", "labels_misaligned"),
     "loss_reduction_sum": ("loss_diverging", "loss_oscillating", "exploding_gradients",
-                           "update_ratio_high"),
+                           "update_ratio_high", "dead_relu"),
     "labels_misaligned": ("loss_not_decreasing",),
     "parameters_not_updated": ("loss_not_decreasing", "update_ratio_low",
-                               "cannot_overfit_batch"),
+                               "cannot_overfit_batch", "labels_misaligned"),
 }
 _LR_FIXES = ("raise_learning_rate", "lower_learning_rate", "lr_warmup")
 
@@ -71,15 +75,14 @@ def explain_symptoms(findings: list[Finding]) -> list[Finding]:
     Returns:
         The same findings, most severe first.
     """
-    causes = {f.id: f for f in findings if f.id in EXPLAINS}
+    causes = [f for f in findings if f.id in EXPLAINS]
     for finding in findings:
-        if finding.id in causes:
-            continue
-        explained = [c for c in causes.values() if finding.id in EXPLAINS[c.id]]
+        explained = sorted((c for c in causes if finding.id in EXPLAINS[c.id]),
+                           key=lambda c: -severity_rank(c.severity))
         if not explained:
             continue
-        cause = max(explained, key=lambda c: severity_rank(c.severity))
-        finding.evidence["explained_by"] = [c.id for c in explained]
+        cause = explained[0]
+        finding.evidence["explained_by"] = list(dict.fromkeys(c.id for c in explained))
         finding.explanation = (f"Probably a consequence of {cause.id} (see it): fix that first."
                                + (f" {finding.explanation}" if finding.explanation else ""))
         finding.fixes = [x for x in finding.fixes if x.id not in _LR_FIXES]

@@ -284,3 +284,33 @@ def test_monitor_and_check_run_name_a_missing_zero_grad(tmp_path):
     _record(tmp_path / "healthy", ts.healthy_step)
     healthy = CliRunner().invoke(app, ["check", str(tmp_path / "healthy"), "--json"])
     assert "zero_grad_missing" not in [f["id"] for f in json.loads(healthy.stdout)["findings"]]
+
+
+def test_a_root_cause_explains_its_symptoms_and_only_an_error_lowers_them():
+    from nndiag.checking import explain_symptoms
+    from nndiag.findings import Finding, Fix
+
+    def finding(finding_id, severity, fixes=()):
+        return Finding(finding_id, severity, [], finding_id, explanation="why",
+                       fixes=[Fix(f, f) for f in fixes])
+
+    found = explain_symptoms([
+        finding("labels_misaligned", "warning", ["align_inputs_labels"]),
+        finding("dead_relu", "warning", ["lower_learning_rate", "bias_init"]),
+        finding("zero_grad_missing", "error", ["zero_grad"]),
+        finding("loss_not_decreasing", "warning", ["raise_learning_rate"]),
+    ])
+    by_id = {f.id: f for f in found}
+    assert found[0].id == "zero_grad_missing" and found[0].severity == "error"
+    assert by_id["labels_misaligned"].severity == "info"  # a broken step learns nothing
+    assert by_id["dead_relu"].severity == "info"
+    assert [x.id for x in by_id["dead_relu"].fixes] == ["bias_init"]
+    assert by_id["loss_not_decreasing"].evidence["explained_by"] == [
+        "zero_grad_missing", "labels_misaligned"]
+    assert by_id["loss_not_decreasing"].explanation.startswith(
+        "Probably a consequence of zero_grad_missing")
+
+    alone = explain_symptoms([finding("loss_reduction_sum", "warning"),
+                              finding("loss_diverging", "error", ["lower_learning_rate"])])
+    diverging = next(f for f in alone if f.id == "loss_diverging")
+    assert diverging.severity == "error" and diverging.fixes == []  # a warning lowers nothing
