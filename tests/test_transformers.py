@@ -280,3 +280,20 @@ def test_an_encoder_without_targets_is_refused_with_a_clear_message():
     # with a loss of the user's, the same encoder is judged
     assert inspect_model(minilm(), ({"input_ids": _ids()}, torch.zeros(8, 384)),
                          loss=_pooled_mse).status == "ok"
+
+
+def test_cli_pretrained_flag_keeps_reinitializing_fixes_out(tmp_path):
+    from typer.testing import CliRunner
+
+    from nndiag.cli.app import app
+
+    spec = "tests/fixtures/transformer_zoo.py"
+    args = ["inspect", "--model", f"{spec}:gpt2_oversized_init", "--data",
+            f"{spec}:token_batch", "--json"]
+    import json
+
+    fresh = json.loads(CliRunner().invoke(app, args).stdout)
+    trained = json.loads(CliRunner().invoke(app, [*args, "--pretrained"]).stdout)
+    fixes = lambda report: {x["id"] for f in report["findings"] for x in f["fixes"]}  # noqa: E731
+    assert "scaled_residual_init" in fixes(fresh)
+    assert "scaled_residual_init" not in fixes(trained) and fixes(trained)

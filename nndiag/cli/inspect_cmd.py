@@ -75,6 +75,10 @@ def inspect(
                                     help="Load the checkpoint keys that match --model and "
                                          "report missing/unexpected keys as a finding."),
     seed: int = typer.Option(0, "--seed", help="Seed for random inputs and targets."),
+    pretrained: bool | None = typer.Option(
+        None, "--pretrained/--fresh",
+        help="The weights are trained (never advise re-initializing them) or freshly "
+             "initialized. Default: detected (Hugging Face from_pretrained, a CHECKPOINT)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
     """Measure a model (or a checkpoint's weights), diagnose it and recommend fixes.
@@ -87,7 +91,7 @@ def inspect(
     out = Output(debug=debug)
     options = InspectOptions(checkpoint, model, data, input_shape, input_dtype, input_max, loss,
                              batches, json_output, plot, fail_on.value, try_fixes, unsafe_load,
-                             not non_strict, seed)
+                             not non_strict, seed, pretrained)
     try:
         code = _run(out, options)
     except Exception as exc:  # every error becomes one message and its exit code
@@ -114,6 +118,7 @@ class InspectOptions:
     unsafe_load: bool
     strict: bool
     seed: int
+    pretrained: bool | None = None
 
 
 def _run(out: Output, o: InspectOptions) -> int:
@@ -145,7 +150,7 @@ def _run(out: Output, o: InspectOptions) -> int:
         assert net is not None
         with out.stderr.status("probing the model" + (" and trying fixes" if o.try_fixes
                                                       else ""), spinner="dots"):
-            report = inspect_model(net, data, **live)
+            report = inspect_model(net, data, pretrained=o.pretrained, **live)
     else:
         with out.progress("reading weights") as advance:
             report = inspect_checkpoint(o.checkpoint, net, data, unsafe_load=o.unsafe_load,
