@@ -131,6 +131,17 @@ def test_softmax_inside_the_model_is_located_in_the_model():
     assert "the model's module '1' returns them" in root.explanation
 
 
+def test_sigmoid_before_a_logit_loss_is_told_from_the_raw_logit():
+    broken = gate(ts.sigmoid_bce_with_logits_step, ts.binary_mlp, ts.binary_batches)
+    finding = broken.finding("softmax_before_loss")
+    assert finding.evidence["produced_by"] == "sigmoid"
+    assert "(values in [0, 1])" in finding.summary
+    assert finding.fixes[0].summary.startswith("pass the raw logits to "
+                                               "binary_cross_entropy_with_logits")
+    healthy = gate(ts.bce_with_logits_step, ts.binary_mlp, ts.binary_batches)
+    assert healthy.status == "ok", [(f.id, f.summary) for f in healthy.findings]
+
+
 def test_zero_grad_missing_reports_how_much_gradient_was_carried():
     report = gate(ts.no_zero_grad_step)
     sanity = next(f for f in report.findings if f.id == "zero_grad_missing"

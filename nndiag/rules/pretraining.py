@@ -228,10 +228,12 @@ def softmax_before_loss(record: SanityRecord) -> Finding | None:
     if finite:
         evidence["overfit_best"] = min(finite)
     source = f" from {call['produced_by']}" if call.get("produced_by") else ""
+    shape = ("values in [0, 1]" if call.get("produced_by") == "sigmoid"
+             else "rows in [0, 1] summing to 1")
     return Finding("softmax_before_loss", "error", [call["where"]] if call.get("where")
-                   not in (None, "step") else [],
-                   f"{name} receives probabilities{source} (rows in [0, 1] summing to 1) where "
-                   f"it expects {LOGIT_LOSSES[name]}", evidence=evidence)
+                   not in (None, "step", "forward") else [],
+                   f"{name} receives probabilities{source} ({shape}) where it expects "
+                   f"{LOGIT_LOSSES[name]}", evidence=evidence)
 
 
 def train_mode_off(record: SanityRecord) -> Finding | None:
