@@ -228,7 +228,7 @@ def safetensors_files(draw) -> bytes:
     else:
         header = draw(st.dictionaries(st.text(max_size=8), entry, max_size=3))
     if draw(st.booleans()):
-        # Only objects: any other __metadata__ is exit 4 today (see the xfail below).
+        # Only objects here: any other __metadata__ is refused (tested below).
         header["__metadata__"] = draw(st.dictionaries(st.text(max_size=6), json_value,
                                                       max_size=3))
     text = json.dumps(header) if draw(st.integers(0, 9)) else json.dumps(draw(json_value))
@@ -271,10 +271,6 @@ def test_safetensors_headers_are_trusted_only_for_bytes_they_own(workdir, data):
         assert same_tensor(tensor_entry.read(), declared_tensor(data, info)), tensor_entry.name
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="a safetensors __metadata__ that is not an object raises "
-                          "AttributeError (exit 4) in checkpoints/formats.py "
-                          "_safetensors_entries; to fix there")
 @pytest.mark.parametrize("metadata", ["0", [1, 2], True, 1.5])
 def test_safetensors_metadata_that_is_not_an_object_is_refused(tmp_path, metadata):
     raw = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
@@ -295,7 +291,7 @@ hostile_names = st.sampled_from([
     "", ".", "..", "C:\\outside.safetensors", "part-3.safetensors", "a" * 300,
     "link.safetensors", "part-1.safetensors/..",
 ])
-# A NUL byte in a shard name is left out: it is exit 4 today (see the xfail below).
+# A NUL byte in a shard name is tested on its own below.
 names = st.one_of(hostile_names, st.text(st.characters(blacklist_characters="\x00"),
                                          max_size=12))
 weight_maps = st.one_of(
@@ -336,9 +332,6 @@ def test_shard_indexes_never_lead_outside_the_directory(workdir, weight_map, gar
     assert "secret.weight" not in {e.name for e in checkpoint.entries}
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="a NUL byte in a shard name raises ValueError (exit 4) in "
-                          "checkpoints/formats.py _check_inside; to fix there")
 def test_a_nul_byte_in_a_shard_name_is_refused(tmp_path):
     directory = tmp_path / "model"
     directory.mkdir()

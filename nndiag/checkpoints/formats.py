@@ -304,6 +304,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
                          f"({describe_exception(exc)})") from exc
     if not isinstance(header, dict):
         raise UsageError(f"{str(path)!r}: corrupt safetensors header (not an object)")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise UsageError(f"{str(path)!r}: corrupt safetensors header (__metadata__ is not an "
+                         "object)")
     data_start = 8 + header_len
     for name, info in header.items():
         if name == "__metadata__":
@@ -425,6 +428,8 @@ def _check_inside(directory: Path, index: Path, name: str) -> None:
     relative = PurePosixPath(name.replace("\\", "/"))
     if relative.is_absolute() or PureWindowsPath(name).drive or ".." in relative.parts:
         raise refused
+    if "\x00" in name:
+        raise UsageError(f"{str(index)!r} names a shard with a NUL byte ({name!r})")
     try:
         root = directory.resolve()
         target = (directory / relative).resolve()
