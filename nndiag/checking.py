@@ -36,6 +36,7 @@ EXPLAINS: dict[str, tuple[str, ...]] = {
     "labels_misaligned": ("loss_not_decreasing",),
     "parameters_not_updated": ("loss_not_decreasing", "update_ratio_low",
                                "cannot_overfit_batch", "labels_misaligned"),
+    "batch_mixing": ("cannot_overfit_batch", "loss_not_decreasing", "labels_misaligned"),
 }
 _LR_FIXES = ("raise_learning_rate", "lower_learning_rate", "lr_warmup")
 

@@ -280,6 +280,13 @@ def classification_loss(logits, y):
 def reorder(x, y, order):              # order: torch.randperm(len(x)), lengths.argsort()...
     return x[order], y[order]          # the same order for inputs and targets
 # datasets: DataLoader(TensorDataset(x, y), shuffle=True), never x and y shuffled apart"""),
+    "batch_first_reshape": FixTemplate(
+        summary="keep the batch dimension first and apart: flatten with reshape(batch, -1), "
+                "swap dimensions with transpose/permute, never with view or reshape",
+        code="""
+def flatten(h):
+    return h.reshape(h.shape[0], -1)   # each sample's values stay in its own row
+# swapping dimensions: h.transpose(0, 1), not h.view(h.shape[1], h.shape[0])"""),
     "optimizer_params": FixTemplate(
         summary="build the optimizer over every trainable parameter, with a non-zero "
                 "learning rate in each group",

@@ -123,7 +123,7 @@ def batch_mixing(finding: Finding, record: SanityRecord) -> tuple[str, list[Fix]
     return (f"In eval mode, sample 0's output changes with the other samples' inputs "
             f"(measured by {finding.evidence['method']}): a reshape, view or transpose mixes "
             "the batch dimension with another one (for example x.view(-1, batch) where "
-            "x.view(batch, -1) was meant)."), []
+            "x.view(batch, -1) was meant)."), [make_fix("batch_first_reshape")]
 
 
 # ----------------------------------------------------------------------------- the training step
