@@ -236,6 +236,9 @@ def read_run(directory: str | Path) -> RunLog:
     """
     path = Path(directory)
     meta_path = path / META
+    if path.is_file():
+        raise UsageError(f"{str(path)!r} is a file: give the run directory Monitor wrote "
+                         "(it holds meta.json)")
     if not path.is_dir():
         raise UsageError(f"run directory {str(path)!r} not found")
     if not meta_path.is_file():
