@@ -1,9 +1,10 @@
-"""Rendering: the text report, JSON encoding and the gradient-flow figure."""
+"""Rendering: the text report, JSON encoding, the gradient-flow figure and the run figures."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 from matplotlib.figure import Figure
 from rich.console import Console
 
@@ -65,3 +66,77 @@ def test_gradient_flow_marks_flagged_layers_and_draws_on_given_axes():
     own = Figure()
     axes = tuple(own.subplots(1, 2))
     assert plot_gradient_flow(report, axes) is own
+
+
+# ---------------------------------------------------------------------- run figures
+
+def _run_and_findings(run_dir):
+    from nndiag.amp import check_run_with_amp
+    from nndiag.runlog import read_run
+
+    log = read_run(run_dir)
+    return log, check_run_with_amp(log).findings
+
+
+def _overlaps(a, b) -> bool:
+    return a.width > 0 and b.width > 0 and a.overlaps(b)
+
+
+def test_no_finding_label_overlaps_an_axis_label_or_title():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from nndiag.render.plots.run_figures import FIGURES
+    from tests.test_html_report import RUNS
+
+    log, findings = _run_and_findings(RUNS / "dying_relu")
+    assert findings
+    for name, plot in FIGURES.items():
+        fig = plot(log, findings)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        legends = [leg.get_window_extent(renderer) for leg in fig.legends]
+        assert legends, name  # findings are listed in a legend below the axes...
+        ids = {f.id for f in findings}
+        assert not [t for ax in fig.axes for t in ax.texts
+                    if any(i in t.get_text() for i in ids)], name  # ...not written on the axes
+        for ax in fig.axes:
+            labels = [ax.xaxis.label, ax.yaxis.label, ax.title,
+                      *ax.get_xticklabels(), *ax.get_yticklabels()]
+            for label in labels:
+                if not label.get_text() or not label.get_visible():
+                    continue
+                box = label.get_window_extent(renderer)
+                assert not any(_overlaps(box, legend) for legend in legends), (
+                    name, label.get_text())
+
+
+def test_50_layer_run_is_a_named_heatmap_with_zero_gradients_in_their_own_colour(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    from nndiag.render.plots.run_figures import (
+        ZERO_COLOR,
+        plot_activation_std,
+        plot_grad_heatmap,
+    )
+    from tests.test_html_report import record_deep_run
+
+    log, findings = _run_and_findings(record_deep_run(tmp_path / "run"))
+    fig = plot_grad_heatmap(log, findings)
+    heatmap = fig.axes[0]
+    names = [t.get_text().split()[0] for t in heatmap.get_yticklabels()]
+    assert names == [str(2 * i) for i in range(51)]  # every Linear, named, in forward order
+    assert len(heatmap.images) == 1 and not heatmap.get_lines()[1:]  # one image, no curves
+    cells = heatmap.images[0].get_array()
+    zero = np.all(np.isclose(cells, to_rgba(ZERO_COLOR)), axis=-1)
+    # Linear layers 20..22 feed dead ReLUs: they and every layer below get exactly no gradient,
+    # and so does layer 23, whose input is all zero.
+    assert zero[:24].all() and not zero[24:].any()
+    legend_texts = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert any(t.startswith("exactly 0") for t in legend_texts)
+    assert any("vanishing_gradients" in t for t in legend_texts)
+    flagged = [t for t in heatmap.get_yticklabels() if t.get_color() != "black"]
+    assert flagged and flagged[0].get_text().startswith("0 ")  # the weakest layer, in red
+
+    std = plot_activation_std(log, findings)
+    assert len(std.axes[0].images) == 1
+    assert len(std.axes[0].get_yticklabels()) == 101  # 50 Linear + 50 ReLU + the head

@@ -73,6 +73,7 @@ command("inspect", inspect_cmd.inspect)
 command("lr-find", lrfind_cmd.lr_find)
 command("check", run_cmds.check)
 command("report", run_cmds.report)
+command("export", run_cmds.export)
 
 
 def main() -> None:

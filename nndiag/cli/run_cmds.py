@@ -108,31 +108,58 @@ def report(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
                                    help="A run directory written by nndiag.Monitor."),
     out_dir: Path | None = typer.Option(None, "--out", metavar="DIR",
-                                        help="Where to write the figures (default: "
+                                        help="Where to write the report (default: "
                                              "RUN_DIR/report)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
-    """Draw a recorded run as PNG figures, findings marked where they first appeared.
+    """Write a recorded run as one self-contained HTML page, DIR/index.html, and its figures.
 
-    Figures: loss and learning rate, gradient-norm heatmap, activation std, dead units and
-    update ratios per layer over the sampled steps.
+    The page holds the findings with their explanations and fixes, and the figures (embedded):
+    loss and learning rate, then per layer (a heatmap row each, named) the gradient norm, the
+    update ratio, the activation std and the dead units over the sampled steps, findings
+    marked at the step they first appeared. Each figure is also written as a PNG beside it.
     """
     out = Output(debug=debug)
     try:
-        from nndiag.advice import advise_run
-        from nndiag.render.plots import save_figure
-        from nndiag.render.plots.run_figures import FIGURES
-        from nndiag.rules.run import run_rules
+        from nndiag.amp import judge_log, read_skipped
+        from nndiag.render.html import write_run_report
         from nndiag.runlog import read_run
 
         if out_dir is not None:
             check_output_dir(out_dir, "--out")
         log = read_run(run_dir)
-        findings = [advise_run(f, log) for f in run_rules(log)]
+        judged = judge_log(log, read_skipped(run_dir))
         target = out_dir or (run_dir / "report")
-        for name, figure in FIGURES.items():
-            path = save_figure(figure(log, findings), target / name)
+        for path in write_run_report(log, judged, target):
             out.stdout.print(str(path), highlight=False)
+        code = 0
+    except Exception as exc:  # every error becomes one message and its exit code
+        code = out.fail(exc)
+    raise typer.Exit(code)
+
+
+def export(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
+                                   help="A run directory written by nndiag.Monitor."),
+    tensorboard: Path = typer.Option(..., "--tensorboard", metavar="DIR",
+                                     help="Write TensorBoard event files to this directory."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+) -> None:
+    """Export a recorded run to TensorBoard: per-layer scalars and the findings as text.
+
+    Scalars: loss and learning rate per step; per sampled step the global gradient norm and,
+    per layer, grad_norm/, update_ratio/, activation_std/ and dead_fraction/. Text:
+    nndiag/findings. View with: tensorboard --logdir DIR
+
+    Example:
+      nndiag export runs/exp1 --tensorboard runs/exp1/tensorboard
+    """
+    out = Output(debug=debug)
+    try:
+        from nndiag.export import export_tensorboard
+
+        path = export_tensorboard(run_dir, tensorboard)
+        out.stdout.print(str(path), highlight=False)
         code = 0
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)
