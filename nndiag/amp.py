@@ -17,9 +17,7 @@ import json
 import warnings
 from pathlib import Path
 
-from nndiag.errors import UsageError
-from nndiag.findings import Finding, Report, severity_rank
-from nndiag.runlog import RunLog, read_run
+from nndiag.findings import Finding
 
 AMP_FILE = "amp.jsonl"
 FINDING_ID = "amp_skipped_steps"
@@ -86,42 +84,3 @@ def skipped_steps_finding(skipped: list[dict[str, float]], steps: int) -> Findin
                    evidence={"skipped": count, "steps": steps, "share": share,
                              "skipped_steps": [row["step"] for row in skipped],
                              "last_scale": last_scale, "first_step": skipped[0]["step"]})
-
-
-def judge_log(log: RunLog, skipped: list[dict[str, float]] | list[int]) -> Report:
-    """The check report of a run log: the run rules with advice, and the skipped steps.
-
-    Args:
-        log: The run.
-        skipped: Rows of ``read_skipped``, or bare step indices (``Monitor.skipped_steps``).
-    """
-    from nndiag.advice import advise_run
-    from nndiag.checking import build_run_report
-    from nndiag.rules.run import run_rules
-
-    rows = [row if isinstance(row, dict) else {"step": row, "scale": float("nan")}
-            for row in skipped]
-    findings = [advise_run(f, log) for f in run_rules(log)]
-    amp = skipped_steps_finding(rows, len(log.losses))
-    if amp is not None:
-        findings.append(amp)
-    report = build_run_report(log, sorted(findings, key=lambda f: -severity_rank(f.severity)))
-    if rows:
-        report.summary["skipped_steps"] = len(rows)
-    return report
-
-
-def check_run_with_amp(run: str | Path | RunLog) -> Report:
-    """``check_run`` plus the steps a ``GradScaler`` skipped (``amp.jsonl``).
-
-    Args:
-        run: A run directory, or a run already read.
-
-    Raises:
-        UsageError: Not a run directory, or a run with no recorded step.
-    """
-    log = run if isinstance(run, RunLog) else read_run(run)
-    if not log.losses and not log.samples:
-        raise UsageError(f"{str(log.path)!r} holds no recorded step: nothing to judge (did "
-                         "training call monitor.step(loss)?)")
-    return judge_log(log, read_skipped(log.path))

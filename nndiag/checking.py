@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
 from nndiag.advice import advise_run
+from nndiag.amp import read_skipped, skipped_steps_finding
 from nndiag.errors import UsageError
 from nndiag.findings import Finding, Report, severity_rank
 from nndiag.rules.run import run_rules
@@ -41,25 +43,48 @@ EXPLAINS: dict[str, tuple[str, ...]] = {
 _LR_FIXES = ("raise_learning_rate", "lower_learning_rate", "lr_warmup")
 
 
-def check_run(run_dir: str | Path, thresholds: dict[str, Threshold] | None = None) -> Report:
+def check_run(run: str | Path | RunLog, thresholds: dict[str, Threshold] | None = None
+              ) -> Report:
     """Read a run log and judge it with the rules over time.
 
     Args:
-        run_dir: A directory written by ``nndiag.Monitor``.
+        run: A directory written by ``nndiag.Monitor``, or a run already read.
         thresholds: Override thresholds (see ``nndiag.rules.thresholds``).
 
     Returns:
-        A ``nndiag.check/1`` report: findings with the first step each appeared.
+        A ``nndiag.check/1`` report: findings with the first step each appeared, and the
+        steps a ``GradScaler`` skipped (``amp.jsonl``) as their own finding.
 
     Raises:
         UsageError: Not a run directory, or a run with no recorded step.
     """
-    log = read_run(run_dir)
+    log = run if isinstance(run, RunLog) else read_run(run)
     if not log.losses and not log.samples:
         raise UsageError(f"{str(log.path)!r} holds no recorded step: nothing to judge (did "
                          "training call monitor.step(loss)?)")
+    return judge_run(log, read_skipped(log.path), thresholds)
+
+
+def judge_run(log: RunLog, skipped: Sequence[dict[str, float] | int] = (),
+              thresholds: dict[str, Threshold] | None = None) -> Report:
+    """The check report of a run log: the run rules with advice, and the skipped AMP steps.
+
+    Args:
+        log: The run.
+        skipped: Rows of ``nndiag.amp.read_skipped``, or bare step indices
+            (``Monitor.skipped_steps``).
+        thresholds: Override thresholds.
+    """
+    rows = [row if isinstance(row, dict) else {"step": row, "scale": float("nan")}
+            for row in skipped]
     findings = [advise_run(f, log) for f in run_rules(log, thresholds)]
-    return build_run_report(log, explain_symptoms(findings))
+    amp = skipped_steps_finding(rows, len(log.losses))
+    if amp is not None:
+        findings.append(amp)
+    report = build_run_report(log, explain_symptoms(findings))
+    if rows:
+        report.summary["skipped_steps"] = len(rows)
+    return report
 
 
 def explain_symptoms(findings: list[Finding]) -> list[Finding]:

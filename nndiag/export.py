@@ -180,8 +180,8 @@ def export_tensorboard(run_dir: str | Path, directory: str | Path) -> Path:
     Raises:
         UsageError: Not a run directory, an empty run, or no ``tensorboard`` package.
     """
-    from nndiag.amp import check_run_with_amp
+    from nndiag.checking import check_run
 
     _tensorboard()
     log = read_run(run_dir)
-    return export_run(log, check_run_with_amp(log), directory)
+    return export_run(log, check_run(log), directory)

@@ -579,7 +579,7 @@ class Monitor:
         The findings are judged on the run log when there is one, else on what the writer
         and ``samples`` kept; a run too short to judge gets none. Never raises.
         """
-        from nndiag.amp import check_run_with_amp, judge_log
+        from nndiag.checking import check_run, judge_run
         from nndiag.runlog import RunLog
 
         tensorboard = self._tensorboard
@@ -587,11 +587,11 @@ class Monitor:
             if not self.step_count:
                 return
             if self._writer is not None:
-                self.report = check_run_with_amp(self._writer.directory)
+                self.report = check_run(self._writer.directory)
             else:
                 log = RunLog(Path(tensorboard.directory), {"schema": None, **self._meta},
                              *tensorboard.kept_losses(), samples=list(self.samples))
-                self.report = judge_log(log, self.skipped_steps)
+                self.report = judge_run(log, self.skipped_steps)
             tensorboard.write_findings(self.report, max(self.step_count - 1, 0))
         except Exception as exc:  # noqa: BLE001 - a report must never break training
             import warnings

@@ -17,7 +17,6 @@ from torch import nn
 from typer.testing import CliRunner
 
 from nndiag import check_run, examples, inspect_model, lr_find
-from nndiag.amp import check_run_with_amp
 from nndiag.cli.app import app
 from nndiag.monitor import Monitor
 from nndiag.render.html import run_report_page
@@ -92,7 +91,7 @@ def test_layer_names_from_the_run_are_escaped(tmp_path):
             loss.backward()
             optimizer.step()
             monitor.step(loss)
-    report = check_run_with_amp(run)
+    report = check_run(run)
     assert any("<b>x</b>" in f.layers or "act" in f.layers for f in report.findings)
     page = run_report_page(report, [])
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nndiag.amp import AMP_FILE, FINDING_ID, check_run_with_amp
+from nndiag.amp import AMP_FILE, FINDING_ID
+from nndiag.checking import check_run
 from nndiag.monitor import Monitor
 from nndiag.runlog import read_run
 
@@ -299,7 +300,7 @@ def test_grad_scaler_norms_are_unscaled_and_skipped_steps_are_info(tmp_path):
                    for layer in by_step[step].layers)
     lines = (tmp_path / "run" / AMP_FILE).read_text().splitlines()
     assert len(lines) == 2 and '"step": 3' in lines[0] and '"scale": 16384.0' in lines[1]
-    report = check_run_with_amp(tmp_path / "run")
+    report = check_run(tmp_path / "run")
     assert report.finding("nan_inf") is None
     finding = report.finding(FINDING_ID)
     assert finding.severity == "info" and finding.evidence["skipped_steps"] == [3, 4]

@@ -71,11 +71,11 @@ def test_gradient_flow_marks_flagged_layers_and_draws_on_given_axes():
 # ---------------------------------------------------------------------- run figures
 
 def _run_and_findings(run_dir):
-    from nndiag.amp import check_run_with_amp
+    from nndiag.checking import check_run
     from nndiag.runlog import read_run
 
     log = read_run(run_dir)
-    return log, check_run_with_amp(log).findings
+    return log, check_run(log).findings
 
 
 def _overlaps(a, b) -> bool:

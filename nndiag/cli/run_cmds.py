@@ -121,14 +121,15 @@ def report(
     """
     out = Output(debug=debug)
     try:
-        from nndiag.amp import judge_log, read_skipped
+        from nndiag.amp import read_skipped
+        from nndiag.checking import judge_run
         from nndiag.render.html import write_run_report
         from nndiag.runlog import read_run
 
         if out_dir is not None:
             check_output_dir(out_dir, "--out")
         log = read_run(run_dir)
-        judged = judge_log(log, read_skipped(run_dir))
+        judged = judge_run(log, read_skipped(run_dir))
         target = out_dir or (run_dir / "report")
         for path in write_run_report(log, judged, target):
             out.stdout.print(str(path), highlight=False)

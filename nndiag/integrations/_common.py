@@ -70,13 +70,13 @@ def finish(monitor: Any, *, fail_on: str | None, verbose: bool) -> Report | None
     Raises:
         TrainingFindingsError: A finding at or above ``fail_on``.
     """
-    from nndiag.amp import check_run_with_amp
+    from nndiag.checking import check_run
 
     monitor.close()
     run_dir = monitor.run_dir
     if run_dir is None or monitor.step_count == 0:
         return None
-    report = monitor.report if monitor.report is not None else check_run_with_amp(run_dir)
+    report = monitor.report if monitor.report is not None else check_run(run_dir)
     if verbose:
         from rich.console import Console
 
