@@ -33,10 +33,10 @@ def lr_find(
                                    help="Micro-batches per step; the loss is their mean."),
     no_early_stop: bool = typer.Option(False, "--no-early-stop",
                                        help="Run every step even after the loss diverges."),
-    no_trials: bool = typer.Option(False, "--no-trials",
-                                   help="Read the suggestion from the curve alone; skip the "
-                                        "short trial trainings of its candidates (about 1.5x "
-                                        "the sweep's steps)."),
+    trials: bool = typer.Option(False, "--trials/--no-trials",
+                                help="Also train the curve's candidates briefly from the same "
+                                     "start and suggest the best (at most 1.5x the sweep's "
+                                     "steps more). Default: the curve's own suggestion."),
     trial_steps: int | None = typer.Option(None, "--trial-steps", metavar="N",
                                            help="Steps of each trial (default: half --steps)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -47,7 +47,7 @@ def lr_find(
     seed: int = typer.Option(0, "--seed", help="Seed for random targets."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
-    """Sweep the learning rate exponentially, try its best candidates briefly, suggest one.
+    """Sweep the learning rate exponentially and suggest where to start training.
 
     The model, its buffers and modes, the RNG and the data order are restored afterwards.
 
@@ -57,7 +57,7 @@ def lr_find(
     try:
         code = _run(out, model, data, loss, optimizer, momentum, weight_decay, start_lr,
                     end_lr, steps, accumulate, not no_early_stop, json_output, plot,
-                    fail_on.value, seed, not no_trials, trial_steps)
+                    fail_on.value, seed, trials, trial_steps)
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)
     raise typer.Exit(code)
@@ -66,7 +66,7 @@ def lr_find(
 def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimizer: str,
          momentum: float | None, weight_decay: float, start_lr: float, end_lr: float,
          steps: int, accumulate: int, early_stop: bool, json_output: bool, plot: Path | None,
-         fail_on: str, seed: int, trials: bool = True, trial_steps: int | None = None) -> int:
+         fail_on: str, seed: int, trials: bool = False, trial_steps: int | None = None) -> int:
     from nndiag.losses import resolve_loss
     from nndiag.lrfind import lr_find as run_lr_find
     from nndiag.optimizers import optimizer_factory

@@ -9,22 +9,28 @@
 3. ``lr_high`` is the learning rate at the minimum of the smoothed curve; past it the loss
    rises. ``lr_low`` is where the smoothed loss has made ``LOW_FRACTION`` of its total drop:
    learning has clearly started.
-4. The *anchor* is ``lr_high``; when the minimum sits at the very end of a completed sweep (the
-   loss still falls at the end of the range: the sweep's own progress may dominate the curve,
-   and the end is no evidence that such a rate trains) it is the end divided by
-   ``Rule.narrow_divisor`` (for the candidates: lowered by ``Rule.narrow_offset`` decades); on a
-   flat curve it is where the loss starts to rise.
-5. The curve-only suggestion is the anchor divided by ``Rule.min_divisor`` (``Rule.flat_divisor``
-   on a flat curve), capped at the steepest point of the descent when ``Rule.cap_at_steepest``
-   and that point is lower, and never below ``lr_low``.
+4. The curve-only suggestion (``Rule.anchor``): ``valley``, fastai's rule read on a debiased
+   EMA (``Rule.ema_beta``) of the raw loss: the point half-way past the first third of the
+   longest decreasing run, shifted by ``Rule.valley_shift`` decades; or ``min``: ``lr_high``
+   divided by ``Rule.min_divisor`` (times ``Rule.narrow_divisor`` when the minimum sits at the
+   very end of a completed sweep), capped at the steepest point of the descent when
+   ``Rule.cap_at_steepest``, never below ``lr_low``.
+5. A loss that still falls at the end of the range is warned about: the sweep's own progress
+   may dominate such a curve, and the end is no evidence that so high a rate trains from the
+   start; the suggestion stays where the rule puts it, well below the end.
 6. Noise is the robust spread (1.4826 x MAD) of the raw loss around the smoothed curve; the
    smoothed curve's own noise is that divided by the square root of the points the Gaussian
    averages. A drop smaller than ``FLAT_NOISE_RATIO`` x the curve's noise (or below
    ``FLAT_RELATIVE_DROP`` of the loss) is "flat"; raw noise above ``NOISY_FRACTION`` of the drop
-   is "noisy": both are warned about.
+   is "noisy": both are warned about. On a flat curve the suggestion is the valley as above
+   (``Rule.flat_rule``) or, with ``rise``, where the loss starts to rise divided by
+   ``Rule.flat_divisor``; a flat curve that never rises gives no suggestion (an error).
 7. ``candidates`` are learning rates for short trial trainings (``nndiag.lrfind.sweep``): the
-   anchor lowered by ``Rule.candidate_offset`` decades, then by ``Rule.candidate_spacing``
-   decades each, ``Rule.candidates`` of them, rounded to quarter decades (1, 1.78, 3.16, 5.62).
+   curve's suggestion raised by ``Rule.candidate_offset`` decades, then lowered by
+   ``Rule.candidate_spacing`` decades each, ``Rule.candidates`` of them, rounded to quarter
+   decades (1, 1.78, 3.16, 5.62). A flat curve holds no valley to centre them on: they start
+   ``Rule.flat_top`` decades below the highest learning rate the sweep reached and are
+   ``Rule.flat_spacing`` decades apart, so that the trials, not the curve, decide.
 
 ``choose_lr`` is the second stage's decision, also pure: the candidate whose trial reached the
 lowest loss, lowered by ``Rule.trial_shrink`` decades; when every trial diverged, a step below
@@ -60,29 +66,45 @@ class Rule:
     """The constants of the suggestion, chosen together by cross-validation over problems.
 
     Attributes:
+        anchor: ``valley`` (fastai's rule: halfway down the longest descent of a debiased EMA
+            of the loss) or ``min`` (the smoothed minimum).
+        ema_beta: Smoothing of the EMA the valley is read on.
+        valley_despike: Take the running median (``MEDIAN_WINDOW_DECADES``) of the loss
+            before the EMA, so that isolated spikes do not move the valley.
+        valley_shift: Decades added to the valley learning rate.
+        flat_rule: On a flat curve: ``valley`` as on any curve, or ``rise`` (below where the
+            loss starts to rise, by ``flat_divisor``).
         min_divisor: Curve-only suggestion: the anchor (smoothed minimum) divided by this.
         cap_at_steepest: Cap the curve-only suggestion at the steepest point of the descent.
         flat_divisor: On a flat curve: where the loss starts to rise divided by this.
         narrow_divisor: When the loss still falls at the end of the range, the curve-only
             suggestion's anchor is the end divided by this.
-        narrow_offset: ... and the candidates start this many decades lower still.
         candidates: How many learning rates the trial stage trains (0: none).
-        candidate_offset: Decades below the anchor of the first candidate.
+        candidate_offset: Decades above the curve's suggestion of the first candidate.
         candidate_spacing: Decades between candidates.
+        flat_top: On a flat curve, which holds no valley to trust, the candidates start this
+            many decades below the highest learning rate the sweep reached ...
+        flat_spacing: ... and are this many decades apart.
         trial_fraction: Steps of each trial as a fraction of the sweep's steps.
         trial_shrink: Decades below the best trial's learning rate that are suggested.
     """
 
+    anchor: str = "valley"
+    ema_beta: float = 0.98
+    valley_despike: bool = True
+    valley_shift: float = 0.25
+    flat_rule: str = "valley"
     min_divisor: float = 10.0
     cap_at_steepest: bool = True
     flat_divisor: float = 10.0
     narrow_divisor: float = 10.0
-    narrow_offset: float = 0.0
-    candidates: int = 3
+    candidates: int = 2
     candidate_offset: float = 0.5
     candidate_spacing: float = 0.5
+    flat_top: float = 1.0
+    flat_spacing: float = 0.5
     trial_fraction: float = 0.5
-    trial_shrink: float = 0.0
+    trial_shrink: float = 0.5
 
 
 RULE = Rule()
@@ -124,11 +146,26 @@ def snap_lr(lr: float) -> float:
     return float(10 ** (round(math.log10(lr) * QUARTER_DECADES) / QUARTER_DECADES))
 
 
-def candidate_lrs(anchor: float, floor: float, rule: Rule = RULE) -> list[float]:
-    """Trial learning rates below ``anchor`` (highest first), none below ``floor``."""
+def candidate_lrs(centre: float, floor: float, rule: Rule = RULE, *,
+                  top: float | None = None) -> list[float]:
+    """Trial learning rates (highest first, none below ``floor``).
+
+    Args:
+        centre: The curve's suggestion: candidates start ``rule.candidate_offset`` decades
+            above it, ``rule.candidate_spacing`` decades apart.
+        floor: The lowest learning rate allowed (the sweep's first).
+        rule: The constants.
+        top: For a flat curve, the highest learning rate the sweep reached: candidates start
+            ``rule.flat_top`` decades below it, ``rule.flat_spacing`` decades apart.
+
+    Returns:
+        The candidates, rounded to quarter decades.
+    """
+    first, spacing = (centre * 10 ** rule.candidate_offset, rule.candidate_spacing) \
+        if top is None else (top * 10 ** -rule.flat_top, rule.flat_spacing)
     out: list[float] = []
     for k in range(rule.candidates):
-        lr = snap_lr(anchor * 10 ** -(rule.candidate_offset + k * rule.candidate_spacing))
+        lr = snap_lr(first * 10 ** (-k * spacing))
         if lr >= floor * (1 - 1e-9) and lr not in out:
             out.append(lr)
     return out
@@ -161,6 +198,57 @@ def smooth_curve(log_lrs: np.ndarray, losses: np.ndarray) -> np.ndarray:
     window = max(3, int(round(MEDIAN_WINDOW_DECADES / step)) | 1)
     window = min(window, len(losses) if len(losses) % 2 else len(losses) - 1)
     return _gaussian(_running_median(losses, window), GAUSS_SIGMA_DECADES / step)
+
+
+def valley_lr(lrs: Sequence[float], losses: Sequence[float], beta: float = 0.98,
+              skip_end: int = 5, despike: bool = False) -> float | None:
+    """The ``valley`` rule of fastai, read on a debiased EMA of the loss.
+
+    As fastai's ``Learner.lr_find``: the EMA (``beta``) with bias correction, cut at the first
+    non-finite value, the first tenth and the last ``skip_end`` points dropped; then the
+    longest decreasing subsequence, and the point half-way past its first third.
+
+    Args:
+        lrs: Increasing learning rates, one per step.
+        losses: The raw loss at each.
+        beta: The EMA's smoothing.
+        skip_end: Points dropped at the end (they lag the divergence).
+        despike: Take a running median of the loss first (see ``Rule.valley_despike``).
+
+    Returns:
+        The valley learning rate, or ``None`` when too few points remain.
+    """
+    values = [float(v) for v in losses]
+    cut = next((i for i, v in enumerate(values) if not math.isfinite(v)), len(values))
+    if despike and cut >= 3:
+        log_lrs = np.log10(np.asarray(lrs[:cut], dtype=float))
+        step = float(np.median(np.diff(log_lrs)))
+        window = max(3, int(round(MEDIAN_WINDOW_DECADES / step)) | 1) if step > 0 else 3
+        window = min(window, cut if cut % 2 else cut - 1)
+        values = _running_median(np.asarray(values[:cut]), window).tolist() + values[cut:]
+    ema, count, smooth = 0.0, 0, []
+    for value in values:
+        if not math.isfinite(value):
+            break
+        count += 1
+        ema = beta * ema + (1 - beta) * value
+        smooth.append(ema / (1 - beta ** count))
+    lo, hi = len(losses) // 10, len(smooth) - skip_end
+    xs, ys = list(lrs[lo:hi]), smooth[lo:hi]
+    if len(ys) < 2:
+        return None
+    n = len(ys)
+    max_start, max_end = 0, 0
+    lds = [1] * n
+    for i in range(1, n):
+        for j in range(i):
+            if ys[i] < ys[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end = i
+                max_start = max_end - lds[max_end]
+    sections = (max_end - max_start) / 3
+    return float(xs[max_start + int(sections) + int(sections / 2)])
 
 
 def _finding(finding_id: str, summary: str, explanation: str, severity: str = "warning",
@@ -216,13 +304,22 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
             "no valley to read a learning rate from. The suggestion sits below where the loss "
             "starts to rise: a safe upper bound rather than an optimum.",
             "warning" if len(rise) else "error", drop=drop, noise=noise))
+        valley = valley_lr(lr_arr[:cut], raw, rule.ema_beta, despike=rule.valley_despike) \
+            if rule.flat_rule == "valley" else None
+        top = float(lr_arr[cut - 1])
+        if len(rise) and valley is not None:
+            lr = valley * 10 ** rule.valley_shift
+            return Suggestion(lr, None, float(lr_arr[rise[0]]), smoothed_full.tolist(),
+                              f"flat curve: the valley of its running average ({valley:.2e})"
+                              + _shifted(rule.valley_shift), findings, noise, drop, lr,
+                              candidate_lrs(lr, float(lr_arr[0]), rule, top=top), "flat")
         if len(rise):
             lr_rise = float(lr_arr[rise[0]])
-            return Suggestion(max(lr_rise / rule.flat_divisor, float(lr_arr[0])), None, lr_rise,
-                              smoothed_full.tolist(),
+            lr = max(lr_rise / rule.flat_divisor, float(lr_arr[0]))
+            return Suggestion(lr, None, lr_rise, smoothed_full.tolist(),
                               f"flat curve: {lr_rise:.2e} (where the loss starts to rise) / "
-                              f"{rule.flat_divisor:g}", findings, noise, drop, lr_rise,
-                              candidate_lrs(lr_rise, float(lr_arr[0]), rule), "flat")
+                              f"{rule.flat_divisor:g}", findings, noise, drop, lr,
+                              candidate_lrs(lr, float(lr_arr[0]), rule, top=top), "flat")
         return Suggestion(None, None, None, smoothed_full.tolist(),
                           "flat curve with no rise: no learning rate can be read from it",
                           findings, noise, drop, shape="flat_no_rise")
@@ -235,35 +332,44 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
             drop=drop, noise=noise))
     narrow = low_index >= cut - max(2, cut // 20) and cut == len(loss_arr)
     lr_high = float(lr_arr[low_index])
-    anchor = lr_high / rule.narrow_divisor if narrow else lr_high
     if narrow:
         findings.append(_finding(
             "lr_range_too_narrow", "the loss still falls at the end of the range",
             "The minimum sits at the end of the sweep: the sweep's own progress may dominate "
             "the curve, and a rate this high may not train from the start. The suggestion is "
-            f"read below {anchor:.2e} (the end / {rule.narrow_divisor:g}); raise --end-lr to "
-            "see where the loss turns up.", end_lr=float(lr_arr[cut - 1])))
+            "read well below the end; raise --end-lr to see where the loss turns up.",
+            end_lr=float(lr_arr[cut - 1])))
 
     descent = smoothed[: low_index + 1]
     slope = np.gradient(descent, log_lrs[: low_index + 1]) if low_index >= 2 else \
         np.zeros(low_index + 1)
-    steep_index = int(np.argmin(slope))
-    lr_steep = float(lr_arr[steep_index])
+    lr_steep = float(lr_arr[int(np.argmin(slope))])
     started = np.nonzero(descent <= start - LOW_FRACTION * drop)[0]
     lr_low = float(lr_arr[started[0]]) if len(started) else float(lr_arr[0])
-    lr = anchor / rule.min_divisor
-    where = "the end of the range" if narrow else "where the smoothed loss is lowest"
-    reason = (f"{lr_high:.2e} ({where}, {float(smoothed[low_index]):.4g}, down {drop:.3g} "
-              f"from {start:.4g}) / {rule.min_divisor * (lr_high / anchor):.3g}")
-    if rule.cap_at_steepest and lr_steep < lr:
-        lr = lr_steep
-        reason = (f"the steepest point of the descent ({lr_steep:.2e}), below "
-                  f"{lr_high:.2e} ({where}) / {rule.min_divisor * (lr_high / anchor):.3g}")
-    lr = max(lr, lr_low)
-    trial_anchor = lr_high * 10 ** -rule.narrow_offset if narrow else lr_high
+    valley = valley_lr(lr_arr[:cut], raw, rule.ema_beta, despike=rule.valley_despike) \
+        if rule.anchor == "valley" else None
+    if valley is not None:
+        lr = valley * 10 ** rule.valley_shift
+        reason = (f"the valley of the loss's running average ({valley:.2e}: half-way down the "
+                  f"longest descent)" + _shifted(rule.valley_shift))
+    else:
+        divisor = rule.min_divisor * (rule.narrow_divisor if narrow else 1.0)
+        where = "the end of the range" if narrow else "where the smoothed loss is lowest"
+        lr = lr_high / divisor
+        reason = (f"{lr_high:.2e} ({where}, {float(smoothed[low_index]):.4g}, down {drop:.3g} "
+                  f"from {start:.4g}) / {divisor:.3g}")
+        if rule.cap_at_steepest and lr_steep < lr:
+            lr = lr_steep
+            reason = (f"the steepest point of the descent ({lr_steep:.2e}), below "
+                      f"{lr_high:.2e} ({where}) / {divisor:.3g}")
+        lr = max(lr, lr_low)
     return Suggestion(lr, lr_low, lr_high, smoothed_full.tolist(), reason, findings, noise, drop,
-                      trial_anchor, candidate_lrs(trial_anchor, float(lr_arr[0]), rule),
+                      lr, candidate_lrs(lr, float(lr_arr[0]), rule),
                       "falls_to_end" if narrow else "valley")
+
+
+def _shifted(decades: float) -> str:
+    return f", times 10^{decades:g}" if decades else ""
 
 
 @dataclass
