@@ -148,18 +148,21 @@ for m in model.modules():
                 "biases zero, LayerNorms at 1",
         code="""
 import math
-residual_out = ("c_proj", "o_proj", "out_proj", "down_proj", "output.dense", "fc2", "linear2")
+# the projections that write into the residual stream (GPT-2, Llama, BERT, T5, nn.Transformer)
+residual_out = {{"c_proj", "o_proj", "out_proj", "down_proj", "fc2", "linear2", "o", "wo"}}
 for name, m in model.named_modules():
     if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
-        std = 0.02 / math.sqrt(2 * {n_blocks}) if name.endswith(residual_out) else 0.02
+        residual = name.rsplit(".", 1)[-1] in residual_out or name.endswith("output.dense")
+        std = 0.02 / math.sqrt(2 * {n_blocks}) if residual else 0.02
         nn.init.normal_(m.weight, mean=0.0, std=std)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, mean=0.0, std=0.02)
-    elif isinstance(m, nn.LayerNorm):
+    elif isinstance(m, nn.LayerNorm) and m.weight is not None:
         nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)""",
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)""",
         automatic=True),
     "qk_norm": FixTemplate(
         summary="normalize queries and keys per head before their dot product (QK-norm), "
