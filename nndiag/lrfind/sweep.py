@@ -375,9 +375,9 @@ def lr_find(
     trial_records: list[dict[str, Any]] = []
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
-        # Inside: asking a DataLoader for an iterator draws from its generator.
-        ctx = _Context(model, BatchSource(data), as_loss(loss),
-                       torch.Generator().manual_seed(seed),
+        with _same_data_order(data):  # asking a DataLoader for an iterator draws from it
+            source = BatchSource(data)
+        ctx = _Context(model, source, as_loss(loss), torch.Generator().manual_seed(seed),
                        next((p.device for p in model.parameters()), torch.device("cpu")),
                        accumulate, make_optimizer)
         with preserved_state(model, user_optimizer, weights=True, grads=True), \
