@@ -90,9 +90,9 @@ class Rule:
     """
 
     anchor: str = "valley"
-    ema_beta: float = 0.98
+    ema_beta: float = 0.95
     valley_despike: bool = True
-    valley_shift: float = 0.25
+    valley_shift: float = 0.5
     flat_rule: str = "valley"
     min_divisor: float = 10.0
     cap_at_steepest: bool = True
@@ -101,10 +101,10 @@ class Rule:
     candidates: int = 2
     candidate_offset: float = 0.5
     candidate_spacing: float = 0.5
-    flat_top: float = 1.0
+    flat_top: float = 1.5
     flat_spacing: float = 0.5
     trial_fraction: float = 0.5
-    trial_shrink: float = 0.5
+    trial_shrink: float = 0.25
 
 
 RULE = Rule()
