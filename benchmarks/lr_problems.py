@@ -395,7 +395,7 @@ def make_problems() -> list[Problem]:
     add(Problem("lstm_count_adam", "LSTM", lambda: _Recurrent("lstm", 10, 32, 2),
                 *_split(seq, ((seq == 3).sum(1) > (seq == 7).sum(1)).long()),
                 F.cross_entropy, "adam", 300, 64,
-                note="count comparison; the range test may keep falling to the end"))
+                note="which of two tokens is more frequent"))
     short = torch.randint(0, 6, (3000, 12), generator=torch.Generator().manual_seed(7))
     add(Problem("gru_last_token", "GRU", lambda: _Recurrent("gru", 6, 32, 3),
                 *_split(short, short[:, -1] % 3), F.cross_entropy, "adam", 300, 32,
