@@ -248,7 +248,8 @@ class SiteRecorder:
                     self.record(info.name, info.name, info.kind, activation, False, tensor,
                                 None if pre is tensor else pre, bounds)
         if not self.stack:  # the pass ended (or raised)
-            self._learn_head(output)
+            if self.watch_all:
+                self._learn_head(output)
             self._leave_mode()
         elif not self.watch_all:
             self._watch(self.stack[-1] in self.functional_parents)
@@ -285,8 +286,8 @@ class SiteRecorder:
             self._call_sites.append(site.index)
             if activation in RELU_FAMILY:
                 self._peaks.append((unit_peaks(tensor), site.index))
-            elif not functional:
-                self._storages[_storage(tensor)] = module_name
+            elif not functional and self.watch_all:  # roles are learned on watched passes
+                self._storages[storage_id(tensor)] = module_name
             if self.output_grads and tensor.requires_grad:
                 tensor.register_hook(site.add_grad)
 
@@ -294,7 +295,7 @@ class SiteRecorder:
         """The module whose output is the model's output is its head (if it has weights)."""
         with _no_torch_function():
             tensor = primary_output(output)
-            module = self._storages.get(_storage(tensor)) if tensor is not None else None
+            module = self._storages.get(storage_id(tensor)) if tensor is not None else None
         if module is not None and module not in self.learned_roles and \
                 self.info_by_name(module).role is None:
             self.learned_roles[module] = ROLE_HEAD
@@ -308,7 +309,7 @@ class SiteRecorder:
         with _no_torch_function():
             for tensor, role in ((query, ROLE_QUERY), (key, ROLE_KEY), (value, ROLE_VALUE)):
                 if isinstance(tensor, torch.Tensor):
-                    module = self._storages.get(_storage(tensor))
+                    module = self._storages.get(storage_id(tensor))
                     if module is not None:
                         found.setdefault(module, []).append(role)
         for module, roles in found.items():
@@ -421,9 +422,15 @@ def _by_length(peaks: list[tuple[int, torch.Tensor]]
     return groups
 
 
-def _storage(tensor: torch.Tensor) -> int:
-    """Identity of a tensor's memory, shared by its views (``view``, ``transpose``...)."""
-    return tensor.untyped_storage().data_ptr()
+def storage_id(tensor: torch.Tensor) -> int:
+    """Identity of a tensor's memory, shared by its views (``view``, ``transpose``...).
+
+    A tensor without a storage of its own (sparse, some wrapper subclasses) is its own id.
+    """
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(tensor)
 
 
 class _FunctionalActivations(TorchFunctionMode):

@@ -18,19 +18,13 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from nndiag.capture.sites import storage_id
 from nndiag.specs import iter_tensors
 
 # The loss functions whose input is classified (logits, probabilities, log-probabilities).
 _LOSS_FUNCTIONS = frozenset({"cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
                              "kl_div"})
 _PRODUCERS = frozenset({"softmax", "log_softmax", "sigmoid"})
-
-
-def _storage(tensor: torch.Tensor) -> int:
-    try:
-        return tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return id(tensor)
 
 
 def _input_kind(name: str, tensor: torch.Tensor, produced_by: str | None
@@ -80,9 +74,9 @@ class LossInputs(TorchFunctionMode):
 
     def _describe(self, name: str, tensor: torch.Tensor, kwargs: dict[str, Any]
                   ) -> dict[str, Any]:
-        pointer = _storage(tensor)
+        pointer = storage_id(tensor)
         produced_by = next((kind for kind, t in reversed(self.produced)
-                            if _storage(t) == pointer), None)
+                            if storage_id(t) == pointer), None)
         kind, classes = _input_kind(name, tensor, produced_by)
         where = self.module_outputs.get(pointer)
         if where is None and produced_by is not None:
@@ -158,7 +152,7 @@ class StepWatch:
             return
         for tensor in iter_tensors(output):
             # The innermost module that returned a tensor is named (its hook runs first).
-            self.module_outputs.setdefault(_storage(tensor), name or "forward")
+            self.module_outputs.setdefault(storage_id(tensor), name or "forward")
             self._outputs_alive.append(tensor)
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
