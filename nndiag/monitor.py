@@ -48,8 +48,10 @@ its own.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +86,26 @@ def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     return tensor
 
 
+def _wrapper_chain(optimizer: Any) -> Iterator[Any]:
+    """An optimizer, then what it wraps (``.optimizer``), innermost last; at most 8 levels down."""
+    for _ in range(9):
+        if optimizer is None:
+            return
+        yield optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is optimizer:
+            return
+        optimizer = inner
+
+
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside a framework's wrapper (anything with an ``.optimizer``)."""
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
+    found = optimizer
+    for inner in itertools.islice(_wrapper_chain(optimizer), 1, None):
+        if not hasattr(inner, "param_groups"):
             break
-        optimizer = inner
-    return optimizer
+        found = inner
+    return found
 
 
 def _is_grad_scaler(scaler: Any) -> bool:
@@ -102,17 +116,8 @@ def _is_grad_scaler(scaler: Any) -> bool:
 
 def find_scaler(optimizer: Any) -> Any:
     """The ``GradScaler`` an optimizer wrapper carries (Accelerate's ``.scaler``), if any."""
-    for _ in range(8):
-        if optimizer is None:
-            break
-        scaler = getattr(optimizer, "scaler", None)
-        if _is_grad_scaler(scaler):
-            return scaler
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is optimizer:
-            break
-        optimizer = inner
-    return None
+    scalers = (getattr(wrapper, "scaler", None) for wrapper in _wrapper_chain(optimizer))
+    return next((scaler for scaler in scalers if _is_grad_scaler(scaler)), None)
 
 
 # The update-ratio subset of a big tensor: this many evenly spaced runs of contiguous elements
