@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from nndiag.findings import Finding, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
 from nndiag.records.layers import ATTENTION_ROLES, ROLE_HEAD, ROLE_NORM
+from nndiag.rules.blocks import block_spans
 from nndiag.rules.thresholds import LOSS_AT_INIT_FACTOR, MIN_SAMPLES_FOR_DEAD_UNITS, Threshold
 
 
@@ -68,23 +69,15 @@ def _block_drift(layers: list[LayerRecord]) -> Drift:
     gated MLP multiplies two small projections); what must not drift is each role's scale
     across the repeated blocks, which the residual stream carries.
     """
-    by_key: dict[str, dict[int, list[LayerRecord]]] = {}
-    for record in layers:
-        if record.block is not None:
-            key = record.role or record.module.rsplit(".", 1)[-1]
-            by_key.setdefault(key, {}).setdefault(record.block, []).append(record)
     drift = Drift(1.0, None, None, 1.0, None, None, layers)
-    for blocks in by_key.values():
-        if len(blocks) < 2:
-            continue
-        first, last = blocks[min(blocks)], blocks[max(blocks)]
-        low = statistics.median(r.std for r in first)  # type: ignore[misc]
-        high = statistics.median(r.std for r in last)  # type: ignore[misc]
-        ratio = high / low if low > 0 else 1.0
+    stds = [(record, record.std) for record in layers if record.std]
+    for span in block_spans(stds, lambda r: r.role or r.module.rsplit(".", 1)[-1]):
+        ratio = span.last_median / span.first_median if span.first_median > 0 else 1.0
+        first, last = span.first[0][0], span.last[0][0]
         if ratio > drift.growth:
-            drift.growth, drift.growth_from, drift.growth_to = ratio, first[0], last[0]
+            drift.growth, drift.growth_from, drift.growth_to = ratio, first, last
         if ratio < drift.collapse:
-            drift.collapse, drift.collapse_from, drift.collapse_to = ratio, first[0], last[0]
+            drift.collapse, drift.collapse_from, drift.collapse_to = ratio, first, last
     return drift
 
 

@@ -10,12 +10,12 @@ explodes although its first layer's weight gradient is smaller than its last.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 from nndiag.findings import Finding, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
 from nndiag.records.layers import ROLE_EMBEDDING, ROLE_KEY, ROLE_QUERY
+from nndiag.rules.blocks import block_spans
 from nndiag.rules.thresholds import FULLY_DEAD, Threshold
 
 # Judged apart from the backward signal through depth: attention query/key projections get a
@@ -106,22 +106,12 @@ def block_trend(gains: list[tuple[LayerRecord, float]]) -> BlockTrend | None:
     Layers are grouped by role (plain layers together) and by block; a role needs at least
     two blocks to show a trend.
     """
-    by_role: dict[str, dict[int, list[tuple[LayerRecord, float]]]] = {}
-    for record, gain in gains:
-        if record.block is not None:
-            by_role.setdefault(record.role or "hidden", {}).setdefault(record.block,
-                                                                        []).append((record, gain))
     worst = None
-    for role, blocks in by_role.items():
-        if len(blocks) < 2:
-            continue
-        first, last = min(blocks), max(blocks)
-        first_gain = statistics.median(g for _, g in blocks[first])
-        last_gain = statistics.median(g for _, g in blocks[last])
-        ratio = first_gain / last_gain if last_gain > 0 else 1.0
+    for span in block_spans(gains, lambda record: record.role or "hidden"):
+        ratio = span.first_median / span.last_median if span.last_median > 0 else 1.0
         if worst is None or ratio < worst.ratio:
-            weakest = min(blocks[first], key=lambda item: item[1])[0]
-            worst = BlockTrend(role, ratio, weakest, first, last)
+            weakest = min(span.first, key=lambda item: item[1])[0]
+            worst = BlockTrend(span.key, ratio, weakest, span.first_block, span.last_block)
     return worst
 
 
