@@ -16,14 +16,15 @@ the recorder are checked to agree on them in ``tests/test_agreement.py``):
 
 Every output is reduced, as soon as it appears (while it is still in the cache), to a few
 device scalars (``output_moments``): sum, sum of squares, and where they apply the
-largest absolute value, the saturated count and the pre-activation's sum and norm; ReLU-family
+largest absolute value, the saturated count and the pre-activation's two sums; ReLU-family
 outputs also to their per-unit maximum over the batch (a unit fired if it is above zero).
 Those are *moments*: sums over calls add up, so they pool over probe batches, micro-batches
-and distributed ranks by plain addition (the largest values by a maximum), and mean and
-variance come out of them once, on the host (``finish_moments``). The exact mode (the probe)
-shifts the values by their first element before the float32 sums, so ``E[y^2] - E[y]^2`` does
-not cancel when the mean is large against the spread, and reads the largest value; the lean
-mode (recorded training steps) skips both, three kernels cheaper per layer.
+and distributed ranks by plain addition (the largest values by a maximum: ``pool_calls``),
+and mean and variance come out of them once, on the host (``finish_moments``). The exact mode
+(the probe) shifts the values by their first element before the float32 sums, so
+``E[y^2] - E[y]^2`` does not cancel when the mean is large against the spread, and reads the
+largest value; the lean mode (recorded training steps) skips both, three kernels cheaper per
+layer.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def output_moments(output: torch.Tensor, *, saturation: str | None = None,
             mode of recorded training steps.
 
     Returns:
-        ``(field index, 0-d float32 tensor)`` for each field that applies (the others are
-        NaN in ``pool_moments``). Nothing is moved to the host, and nothing is stacked per
+        ``(field index, 0-d float32 tensor)`` for each field that applies (the others stay
+        unmeasured in ``pool_calls``). Nothing is moved to the host, and nothing is stacked per
         call: the caller stacks every call's scalars once.
     """
     y = output.detach()
