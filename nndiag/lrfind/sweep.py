@@ -526,7 +526,9 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
     factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
         optimizer_factory(str(optimizer))
     with preserved_state(model), _same_data_order(data):
-        ctx = _Context(model, BatchSource(data), as_loss(loss),
+        with _same_data_order(data):  # as in lr_find: creating the source draws from a loader
+            source = BatchSource(data)
+        ctx = _Context(model, source, as_loss(loss),
                        torch.Generator().manual_seed(seed),
                        next((p.device for p in model.parameters()), torch.device("cpu")),
                        accumulate,
