@@ -15,7 +15,16 @@ from torch import nn
 
 from nndiag import UsageError, examples
 from nndiag.findings import Report
-from nndiag.lrfind import RULE, LRFindResult, Rule, choose_lr, lr_find, snap_lr, suggest_lr
+from nndiag.lrfind import (
+    RULE,
+    LRFindResult,
+    Rule,
+    choose_lr,
+    lr_find,
+    snap_lr,
+    suggest_lr,
+    train_trial,
+)
 from nndiag.lrfind.sweep import _early_stop
 
 LRS = np.logspace(-7, 1, 100)
@@ -137,8 +146,9 @@ def test_long_slow_slide_stays_low_on_the_slide():
 def test_candidates_follow_the_rule_and_stay_in_the_range():
     rule = Rule(candidates=3, candidate_offset=0.5, candidate_spacing=0.5)
     s = suggest_lr(LRS, valley(minimum_at=1e-1), rule)
-    assert s.anchor == pytest.approx(s.lr)
-    expected = [snap_lr(s.lr * 10 ** d) for d in (0.5, 0.0, -0.5)]
+    # The anchor is the valley before the curve-only shift; candidates are placed around it.
+    assert s.lr == pytest.approx(s.anchor * 10 ** rule.valley_shift)
+    expected = [snap_lr(s.anchor * 10 ** d) for d in (0.5, 0.0, -0.5)]
     assert s.candidates == pytest.approx(expected)
     early = suggest_lr(LRS, valley(minimum_at=3e-7), rule)  # a minimum near the start
     assert all(c >= LRS[0] for c in early.candidates)
@@ -161,11 +171,18 @@ def test_shipped_rule_is_a_rule():
 
 
 def test_early_stop_rule_uses_differences_only():
-    assert _early_stop(2.0, 1.0, 4.5, 0.01, 3, 100) == "diverged"
-    assert _early_stop(-8.0, -9.0, -5.5, 0.01, 3, 100) == "diverged"  # negative losses
-    assert _early_stop(-8.0, -9.0, -8.4, 0.01, 20, 100) == "past_minimum"
-    assert _early_stop(-8.0, -9.0, -8.4, 0.01, 3, 100) is None  # minimum too recent
-    assert _early_stop(2.0, 1.99, 2.001, 0.005, 50, 100) is None  # flat: no clear fall
+    assert _early_stop(2.0, 1.0, 4.5, 0.01) == "diverged"
+    assert _early_stop(-8.0, -9.0, -5.5, 0.01) == "diverged"  # negative losses
+    assert _early_stop(2.0, 1.99, 2.001, 0.005) is None  # flat: no clear fall, no rise
+    assert _early_stop(2.0, 1.99, 2.1, 0.005) == "diverged"  # never fell: six times the noise
+
+
+def test_a_curve_past_its_minimum_runs_on_until_it_diverges():
+    # Half of a clear fall undone is not a reason to stop: the valley is read on the whole
+    # descent and the rise after it, as fastai's sweep records it.
+    assert _early_stop(-8.0, -9.0, -8.4, 0.01) is None
+    assert _early_stop(2.0, 0.5, 2.9, 0.01) is None
+    assert _early_stop(2.0, 0.5, 5.1, 0.01) == "diverged"
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -309,6 +326,10 @@ def test_trials_start_from_the_same_state_and_data_order():
     assert torch.equal(loader.generator.get_state(), before)
     first, second = result.trials
     assert first["loss"] == second["loss"]  # same start, same batches, same learning rate
+    # train_trial (what the benchmark caches) is the trial lr_find runs, to the bit.
+    alone = train_trial(model, loader, 1e-2, optimizer="sgd", steps=4)
+    assert alone["loss"] == first["loss"]
+    assert torch.equal(loader.generator.get_state(), before)
 
 
 def test_accumulate_records_the_mean_of_the_micro_batches():
@@ -331,7 +352,7 @@ def test_data_is_cycled_including_one_shot_iterators():
 def test_divergence_stops_the_sweep_early():
     model = examples.he_mlp(depth=3, width=16)
     result = lr_find(model, _data(), optimizer="sgd", steps=100)
-    assert result.stopped_because in ("diverged", "non_finite_loss", "past_minimum")
+    assert result.stopped_because in ("diverged", "non_finite_loss")
     assert len(result.losses) < 100
     assert result.suggested_lr is not None and result.lr_high is not None
 
@@ -378,11 +399,16 @@ def test_cli_json_plot_and_exit_code(tmp_path):
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
     text = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches")
     assert text.exit_code == 0 and "suggested learning rate" in text.stdout
-    assert data["trials"] == []  # the default reads the curve alone
+    assert len(data["trials"]) == RULE.candidates  # the default trains the candidates
+    assert data["suggested_lr"] != data["curve_lr"]
     tried = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches",
-                 "--trials", "--trial-steps", "4", "--json")
+                 "--trial-steps", "4", "--json")
     assert tried.exit_code == 0
     assert [t["steps"] for t in json.loads(tried.stdout)["trials"]] == [4] * RULE.candidates
+    curve_only = _cli("--model", f"{FIXTURES}:mlp8", "--data",
+                      f"{FIXTURES}:classification_batches", "--no-trials", "--json")
+    only = json.loads(curve_only.stdout)
+    assert only["trials"] == [] and only["suggested_lr"] == only["curve_lr"]
 
 
 @pytest.mark.parametrize(("args", "fragment"), [

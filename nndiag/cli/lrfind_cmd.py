@@ -33,10 +33,10 @@ def lr_find(
                                    help="Micro-batches per step; the loss is their mean."),
     no_early_stop: bool = typer.Option(False, "--no-early-stop",
                                        help="Run every step even after the loss diverges."),
-    trials: bool = typer.Option(False, "--trials/--no-trials",
-                                help="Also train the curve's candidates briefly from the same "
-                                     "start and suggest the best (at most 1.5x the sweep's "
-                                     "steps more). Default: the curve's own suggestion."),
+    trials: bool = typer.Option(True, "--trials/--no-trials",
+                                help="Train the curve's candidates briefly from the same start "
+                                     "and suggest the best (default; about one more sweep's "
+                                     "steps). --no-trials: the curve's own reading, one sweep."),
     trial_steps: int | None = typer.Option(None, "--trial-steps", metavar="N",
                                            help="Steps of each trial (default: half --steps)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -66,7 +66,7 @@ def lr_find(
 def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimizer: str,
          momentum: float | None, weight_decay: float, start_lr: float, end_lr: float,
          steps: int, accumulate: int, early_stop: bool, json_output: bool, plot: Path | None,
-         fail_on: str, seed: int, trials: bool = False, trial_steps: int | None = None) -> int:
+         fail_on: str, seed: int, trials: bool = True, trial_steps: int | None = None) -> int:
     from nndiag.losses import resolve_loss
     from nndiag.lrfind import lr_find as run_lr_find
     from nndiag.optimizers import optimizer_factory

@@ -9,9 +9,10 @@
 3. ``lr_high`` is the learning rate at the minimum of the smoothed curve; past it the loss
    rises. ``lr_low`` is where the smoothed loss has made ``LOW_FRACTION`` of its total drop:
    learning has clearly started.
-4. The curve-only suggestion (``Rule.anchor``): ``valley``, fastai's rule read on a debiased
-   EMA (``Rule.ema_beta``) of the raw loss: the point half-way past the first third of the
-   longest decreasing run, shifted by ``Rule.valley_shift`` decades; or ``min``: ``lr_high``
+4. The curve's reading (``Rule.anchor``): ``valley``, fastai's rule read on a debiased EMA
+   (``Rule.ema_beta``) of the raw loss, its isolated spikes replaced first (``despiked``):
+   the point half-way past the first third of the longest decreasing run, raised by
+   ``Rule.valley_shift`` decades for the curve-only suggestion; or ``min``: ``lr_high``
    divided by ``Rule.min_divisor`` (times ``Rule.narrow_divisor`` when the minimum sits at the
    very end of a completed sweep), capped at the steepest point of the descent when
    ``Rule.cap_at_steepest``, never below ``lr_low``.
@@ -26,11 +27,13 @@
    (``Rule.flat_rule``) or, with ``rise``, where the loss starts to rise divided by
    ``Rule.flat_divisor``; a flat curve that never rises gives no suggestion (an error).
 7. ``candidates`` are learning rates for short trial trainings (``nndiag.lrfind.sweep``): the
-   curve's suggestion raised by ``Rule.candidate_offset`` decades, then lowered by
+   valley raised by ``Rule.candidate_offset`` decades, then lowered by
    ``Rule.candidate_spacing`` decades each, ``Rule.candidates`` of them, rounded to quarter
-   decades (1, 1.78, 3.16, 5.62). A flat curve holds no valley to centre them on: they start
-   ``Rule.flat_top`` decades below the highest learning rate the sweep reached and are
-   ``Rule.flat_spacing`` decades apart, so that the trials, not the curve, decide.
+   decades (1, 1.78, 3.16, 5.62): the valley and the rates above it, since the valley sits on
+   the steep part of the descent and is often below the best constant rate. A flat curve
+   holds no valley to centre them on: they start ``Rule.flat_top`` decades below the highest
+   learning rate the sweep reached and are ``Rule.flat_spacing`` decades apart, so that the
+   trials, not the curve, decide.
 
 ``choose_lr`` is the second stage's decision, also pure: the candidate whose trial reached the
 lowest loss, lowered by ``Rule.trial_shrink`` decades; when every trial diverged, a step below
@@ -52,6 +55,7 @@ import numpy as np
 from nndiag.findings import Finding
 
 MEDIAN_WINDOW_DECADES = 0.4
+SPIKE_SIGMAS = 5.0
 GAUSS_SIGMA_DECADES = 0.2
 LOW_FRACTION = 0.1
 FLAT_NOISE_RATIO = 3.0
@@ -69,8 +73,8 @@ class Rule:
         anchor: ``valley`` (fastai's rule: halfway down the longest descent of a debiased EMA
             of the loss) or ``min`` (the smoothed minimum).
         ema_beta: Smoothing of the EMA the valley is read on.
-        valley_despike: Take the running median (``MEDIAN_WINDOW_DECADES``) of the loss
-            before the EMA, so that isolated spikes do not move the valley.
+        valley_despike: Replace isolated spikes of the loss (``despiked``: outliers from its
+            running median) before the EMA, so that they do not move the valley.
         valley_shift: Decades added to the valley learning rate.
         flat_rule: On a flat curve: ``valley`` as on any curve, or ``rise`` (below where the
             loss starts to rise, by ``flat_divisor``).
@@ -92,14 +96,14 @@ class Rule:
     anchor: str = "valley"
     ema_beta: float = 0.95
     valley_despike: bool = True
-    valley_shift: float = 0.5
+    valley_shift: float = 0.25
     flat_rule: str = "valley"
     min_divisor: float = 10.0
     cap_at_steepest: bool = True
     flat_divisor: float = 10.0
     narrow_divisor: float = 10.0
-    candidates: int = 2
-    candidate_offset: float = 0.5
+    candidates: int = 3
+    candidate_offset: float = 1.0
     candidate_spacing: float = 0.5
     flat_top: float = 1.5
     flat_spacing: float = 0.5
@@ -123,7 +127,8 @@ class Suggestion:
         findings: Warnings about the curve (flat, noisy, range too narrow).
         noise: Robust spread of the raw loss around the smoothed curve.
         drop: Fall of the smoothed loss from its start to its minimum.
-        anchor: The learning rate the suggestion and the candidates are read below.
+        anchor: The curve's reading before any shift (the valley, or the ``min`` rule's
+            learning rate): the trial candidates are placed relative to it.
         candidates: Learning rates for the trial stage, highest first.
         shape: ``valley``, ``falls_to_end``, ``flat``, ``flat_no_rise`` or ``too_short``.
     """
@@ -200,6 +205,29 @@ def smooth_curve(log_lrs: np.ndarray, losses: np.ndarray) -> np.ndarray:
     return _gaussian(_running_median(losses, window), GAUSS_SIGMA_DECADES / step)
 
 
+def despiked(lrs: Sequence[float], losses: Sequence[float]) -> np.ndarray:
+    """The loss with its outliers replaced (a Hampel filter), every other point untouched.
+
+    A point is an outlier when it is more than ``SPIKE_SIGMAS`` robust standard deviations
+    (1.4826 x the median absolute residual, over the whole curve) away from the running median
+    of ``MEDIAN_WINDOW_DECADES`` around it; it is replaced by that median. A clean curve comes
+    out unchanged, so the valley read on it is fastai's.
+    """
+    values = np.asarray(losses, dtype=float)
+    if len(values) < 5:
+        return values.copy()
+    step = float(np.median(np.diff(np.log10(np.asarray(lrs, dtype=float)))))
+    window = max(3, int(round(MEDIAN_WINDOW_DECADES / step)) | 1) if step > 0 else 3
+    median = _running_median(values, min(window, len(values) if len(values) % 2
+                                         else len(values) - 1))
+    residual = values - median
+    sigma = 1.4826 * float(np.median(np.abs(residual)))
+    out = values.copy()
+    spikes = np.abs(residual) > SPIKE_SIGMAS * max(sigma, 1e-12)
+    out[spikes] = median[spikes]
+    return out
+
+
 def valley_lr(lrs: Sequence[float], losses: Sequence[float], beta: float = 0.98,
               skip_end: int = 5, despike: bool = False) -> float | None:
     """The ``valley`` rule of fastai, read on a debiased EMA of the loss.
@@ -213,19 +241,15 @@ def valley_lr(lrs: Sequence[float], losses: Sequence[float], beta: float = 0.98,
         losses: The raw loss at each.
         beta: The EMA's smoothing.
         skip_end: Points dropped at the end (they lag the divergence).
-        despike: Take a running median of the loss first (see ``Rule.valley_despike``).
+        despike: Replace the loss's outliers first (``despiked``, ``Rule.valley_despike``).
 
     Returns:
         The valley learning rate, or ``None`` when too few points remain.
     """
     values = [float(v) for v in losses]
     cut = next((i for i, v in enumerate(values) if not math.isfinite(v)), len(values))
-    if despike and cut >= 3:
-        log_lrs = np.log10(np.asarray(lrs[:cut], dtype=float))
-        step = float(np.median(np.diff(log_lrs)))
-        window = max(3, int(round(MEDIAN_WINDOW_DECADES / step)) | 1) if step > 0 else 3
-        window = min(window, cut if cut % 2 else cut - 1)
-        values = _running_median(np.asarray(values[:cut]), window).tolist() + values[cut:]
+    if despike and cut >= 5:
+        values = despiked(lrs[:cut], values[:cut]).tolist() + values[cut:]
     ema, count, smooth = 0.0, 0, []
     for value in values:
         if not math.isfinite(value):
@@ -311,7 +335,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
             lr = valley * 10 ** rule.valley_shift
             return Suggestion(lr, None, float(lr_arr[rise[0]]), smoothed_full.tolist(),
                               f"flat curve: the valley of its running average ({valley:.2e})"
-                              + _shifted(rule.valley_shift), findings, noise, drop, lr,
+                              + _shifted(rule.valley_shift), findings, noise, drop, valley,
                               candidate_lrs(lr, float(lr_arr[0]), rule, top=top), "flat")
         if len(rise):
             lr_rise = float(lr_arr[rise[0]])
@@ -348,6 +372,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
     lr_low = float(lr_arr[started[0]]) if len(started) else float(lr_arr[0])
     valley = valley_lr(lr_arr[:cut], raw, rule.ema_beta, despike=rule.valley_despike) \
         if rule.anchor == "valley" else None
+    anchor = valley
     if valley is not None:
         lr = valley * 10 ** rule.valley_shift
         reason = (f"the valley of the loss's running average ({valley:.2e}: half-way down the "
@@ -362,9 +387,9 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
             lr = lr_steep
             reason = (f"the steepest point of the descent ({lr_steep:.2e}), below "
                       f"{lr_high:.2e} ({where}) / {divisor:.3g}")
-        lr = max(lr, lr_low)
+        lr = anchor = max(lr, lr_low)
     return Suggestion(lr, lr_low, lr_high, smoothed_full.tolist(), reason, findings, noise, drop,
-                      lr, candidate_lrs(lr, float(lr_arr[0]), rule),
+                      anchor, candidate_lrs(anchor, float(lr_arr[0]), rule),
                       "falls_to_end" if narrow else "valley")
 
 
