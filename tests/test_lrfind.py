@@ -397,8 +397,13 @@ def test_cli_json_plot_and_exit_code(tmp_path):
     jsonschema.validate(data, schema)
     assert data["suggested_lr"] and len(data["lrs"]) == len(data["losses"])
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
-    text = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches")
+    text = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches",
+                "--optimizer", "sgd")
     assert text.exit_code == 0 and "suggested learning rate" in text.stdout
+    best = min((t for t in data["trials"] if t["loss"] is not None), key=lambda t: t["loss"])
+    assert "Trials from the same start" in text.stdout
+    assert any(f"{best['lr']:.2e}" in line and "<- best" in line
+               for line in text.stdout.splitlines())
     assert len(data["trials"]) == RULE.candidates  # the default trains the candidates
     assert data["suggested_lr"] != data["curve_lr"]
     tried = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches",

@@ -35,8 +35,8 @@ def lr_find(
                                        help="Run every step even after the loss diverges."),
     trials: bool = typer.Option(True, "--trials/--no-trials",
                                 help="Train the curve's candidates briefly from the same start "
-                                     "and suggest the best (default; about one more sweep's "
-                                     "steps). --no-trials: the curve's own reading, one sweep."),
+                                     "and suggest the best (default; 1.5x the sweep's steps "
+                                     "more). --no-trials: the curve's own reading, one sweep."),
     trial_steps: int | None = typer.Option(None, "--trial-steps", metavar="N",
                                            help="Steps of each trial (default: half --steps)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),

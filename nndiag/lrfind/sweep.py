@@ -294,9 +294,9 @@ def lr_find(
     default) each candidate is trained ``trial_steps`` steps at a constant rate from the same
     starting state, RNG state and batches, scored by its loss on the first batches of the data
     (``EVAL_SAMPLES`` samples) in eval mode, and the best, lowered by ``rule.trial_shrink``
-    decades, is suggested: about one more sweep's worth of steps. On the benchmark's held-out
-    problems this halved the regret of the curve's own reading (``benchmarks/README.md``);
-    ``trials=False`` keeps the curve's reading and costs one sweep.
+    decades, is suggested: at most ``rule.candidates x rule.trial_fraction`` sweeps' worth of
+    steps more. On the benchmark's held-out problems this beat the curve's own reading
+    (``benchmarks/README.md``); ``trials=False`` keeps the curve's reading and costs one sweep.
 
     The model, its buffers, train/eval flags, ``.grad``, the optimizer's state (when an
     optimizer instance is passed), the torch, Python and NumPy RNG states and a DataLoader's own

@@ -269,6 +269,8 @@ def render_lr_find(result: LRFindResult, console: Console) -> None:
                                    f"ratios {', '.join(f'{r:g}' for r in ratios)}",
                                    style="dim"), (0, 0, 0, 2)))
     _findings(result, console)
+    if result.trials:
+        _lr_trials(result, console)
     table = Table(title="Loss by learning rate", title_justify="left", header_style="bold",
                   box=None, pad_edge=False)
     for column in ("learning rate", "loss", "smoothed"):
@@ -286,6 +288,26 @@ def render_lr_find(result: LRFindResult, console: Console) -> None:
                       style="bold" if suggested else "")
     console.print()
     console.print(table)
+
+
+def _lr_trials(result: LRFindResult, console: Console) -> None:
+    """The trials of the range test's candidates: learning rate, steps run, loss after them."""
+    finite = [t["loss"] for t in result.trials if t["loss"] is not None]
+    best = min(finite) if finite else None
+    table = Table(title="Trials from the same start", title_justify="left",
+                  header_style="bold", box=None, pad_edge=False)
+    for column in ("learning rate", "steps", "loss after"):
+        table.add_column(column, justify="right")
+    for trial in result.trials:
+        won = best is not None and trial["loss"] == best
+        loss = "diverged" if trial["loss"] is None else fmt(trial["loss"])
+        table.add_row(f"{trial['lr']:.2e}", str(trial["steps"]),
+                      loss + (" <- best" if won else ""), style="bold" if won else "")
+    console.print()
+    console.print(table)
+    if result.curve_lr:
+        console.print(Text(f"the curve alone (--no-trials) reads {result.curve_lr:.2e}",
+                           style="dim"))
 
 
 def render_check(report: Report, console: Console) -> None:

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 def plot_lr_curve(result: LRFindResult, ax: Axes | None = None) -> Figure:
     """Plot raw and smoothed loss against the learning rate (log x) with the suggestion marked.
 
-    The y axis is cut a little above the starting loss so that a diverging tail does not
-    squash the valley; the useful range (``lr_low`` .. ``lr_high``) is shaded.
+    The trials' learning rates (dotted, their loss after the trial in the legend) and the
+    curve's own reading (dashed) are drawn when the result has trials. The y axis is cut a
+    little above the starting loss so that a diverging tail does not squash the valley; the
+    useful range (``lr_low`` .. ``lr_high``) is shaded.
 
     Args:
         result: A range-test result.
@@ -39,6 +41,13 @@ def plot_lr_curve(result: LRFindResult, ax: Axes | None = None) -> Figure:
     if result.suggested_lr:
         ax.axvline(result.suggested_lr, color="tab:red", lw=1.5,
                    label=f"suggested {result.suggested_lr:.2e}")
+    if result.trials and result.curve_lr:
+        ax.axvline(result.curve_lr, color="0.4", lw=1, ls="--",
+                   label=f"the curve's own reading {result.curve_lr:.2e}")
+    for trial in result.trials:  # the candidates trained from the same start, and their loss
+        outcome = "diverged" if trial["loss"] is None else f"loss {trial['loss']:.3g}"
+        ax.axvline(trial["lr"], color="tab:orange", lw=1, ls=":",
+                   label=f"trial {trial['lr']:.2e} ({trial['steps']} steps): {outcome}")
     if smoothed:
         low, start = min(smoothed), smoothed[0]
         span = max(start - low, 1e-12)
