@@ -23,6 +23,7 @@ from nndiag.lrfind import (
     lr_find,
     snap_lr,
     suggest_lr,
+    tie_tolerance,
     train_trial,
 )
 from nndiag.lrfind.sweep import _early_stop
@@ -152,6 +153,20 @@ def test_candidates_follow_the_rule_and_stay_in_the_range():
     assert s.candidates == pytest.approx(expected)
     early = suggest_lr(LRS, valley(minimum_at=3e-7), rule)  # a minimum near the start
     assert all(c >= LRS[0] for c in early.candidates)
+
+
+def test_trials_within_the_eval_loss_scatter_are_a_tie_won_by_the_lower_rate():
+    rule = Rule(trial_tie_sigmas=1.0, trial_shrink=0.0)
+    # A step's loss scatters by 0.1 over 16 samples: over 256 samples, by 0.1 / 4.
+    tolerance = tie_tolerance(0.1, 16, 256, rule)
+    assert tolerance == pytest.approx(0.025)
+    assert tie_tolerance(0.1, 16, 256, Rule(trial_tie_sigmas=0.0)) == 0.0
+    candidates, scores = [1e-1, 3e-2, 1e-2], [1.380, 1.384, 1.386]  # no trial made progress
+    tied = choose_lr(candidates, scores, 50, rule, tolerance)
+    assert tied.lr == pytest.approx(1e-2) and "tie" in tied.reason
+    assert choose_lr(candidates, scores, 50, rule).lr == pytest.approx(1e-1)  # no tolerance
+    clear = choose_lr(candidates, [0.50, 0.90, 1.30], 50, rule, tolerance)
+    assert clear.lr == pytest.approx(1e-1) and "tie" not in clear.reason
 
 
 def test_choose_lr_keeps_the_best_trial_and_survives_all_diverging():

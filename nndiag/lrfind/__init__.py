@@ -28,6 +28,7 @@ from nndiag.lrfind.suggestion import (
     smooth_curve,
     snap_lr,
     suggest_lr,
+    tie_tolerance,
 )
 from nndiag.lrfind.sweep import (
     SCHEMA,
@@ -36,8 +37,9 @@ from nndiag.lrfind.sweep import (
     cycle_batches,
     lr_find,
     train_trial,
+    trial_tolerance,
 )
 
 __all__ = ["MIN_POINTS", "RULE", "SCHEMA", "BatchSource", "Choice", "LRFindResult", "Rule",
            "Suggestion", "choose_lr", "cycle_batches", "lr_find", "smooth_curve", "snap_lr",
-           "suggest_lr", "train_trial"]
+           "suggest_lr", "tie_tolerance", "train_trial", "trial_tolerance"]

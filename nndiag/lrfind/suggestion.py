@@ -36,8 +36,9 @@
    trials, not the curve, decide.
 
 ``choose_lr`` is the second stage's decision, also pure: the candidate whose trial reached the
-lowest loss, lowered by ``Rule.trial_shrink`` decades; when every trial diverged, a step below
-the lowest candidate, with a warning.
+lowest loss (losses within ``tie_tolerance`` of it are a tie, won by the lowest rate), lowered
+by ``Rule.trial_shrink`` decades; when every trial diverged, a step below the lowest candidate,
+with a warning.
 
 The values of ``RULE`` were chosen by leave-one-problem-out cross-validation over the problems
 of ``benchmarks/lr_find_quality.py`` (see ``benchmarks/README.md`` for the held-out regret).
@@ -91,10 +92,13 @@ class Rule:
         flat_spacing: ... and are this many decades apart.
         trial_fraction: Steps of each trial as a fraction of the sweep's steps.
         trial_shrink: Decades below the best trial's learning rate that are suggested.
+        trial_tie_sigmas: Trials whose losses differ by less than this many standard errors of
+            the eval loss (``tie_tolerance``) are a tie, won by the lowest learning rate: a
+            trial that makes no clear progress says nothing about the rate (0: no ties).
     """
 
     anchor: str = "valley"
-    ema_beta: float = 0.95
+    ema_beta: float = 0.98
     valley_despike: bool = True
     valley_shift: float = 0.25
     flat_rule: str = "valley"
@@ -109,6 +113,7 @@ class Rule:
     flat_spacing: float = 0.5
     trial_fraction: float = 0.5
     trial_shrink: float = 0.25
+    trial_tie_sigmas: float = 0.0
 
 
 RULE = Rule()
@@ -412,8 +417,30 @@ class Choice:
     findings: list[Finding] = field(default_factory=list)
 
 
+def tie_tolerance(noise: float | None, step_samples: float, eval_samples: float,
+                  rule: Rule = RULE) -> float:
+    """How close two trial losses must be to count as a tie (``Rule.trial_tie_sigmas``).
+
+    The curve's noise is the scatter of a training step's loss (``step_samples`` samples);
+    the trials are scored on ``eval_samples`` samples, whose loss scatters about
+    ``noise x sqrt(step_samples / eval_samples)``.
+
+    Args:
+        noise: The curve's robust noise (``Suggestion.noise``; ``None``: no tolerance).
+        step_samples: Samples per optimizer step of the sweep.
+        eval_samples: Samples the trials are scored on.
+        rule: The constants.
+
+    Returns:
+        The tolerance, in units of the loss.
+    """
+    if not noise or not rule.trial_tie_sigmas or step_samples <= 0 or eval_samples <= 0:
+        return 0.0
+    return rule.trial_tie_sigmas * noise * math.sqrt(step_samples / eval_samples)
+
+
 def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
-              rule: Rule = RULE) -> Choice:
+              rule: Rule = RULE, tolerance: float = 0.0) -> Choice:
     """Pick the learning rate whose short trial training reached the lowest loss (pure).
 
     Args:
@@ -421,6 +448,8 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
         scores: Loss of each after its trial (``inf`` or NaN: diverged).
         steps: Steps of each trial (for the reason).
         rule: The constants.
+        tolerance: Losses within this of the lowest are a tie, won by the lowest learning
+            rate (``tie_tolerance``).
 
     Returns:
         The suggestion: the best candidate lowered by ``rule.trial_shrink`` decades; when
@@ -444,7 +473,11 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
                               "Check it with a short run, or add warmup.",
                               tried=list(candidates))])
     score, best = min(finite)
-    lr = best * 10 ** -rule.trial_shrink
+    tied = min(lr for s, lr in finite if s <= score + tolerance)
+    lr = tied * 10 ** -rule.trial_shrink
     shrink = f", lowered by {rule.trial_shrink:g} decade" if rule.trial_shrink else ""
-    return Choice(lr, f"of {tried} trained {steps} steps each from the same start, {best:.2e} "
-                      f"reached the lowest loss ({score:.4g}){shrink}")
+    reached = f"{best:.2e} reached the lowest loss ({score:.4g})" if tied == best else \
+        (f"{tied:.2e} came within {tolerance:.2g} of the lowest loss ({score:.4g}, the eval "
+         "loss's own scatter): a tie, which the lower rate wins")
+    return Choice(lr, f"of {tried} trained {steps} steps each from the same start, "
+                      f"{reached}{shrink}")

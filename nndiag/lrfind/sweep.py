@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from nndiag.findings import Report
-from nndiag.lrfind.suggestion import MIN_POINTS, RULE, Rule, choose_lr, suggest_lr
+from nndiag.lrfind.suggestion import (
+    MIN_POINTS,
+    RULE,
+    Rule,
+    choose_lr,
+    suggest_lr,
+    tie_tolerance,
+)
 
 SCHEMA = "nndiag.lr-find/1"
 
@@ -370,6 +377,7 @@ def lr_find(
 
     lrs = [start_lr * (end_lr / start_lr) ** (i / (steps - 1)) for i in range(steps)]
     trial_records: list[dict[str, Any]] = []
+    tolerance = 0.0
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
         with _same_data_order(data):  # asking a DataLoader for an iterator draws from it
@@ -385,6 +393,7 @@ def lr_find(
         if trials and tried:
             with preserved_state(model), _same_data_order(data):
                 eval_batches = _first_batches(ctx.source)
+            tolerance = _tolerance(eval_batches, suggestion.noise, accumulate, rule)
             total = len(losses) + n_trial * len(tried)
             for index, lr in enumerate(tried):
                 with preserved_state(model, user_optimizer, weights=True, grads=True), \
@@ -400,7 +409,7 @@ def lr_find(
     if trial_records:
         choice = choose_lr([r["lr"] for r in trial_records],
                            [math.inf if r["loss"] is None else r["loss"] for r in trial_records],
-                           n_trial, rule)
+                           n_trial, rule, tolerance)
         suggested, reason = choice.lr, choice.reason
         findings += choice.findings
     summary = {"optimizer": type(opt).__name__, "steps": steps, "steps_run": len(losses),
@@ -408,12 +417,43 @@ def lr_find(
                "param_group_lr_ratios": ctx.ratios, "loss_name": ctx.loss_spec.name,
                "noise": suggestion.noise, "drop": suggestion.drop, "shape": suggestion.shape,
                "trial_steps": n_trial if trial_records else 0,
-               "trial_steps_run": sum(r["steps"] for r in trial_records)}
+               "trial_steps_run": sum(r["steps"] for r in trial_records),
+               "trial_tie_tolerance": tolerance}
     return LRFindResult(
         suggested_lr=suggested, lr_low=suggestion.lr_low, lr_high=suggestion.lr_high,
         lrs=lrs[: len(losses)], losses=losses, smoothed=suggestion.smoothed,
         stopped_because=stopped, reason=reason, findings=findings, summary=summary,
         curve_lr=suggestion.lr, trials=trial_records)
+
+
+def _tolerance(eval_batches: list[Any], noise: float | None, accumulate: int,
+               rule: Rule) -> float:
+    """``tie_tolerance`` for trials scored on ``eval_batches`` after steps of ``accumulate``."""
+    samples = sum(_batch_samples(b) for b in eval_batches)
+    per_step = accumulate * samples / max(1, len(eval_batches))
+    return tie_tolerance(noise, per_step, samples, rule)
+
+
+def trial_tolerance(data: Any, noise: float | None, *, accumulate: int = 1,
+                    rule: Rule = RULE) -> float:
+    """The tie tolerance ``lr_find`` uses for its trials on ``data`` (for benchmarks).
+
+    Args:
+        data: Batches, as for ``lr_find``.
+        noise: The curve's noise (``Suggestion.noise``).
+        accumulate: Micro-batches per step.
+        rule: The constants.
+
+    Returns:
+        ``tie_tolerance`` for the data's first ``EVAL_SAMPLES`` samples.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]), _same_data_order(data):
+        with _same_data_order(data):
+            source = BatchSource(data)
+        eval_batches = _first_batches(source)
+    return _tolerance(eval_batches, noise, accumulate, rule)
 
 
 def _batch_samples(batch: Any) -> int:
