@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python benchmarks/inspect_overhead.py
 	$(BIN)/python benchmarks/checkpoint_memory.py
 	$(BIN)/python benchmarks/lr_find_quality.py
+	$(BIN)/python benchmarks/lr_unseen.py
 	$(BIN)/python benchmarks/monitor_overhead.py
 	$(BIN)/python benchmarks/check_gate_time.py
 
