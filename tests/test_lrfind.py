@@ -20,11 +20,12 @@ from nndiag.lrfind import (
     LRFindResult,
     Rule,
     choose_lr,
+    eval_scatter,
     lr_find,
     snap_lr,
     suggest_lr,
-    tie_tolerance,
     train_trial,
+    trial_baseline,
 )
 from nndiag.lrfind.sweep import _early_stop
 
@@ -158,15 +159,35 @@ def test_candidates_follow_the_rule_and_stay_in_the_range():
 def test_trials_within_the_eval_loss_scatter_are_a_tie_won_by_the_lower_rate():
     rule = Rule(trial_tie_sigmas=1.0, trial_shrink=0.0)
     # A step's loss scatters by 0.1 over 16 samples: over 256 samples, by 0.1 / 4.
-    tolerance = tie_tolerance(0.1, 16, 256, rule)
-    assert tolerance == pytest.approx(0.025)
-    assert tie_tolerance(0.1, 16, 256, Rule(trial_tie_sigmas=0.0)) == 0.0
-    candidates, scores = [1e-1, 3e-2, 1e-2], [1.380, 1.384, 1.386]  # no trial made progress
-    tied = choose_lr(candidates, scores, 50, rule, tolerance)
+    scatter = eval_scatter(0.1, 16, 256)
+    assert scatter == pytest.approx(0.025) and eval_scatter(None, 16, 256) == 0.0
+    candidates, scores = [1e-1, 3e-2, 1e-2], [1.380, 1.384, 1.386]
+    tied = choose_lr(candidates, scores, 50, rule, scatter)
     assert tied.lr == pytest.approx(1e-2) and "tie" in tied.reason
-    assert choose_lr(candidates, scores, 50, rule).lr == pytest.approx(1e-1)  # no tolerance
-    clear = choose_lr(candidates, [0.50, 0.90, 1.30], 50, rule, tolerance)
+    assert choose_lr(candidates, scores, 50, rule).lr == pytest.approx(1e-1)  # no scatter
+    no_ties = choose_lr(candidates, scores, 50, Rule(trial_shrink=0.0), scatter)
+    assert no_ties.lr == pytest.approx(1e-1)
+    clear = choose_lr(candidates, [0.50, 0.90, 1.30], 50, rule, scatter)
     assert clear.lr == pytest.approx(1e-1) and "tie" not in clear.reason
+
+
+def test_trials_that_make_no_clear_progress_leave_the_curve_suggestion_standing():
+    rule = Rule(trial_progress_sigmas=2.0, trial_shrink=0.0)
+    candidates, scatter = [1e-1, 3e-2, 1e-2], 0.025
+    # Every trial ends within two scatters (0.05) of the starting loss 1.40: they say nothing.
+    stuck = choose_lr(candidates, [1.380, 1.384, 1.386], 50, rule, scatter, start=1.40,
+                      fallback=4e-3)
+    assert stuck.lr == pytest.approx(4e-3) and "say nothing" in stuck.reason
+    # One trial fell clearly (by 0.3): it wins as usual.
+    moved = choose_lr(candidates, [1.10, 1.384, 1.386], 50, rule, scatter, start=1.40,
+                      fallback=4e-3)
+    assert moved.lr == pytest.approx(1e-1)
+    # Turned off, or without a start or a fallback, the best trial wins.
+    off = Rule(trial_progress_sigmas=0.0, trial_shrink=0.0)
+    assert choose_lr(candidates, [1.380, 1.384, 1.386], 50, off, scatter, start=1.40,
+                     fallback=4e-3).lr == pytest.approx(1e-1)
+    assert choose_lr(candidates, [1.380, 1.384, 1.386], 50, rule, scatter).lr == \
+        pytest.approx(1e-1)
 
 
 def test_choose_lr_keeps_the_best_trial_and_survives_all_diverging():
@@ -344,6 +365,9 @@ def test_trials_start_from_the_same_state_and_data_order():
     # train_trial (what the benchmark caches) is the trial lr_find runs, to the bit.
     alone = train_trial(model, loader, 1e-2, optimizer="sgd", steps=4)
     assert alone["loss"] == first["loss"]
+    start, scatter = trial_baseline(model, loader, result.summary["noise"])
+    assert start == result.summary["trial_start_loss"]
+    assert scatter == result.summary["trial_loss_scatter"] > 0
     assert torch.equal(loader.generator.get_state(), before)
 
 

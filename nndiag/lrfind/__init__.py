@@ -25,10 +25,10 @@ from nndiag.lrfind.suggestion import (
     Rule,
     Suggestion,
     choose_lr,
+    eval_scatter,
     smooth_curve,
     snap_lr,
     suggest_lr,
-    tie_tolerance,
 )
 from nndiag.lrfind.sweep import (
     SCHEMA,
@@ -37,9 +37,9 @@ from nndiag.lrfind.sweep import (
     cycle_batches,
     lr_find,
     train_trial,
-    trial_tolerance,
+    trial_baseline,
 )
 
 __all__ = ["MIN_POINTS", "RULE", "SCHEMA", "BatchSource", "Choice", "LRFindResult", "Rule",
-           "Suggestion", "choose_lr", "cycle_batches", "lr_find", "smooth_curve", "snap_lr",
-           "suggest_lr", "tie_tolerance", "train_trial", "trial_tolerance"]
+           "Suggestion", "choose_lr", "cycle_batches", "eval_scatter", "lr_find",
+           "smooth_curve", "snap_lr", "suggest_lr", "train_trial", "trial_baseline"]

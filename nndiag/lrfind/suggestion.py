@@ -36,9 +36,10 @@
    trials, not the curve, decide.
 
 ``choose_lr`` is the second stage's decision, also pure: the candidate whose trial reached the
-lowest loss (losses within ``tie_tolerance`` of it are a tie, won by the lowest rate), lowered
-by ``Rule.trial_shrink`` decades; when every trial diverged, a step below the lowest candidate,
-with a warning.
+lowest loss (losses within ``Rule.trial_tie_sigmas`` scatters of it are a tie, won by the
+lowest rate), lowered by ``Rule.trial_shrink`` decades; the curve's own suggestion when no trial
+fell clearly below the starting loss (``Rule.trial_progress_sigmas``); when every trial
+diverged, a step below the lowest candidate, with a warning.
 
 The values of ``RULE`` were chosen by leave-one-problem-out cross-validation over the problems
 of ``benchmarks/lr_find_quality.py`` (see ``benchmarks/README.md`` for the held-out regret).
@@ -92,9 +93,12 @@ class Rule:
         flat_spacing: ... and are this many decades apart.
         trial_fraction: Steps of each trial as a fraction of the sweep's steps.
         trial_shrink: Decades below the best trial's learning rate that are suggested.
-        trial_tie_sigmas: Trials whose losses differ by less than this many standard errors of
-            the eval loss (``tie_tolerance``) are a tie, won by the lowest learning rate: a
-            trial that makes no clear progress says nothing about the rate (0: no ties).
+        trial_tie_sigmas: Trials whose losses differ by less than this many scatters of the
+            eval loss (``eval_scatter``) are a tie, won by the lowest learning rate (0: no
+            ties).
+        trial_progress_sigmas: When no trial ends this many scatters below the eval loss
+            before the trials, the trials say nothing and the curve's own suggestion stands
+            (0: the best trial always wins).
     """
 
     anchor: str = "valley"
@@ -114,6 +118,7 @@ class Rule:
     trial_fraction: float = 0.5
     trial_shrink: float = 0.25
     trial_tie_sigmas: float = 0.0
+    trial_progress_sigmas: float = 2.0
 
 
 RULE = Rule()
@@ -417,30 +422,29 @@ class Choice:
     findings: list[Finding] = field(default_factory=list)
 
 
-def tie_tolerance(noise: float | None, step_samples: float, eval_samples: float,
-                  rule: Rule = RULE) -> float:
-    """How close two trial losses must be to count as a tie (``Rule.trial_tie_sigmas``).
+def eval_scatter(noise: float | None, step_samples: float, eval_samples: float) -> float:
+    """How much the trials' eval loss scatters (the unit of the trial ``Rule`` sigmas).
 
     The curve's noise is the scatter of a training step's loss (``step_samples`` samples);
     the trials are scored on ``eval_samples`` samples, whose loss scatters about
     ``noise x sqrt(step_samples / eval_samples)``.
 
     Args:
-        noise: The curve's robust noise (``Suggestion.noise``; ``None``: no tolerance).
+        noise: The curve's robust noise (``Suggestion.noise``; ``None``: 0).
         step_samples: Samples per optimizer step of the sweep.
         eval_samples: Samples the trials are scored on.
-        rule: The constants.
 
     Returns:
-        The tolerance, in units of the loss.
+        The scatter, in units of the loss.
     """
-    if not noise or not rule.trial_tie_sigmas or step_samples <= 0 or eval_samples <= 0:
+    if not noise or step_samples <= 0 or eval_samples <= 0:
         return 0.0
-    return rule.trial_tie_sigmas * noise * math.sqrt(step_samples / eval_samples)
+    return noise * math.sqrt(step_samples / eval_samples)
 
 
 def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
-              rule: Rule = RULE, tolerance: float = 0.0) -> Choice:
+              rule: Rule = RULE, scatter: float = 0.0, start: float | None = None,
+              fallback: float | None = None) -> Choice:
     """Pick the learning rate whose short trial training reached the lowest loss (pure).
 
     Args:
@@ -448,8 +452,12 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
         scores: Loss of each after its trial (``inf`` or NaN: diverged).
         steps: Steps of each trial (for the reason).
         rule: The constants.
-        tolerance: Losses within this of the lowest are a tie, won by the lowest learning
-            rate (``tie_tolerance``).
+        scatter: The eval loss's scatter (``eval_scatter``): losses within
+            ``rule.trial_tie_sigmas`` of it from the lowest are a tie, won by the lowest rate.
+        start: The eval loss before any trial; with ``fallback`` and
+            ``rule.trial_progress_sigmas``, when no trial fell that many scatters below it the
+            trials say nothing and ``fallback`` (the curve's own suggestion) is kept.
+        fallback: The curve's own suggestion.
 
     Returns:
         The suggestion: the best candidate lowered by ``rule.trial_shrink`` decades; when
@@ -473,11 +481,19 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
                               "Check it with a short run, or add warmup.",
                               tried=list(candidates))])
     score, best = min(finite)
+    margin = rule.trial_progress_sigmas * scatter
+    if rule.trial_progress_sigmas and start is not None and fallback is not None and \
+            not score < start - margin:
+        return Choice(fallback, f"of {tried} trained {steps} steps each from the same start, "
+                                f"none fell clearly below the starting loss ({start:.4g}; the "
+                                f"best reached {score:.4g}): the trials say nothing, the "
+                                f"curve's own suggestion {fallback:.2e} stands")
+    tolerance = rule.trial_tie_sigmas * scatter
     tied = min(lr for s, lr in finite if s <= score + tolerance)
     lr = tied * 10 ** -rule.trial_shrink
     shrink = f", lowered by {rule.trial_shrink:g} decade" if rule.trial_shrink else ""
     reached = f"{best:.2e} reached the lowest loss ({score:.4g})" if tied == best else \
-        (f"{tied:.2e} came within {tolerance:.2g} of the lowest loss ({score:.4g}, the eval "
-         "loss's own scatter): a tie, which the lower rate wins")
+        (f"{tied:.2e} came within {tolerance:.2g} of the lowest loss ({score:.4g}; the eval "
+         "loss scatters that much): a tie, which the lower rate wins")
     return Choice(lr, f"of {tried} trained {steps} steps each from the same start, "
                       f"{reached}{shrink}")

@@ -28,8 +28,8 @@ from nndiag.lrfind.suggestion import (
     RULE,
     Rule,
     choose_lr,
+    eval_scatter,
     suggest_lr,
-    tie_tolerance,
 )
 
 SCHEMA = "nndiag.lr-find/1"
@@ -377,7 +377,7 @@ def lr_find(
 
     lrs = [start_lr * (end_lr / start_lr) ** (i / (steps - 1)) for i in range(steps)]
     trial_records: list[dict[str, Any]] = []
-    tolerance = 0.0
+    scatter, start_loss = 0.0, None
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
         with _same_data_order(data):  # asking a DataLoader for an iterator draws from it
@@ -393,7 +393,8 @@ def lr_find(
         if trials and tried:
             with preserved_state(model), _same_data_order(data):
                 eval_batches = _first_batches(ctx.source)
-            tolerance = _tolerance(eval_batches, suggestion.noise, accumulate, rule)
+                start_loss = ctx.eval_loss(eval_batches)
+            scatter = _scatter(eval_batches, suggestion.noise, accumulate)
             total = len(losses) + n_trial * len(tried)
             for index, lr in enumerate(tried):
                 with preserved_state(model, user_optimizer, weights=True, grads=True), \
@@ -409,7 +410,7 @@ def lr_find(
     if trial_records:
         choice = choose_lr([r["lr"] for r in trial_records],
                            [math.inf if r["loss"] is None else r["loss"] for r in trial_records],
-                           n_trial, rule, tolerance)
+                           n_trial, rule, scatter, start_loss, suggestion.lr)
         suggested, reason = choice.lr, choice.reason
         findings += choice.findings
     summary = {"optimizer": type(opt).__name__, "steps": steps, "steps_run": len(losses),
@@ -418,7 +419,7 @@ def lr_find(
                "noise": suggestion.noise, "drop": suggestion.drop, "shape": suggestion.shape,
                "trial_steps": n_trial if trial_records else 0,
                "trial_steps_run": sum(r["steps"] for r in trial_records),
-               "trial_tie_tolerance": tolerance}
+               "trial_start_loss": start_loss, "trial_loss_scatter": scatter}
     return LRFindResult(
         suggested_lr=suggested, lr_low=suggestion.lr_low, lr_high=suggestion.lr_high,
         lrs=lrs[: len(losses)], losses=losses, smoothed=suggestion.smoothed,
@@ -426,34 +427,43 @@ def lr_find(
         curve_lr=suggestion.lr, trials=trial_records)
 
 
-def _tolerance(eval_batches: list[Any], noise: float | None, accumulate: int,
-               rule: Rule) -> float:
-    """``tie_tolerance`` for trials scored on ``eval_batches`` after steps of ``accumulate``."""
+def _scatter(eval_batches: list[Any], noise: float | None, accumulate: int) -> float:
+    """``eval_scatter`` for trials scored on ``eval_batches`` after steps of ``accumulate``."""
     samples = sum(_batch_samples(b) for b in eval_batches)
     per_step = accumulate * samples / max(1, len(eval_batches))
-    return tie_tolerance(noise, per_step, samples, rule)
+    return eval_scatter(noise, per_step, samples)
 
 
-def trial_tolerance(data: Any, noise: float | None, *, accumulate: int = 1,
-                    rule: Rule = RULE) -> float:
-    """The tie tolerance ``lr_find`` uses for its trials on ``data`` (for benchmarks).
+def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = None,
+                   accumulate: int = 1, seed: int = 0) -> tuple[float, float]:
+    """What ``lr_find`` compares its trials with, for benchmarks that cache the trials.
 
     Args:
+        model: The model before any training (left as it is).
         data: Batches, as for ``lr_find``.
         noise: The curve's noise (``Suggestion.noise``).
+        loss: As for ``lr_find``.
         accumulate: Micro-batches per step.
-        rule: The constants.
+        seed: Seed for random targets when the data has none.
 
     Returns:
-        ``tie_tolerance`` for the data's first ``EVAL_SAMPLES`` samples.
+        The eval loss before any trial and ``eval_scatter`` for the data's first
+        ``EVAL_SAMPLES`` samples.
     """
     import torch
 
-    with torch.random.fork_rng(devices=[]), _same_data_order(data):
+    from nndiag.capture.state import preserved_state
+    from nndiag.losses import as_loss
+
+    with preserved_state(model), _same_data_order(data):
         with _same_data_order(data):
             source = BatchSource(data)
         eval_batches = _first_batches(source)
-    return _tolerance(eval_batches, noise, accumulate, rule)
+        ctx = _Context(model, source, as_loss(loss), torch.Generator().manual_seed(seed),
+                       next((p.device for p in model.parameters()), torch.device("cpu")),
+                       accumulate, lambda: None)
+        start = ctx.eval_loss(eval_batches)
+    return start, _scatter(eval_batches, noise, accumulate)
 
 
 def _batch_samples(batch: Any) -> int:
