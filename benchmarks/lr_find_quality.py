@@ -75,7 +75,7 @@ from nndiag.lrfind import (  # noqa: E402
     lr_find,
     suggest_lr,
     train_trial,
-    trial_tolerance,
+    trial_baseline,
 )
 from nndiag.lrfind.suggestion import candidate_lrs  # noqa: E402
 
@@ -225,8 +225,9 @@ def curve_rules(base: Rule) -> list[Rule]:
 def trial_rules() -> list[Rule]:
     """The default's set-ups searched: 2 or 3 candidates half a decade apart from the valley up,
     each trained half the sweep's steps, the best lowered by a quarter or half a decade, with
-    or without ties (losses within one standard error of the eval loss go to the lower rate).
-    The valley is fastai's (EMA beta 0.98, not searched).
+    or without ties (losses within one scatter of the eval loss go to the lower rate), with or
+    without the progress check (no trial two scatters below the starting loss: the curve's own
+    suggestion stands). The valley is fastai's (EMA beta 0.98, not searched).
 
     25-step trials were searched too in the exploration that led here and rejected: a rate at
     the edge of stability can look best after 25 steps and diverge over a real budget
@@ -235,13 +236,16 @@ def trial_rules() -> list[Rule]:
     return [replace(RULE, anchor="valley", ema_beta=0.98, valley_shift=RULE.valley_shift,
                     valley_despike=True, flat_rule="valley", candidates=count,
                     candidate_offset=0.5 * (count - 1), candidate_spacing=0.5,
-                    trial_fraction=0.5, trial_shrink=shrink, trial_tie_sigmas=tie)
-            for count, shrink, tie in itertools.product([2, 3], [0.25, 0.5], [0.0, 1.0])]
+                    trial_fraction=0.5, trial_shrink=shrink, trial_tie_sigmas=tie,
+                    trial_progress_sigmas=progress)
+            for count, shrink, tie, progress in itertools.product([2, 3], [0.25, 0.5],
+                                                                  [0.0, 1.0], [0.0, 2.0])]
 
 
 CURVE_NAMES = ["anchor", "ema_beta", "valley_shift", "valley_despike", "flat_rule"]
 TRIAL_NAMES = ["candidates", "trial_fraction", "candidate_offset", "candidate_spacing",
-               "trial_shrink", "trial_tie_sigmas", "flat_top", "flat_spacing"]
+               "trial_shrink", "trial_tie_sigmas", "trial_progress_sigmas", "flat_top",
+               "flat_spacing"]
 
 
 class Bench:
@@ -256,6 +260,7 @@ class Bench:
         self.log_lrs, self.regrets, self.best, self.untrained = truth.table(problem)
         self.curves = {seed: nndiag_curve(problem, seed) for seed in SWEEP_SEEDS}
         self._suggestions: dict = {}
+        self._baselines: dict[int, tuple[float, float]] = {}
 
     def exact_regret(self, lr: float | None) -> float:
         if lr is None or not lr > 0:
@@ -283,8 +288,16 @@ class Bench:
         steps = round(rule.trial_fraction * 100)
         scores = [self.trials.score(self.problem, seed, self.fingerprint, c, steps)
                   for c in candidates]
-        tolerance = trial_tolerance(self.problem.loader(seed), s.noise, rule=rule)
-        return choose_lr(candidates, scores, steps, rule, tolerance).lr
+        start, scatter = self.baseline(seed, s.noise)
+        return choose_lr(candidates, scores, steps, rule, scatter, start, s.lr).lr
+
+    def baseline(self, seed: int, noise: float | None) -> tuple[float, float]:
+        """The eval loss before the trials and its scatter (what lr_find compares with)."""
+        if seed not in self._baselines:
+            self._baselines[seed] = trial_baseline(self.problem.model(seed),
+                                                   self.problem.loader(seed), noise,
+                                                   loss=self.problem.loss)
+        return self._baselines[seed]
 
 
 def choose(matrix: np.ndarray) -> tuple[list[int], int]:
