@@ -13,6 +13,15 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
+def check_severity(value: str, what: str) -> str:
+    """``value`` if it is a severity, else a ``UsageError`` naming ``what``."""
+    if value not in SEVERITIES:
+        from nndiag.errors import UsageError
+
+        raise UsageError(f"{what} must be one of {', '.join(SEVERITIES)}, got {value!r}")
+    return value
+
+
 def worst_severity(*severities: str | None) -> str | None:
     """The most severe of several verdicts (``None`` when there is none)."""
     present = [s for s in severities if s is not None]
@@ -97,8 +106,12 @@ class Report:
         return "ok" if worst == 0 else SEVERITIES[worst]
 
     def fails(self, fail_on: str) -> bool:
-        """True when a finding is at or above ``fail_on`` (``warning`` or ``error``)."""
-        threshold = severity_rank(fail_on)
+        """True when a finding is at or above ``fail_on`` (``warning`` or ``error``).
+
+        Raises:
+            UsageError: ``fail_on`` is not a severity.
+        """
+        threshold = severity_rank(check_severity(fail_on, "fail_on"))
         return any(severity_rank(f.severity) >= threshold for f in self.findings)
 
     def finding(self, finding_id: str) -> Finding | None:

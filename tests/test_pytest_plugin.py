@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 PROJECT = '''
 import torch
 import torch.nn.functional as F
@@ -95,3 +98,19 @@ def test_loading_the_plugin_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_unknown_fail_on_is_a_usage_error_before_any_work(nndiag_check):
+    from nndiag.errors import UsageError
+    from nndiag.findings import Report
+
+    class Untouchable(torch.nn.Module):
+        def forward(self, x):  # the check must refuse before it runs the model
+            raise AssertionError("the model ran")
+
+    with pytest.raises(UsageError, match="fail_on.*critical"):
+        nndiag_check(Untouchable(), [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))],
+                     fail_on="critical")
+    with pytest.raises(UsageError, match="info, warning, error"):
+        Report("nndiag.check/1").fails("critical")
+    assert Report("nndiag.check/1").fails("warning") is False
