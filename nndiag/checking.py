@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +9,7 @@ from pathlib import Path
 from nndiag.advice import advise_run
 from nndiag.amp import read_skipped, skipped_steps_finding
 from nndiag.errors import UsageError
+from nndiag.files import write_atomic
 from nndiag.findings import Finding, Report, severity_rank
 from nndiag.rules.run import run_rules
 from nndiag.rules.thresholds import Threshold
@@ -174,9 +173,5 @@ def write_junit(report: Report, path: str | Path, fail_on: str = "error") -> Pat
     suite.set("errors", "0")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".junit-", suffix=".xml")
-    os.close(handle)
-    ET.ElementTree(suite).write(temp, encoding="utf-8", xml_declaration=True)
-    os.chmod(temp, 0o644)
-    os.replace(temp, target)
-    return target
+    return write_atomic(target, lambda temp: ET.ElementTree(suite).write(
+        temp, encoding="utf-8", xml_declaration=True), prefix=".junit-")

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nndiag.errors import UsageError
+from nndiag.files import write_atomic
 from nndiag.records import LayerRecord, ParamGroup, StepRecord, attach_parameters
 
 SCHEMA = "nndiag.run/2"
@@ -109,11 +108,9 @@ class RunWriter:
             raise UsageError(f"{str(self.directory)!r} already holds a run ({taken[0]}): "
                              "choose a new log_dir")
         try:
-            handle, temp = tempfile.mkstemp(dir=self.directory, prefix=".meta-")
-            with os.fdopen(handle, "w") as out:
-                json.dump(encode({"schema": SCHEMA, **meta}), out, indent=1)
-            os.chmod(temp, 0o644)
-            os.replace(temp, self.directory / META)
+            text = json.dumps(encode({"schema": SCHEMA, **meta}), indent=1)
+            write_atomic(self.directory / META, lambda temp: Path(temp).write_text(text),
+                         prefix=".meta-")
             self._steps = open(self.directory / STEPS, "x", encoding="utf-8")  # noqa: SIM115
             self._samples = open(self.directory / SAMPLES, "x", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:

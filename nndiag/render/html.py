@@ -12,13 +12,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from nndiag.files import write_atomic
 from nndiag.findings import Finding, Fix, Report
 
 if TYPE_CHECKING:
@@ -331,18 +330,6 @@ def run_report_page(report: Report, figures: Sequence[FigureImage | str]) -> str
     return page(f"nndiag report: {Path(str(report.summary.get('run', ''))).name}", body)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".nndiag-", suffix=path.suffix)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
 def write_run_report(log: RunLog, report: Report, directory: str | Path) -> list[Path]:
     """Write ``DIR/index.html`` (self-contained) and each figure as a PNG beside it.
 
@@ -355,8 +342,10 @@ def write_run_report(log: RunLog, report: Report, directory: str | Path) -> list
     written = []
     for figure in figures:
         if isinstance(figure, FigureImage):
-            _write_atomic(target / figure.name, figure.png)
+            png = figure.png
+            write_atomic(target / figure.name, lambda temp, png=png: Path(temp).write_bytes(png))
             written.append(target / figure.name)
-    _write_atomic(target / PAGE, run_report_page(report, figures).encode("utf-8"))
+    page_bytes = run_report_page(report, figures).encode("utf-8")
+    write_atomic(target / PAGE, lambda temp: Path(temp).write_bytes(page_bytes))
     return [target / PAGE, *written]
 

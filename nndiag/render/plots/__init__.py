@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from nndiag.files import write_atomic
 from nndiag.findings import Report
 
 
@@ -23,17 +22,10 @@ def figure_and_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure,
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a figure atomically (a temporary file renamed into place: never half-written)."""
     target = Path(path)
-    suffix = target.suffix or ".png"
+    image_format = (target.suffix or ".png").lstrip(".")
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(suffix=suffix, dir=target.parent, prefix=".nndiag-")
-    os.close(handle)
-    try:
-        fig.savefig(temp, dpi=120, bbox_inches="tight", format=suffix.lstrip("."))
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-    return target
+    return write_atomic(target, lambda temp: fig.savefig(temp, dpi=120, bbox_inches="tight",
+                                                         format=image_format))
 
 
 def plot_report(report: Report) -> Figure:
