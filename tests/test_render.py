@@ -68,6 +68,22 @@ def test_gradient_flow_marks_flagged_layers_and_draws_on_given_axes():
     assert plot_gradient_flow(report, axes) is own
 
 
+def test_gradient_flow_shows_exact_zeros_and_shades_their_flagged_layers():
+    report = inspect_model(examples.dead_relu_mlp(), input_shape=(32, 32))
+    dead = [r for r in report.layers if r.get("std") == 0]
+    assert dead and report.finding("dead_relu") is not None
+    fig = plot_gradient_flow(report)
+    _, bottom = fig.axes
+    zeros = [line for line in bottom.lines if line.get_label().startswith("output exactly 0")]
+    assert len(zeros) == 1
+    assert sorted(zeros[0].get_xdata()) == sorted(r["index"] for r in dead)
+    flagged = {name for f in report.findings if f.severity in ("warning", "error")
+               for name in f.layers}
+    shaded = [p for p in bottom.patches if p.get_alpha() == 0.15]
+    assert len(shaded) == sum(r["name"] in flagged for r in report.layers)
+    assert any(r["name"] in flagged for r in dead)  # a dead, flagged layer is shaded too
+
+
 # ---------------------------------------------------------------------- run figures
 
 def _run_and_findings(run_dir):

@@ -16,12 +16,22 @@ def _positive(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
+def _mark_zeros(ax: Axes, points: list[tuple[Any, Any]], label: str, color: str) -> None:
+    """Values of exactly 0, which a log axis cannot show: an x at the bottom of the axes."""
+    zeros = [x for x, value in points if isinstance(value, int | float) and value == 0]
+    if zeros:
+        ax.plot(zeros, [0.03] * len(zeros), "x", color=color, markersize=7, mew=2,
+                transform=ax.get_xaxis_transform(), label=label)
+
+
 def plot_gradient_flow(report: Report, axes: tuple[Axes, Axes] | None = None) -> Figure:
     """Plot per-layer gradient norm and activation std across depth (log scale).
 
     Top: the weight-gradient norm of each layer with weights and the gradient norm at its
     output relative to the model output ("grad gain"). Bottom: the output std of every
-    measured layer. Layers named by a warning or error finding are marked.
+    measured layer. Values of exactly 0 (a dead layer, a gradient that never arrives), which a
+    log axis cannot show, are crosses at the bottom of their panel. Layers named by a warning
+    or error finding are shaded.
 
     Args:
         report: An inspect report (only its ``layers`` and ``findings`` are read).
@@ -52,6 +62,8 @@ def plot_gradient_flow(report: Report, axes: tuple[Axes, Axes] | None = None) ->
              label="weight gradient norm ||g||")
     top.plot(xs, [g if g else float("nan") for g in gain], "s--", color="tab:green",
              label="grad gain (output-gradient norm / model output's)")
+    _mark_zeros(top, [(x, r.get("grad_norm")) for x, r in zip(xs, weights, strict=True)],
+                "gradient exactly 0", "tab:blue")
     top.set_yscale("log")
     top.set_ylabel("gradient")
     top.grid(True, which="major", alpha=0.3)
@@ -66,14 +78,16 @@ def plot_gradient_flow(report: Report, axes: tuple[Axes, Axes] | None = None) ->
         if series:
             bottom.plot([x for x, _ in series], [s for _, s in series], style, color=color,
                         label=label, markersize=4)
+    _mark_zeros(bottom, [(r["index"], r.get("std")) for r in layers], "output exactly 0 (dead)",
+                "tab:purple")
     bottom.set_yscale("log")
     bottom.set_ylabel("activation std")
     bottom.set_xlabel("layer (forward order)")
     bottom.grid(True, which="major", alpha=0.3)
 
     marked: set[str] = set()
-    for x, _, r in stds:
-        severity = flagged.get(r["name"])
+    for r in layers:  # every flagged layer, including those with nothing to plot on a log axis
+        x, severity = r["index"], flagged.get(r["name"])
         if severity in _FLAG_COLOR:
             label = f"flagged ({severity})" if severity not in marked else None
             marked.add(severity)
