@@ -150,6 +150,24 @@ class BatchSource:
 _END = object()
 
 
+def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
+             make_optimizer: Callable[[], Any]) -> _Context:
+    """The set-up the sweep, the trials and the trial baseline share.
+
+    Asking a DataLoader for an iterator draws from its generator, so the source is created
+    under its own data-order guard: every stage then sees the same first batches.
+    """
+    import torch
+
+    from nndiag.losses import as_loss
+
+    with _same_data_order(data):
+        source = BatchSource(data)
+    return _Context(model, source, as_loss(loss), torch.Generator().manual_seed(seed),
+                    next((p.device for p in model.parameters()), torch.device("cpu")),
+                    accumulate, make_optimizer)
+
+
 def cycle_batches(data: Any) -> Iterator[Any]:
     """Batches forever: re-iterate the data, or replay what a one-shot iterator gave."""
     return BatchSource(data).stream()
@@ -346,7 +364,6 @@ def lr_find(
 
     from nndiag.capture.state import preserved_state
     from nndiag.errors import UsageError, check_seed
-    from nndiag.losses import as_loss
     from nndiag.optimizers import optimizer_factory
     from nndiag.specs import require_usable_model
 
@@ -380,11 +397,7 @@ def lr_find(
     scatter, start_loss = 0.0, None
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
-        with _same_data_order(data):  # asking a DataLoader for an iterator draws from it
-            source = BatchSource(data)
-        ctx = _Context(model, source, as_loss(loss), torch.Generator().manual_seed(seed),
-                       next((p.device for p in model.parameters()), torch.device("cpu")),
-                       accumulate, make_optimizer)
+        ctx = _context(model, data, loss, seed, accumulate, make_optimizer)
         with preserved_state(model, user_optimizer, weights=True, grads=True), \
                 _same_data_order(data):
             opt, losses, stopped = _sweep(ctx, lrs, early_stop, progress)
@@ -450,18 +463,11 @@ def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = No
         The eval loss before any trial and ``eval_scatter`` for the data's first
         ``EVAL_SAMPLES`` samples.
     """
-    import torch
-
     from nndiag.capture.state import preserved_state
-    from nndiag.losses import as_loss
 
     with preserved_state(model), _same_data_order(data):
-        with _same_data_order(data):
-            source = BatchSource(data)
-        eval_batches = _first_batches(source)
-        ctx = _Context(model, source, as_loss(loss), torch.Generator().manual_seed(seed),
-                       next((p.device for p in model.parameters()), torch.device("cpu")),
-                       accumulate, lambda: None)
+        ctx = _context(model, data, loss, seed, accumulate, lambda: None)
+        eval_batches = _first_batches(ctx.source)
         start = ctx.eval_loss(eval_batches)
     return start, _scatter(eval_batches, noise, accumulate)
 
@@ -562,21 +568,13 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
         ``lr``, ``steps`` run, ``loss`` after ``steps`` (``None``: diverged), ``diverged`` and
         ``evals`` (the loss at each step of ``eval_at``).
     """
-    import torch
-
     from nndiag.capture.state import preserved_state
-    from nndiag.losses import as_loss
     from nndiag.optimizers import optimizer_factory
 
     factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
         optimizer_factory(str(optimizer))
     with preserved_state(model), _same_data_order(data):
-        with _same_data_order(data):  # as in lr_find: creating the source draws from a loader
-            source = BatchSource(data)
-        ctx = _Context(model, source, as_loss(loss),
-                       torch.Generator().manual_seed(seed),
-                       next((p.device for p in model.parameters()), torch.device("cpu")),
-                       accumulate,
+        ctx = _context(model, data, loss, seed, accumulate,
                        lambda: factory([p for p in model.parameters() if p.requires_grad], lr))
         eval_batches = _first_batches(ctx.source)
     with preserved_state(model, weights=True, grads=True), _same_data_order(data):
