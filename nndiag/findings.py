@@ -13,12 +13,13 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
-def check_severity(value: str, what: str) -> str:
-    """``value`` if it is a severity, else a ``UsageError`` naming ``what``."""
-    if value not in SEVERITIES:
+def check_severity(value: str | None, what: str, *, optional: bool = False) -> str | None:
+    """``value`` if it is a severity (or ``None`` when ``optional``), else a ``UsageError``."""
+    if value not in SEVERITIES and not (optional and value is None):
         from nndiag.errors import UsageError
 
-        raise UsageError(f"{what} must be one of {', '.join(SEVERITIES)}, got {value!r}")
+        choices = ", ".join(SEVERITIES) + (" or None" if optional else "")
+        raise UsageError(f"{what} must be one of {choices}, got {value!r}")
     return value
 
 
@@ -111,7 +112,8 @@ class Report:
         Raises:
             UsageError: ``fail_on`` is not a severity.
         """
-        threshold = severity_rank(check_severity(fail_on, "fail_on"))
+        check_severity(fail_on, "fail_on")
+        threshold = severity_rank(fail_on)
         return any(severity_rank(f.severity) >= threshold for f in self.findings)
 
     def finding(self, finding_id: str) -> Finding | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nndiag.errors import NndiagError, UsageError
-from nndiag.findings import SEVERITIES, Report
+from nndiag.findings import Report, check_severity, severity_rank
 
 RUN_DIR_NAME = "nndiag"
 
@@ -23,7 +23,7 @@ class TrainingFindingsError(NndiagError):
 
     def __init__(self, report: Report, fail_on: str) -> None:
         ids = ", ".join(f"{f.id} ({f.severity})" for f in report.findings
-                        if SEVERITIES.index(f.severity) >= SEVERITIES.index(fail_on))
+                        if severity_rank(f.severity) >= severity_rank(fail_on))
         super().__init__(f"nndiag: training ended with findings at or above {fail_on}: {ids}")
         self.report = report
 
@@ -36,9 +36,7 @@ def check_options(every: Any, fail_on: str | None) -> None:
     """
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise UsageError(f"every must be a whole number of at least 1, got {every!r}")
-    if fail_on is not None and fail_on not in SEVERITIES:
-        raise UsageError(f"fail_on must be one of {', '.join(SEVERITIES)} or None, "
-                         f"got {fail_on!r}")
+    check_severity(fail_on, "fail_on", optional=True)
 
 
 def fresh_run_dir(base: str | Path) -> Path:
