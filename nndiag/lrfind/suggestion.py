@@ -204,15 +204,25 @@ def _gaussian(values: np.ndarray, sigma: float) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
+def _log_step(log_lrs: np.ndarray) -> float:
+    """The sweep's step in decades (1 when it cannot be read: the smallest windows)."""
+    step = float(np.median(np.diff(log_lrs))) if len(log_lrs) > 1 else 1.0
+    return step if step > 0 else 1.0
+
+
+def _median_window(step: float, points: int) -> int:
+    """Points in ``MEDIAN_WINDOW_DECADES``: odd, at least 3, at most the curve's."""
+    window = max(3, int(round(MEDIAN_WINDOW_DECADES / step)) | 1)
+    return min(window, points if points % 2 else points - 1)
+
+
 def smooth_curve(log_lrs: np.ndarray, losses: np.ndarray) -> np.ndarray:
     """Median then Gaussian smoothing with widths in decades of learning rate."""
     if len(losses) < 3:
         return losses.copy()
-    step = float(np.median(np.diff(log_lrs))) if len(log_lrs) > 1 else 1.0
-    step = step if step > 0 else 1.0
-    window = max(3, int(round(MEDIAN_WINDOW_DECADES / step)) | 1)
-    window = min(window, len(losses) if len(losses) % 2 else len(losses) - 1)
-    return _gaussian(_running_median(losses, window), GAUSS_SIGMA_DECADES / step)
+    step = _log_step(log_lrs)
+    return _gaussian(_running_median(losses, _median_window(step, len(losses))),
+                     GAUSS_SIGMA_DECADES / step)
 
 
 def despiked(lrs: Sequence[float], losses: Sequence[float]) -> np.ndarray:
@@ -226,10 +236,8 @@ def despiked(lrs: Sequence[float], losses: Sequence[float]) -> np.ndarray:
     values = np.asarray(losses, dtype=float)
     if len(values) < 5:
         return values.copy()
-    step = float(np.median(np.diff(np.log10(np.asarray(lrs, dtype=float)))))
-    window = max(3, int(round(MEDIAN_WINDOW_DECADES / step)) | 1) if step > 0 else 3
-    median = _running_median(values, min(window, len(values) if len(values) % 2
-                                         else len(values) - 1))
+    step = _log_step(np.log10(np.asarray(lrs, dtype=float)))
+    median = _running_median(values, _median_window(step, len(values)))
     residual = values - median
     sigma = 1.4826 * float(np.median(np.abs(residual)))
     out = values.copy()
