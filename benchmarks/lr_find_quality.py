@@ -77,7 +77,6 @@ from nndiag.lrfind import (  # noqa: E402
     train_trial,
     trial_baseline,
 )
-from nndiag.lrfind.suggestion import candidate_lrs  # noqa: E402
 
 TRIALS = Path(__file__).with_name("lr_trials.json")
 TRIAL_STEPS = (25, 50)  # trial lengths cached: a quarter and half of the 100-step sweep
@@ -268,21 +267,18 @@ class Bench:
         return regret(self.truth.loss(self.problem, lr), self.best, self.untrained)
 
     def suggestion(self, rule: Rule, seed: int):
-        k = (seed,) + tuple(getattr(rule, name) for name in CURVE_NAMES)
-        if k not in self._suggestions:
+        """``suggest_lr`` on the seed's curve, as ``lr_find`` calls it (rules are hashable)."""
+        if (seed, rule) not in self._suggestions:
             curve = self.curves[seed]
-            self._suggestions[k] = suggest_lr(curve.lrs, curve.losses, rule)
-        return self._suggestions[k]
+            self._suggestions[seed, rule] = suggest_lr(curve.lrs, curve.losses, rule)
+        return self._suggestions[seed, rule]
 
     def curve_lr(self, rule: Rule, seed: int) -> float | None:
         return self.suggestion(rule, seed).lr
 
     def trial_lr(self, rule: Rule, seed: int) -> float | None:
         s = self.suggestion(rule, seed)
-        curve = self.curves[seed]
-        top = curve.lrs[sum(1 for v in curve.losses if math.isfinite(v)) - 1] \
-            if s.shape == "flat" else None
-        candidates = candidate_lrs(s.anchor, curve.lrs[0], rule, top=top) if s.anchor else []
+        candidates = s.candidates
         if not candidates:
             return s.lr
         steps = round(rule.trial_fraction * 100)
