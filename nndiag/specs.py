@@ -252,6 +252,21 @@ def unpack_batch(batch: Any) -> Batch:
     return result
 
 
+def check_finite_inputs(batch: Batch) -> None:
+    """Refuse a batch whose floating-point inputs hold NaN or Inf.
+
+    Raises:
+        UsageError: Naming the batch: the data, not the model, is at fault.
+
+    """
+    for tensor in iter_tensors(batch.inputs):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(
+                f"the input batch holds NaN or Inf values ({describe_value(batch.inputs)}); "
+                "clean the data before diagnosing the model"
+            )
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call the model as DESIGN.md prescribes: tuple as ``*args``, dict as ``**kwargs``.
 

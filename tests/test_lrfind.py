@@ -396,6 +396,22 @@ def test_divergence_stops_the_sweep_early():
     assert result.suggested_lr is not None and result.lr_high is not None
 
 
+class _TimesNaN(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float("nan")
+
+
+def test_nan_in_a_later_batch_names_the_data_and_restores_the_model():
+    model = examples.he_mlp(depth=3, width=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _data()
+    data[5][0][2, 3] = float("nan")  # the sixth batch of the sweep's data
+    with pytest.raises(UsageError, match="NaN or Inf"):
+        lr_find(model, data, steps=30)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training
+
+
 def test_bad_input_is_a_usage_error():
     model = examples.he_mlp(depth=3, width=16)
     with pytest.raises(UsageError, match="larger than"):
@@ -403,8 +419,11 @@ def test_bad_input_is_a_usage_error():
     with pytest.raises(UsageError, match="no batch"):
         lr_find(model, [], steps=10)
     nan_batch = (torch.full((8, 32), float("nan")), torch.zeros(8, dtype=torch.long))
-    with pytest.raises(UsageError, match="first step"):
+    with pytest.raises(UsageError, match="NaN or Inf"):
         lr_find(model, [nan_batch], steps=10)
+    nan_model = nn.Sequential(model, _TimesNaN())
+    with pytest.raises(UsageError, match="first step"):  # finite data: the model is blamed
+        lr_find(nan_model, _data(), steps=10)
     with pytest.raises(UsageError, match="at least"):
         lr_find(model, _data(), steps=3)
 
@@ -457,7 +476,7 @@ def test_cli_json_plot_and_exit_code(tmp_path):
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (("--data", "empty_data"), "no batch"),
-    (("--data", "nan_data"), "first step"),
+    (("--data", "nan_data"), "NaN or Inf"),
     (("--data", "classification_batches", "--start-lr", "1", "--end-lr", "0.1"), "larger than"),
     (("--data", "classification_batches", "--optimizer", "lion"), "--optimizer"),
 ])

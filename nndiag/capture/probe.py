@@ -28,7 +28,15 @@ from nndiag.capture.state import preserved_state
 from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.losses import Loss, compute_loss
 from nndiag.records import ParamGroup, ProbeRecord, attach_parameters
-from nndiag.specs import Batch, call_model, describe_value, iter_tensors, move_to, primary_output
+from nndiag.specs import (
+    Batch,
+    call_model,
+    check_finite_inputs,
+    describe_value,
+    iter_tensors,
+    move_to,
+    primary_output,
+)
 from nndiag.stats.activations import depth_gain, square_sum
 from nndiag.stats.weights import fans
 
@@ -115,15 +123,6 @@ def _forward(model: nn.Module, recorder: SiteRecorder, inputs: Any) -> Any:
         raise UserCodeError(f"the model raised{where}: {describe_exception(exc)}") from exc
 
 
-def _check_inputs(batch: Batch) -> None:
-    for tensor in iter_tensors(batch.inputs):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UsageError(
-                f"the input batch holds NaN or Inf values ({describe_value(batch.inputs)}); "
-                "clean the data before diagnosing the model"
-            )
-
-
 def run_probe(model: nn.Module, batches: Sequence[Batch],
               config: ProbeConfig | None = None) -> ProbeRecord:
     """Measure a model on a few batches; the model is left exactly as found.
@@ -149,7 +148,7 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
     if not batches:
         raise UsageError("no batch to probe the model with")
     for batch in batches:
-        _check_inputs(batch)
+        check_finite_inputs(batch)
     device = _model_device(model)
     held = owners(model)
     trainable = [(o, pname, p) for o in held for pname, p in o.params if p.requires_grad]

@@ -213,9 +213,11 @@ class _Context:
 
     def step_loss(self, batches: Iterator[Any]) -> float:
         """Forward and backward over ``accumulate`` micro-batches; the mean loss."""
+        import torch
+
         from nndiag.errors import UsageError, UserCodeError, describe_exception
         from nndiag.losses import compute_loss
-        from nndiag.specs import call_model, move_to, unpack_batch
+        from nndiag.specs import call_model, check_finite_inputs, move_to, unpack_batch
 
         total = 0.0
         for _ in range(self.accumulate):
@@ -236,6 +238,8 @@ class _Context:
                 raise UserCodeError(f"the model raised: {describe_exception(exc)}") from exc
             value, _, _ = compute_loss(self.loss_spec, outputs,
                                        move_to(unpacked.targets, self.device), self.generator)
+            if not torch.isfinite(value):  # the data's fault, or the sweep's (a high rate)
+                check_finite_inputs(unpacked)
             (value / self.accumulate).backward()
             total += float(value.detach()) / self.accumulate
         return total
@@ -246,9 +250,11 @@ class _Context:
 
     def eval_loss(self, batches: list[Any]) -> float:
         """Mean loss on fixed batches in eval mode (no backward pass, no update)."""
+        import torch
+
         from nndiag.errors import UserCodeError, describe_exception
         from nndiag.losses import compute_loss
-        from nndiag.specs import call_model, move_to, unpack_batch
+        from nndiag.specs import call_model, check_finite_inputs, move_to, unpack_batch
 
         self.model.eval()
         total = 0.0
@@ -260,6 +266,8 @@ class _Context:
                 raise UserCodeError(f"the model raised: {describe_exception(exc)}") from exc
             value, _, _ = compute_loss(self.loss_spec, outputs,
                                        move_to(unpacked.targets, self.device), self.generator)
+            if not torch.isfinite(value):
+                check_finite_inputs(unpacked)
             total += float(value.detach()) / len(batches)
         self.model.train()
         return total
@@ -353,7 +361,8 @@ def lr_find(
         The curve, the suggestion, the trials and warnings.
 
     Raises:
-        UsageError: A bad range, no data, or a loss that is not finite from the first step.
+        UsageError: A bad range, no data, NaN/Inf in a batch of the data (at any step), or a
+            loss that is not finite from the first step.
         UserCodeError: The model, loss or optimizer factory raised.
 
     Example:
