@@ -2,8 +2,9 @@
 
 For each problem of ``lr_problems.py`` (28 small problems of varied kind), the truth is a grid
 search: the validation loss after the problem's budget at a constant learning rate, for every
-quarter decade and four training seeds (``lr_truth.py``, cached in ``lr_grid_truth.json``). A
-suggestion is trained the same way (also cached) and scored by
+quarter decade and four training seeds (sixteen where four leave the truth too uncertain;
+``lr_truth.py``, cached in ``lr_grid_truth.json``). A suggestion is trained the same way (also
+cached) and scored by
 
     normalized regret = (L(suggested) - L(best)) / (L(untrained) - L(best))
 
@@ -396,7 +397,9 @@ def main() -> None:
                                               for s in SWEEP_SEEDS) for c in columns}
         truth.save()
         best_lr = 10 ** b.log_lrs[np.argmin(b.regrets)]
-        print(f"{p.label}: best {best_lr:.2e} (val {b.best:.4f}, untrained {b.untrained:.4f}); "
+        print(f"{p.label}: best {best_lr:.2e} (val {b.best:.4f}, untrained {b.untrained:.4f}, "
+              f"{len(truth.entry(p)['seeds'])} training seeds, s.e. "
+              f"{truth.standard_error(p):.3f}); "
               + "; ".join(f"{c} " + " ".join(f"{per_seed[s][c]:.2e}" if per_seed[s][c]
                                               else "none" for s in SWEEP_SEEDS)
                           for c in columns), flush=True)

@@ -5,15 +5,19 @@ constant learning rate, for each learning rate of a log grid (``PER_DECADE`` poi
 the quarter decades 1e-6, 1.78e-6, 3.16e-6, 5.62e-6, ...), the mean over four seeds (model
 initialization and data order), and the loss of the untrained model. Four, not two: on problems
 whose training is bimodal (one seed learns the task, the other not) two seeds made the truth
-itself jump by 0.5 regret between neighbouring grid points. The grid is searched outward from
-1e-3 and stops on each side once some consecutive points are hopeless (above, three: diverged or
-well above the untrained loss; below, two: less than 5% of the best fall made), so the full
-range is only paid for where it matters. Any other learning rate (a finder's suggestion) is
-trained the same way on demand and cached too.
+itself jump by 0.5 regret between neighbouring grid points. Where four are still too few (the
+standard error of the mean at the best grid rate above ``MAX_STANDARD_ERROR`` of the regret
+scale, L(untrained) - L(best)), the whole problem is measured again with ``MANY_SEEDS``: a truth
+whose own error is a fifth of the regret scale cannot tell a good finder from a lucky one.
+
+The grid is searched outward from 1e-3 and stops on each side once some consecutive points are
+hopeless (above, three: diverged or well above the untrained loss; below, two: less than 5% of
+the best fall made), so the full range is only paid for where it matters. Any other learning
+rate (a finder's suggestion) is trained the same way on demand and cached too.
 
 Each problem's entry carries a fingerprint of its data, model size and budget: a changed
-problem is recomputed, an unchanged one is read back; points cached with fewer seeds are
-extended with the missing ones.
+problem is recomputed, an unchanged one is read back; points cached with fewer seeds than the
+problem's are extended with the missing ones.
 
 Run directly to fill the cache: ``python benchmarks/lr_truth.py [--problems a,b]``.
 """
@@ -36,6 +40,8 @@ from lr_problems import Problem, make_problems, train_val_loss, val_loss  # noqa
 
 CACHE = Path(__file__).with_name("lr_grid_truth.json")
 SEEDS = (0, 1, 2, 3)
+MANY_SEEDS = tuple(range(16))  # for problems whose truth is too noisy with SEEDS
+MAX_STANDARD_ERROR = 0.1  # of L(untrained) - L(best), at the best grid rate
 PER_DECADE = 4
 
 
@@ -57,26 +63,38 @@ class Truth:
         fp = problem.fingerprint()
         entry = self.data["problems"].get(problem.name)
         if entry is None or entry.get("fingerprint") != fp:
-            entry = {"fingerprint": fp, "losses": {}}
+            entry = {"fingerprint": fp, "losses": {}, "seeds": []}
             self.data["problems"][problem.name] = entry
-        if entry.get("seeds") != list(SEEDS):  # new, or cached with fewer seeds: extended below
-            entry["untrained"] = statistics.fmean(val_loss(problem.model(s), problem)
-                                                  for s in SEEDS)
-            entry["seeds"] = list(SEEDS)
-            self.dirty = True
+        if len(entry.setdefault("seeds", [])) < len(SEEDS):  # new, or cached with fewer
+            self._use_seeds(problem, entry, SEEDS)
         return entry
+
+    def _use_seeds(self, problem: Problem, entry: dict, seeds: tuple[int, ...]) -> None:
+        entry["untrained"] = statistics.fmean(val_loss(problem.model(s), problem) for s in seeds)
+        entry["seeds"] = list(seeds)
+        self.dirty = True
+
+    def losses(self, problem: Problem, lr: float) -> list[float | None]:
+        """The validation loss of each of the problem's seeds (None: diverged)."""
+        entry = self.entry(problem)
+        seeds, losses, k = entry["seeds"], entry["losses"], key(lr)
+        known = losses.get(k, [])
+        if len(known) < len(seeds):  # a miss, or a point cached with fewer seeds
+            values = [train_val_loss(problem, 10 ** float(k), s) for s in seeds[len(known):]]
+            losses[k] = known + [v if math.isfinite(v) else None for v in values]
+            self.dirty = True
+        return losses[k][:len(seeds)]
 
     def loss(self, problem: Problem, lr: float) -> float:
         """Mean validation loss over the seeds (inf if any seed diverged)."""
-        losses = self.entry(problem)["losses"]
-        k = key(lr)
-        known = losses.get(k, [])
-        if len(known) < len(SEEDS):  # a miss, or a point cached with fewer seeds
-            values = [train_val_loss(problem, 10 ** float(k), s) for s in SEEDS[len(known):]]
-            losses[k] = known + [v if math.isfinite(v) else None for v in values]
-            self.dirty = True
-        values = losses[k]
+        values = self.losses(problem, lr)
         return math.inf if any(v is None for v in values) else statistics.fmean(values)
+
+    def standard_error(self, problem: Problem) -> float:
+        """The standard error of the mean loss at the best grid rate, in regret units."""
+        log_lrs, regrets, best, untrained = self.table(problem)
+        values = self.losses(problem, 10 ** log_lrs[int(np.argmin(regrets))])
+        return statistics.stdev(values) / math.sqrt(len(values)) / max(untrained - best, 1e-12)
 
     def save(self) -> None:
         if self.dirty:
@@ -85,7 +103,19 @@ class Truth:
             self.dirty = False
 
     def fill_grid(self, problem: Problem) -> None:
-        """Evaluate the grid outward from 1e-3 until both sides are hopeless."""
+        """Evaluate the grid outward from 1e-3 until both sides are hopeless; with
+        ``MANY_SEEDS`` if ``SEEDS`` leave the best point's loss too uncertain."""
+        self._search(problem)
+        entry = self.entry(problem)
+        if len(entry["seeds"]) < len(MANY_SEEDS) and \
+                self.standard_error(problem) > MAX_STANDARD_ERROR:
+            self._use_seeds(problem, entry, MANY_SEEDS)
+            self._search(problem)
+            for k in list(entry["losses"]):  # every point, grid or not, on the same seeds
+                self.losses(problem, 10 ** float(k))
+            self.save()
+
+    def _search(self, problem: Problem) -> None:
         lo, hi = problem.grid
         points = [e / PER_DECADE for e in range(int(round(lo * PER_DECADE)),
                                                  int(round(hi * PER_DECADE)) + 1)]
@@ -145,7 +175,8 @@ def main() -> None:
         truth.fill_grid(problem)
         log_lrs, regrets, best, untrained = truth.table(problem)
         print(f"{problem.label:45s} best {10 ** log_lrs[np.argmin(regrets)]:.2e} "
-              f"L {best:.4f} untrained {untrained:.4f} points {len(log_lrs)} "
+              f"L {best:.4f} untrained {untrained:.4f} points {len(log_lrs)} seeds "
+              f"{len(truth.entry(problem)['seeds'])} s.e. {truth.standard_error(problem):.3f} "
               f"[{time.perf_counter() - started:.0f}s]", flush=True)
     truth.save()
 
