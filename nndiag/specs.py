@@ -176,17 +176,21 @@ def load_model(spec: str) -> nn.Module:
     return obj
 
 
-def load_data(spec: str) -> Any:
+def load_data(spec: str, option: str = "--data") -> Any:
     """Load data from a spec: an iterable of batches, or one batch (calling a factory first).
+
+    Args:
+        spec: ``package.module:attr`` or ``path/file.py:attr``.
+        option: The option the spec came from, named in errors.
 
     Raises:
         UsageError: The spec cannot be resolved.
         UserCodeError: The user's factory raised.
 
     """
-    obj = load_object(spec, "--data")
+    obj = load_object(spec, option)
     if callable(obj) and not isinstance(obj, Iterable | Mapping):
-        obj = _call_factory(obj, spec, "--data")
+        obj = _call_factory(obj, spec, option)
     return obj
 
 
@@ -280,6 +284,55 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
         if isinstance(inputs, tuple | list):
             return model(*inputs)
         return model(inputs)
+
+
+def model_call_error(exc: Exception, inputs: Any, culprit: str | None,
+                     module: nn.Module | None) -> UsageError | UserCodeError:
+    """The error to raise for a forward pass that raised ``exc`` in ``module``.
+
+    A built-in ``torch.nn`` layer that rejects its input (a shape or dtype error) means the
+    batch does not fit the model: the user's data, a usage error. Anything else is the
+    user's own code raising.
+    """
+    builtin = module is not None and type(module).__module__.startswith("torch.nn")
+    if builtin and isinstance(exc, RuntimeError | ValueError | IndexError):
+        return UsageError(
+            f"the batch does not fit the model: layer {culprit!r} "
+            f"({type(module).__name__}) rejected it with {describe_exception(exc)} "
+            f"(inputs: {describe_value(inputs)})"
+        )
+    where = f" in {culprit!r}" if culprit else ""
+    return UserCodeError(f"the model raised{where}: {describe_exception(exc)}")
+
+
+def explain_model_failure(model: nn.Module, inputs: Any,
+                          exc: Exception) -> UsageError | UserCodeError:
+    """``model_call_error`` for a forward pass that raised without hooks attached.
+
+    The pass is run once more with hooks, without gradients, to find the innermost module it
+    raises in. Only for the failure path: the model's buffers may change (callers restore
+    them).
+    """
+    failed: list[tuple[str, nn.Module]] = []
+
+    def after(name: str, module: nn.Module) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            if not failed and sys.exc_info()[1] is not None:
+                failed.append((name, module))
+        return hook
+
+    handles = [module.register_forward_hook(after(name, module), always_call=True)
+               for name, module in model.named_modules()]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    except Exception:  # noqa: BLE001 - the failure is the point; it may differ on a rerun
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    culprit, module = failed[0] if failed else (None, None)
+    return model_call_error(exc, inputs, culprit or None, module)
 
 
 def require_usable_model(model: Any, *, trainable: bool = False) -> nn.Module:

@@ -371,6 +371,43 @@ def test_trials_start_from_the_same_state_and_data_order():
     assert torch.equal(loader.generator.get_state(), before)
 
 
+def test_trials_scored_on_validation_data():
+    """With val_data the trials are scored on its first batches, not on the training data."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = examples.he_mlp(depth=3, width=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(320, 32, generator=g)
+    val = DataLoader(TensorDataset(x, x[:, :10].argmax(1)), batch_size=64, shuffle=True,
+                     generator=torch.Generator().manual_seed(1))
+    val_state = val.generator.get_state()
+    first = [(xb.clone(), yb.clone()) for xb, yb in val][:4]  # 256 samples: EVAL_SAMPLES
+    val.generator.set_state(val_state)
+    result = lr_find(model, _data(), optimizer="sgd", steps=20, trial_steps=4,
+                     candidates=[1e-2, 1e-3], val_data=val)
+    assert torch.equal(val.generator.get_state(), val_state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        reference = sum(float(F.cross_entropy(model(xb), yb)) for xb, yb in first) / 4
+    model.train()
+    assert result.summary["trial_start_loss"] == pytest.approx(reference, rel=1e-6)
+    assert result.summary["trial_scored_on"] == "validation"
+    assert result.summary["trial_eval_samples"] == 256
+    on_train = lr_find(model, _data(), optimizer="sgd", steps=20, trial_steps=4,
+                       candidates=[1e-2, 1e-3])
+    assert on_train.summary["trial_scored_on"] == "training"
+    assert on_train.summary["trial_start_loss"] != result.summary["trial_start_loss"]
+    # train_trial and trial_baseline (what the benchmark caches) score the same way.
+    alone = train_trial(model, _data(), 1e-2, optimizer="sgd", steps=4, val_data=val)
+    assert alone["loss"] == result.trials[0]["loss"]
+    start, _ = trial_baseline(model, _data(), result.summary["noise"], val_data=val)
+    assert start == result.summary["trial_start_loss"]
+    with pytest.raises(UsageError, match="--val-data"):
+        lr_find(model, _data(), steps=20, trial_steps=2, val_data=[])
+
+
 def test_accumulate_records_the_mean_of_the_micro_batches():
     model = examples.he_mlp(depth=3, width=16)
     data = _data(6)
@@ -394,6 +431,32 @@ def test_divergence_stops_the_sweep_early():
     assert result.stopped_because in ("diverged", "non_finite_loss")
     assert len(result.losses) < 100
     assert result.suggested_lr is not None and result.lr_high is not None
+
+
+class _Broken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise KeyError("a bug in the user's forward")
+
+
+def test_model_errors_split_into_the_data_and_the_users_code():
+    """A torch.nn layer rejecting the batch is the data's fault (exit 2), as in inspect; the
+    user's own forward raising is exit 3; either way the model is left as it was."""
+    from nndiag.errors import UserCodeError
+
+    model = examples.he_mlp(depth=3, width=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    narrow = [(x[:, :20], y) for x, y in _data()]
+    with pytest.raises(UsageError, match="does not fit the model: layer '0' .Linear."):
+        lr_find(model, narrow, steps=10)
+    with pytest.raises(UsageError, match="does not fit the model"):
+        lr_find(model, _data(), steps=10, trial_steps=2, val_data=narrow)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(UserCodeError, match="KeyError"):
+        lr_find(_Broken(), _data(), steps=10)
 
 
 class _TimesNaN(nn.Module):
@@ -468,6 +531,14 @@ def test_cli_json_plot_and_exit_code(tmp_path):
                  "--trial-steps", "4", "--json")
     assert tried.exit_code == 0
     assert [t["steps"] for t in json.loads(tried.stdout)["trials"]] == [4] * RULE.candidates
+    on_val = _cli("--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches",
+                  "--val-data", f"{FIXTURES}:good_data", "--trial-steps", "4", "--json")
+    summary = json.loads(on_val.stdout)["summary"]
+    assert on_val.exit_code == 0 and summary["trial_scored_on"] == "validation"
+    assert summary["trial_eval_samples"] == 16  # good_data: one batch of 16
+    assert "16 validation samples" in _cli(
+        "--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches",
+        "--val-data", f"{FIXTURES}:good_data", "--trial-steps", "4").stdout
     curve_only = _cli("--model", f"{FIXTURES}:mlp8", "--data",
                       f"{FIXTURES}:classification_batches", "--no-trials", "--json")
     only = json.loads(curve_only.stdout)
@@ -479,6 +550,10 @@ def test_cli_json_plot_and_exit_code(tmp_path):
     (("--data", "nan_data"), "NaN or Inf"),
     (("--data", "classification_batches", "--start-lr", "1", "--end-lr", "0.1"), "larger than"),
     (("--data", "classification_batches", "--optimizer", "lion"), "--optimizer"),
+    (("--data", "classification_batches", "--val-data", "empty_data"), "--val-data"),
+    (("--data", "wrong_shape_data"), "does not fit the model"),
+    (("--data", "classification_batches", "--val-data", "wrong_shape_data"),
+     "does not fit the model"),
 ])
 def test_cli_bad_input_exit_2_with_one_message(args, fragment):
     from tests.fixtures.models import FIXTURES

@@ -32,8 +32,8 @@ from nndiag.specs import (
     Batch,
     call_model,
     check_finite_inputs,
-    describe_value,
     iter_tensors,
+    model_call_error,
     move_to,
     primary_output,
 )
@@ -112,15 +112,7 @@ def _forward(model: nn.Module, recorder: SiteRecorder, inputs: Any) -> Any:
     except Exception as exc:
         culprit = recorder.failed_in
         module = recorder.modules.get(culprit) if culprit else None
-        builtin = module is not None and type(module).__module__.startswith("torch.nn")
-        if builtin and isinstance(exc, RuntimeError | ValueError | IndexError):
-            raise UsageError(
-                f"the batch does not fit the model: layer {culprit!r} "
-                f"({type(module).__name__}) rejected it with {describe_exception(exc)} "
-                f"(inputs: {describe_value(inputs)})"
-            ) from exc
-        where = f" in {culprit!r}" if culprit else ""
-        raise UserCodeError(f"the model raised{where}: {describe_exception(exc)}") from exc
+        raise model_call_error(exc, inputs, culprit, module) from exc
 
 
 def run_probe(model: nn.Module, batches: Sequence[Batch],

@@ -17,6 +17,10 @@ def lr_find(
     data: str = typer.Option(..., "--data", "-d", metavar="SPEC",
                              help="Training batches (a DataLoader, a list) or one batch; "
                                   "cycled if they run out."),
+    val_data: str | None = typer.Option(None, "--val-data", metavar="SPEC",
+                                        help="Validation batches to score the trials on "
+                                             "(default: the first training batches, which "
+                                             "the trials also train on)."),
     loss: str | None = typer.Option(None, "--loss", metavar="NAME|SPEC",
                                     help="cross_entropy, mse, bce, l1, huber, nll or a spec "
                                          "f(outputs, targets). Default: from the targets."),
@@ -57,7 +61,7 @@ def lr_find(
     try:
         code = _run(out, model, data, loss, optimizer, momentum, weight_decay, start_lr,
                     end_lr, steps, accumulate, not no_early_stop, json_output, plot,
-                    fail_on.value, seed, trials, trial_steps)
+                    fail_on.value, seed, trials, trial_steps, val_data)
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)
     raise typer.Exit(code)
@@ -66,7 +70,8 @@ def lr_find(
 def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimizer: str,
          momentum: float | None, weight_decay: float, start_lr: float, end_lr: float,
          steps: int, accumulate: int, early_stop: bool, json_output: bool, plot: Path | None,
-         fail_on: str, seed: int, trials: bool = True, trial_steps: int | None = None) -> int:
+         fail_on: str, seed: int, trials: bool = True, trial_steps: int | None = None,
+         val_data_spec: str | None = None) -> int:
     from nndiag.losses import resolve_loss
     from nndiag.lrfind import lr_find as run_lr_find
     from nndiag.optimizers import optimizer_factory
@@ -84,12 +89,13 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
     with out.stderr.status("loading the model and data", spinner="dots"):
         net = load_model(model_spec)
         batches = load_data(data_spec)
+        val_batches = load_data(val_data_spec, "--val-data") if val_data_spec else None
     with out.steps("learning-rate sweep and trials" if trials else "learning-rate sweep") \
             as advance:
         result = run_lr_find(net, batches, loss=loss_fn, optimizer=factory, start_lr=start_lr,
                              end_lr=end_lr, steps=steps, accumulate=accumulate,
                              early_stop=early_stop, trials=trials, trial_steps=trial_steps,
-                             seed=seed, progress=advance)
+                             val_data=val_batches, seed=seed, progress=advance)
     if json_output:
         out.stdout.out(render_json(result), highlight=False)
     else:

@@ -151,21 +151,28 @@ _END = object()
 
 
 def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
-             make_optimizer: Callable[[], Any]) -> _Context:
+             make_optimizer: Callable[[], Any], val_data: Any = None) -> _Context:
     """The set-up the sweep, the trials and the trial baseline share.
 
-    Asking a DataLoader for an iterator draws from its generator, so the source is created
-    under its own data-order guard: every stage then sees the same first batches.
+    Every stage (the sweep, each trial, the eval batches) then sees the same first batches.
     """
     import torch
 
     from nndiag.losses import as_loss
 
-    with _same_data_order(data):
-        source = BatchSource(data)
-    return _Context(model, source, as_loss(loss), torch.Generator().manual_seed(seed),
+    return _Context(model, _source(data), as_loss(loss), torch.Generator().manual_seed(seed),
                     next((p.device for p in model.parameters()), torch.device("cpu")),
-                    accumulate, make_optimizer)
+                    accumulate, make_optimizer, val_data)
+
+
+def _source(data: Any) -> BatchSource:
+    """A source whose first stream starts where the data's order stands now.
+
+    Asking a DataLoader for an iterator draws from its generator, so the source is created
+    under its own data-order guard.
+    """
+    with _same_data_order(data):
+        return BatchSource(data)
 
 
 def cycle_batches(data: Any) -> Iterator[Any]:
@@ -209,7 +216,25 @@ class _Context:
     device: Any
     accumulate: int
     make_optimizer: Callable[[], Any]
+    val_data: Any = None
     ratios: list[float] = field(default_factory=list)
+    _eval_batches: list[Any] | None = field(default=None, init=False, repr=False)
+
+    def eval_batches(self) -> list[Any]:
+        """The batches the trials are scored on (read once; the data order is restored).
+
+        The first ``EVAL_SAMPLES`` samples of the validation data if given, else of the
+        training data.
+        """
+        from nndiag.errors import UsageError
+
+        if self._eval_batches is None:
+            source = self.source if self.val_data is None else _source(self.val_data)
+            with _same_data_order(source.data):
+                self._eval_batches = _first_batches(source)
+            if not self._eval_batches:
+                raise UsageError("--val-data: the data yielded no batch")
+        return self._eval_batches
 
     def step_loss(self, batches: Iterator[Any]) -> float:
         """Forward and backward over ``accumulate`` micro-batches; the mean loss."""
@@ -217,7 +242,13 @@ class _Context:
 
         from nndiag.errors import UsageError, UserCodeError, describe_exception
         from nndiag.losses import compute_loss
-        from nndiag.specs import call_model, check_finite_inputs, move_to, unpack_batch
+        from nndiag.specs import (
+            call_model,
+            check_finite_inputs,
+            explain_model_failure,
+            move_to,
+            unpack_batch,
+        )
 
         total = 0.0
         for _ in range(self.accumulate):
@@ -235,7 +266,7 @@ class _Context:
             try:
                 outputs = call_model(self.model, inputs)
             except Exception as exc:
-                raise UserCodeError(f"the model raised: {describe_exception(exc)}") from exc
+                raise explain_model_failure(self.model, inputs, exc) from exc
             value, _, _ = compute_loss(self.loss_spec, outputs,
                                        move_to(unpacked.targets, self.device), self.generator)
             if not torch.isfinite(value):  # the data's fault, or the sweep's (a high rate)
@@ -252,18 +283,24 @@ class _Context:
         """Mean loss on fixed batches in eval mode (no backward pass, no update)."""
         import torch
 
-        from nndiag.errors import UserCodeError, describe_exception
         from nndiag.losses import compute_loss
-        from nndiag.specs import call_model, check_finite_inputs, move_to, unpack_batch
+        from nndiag.specs import (
+            call_model,
+            check_finite_inputs,
+            explain_model_failure,
+            move_to,
+            unpack_batch,
+        )
 
         self.model.eval()
         total = 0.0
         for batch in batches:  # with autograd on: the loss checks that gradients can flow
             unpacked = unpack_batch(batch)
+            inputs = move_to(unpacked.inputs, self.device)
             try:
-                outputs = call_model(self.model, move_to(unpacked.inputs, self.device))
+                outputs = call_model(self.model, inputs)
             except Exception as exc:
-                raise UserCodeError(f"the model raised: {describe_exception(exc)}") from exc
+                raise explain_model_failure(self.model, inputs, exc) from exc
             value, _, _ = compute_loss(self.loss_spec, outputs,
                                        move_to(unpacked.targets, self.device), self.generator)
             if not torch.isfinite(value):
@@ -316,6 +353,7 @@ def lr_find(
     trials: bool = True,
     trial_steps: int | None = None,
     candidates: Sequence[float] | None = None,
+    val_data: Any = None,
     seed: int = 0,
     rule: Rule = RULE,
     progress: Callable[[int, int], None] | None = None,
@@ -325,11 +363,12 @@ def lr_find(
     The sweep records the loss while the learning rate grows exponentially; the curve gives a
     reading (fastai's valley) and the candidate learning rates around it. With ``trials`` (the
     default) each candidate is trained ``trial_steps`` steps at a constant rate from the same
-    starting state, RNG state and batches, scored by its loss on the first batches of the data
-    (``EVAL_SAMPLES`` samples) in eval mode, and the best, lowered by ``rule.trial_shrink``
-    decades, is suggested: at most ``rule.candidates x rule.trial_fraction`` sweeps' worth of
-    steps more. On the benchmark's held-out problems this beat the curve's own reading
-    (``benchmarks/README.md``); ``trials=False`` keeps the curve's reading and costs one sweep.
+    starting state, RNG state and batches, scored by its loss on the first batches of
+    ``val_data`` if given, else of the training data (``EVAL_SAMPLES`` samples), in eval mode,
+    and the best, lowered by ``rule.trial_shrink`` decades, is suggested: at most
+    ``rule.candidates x rule.trial_fraction`` sweeps' worth of steps more. On the benchmark's
+    held-out problems this beat the curve's own reading (``benchmarks/README.md``);
+    ``trials=False`` keeps the curve's reading and costs one sweep.
 
     The model, its buffers, train/eval flags, ``.grad``, the optimizer's state (when an
     optimizer instance is passed), the torch, Python and NumPy RNG states and a DataLoader's own
@@ -353,6 +392,8 @@ def lr_find(
             the curve's own reading, one sweep only.
         trial_steps: Steps of each trial (default ``rule.trial_fraction`` x ``steps``).
         candidates: Learning rates to trial instead of those read from the curve.
+        val_data: Validation batches to score the trials on (their first ``EVAL_SAMPLES``
+            samples); default: the first batches of ``data``, which the trials also train on.
         seed: Seed for random targets when the data has none.
         rule: The suggestion's constants (``nndiag.lrfind.RULE``).
         progress: Called with (step, total) after each step of the sweep and the trials.
@@ -406,15 +447,15 @@ def lr_find(
     scatter, start_loss = 0.0, None
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
-        ctx = _context(model, data, loss, seed, accumulate, make_optimizer)
+        ctx = _context(model, data, loss, seed, accumulate, make_optimizer, val_data)
         with preserved_state(model, user_optimizer, weights=True, grads=True), \
                 _same_data_order(data):
             opt, losses, stopped = _sweep(ctx, lrs, early_stop, progress)
         suggestion = suggest_lr(lrs[: len(losses)], losses, rule)
         tried = list(candidates) if candidates is not None else suggestion.candidates
         if trials and tried:
-            with preserved_state(model), _same_data_order(data):
-                eval_batches = _first_batches(ctx.source)
+            eval_batches = ctx.eval_batches()
+            with preserved_state(model):
                 start_loss = ctx.eval_loss(eval_batches)
             scatter = _scatter(eval_batches, suggestion.noise, accumulate)
             total = len(losses) + n_trial * len(tried)
@@ -441,7 +482,10 @@ def lr_find(
                "noise": suggestion.noise, "drop": suggestion.drop, "shape": suggestion.shape,
                "trial_steps": n_trial if trial_records else 0,
                "trial_steps_run": sum(r["steps"] for r in trial_records),
-               "trial_start_loss": start_loss, "trial_loss_scatter": scatter}
+               "trial_start_loss": start_loss, "trial_loss_scatter": scatter,
+               "trial_scored_on": "validation" if val_data is not None else "training",
+               "trial_eval_samples": sum(_batch_samples(b) for b in ctx.eval_batches())
+               if trial_records else 0}
     return LRFindResult(
         suggested_lr=suggested, lr_low=suggestion.lr_low, lr_high=suggestion.lr_high,
         lrs=lrs[: len(losses)], losses=losses, smoothed=suggestion.smoothed,
@@ -457,7 +501,8 @@ def _scatter(eval_batches: list[Any], noise: float | None, accumulate: int) -> f
 
 
 def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = None,
-                   accumulate: int = 1, seed: int = 0) -> tuple[float, float]:
+                   accumulate: int = 1, seed: int = 0,
+                   val_data: Any = None) -> tuple[float, float]:
     """What ``lr_find`` compares its trials with, for benchmarks that cache the trials.
 
     Args:
@@ -467,16 +512,17 @@ def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = No
         loss: As for ``lr_find``.
         accumulate: Micro-batches per step.
         seed: Seed for random targets when the data has none.
+        val_data: As for ``lr_find``.
 
     Returns:
-        The eval loss before any trial and ``eval_scatter`` for the data's first
-        ``EVAL_SAMPLES`` samples.
+        The eval loss before any trial and ``eval_scatter`` for the first ``EVAL_SAMPLES``
+        samples of the data the trials are scored on.
     """
     from nndiag.capture.state import preserved_state
 
-    with preserved_state(model), _same_data_order(data):
-        ctx = _context(model, data, loss, seed, accumulate, lambda: None)
-        eval_batches = _first_batches(ctx.source)
+    with preserved_state(model):
+        ctx = _context(model, data, loss, seed, accumulate, lambda: None, val_data)
+        eval_batches = ctx.eval_batches()
         start = ctx.eval_loss(eval_batches)
     return start, _scatter(eval_batches, noise, accumulate)
 
@@ -559,7 +605,7 @@ def _sweep(ctx: _Context, lrs: list[float], early_stop: bool,
 
 def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer: Any = "adamw",
                 steps: int = 50, accumulate: int = 1, eval_at: Sequence[int] | None = None,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, val_data: Any = None) -> dict[str, Any]:
     """One trial as ``lr_find`` runs it, from the current state, which is restored afterwards.
 
     Args:
@@ -572,6 +618,7 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
         accumulate: Micro-batches per step.
         eval_at: Steps after which the loss on the fixed batches is recorded (default: the last).
         seed: Seed for random targets when the data has none.
+        val_data: As for ``lr_find``.
 
     Returns:
         ``lr``, ``steps`` run, ``loss`` after ``steps`` (``None``: diverged), ``diverged`` and
@@ -582,10 +629,10 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
 
     factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
         optimizer_factory(str(optimizer))
-    with preserved_state(model), _same_data_order(data):
-        ctx = _context(model, data, loss, seed, accumulate,
-                       lambda: factory([p for p in model.parameters() if p.requires_grad], lr))
-        eval_batches = _first_batches(ctx.source)
+    ctx = _context(model, data, loss, seed, accumulate,
+                   lambda: factory([p for p in model.parameters() if p.requires_grad], lr),
+                   val_data)
+    eval_batches = ctx.eval_batches()
     with preserved_state(model, weights=True, grads=True), _same_data_order(data):
         ctx.ratios = [1.0] * len(ctx.make_optimizer().param_groups)
         return _trial(ctx, lr, steps, eval_batches, tuple(eval_at or (steps,)))

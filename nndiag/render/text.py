@@ -294,7 +294,10 @@ def _lr_trials(result: LRFindResult, console: Console) -> None:
     """The trials of the range test's candidates: learning rate, steps run, loss after them."""
     finite = [t["loss"] for t in result.trials if t["loss"] is not None]
     best = min(finite) if finite else None
-    table = Table(title="Trials from the same start", title_justify="left",
+    samples = result.summary.get("trial_eval_samples")
+    scored = f", scored on {samples} {result.summary.get('trial_scored_on', 'training')} samples" \
+        if samples else ""
+    table = Table(title=f"Trials from the same start{scored}", title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
     for column in ("learning rate", "steps", "loss after"):
         table.add_column(column, justify="right")
