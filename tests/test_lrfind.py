@@ -536,7 +536,7 @@ def test_cli_json_plot_and_exit_code(tmp_path):
     summary = json.loads(on_val.stdout)["summary"]
     assert on_val.exit_code == 0 and summary["trial_scored_on"] == "validation"
     assert summary["trial_eval_samples"] == 16  # good_data: one batch of 16
-    assert "16 validation samples" in _cli(
+    assert "on 16 validation samples" in _cli(
         "--model", f"{FIXTURES}:mlp8", "--data", f"{FIXTURES}:classification_batches",
         "--val-data", f"{FIXTURES}:good_data", "--trial-steps", "4").stdout
     curve_only = _cli("--model", f"{FIXTURES}:mlp8", "--data",

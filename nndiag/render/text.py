@@ -294,10 +294,7 @@ def _lr_trials(result: LRFindResult, console: Console) -> None:
     """The trials of the range test's candidates: learning rate, steps run, loss after them."""
     finite = [t["loss"] for t in result.trials if t["loss"] is not None]
     best = min(finite) if finite else None
-    samples = result.summary.get("trial_eval_samples")
-    scored = f", scored on {samples} {result.summary.get('trial_scored_on', 'training')} samples" \
-        if samples else ""
-    table = Table(title=f"Trials from the same start{scored}", title_justify="left",
+    table = Table(title="Trials from the same start", title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
     for column in ("learning rate", "steps", "loss after"):
         table.add_column(column, justify="right")
@@ -308,6 +305,13 @@ def _lr_trials(result: LRFindResult, console: Console) -> None:
                       loss + (" <- best" if won else ""), style="bold" if won else "")
     console.print()
     console.print(table)
+    samples = result.summary.get("trial_eval_samples")
+    if samples and result.summary.get("trial_scored_on") == "validation":
+        console.print(Text(f"loss after: on {samples} validation samples", style="dim"))
+    elif samples:
+        console.print(Text(f"loss after: on the first {samples} training samples, which the "
+                           "trials also train on (--val-data: score on held-out data)",
+                           style="dim"))
     if result.curve_lr:
         console.print(Text(f"the curve alone (--no-trials) reads {result.curve_lr:.2e}",
                            style="dim"))
