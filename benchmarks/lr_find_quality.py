@@ -26,6 +26,10 @@ too, labelled as such). Two nndiag variants:
   the same start (``lr_find(...)``); the trials' losses are cached in ``lr_trials.json`` (per
   problem and seed) so that the search over constants reruns in seconds.
 - ``nndiag --no-trials``: the suggestion read from the curve alone (``trials=False``).
+- ``nndiag --val-data``: the default's set-up, with the trials scored on the first 256 samples
+  of the problem's validation set (``val_data=``) instead of the training data they train on
+  (no constant is chosen for it: it is the fold's default rule, scored differently). The
+  validation set is the one the truth is measured on, as it would be for a user.
 
 Peers, on the same model initialization and data order:
 
@@ -193,8 +197,10 @@ class TrialCache:
         self.dirty = False
 
     def score(self, problem: Problem, seed: int, fingerprint: str, lr: float,
-              steps: int) -> float:
-        name = f"{problem.name}|{seed}"
+              steps: int, val: bool = False) -> float:
+        """The trial's loss on the first training batches, or with ``val`` on the validation
+        set's (``lr_find(val_data=...)``)."""
+        name = f"{problem.name}|{seed}" + ("|val" if val else "")
         entry = self.data.get(name)
         if entry is None or entry.get("fingerprint") != fingerprint:
             entry = self.data[name] = {"fingerprint": fingerprint, "trials": {}}
@@ -202,7 +208,8 @@ class TrialCache:
         if k not in entry["trials"]:
             record = train_trial(problem.model(seed), problem.loader(seed), 10 ** float(k),
                                  loss=problem.loss, optimizer=problem.make_optimizer,
-                                 steps=max(TRIAL_STEPS), eval_at=TRIAL_STEPS)
+                                 steps=max(TRIAL_STEPS), eval_at=TRIAL_STEPS,
+                                 val_data=problem.val_loader() if val else None)
             entry["trials"][k] = {str(s): record["evals"].get(s) for s in TRIAL_STEPS}
             self.dirty = True
         value = entry["trials"][k][str(steps)]
@@ -260,7 +267,7 @@ class Bench:
         self.log_lrs, self.regrets, self.best, self.untrained = truth.table(problem)
         self.curves = {seed: nndiag_curve(problem, seed) for seed in SWEEP_SEEDS}
         self._suggestions: dict = {}
-        self._baselines: dict[int, tuple[float, float]] = {}
+        self._baselines: dict[tuple[int, bool], tuple[float, float]] = {}
 
     def exact_regret(self, lr: float | None) -> float:
         if lr is None or not lr > 0:
@@ -277,24 +284,25 @@ class Bench:
     def curve_lr(self, rule: Rule, seed: int) -> float | None:
         return self.suggestion(rule, seed).lr
 
-    def trial_lr(self, rule: Rule, seed: int) -> float | None:
+    def trial_lr(self, rule: Rule, seed: int, val: bool = False) -> float | None:
+        """What ``lr_find`` suggests with trials (scored on the validation set with ``val``)."""
         s = self.suggestion(rule, seed)
         candidates = s.candidates
         if not candidates:
             return s.lr
         steps = round(rule.trial_fraction * 100)
-        scores = [self.trials.score(self.problem, seed, self.fingerprint, c, steps)
+        scores = [self.trials.score(self.problem, seed, self.fingerprint, c, steps, val)
                   for c in candidates]
-        start, scatter = self.baseline(seed, s.noise)
+        start, scatter = self.baseline(seed, s.noise, val)
         return choose_lr(candidates, scores, steps, rule, scatter, start, s.lr).lr
 
-    def baseline(self, seed: int, noise: float | None) -> tuple[float, float]:
+    def baseline(self, seed: int, noise: float | None, val: bool) -> tuple[float, float]:
         """The eval loss before the trials and its scatter (what lr_find compares with)."""
-        if seed not in self._baselines:
-            self._baselines[seed] = trial_baseline(self.problem.model(seed),
-                                                   self.problem.loader(seed), noise,
-                                                   loss=self.problem.loss)
-        return self._baselines[seed]
+        if (seed, val) not in self._baselines:
+            self._baselines[seed, val] = trial_baseline(
+                self.problem.model(seed), self.problem.loader(seed), noise,
+                loss=self.problem.loss, val_data=self.problem.val_loader() if val else None)
+        return self._baselines[seed, val]
 
 
 def choose(matrix: np.ndarray) -> tuple[list[int], int]:
@@ -382,13 +390,14 @@ def main() -> None:
     held_curve = [curve_rules(t_rules[t_held[i]])[c_held[i]] for i in range(len(benches))]
     shipped_rule = curve_rules(t_rules[t_all])[c_all]
 
-    columns = ["nndiag", "nndiag --no-trials", "torch-lr-finder", "fastai valley",
-               "fixed default"]
+    columns = ["nndiag", "nndiag --no-trials", "nndiag --val-data", "torch-lr-finder",
+               "fastai valley", "fixed default"]
     table: dict[str, dict[str, float]] = {}
     for i, b in enumerate(benches):
         p = b.problem
         per_seed = {seed: {"nndiag": b.trial_lr(t_rules[t_held[i]], seed),
                            "nndiag --no-trials": b.curve_lr(held_curve[i], seed),
+                           "nndiag --val-data": b.trial_lr(t_rules[t_held[i]], seed, True),
                            "torch-lr-finder": torch_lr_finder(p, seed),
                            "fastai valley": fastai_finder(p, seed),
                            "fixed default": fixed_default(p.optimizer)}
@@ -440,13 +449,15 @@ def main() -> None:
         for b in benches:
             p = b.problem
             for seed in SWEEP_SEEDS:
-                for trial, predicted in ((True, b.trial_lr(RULE, seed)),
-                                         (False, b.curve_lr(RULE, seed))):
+                for variant, trial, val, predicted in (
+                        ("", True, None, b.trial_lr(RULE, seed)),
+                        (" --no-trials", False, None, b.curve_lr(RULE, seed)),
+                        (" --val-data", True, p.val_loader(), b.trial_lr(RULE, seed, True))):
                     result = lr_find(p.model(seed), p.loader(seed), loss=p.loss,
-                                     optimizer=p.make_optimizer, trials=trial)
+                                     optimizer=p.make_optimizer, trials=trial, val_data=val)
                     ok = predicted is not None and result.suggested_lr is not None and \
                         abs(math.log10(result.suggested_lr / predicted)) < 1e-6
-                    print(f"  {p.label} seed {seed}{'' if trial else ' --no-trials'}: lr_find "
+                    print(f"  {p.label} seed {seed}{variant}: lr_find "
                           f"{result.suggested_lr:.3e}, predicted {predicted:.3e} "
                           f"{'ok' if ok else 'MISMATCH'}", flush=True)
 

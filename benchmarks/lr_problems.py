@@ -55,6 +55,10 @@ class Problem:
         return DataLoader(self.train, batch_size=self.batch, shuffle=True, drop_last=True,
                           generator=torch.Generator().manual_seed(seed))
 
+    def val_loader(self) -> DataLoader:
+        """The validation set as batches, in order (what ``lr_find(val_data=...)`` is given)."""
+        return DataLoader(self.val, batch_size=self.batch)
+
     def fingerprint(self) -> str:
         """Changes when the data, the model's size or the budget change (invalidates the cache)."""
         h = hashlib.sha256()
