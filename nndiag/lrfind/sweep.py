@@ -233,7 +233,8 @@ class _Context:
             with _same_data_order(source.data):
                 self._eval_batches = _first_batches(source)
             if not self._eval_batches:
-                raise UsageError("--val-data: the data yielded no batch")
+                option = "--data" if self.val_data is None else "--val-data"
+                raise UsageError(f"{option}: the data yielded no batch")
         return self._eval_batches
 
     def step_loss(self, batches: Iterator[Any]) -> float:
