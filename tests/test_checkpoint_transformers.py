@@ -290,6 +290,17 @@ def test_gpt2_fifty_times_too_large_is_explained_in_transformer_terms(tmp_path):
     assert "0.02/sqrt(2 x 2 layers)" in text and "softmax" in text
     assert "config.json sets initializer_range=1.0" in text and "the config is the mistake" in text
     assert "config.json" not in inspect_checkpoint(paths["torch.save"]).findings[0].explanation
+    # The text table shows the ratio the finding judges (the family's), beside He/Xavier.
+    from rich.console import Console
+
+    from nndiag.render.text import render_checkpoint_text
+
+    console = Console(record=True, width=200)
+    render_checkpoint_text(inspect_checkpoint(paths["sharded"]), console)
+    lines = console.export_text().splitlines()
+    assert any("init x" in line and "He x" in line for line in lines)
+    row = next(line for line in lines if line.startswith("transformer.h.0.attn.c_attn "))
+    assert f"{ev['ratios']['transformer.h.0.attn.c_attn']:.3g}" in row
 
 
 def test_fix_snippets_run_on_their_family_and_clear_the_finding(tmp_path):

@@ -183,16 +183,28 @@ def _checkpoint_header(report: Report) -> Text:
     )
 
 
+def _scale_columns(report: Report) -> dict[str, str]:
+    """The weight-scale columns of the checkpoint table and the row keys they show."""
+    columns = {"He x": "init_scale_he", "Xavier x": "init_scale_xavier"}
+    if any(row.get("init_ratio") for row in report.layers):
+        return {"init x": "init_ratio", **columns}
+    return columns
+
+
 def checkpoint_table(report: Report) -> Table:
-    """Per-module weights: kind, size, scale against He/Xavier, chain, problems."""
+    """Per-module weights: kind, size, scale against their init, chain, problems.
+
+    A transformer's rows also show the scale against its family's init std.
+    """
     flagged = {name: f.severity for f in report.findings for name in f.layers}
+    scales = _scale_columns(report)
     table = Table(title="Weights by module", title_justify="left", header_style="bold",
                   pad_edge=False, box=None)
     rows = report.layers
     longest = max((len(row["name"]) for row in rows), default=6)
     table.add_column("module", no_wrap=True, min_width=min(longest, 32))
     table.add_column("kind", no_wrap=True, overflow="ellipsis", min_width=4)
-    for column in ("params", "weight shape", "rms", "He x", "Xavier x", "chain", "notes"):
+    for column in ("params", "weight shape", "rms", *scales, "chain", "notes"):
         table.add_column(column, justify="right", no_wrap=column != "notes")
     shown = rows if len(rows) <= MAX_TABLE_ROWS else [
         r for r in rows if r["name"] in flagged or r.get("chain") is not None][:MAX_TABLE_ROWS]
@@ -208,12 +220,12 @@ def checkpoint_table(report: Report) -> Table:
         style = {"error": "red", "warning": "yellow"}.get(flagged.get(row["name"], ""), "")
         table.add_row(Text(printable(row["name"])), row["kind"], f"{row['params']:,}",
                       "x".join(map(str, weight["shape"])) if weight else "-",
-                      fmt(row.get("weight_rms")), fmt(row.get("init_scale_he")),
-                      fmt(row.get("init_scale_xavier")),
+                      fmt(row.get("weight_rms")), *(fmt(row.get(k)) for k in scales.values()),
                       "-" if row.get("chain") is None else str(row["chain"]),
                       ", ".join(notes), style=style)
     if len(shown) < len(rows):
-        table.add_row(f"... {len(rows) - len(shown)} more modules (see --json)", *[""] * 8)
+        table.add_row(f"... {len(rows) - len(shown)} more modules (see --json)",
+                      *[""] * (6 + len(scales)))
     return table
 
 
@@ -227,9 +239,11 @@ def render_checkpoint_text(report: Report, console: Console) -> None:
     _status_and_findings(report, console)
     console.print()
     console.print(checkpoint_table(report))
-    console.print(Text("He x / Xavier x: weight RMS over the He std sqrt(2/fan_in) / the Xavier "
-                       "std sqrt(2/(fan_in+fan_out)); chain: layers with no normalization "
-                       "between them", style="dim"))
+    family = "init x: weight RMS over the std the model's family initializes it at (what " \
+        "transformer findings judge); " if "init x" in _scale_columns(report) else ""
+    console.print(Text(f"{family}He x / Xavier x: weight RMS over the He std sqrt(2/fan_in) / "
+                       "the Xavier std sqrt(2/(fan_in+fan_out)); chain: layers with no "
+                       "normalization between them", style="dim"))
     for note in report.notes:
         console.print(Text(f"note: {printable(note)}", style="yellow"))
 
