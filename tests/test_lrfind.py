@@ -406,6 +406,8 @@ def test_trials_scored_on_validation_data():
     assert start == result.summary["trial_start_loss"]
     with pytest.raises(UsageError, match="--val-data"):
         lr_find(model, _data(), steps=20, trial_steps=2, val_data=[])
+    with pytest.raises(UsageError, match="--data batches carry targets"):
+        lr_find(model, _data(), steps=20, trial_steps=2, val_data=[x for x, _ in _data(2)])
 
 
 def test_accumulate_records_the_mean_of_the_micro_batches():

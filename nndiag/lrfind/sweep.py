@@ -235,7 +235,27 @@ class _Context:
             if not self._eval_batches:
                 option = "--data" if self.val_data is None else "--val-data"
                 raise UsageError(f"{option}: the data yielded no batch")
+            if self.val_data is not None:
+                self._check_val_targets()
         return self._eval_batches
+
+    def _check_val_targets(self) -> None:
+        """Refuse validation batches whose targets do not match the training batches'.
+
+        Without targets the loss would be scored against random labels.
+        """
+        from nndiag.errors import UsageError
+        from nndiag.specs import unpack_batch
+
+        with _same_data_order(self.source.data):
+            first = next(self.source.stream())
+        trained_with = unpack_batch(first).targets is not None
+        for batch in self._eval_batches or []:
+            if (unpack_batch(batch).targets is not None) != trained_with:
+                has, lacks = ("--data", "--val-data") if trained_with else \
+                    ("--val-data", "--data")
+                raise UsageError(f"--val-data: the {has} batches carry targets and the {lacks} "
+                                 "batches do not; give (inputs, targets) batches to both")
 
     def step_loss(self, batches: Iterator[Any]) -> float:
         """Forward and backward over ``accumulate`` micro-batches; the mean loss."""
