@@ -256,19 +256,24 @@ def unpack_batch(batch: Any) -> Batch:
     return result
 
 
-def check_finite_inputs(batch: Batch) -> None:
+def check_finite_batch(batch: Batch, option: str = "--data", *, allow_inf: bool = False,
+                       targets: bool = False) -> None:
     """Refuse a batch whose floating-point inputs hold NaN or Inf.
 
+    With ``targets`` the targets are checked too; with ``allow_inf`` only NaN is refused (an
+    additive ``-inf`` attention mask is a legitimate input).
+
     Raises:
-        UsageError: Naming the batch: the data, not the model, is at fault.
+        UsageError: Naming the option and the part of the batch: the data is at fault.
 
     """
-    for tensor in iter_tensors(batch.inputs):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UsageError(
-                f"the input batch holds NaN or Inf values ({describe_value(batch.inputs)}); "
-                "clean the data before diagnosing the model"
-            )
+    bad = "NaN" if allow_inf else "NaN or Inf"
+    for part, value in (("input", batch.inputs), ("target", batch.targets if targets else None)):
+        for tensor in iter_tensors(value):
+            if tensor.is_floating_point() and (bool(torch.isnan(tensor).any()) if allow_inf
+                                               else not bool(torch.isfinite(tensor).all())):
+                raise UsageError(f"{option}: the {part} batch holds {bad} values "
+                                 f"({describe_value(value)}); clean the data first")
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -295,7 +300,8 @@ def model_call_error(exc: Exception, inputs: Any, culprit: str | None,
     user's own code raising.
     """
     builtin = module is not None and type(module).__module__.startswith("torch.nn")
-    if builtin and isinstance(exc, RuntimeError | ValueError | IndexError):
+    if builtin and isinstance(exc, RuntimeError | ValueError | IndexError) \
+            and not _out_of_memory(exc):
         return UsageError(
             f"the batch does not fit the model: layer {culprit!r} "
             f"({type(module).__name__}) rejected it with {describe_exception(exc)} "
@@ -305,19 +311,27 @@ def model_call_error(exc: Exception, inputs: Any, culprit: str | None,
     return UserCodeError(f"the model raised{where}: {describe_exception(exc)}")
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
 def explain_model_failure(model: nn.Module, inputs: Any,
                           exc: Exception) -> UsageError | UserCodeError:
     """``model_call_error`` for a forward pass that raised without hooks attached.
 
     The pass is run once more with hooks, without gradients, to find the innermost module it
-    raises in. Only for the failure path: the model's buffers may change (callers restore
-    them).
+    raises in (not after running out of memory). Only for the failure path: the model's
+    buffers may change (callers restore them).
     """
+    if _out_of_memory(exc):
+        return model_call_error(exc, inputs, None, None)
+    handled = sys.exc_info()[1]  # called from an except block: that failure is not the rerun's
     failed: list[tuple[str, nn.Module]] = []
 
     def after(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(*_: Any) -> None:
-            if not failed and sys.exc_info()[1] is not None:
+            raised = sys.exc_info()[1]
+            if not failed and raised is not None and raised is not handled:
                 failed.append((name, module))
         return hook
 

@@ -408,6 +408,40 @@ def test_trials_scored_on_validation_data():
         lr_find(model, _data(), steps=20, trial_steps=2, val_data=[])
     with pytest.raises(UsageError, match="--data batches carry targets"):
         lr_find(model, _data(), steps=20, trial_steps=2, val_data=[x for x, _ in _data(2)])
+    with pytest.raises(UsageError, match="--no-trials"):
+        lr_find(model, _data(), steps=20, trials=False, val_data=val)
+
+
+def test_trials_and_train_trial_start_from_the_users_rng():
+    """A DataLoader without a generator of its own shuffles with the global RNG: reading the
+    eval batches must not move it, or the trials would see other batches than the sweep."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.seen: list[float] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                self.seen.append(float(x[0, 0]))
+            return self.fc(x)
+
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(64, 4, generator=g),
+                                      torch.randint(0, 2, (64,), generator=g)),
+                        batch_size=8, shuffle=True)
+    model = Recorder()
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    lr_find(model, loader, steps=10, trial_steps=2, candidates=[1e-3, 1e-2])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    sweep, first_trial, second_trial = model.seen[:2], model.seen[10:12], model.seen[12:14]
+    assert sweep == first_trial == second_trial
+    for val in (None, loader):
+        train_trial(model, loader, 1e-3, steps=2, val_data=val)
+        assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_accumulate_records_the_mean_of_the_micro_batches():
@@ -436,12 +470,18 @@ def test_divergence_stops_the_sweep_early():
 
 
 class _Broken(nn.Module):
-    def __init__(self) -> None:
+    """A user forward that fails after a submodule ran fine (the user's bug, not the data)."""
+
+    def __init__(self, error: str) -> None:
         super().__init__()
         self.fc = nn.Linear(32, 10)
+        self.error = error
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise KeyError("a bug in the user's forward")
+        hidden = self.fc(x)
+        if self.error == "key":
+            raise KeyError("a bug in the user's forward")
+        return hidden.view(-1, 7)
 
 
 def test_model_errors_split_into_the_data_and_the_users_code():
@@ -457,8 +497,44 @@ def test_model_errors_split_into_the_data_and_the_users_code():
     with pytest.raises(UsageError, match="does not fit the model"):
         lr_find(model, _data(), steps=10, trial_steps=2, val_data=narrow)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    mismatched = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(8, 10))
+    with pytest.raises(UsageError, match="layer '2' .Linear."):  # the innermost, not the first
+        lr_find(mismatched, _data(), steps=10)
     with pytest.raises(UserCodeError, match="KeyError"):
-        lr_find(_Broken(), _data(), steps=10)
+        lr_find(_Broken("key"), _data(), steps=10)
+    with pytest.raises(UserCodeError, match="is invalid for input"):
+        lr_find(_Broken("view"), _data(), steps=10)
+
+
+class _Masked(nn.Module):
+    """Logits plus an additive float mask (-inf where a class is masked), as attention masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + mask
+
+
+def test_a_nan_loss_blames_nan_data_but_not_an_inf_mask():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(8, 3)
+    mask[:, 2] = float("-inf")
+    masked = [((torch.randn(8, 4, generator=g), mask), torch.randint(0, 2, (8,), generator=g))
+              for _ in range(4)]
+    result = lr_find(_Masked(), masked, steps=30, optimizer="sgd", end_lr=1e12,
+                     early_stop=False, trials=False)
+    assert result.stopped_because == "non_finite_loss"  # the rate diverged, not the data
+    regression = [(torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g))
+                  for _ in range(4)]
+    regression[2][1][3] = float("nan")
+    with pytest.raises(UsageError, match="--data: the target batch holds NaN"):
+        lr_find(nn.Linear(4, 1), regression, steps=10, trials=False)
+    val = [(x.clone(), y.clone()) for x, y in regression[:2]]
+    val[0][0][0, 0] = float("nan")
+    with pytest.raises(UsageError, match="--val-data: the input batch holds NaN"):
+        lr_find(nn.Linear(4, 1), regression[:2], steps=10, trial_steps=2, val_data=val)
 
 
 class _TimesNaN(nn.Module):
@@ -471,7 +547,7 @@ def test_nan_in_a_later_batch_names_the_data_and_restores_the_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = _data()
     data[5][0][2, 3] = float("nan")  # the sixth batch of the sweep's data
-    with pytest.raises(UsageError, match="NaN or Inf"):
+    with pytest.raises(UsageError, match="holds NaN"):
         lr_find(model, data, steps=30)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.training
@@ -484,7 +560,7 @@ def test_bad_input_is_a_usage_error():
     with pytest.raises(UsageError, match="no batch"):
         lr_find(model, [], steps=10)
     nan_batch = (torch.full((8, 32), float("nan")), torch.zeros(8, dtype=torch.long))
-    with pytest.raises(UsageError, match="NaN or Inf"):
+    with pytest.raises(UsageError, match="holds NaN"):
         lr_find(model, [nan_batch], steps=10)
     nan_model = nn.Sequential(model, _TimesNaN())
     with pytest.raises(UsageError, match="first step"):  # finite data: the model is blamed
@@ -549,7 +625,7 @@ def test_cli_json_plot_and_exit_code(tmp_path):
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (("--data", "empty_data"), "no batch"),
-    (("--data", "nan_data"), "NaN or Inf"),
+    (("--data", "nan_data"), "holds NaN"),
     (("--data", "classification_batches", "--start-lr", "1", "--end-lr", "0.1"), "larger than"),
     (("--data", "classification_batches", "--optimizer", "lion"), "--optimizer"),
     (("--data", "classification_batches", "--val-data", "empty_data"), "--val-data"),

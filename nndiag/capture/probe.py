@@ -31,7 +31,7 @@ from nndiag.records import ParamGroup, ProbeRecord, attach_parameters
 from nndiag.specs import (
     Batch,
     call_model,
-    check_finite_inputs,
+    check_finite_batch,
     iter_tensors,
     model_call_error,
     move_to,
@@ -140,7 +140,7 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
     if not batches:
         raise UsageError("no batch to probe the model with")
     for batch in batches:
-        check_finite_inputs(batch)
+        check_finite_batch(batch)
     device = _model_device(model)
     held = owners(model)
     trainable = [(o, pname, p) for o in held for pname, p in o.params if p.requires_grad]

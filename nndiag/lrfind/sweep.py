@@ -221,55 +221,85 @@ class _Context:
     _eval_batches: list[Any] | None = field(default=None, init=False, repr=False)
 
     def eval_batches(self) -> list[Any]:
-        """The batches the trials are scored on (read once; the data order is restored).
+        """The batches the trials are scored on (read once; RNG and data order restored).
 
-        The first ``EVAL_SAMPLES`` samples of the validation data if given, else of the
-        training data.
+        The first ``EVAL_SAMPLES`` samples (at most ``EVAL_MAX_BATCHES`` batches) of the
+        validation data if given, else of the training data.
         """
+        from nndiag.capture.state import preserved_state
         from nndiag.errors import UsageError
 
         if self._eval_batches is None:
-            source = self.source if self.val_data is None else _source(self.val_data)
-            with _same_data_order(source.data):
-                self._eval_batches = _first_batches(source)
-            if not self._eval_batches:
-                option = "--data" if self.val_data is None else "--val-data"
-                raise UsageError(f"{option}: the data yielded no batch")
-            if self.val_data is not None:
-                self._check_val_targets()
+            option = "--data" if self.val_data is None else "--val-data"
+            # A DataLoader without a generator of its own shuffles with the global RNG.
+            with preserved_state(self.model):
+                source = self.source if self.val_data is None else _source(self.val_data)
+                with _same_data_order(source.data):
+                    batches = _first_batches(source)
+                if not batches:
+                    raise UsageError(f"{option}: the data yielded no batch")
+                if self.val_data is not None:  # checked before the sweep: fail early
+                    self._check_val_batches(batches)
+            self._eval_batches = batches
         return self._eval_batches
 
-    def _check_val_targets(self) -> None:
-        """Refuse validation batches whose targets do not match the training batches'.
+    def _check_val_batches(self, val_batches: list[Any]) -> None:
+        """Refuse validation batches holding NaN or not matching the training batches' targets.
 
         Without targets the loss would be scored against random labels.
         """
         from nndiag.errors import UsageError
-        from nndiag.specs import unpack_batch
+        from nndiag.specs import check_finite_batch, unpack_batch
+
+        for batch in val_batches:
+            check_finite_batch(unpack_batch(batch), "--val-data", allow_inf=True, targets=True)
 
         with _same_data_order(self.source.data):
-            first = next(self.source.stream())
+            first = next(self.source.stream(), None)
+        if first is None:
+            raise UsageError("--data: the data yielded no batch")
         trained_with = unpack_batch(first).targets is not None
-        for batch in self._eval_batches or []:
+        for batch in val_batches:
             if (unpack_batch(batch).targets is not None) != trained_with:
                 has, lacks = ("--data", "--val-data") if trained_with else \
                     ("--val-data", "--data")
                 raise UsageError(f"--val-data: the {has} batches carry targets and the {lacks} "
                                  "batches do not; give (inputs, targets) batches to both")
 
-    def step_loss(self, batches: Iterator[Any]) -> float:
-        """Forward and backward over ``accumulate`` micro-batches; the mean loss."""
+    def batch_loss(self, batch: Any, option: str) -> Any:
+        """The loss of one batch (a tensor with its graph).
+
+        Raises:
+            UsageError: A batch the model's layers reject, or NaN in the batch when the loss is
+                not finite (the data's fault; otherwise a non-finite loss is the rate's).
+            UserCodeError: The user's model or loss raised.
+        """
         import torch
 
-        from nndiag.errors import UsageError, UserCodeError, describe_exception
         from nndiag.losses import compute_loss
         from nndiag.specs import (
             call_model,
-            check_finite_inputs,
+            check_finite_batch,
             explain_model_failure,
             move_to,
             unpack_batch,
         )
+
+        unpacked = unpack_batch(batch)
+        inputs = move_to(unpacked.inputs, self.device)
+        try:
+            outputs = call_model(self.model, inputs)
+        except Exception as exc:
+            raise explain_model_failure(self.model, inputs, exc) from exc
+        value, _, _ = compute_loss(self.loss_spec, outputs,
+                                   move_to(unpacked.targets, self.device), self.generator)
+        if not torch.isfinite(value):
+            check_finite_batch(unpacked, option, allow_inf=True, targets=True)
+        return value
+
+    def step_loss(self, batches: Iterator[Any]) -> float:
+        """Forward and backward over ``accumulate`` micro-batches; the mean loss."""
+        from nndiag.errors import UsageError, UserCodeError, describe_exception
 
         total = 0.0
         for _ in range(self.accumulate):
@@ -282,16 +312,7 @@ class _Context:
             except Exception as exc:
                 raise UserCodeError(f"--data: iterating the data raised "
                                     f"{describe_exception(exc)}") from exc
-            unpacked = unpack_batch(batch)
-            inputs = move_to(unpacked.inputs, self.device)
-            try:
-                outputs = call_model(self.model, inputs)
-            except Exception as exc:
-                raise explain_model_failure(self.model, inputs, exc) from exc
-            value, _, _ = compute_loss(self.loss_spec, outputs,
-                                       move_to(unpacked.targets, self.device), self.generator)
-            if not torch.isfinite(value):  # the data's fault, or the sweep's (a high rate)
-                check_finite_inputs(unpacked)
+            value = self.batch_loss(batch, "--data")
             (value / self.accumulate).backward()
             total += float(value.detach()) / self.accumulate
         return total
@@ -302,31 +323,11 @@ class _Context:
 
     def eval_loss(self, batches: list[Any]) -> float:
         """Mean loss on fixed batches in eval mode (no backward pass, no update)."""
-        import torch
-
-        from nndiag.losses import compute_loss
-        from nndiag.specs import (
-            call_model,
-            check_finite_inputs,
-            explain_model_failure,
-            move_to,
-            unpack_batch,
-        )
-
+        option = "--data" if self.val_data is None else "--val-data"
         self.model.eval()
         total = 0.0
         for batch in batches:  # with autograd on: the loss checks that gradients can flow
-            unpacked = unpack_batch(batch)
-            inputs = move_to(unpacked.inputs, self.device)
-            try:
-                outputs = call_model(self.model, inputs)
-            except Exception as exc:
-                raise explain_model_failure(self.model, inputs, exc) from exc
-            value, _, _ = compute_loss(self.loss_spec, outputs,
-                                       move_to(unpacked.targets, self.device), self.generator)
-            if not torch.isfinite(value):
-                check_finite_inputs(unpacked)
-            total += float(value.detach()) / len(batches)
+            total += float(self.batch_loss(batch, option).detach()) / len(batches)
         self.model.train()
         return total
 
@@ -414,7 +415,8 @@ def lr_find(
         trial_steps: Steps of each trial (default ``rule.trial_fraction`` x ``steps``).
         candidates: Learning rates to trial instead of those read from the curve.
         val_data: Validation batches to score the trials on (their first ``EVAL_SAMPLES``
-            samples); default: the first batches of ``data``, which the trials also train on.
+            samples, at most ``EVAL_MAX_BATCHES`` batches); default: the first batches of
+            ``data``, which the trials also train on.
         seed: Seed for random targets when the data has none.
         rule: The suggestion's constants (``nndiag.lrfind.RULE``).
         progress: Called with (step, total) after each step of the sweep and the trials.
@@ -423,8 +425,10 @@ def lr_find(
         The curve, the suggestion, the trials and warnings.
 
     Raises:
-        UsageError: A bad range, no data, NaN/Inf in a batch of the data (at any step), or a
-            loss that is not finite from the first step.
+        UsageError: A bad range, no data, a batch a ``torch.nn`` layer rejects, NaN in a batch
+            whose loss is not finite (at any step), a loss that is not finite from the first
+            step, or ``val_data`` that is empty, lacks the training batches' targets or comes
+            with ``trials=False``.
         UserCodeError: The model, loss or optimizer factory raised.
 
     Example:
@@ -450,6 +454,8 @@ def lr_find(
         raise UsageError(f"--trial-steps must be at least 1, got {trial_steps}")
     if candidates is not None and not all(c > 0 and math.isfinite(c) for c in candidates):
         raise UsageError("candidate learning rates must be positive")
+    if val_data is not None and not trials:
+        raise UsageError("--val-data scores the trials, and --no-trials runs none: drop one")
     check_seed(seed, "--seed")
     require_usable_model(model, trainable=True)
     user_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
@@ -469,6 +475,8 @@ def lr_find(
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
         ctx = _context(model, data, loss, seed, accumulate, make_optimizer, val_data)
+        if val_data is not None:  # an empty or target-less validation set fails before the sweep
+            ctx.eval_batches()
         with preserved_state(model, user_optimizer, weights=True, grads=True), \
                 _same_data_order(data):
             opt, losses, stopped = _sweep(ctx, lrs, early_stop, progress)
@@ -504,7 +512,8 @@ def lr_find(
                "trial_steps": n_trial if trial_records else 0,
                "trial_steps_run": sum(r["steps"] for r in trial_records),
                "trial_start_loss": start_loss, "trial_loss_scatter": scatter,
-               "trial_scored_on": "validation" if val_data is not None else "training",
+               "trial_scored_on": (None if not trial_records else
+                                   "validation" if val_data is not None else "training"),
                "trial_eval_samples": sum(_batch_samples(b) for b in ctx.eval_batches())
                if trial_records else 0}
     return LRFindResult(
@@ -650,10 +659,11 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
 
     factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
         optimizer_factory(str(optimizer))
-    ctx = _context(model, data, loss, seed, accumulate,
-                   lambda: factory([p for p in model.parameters() if p.requires_grad], lr),
-                   val_data)
-    eval_batches = ctx.eval_batches()
+    with preserved_state(model), _same_data_order(data):  # the user's RNG, as lr_find's trials
+        ctx = _context(model, data, loss, seed, accumulate,
+                       lambda: factory([p for p in model.parameters() if p.requires_grad], lr),
+                       val_data)
+        eval_batches = ctx.eval_batches()
     with preserved_state(model, weights=True, grads=True), _same_data_order(data):
         ctx.ratios = [1.0] * len(ctx.make_optimizer().param_groups)
         return _trial(ctx, lr, steps, eval_batches, tuple(eval_at or (steps,)))
