@@ -220,6 +220,11 @@ class _Context:
     ratios: list[float] = field(default_factory=list)
     _eval_batches: list[Any] | None = field(default=None, init=False, repr=False)
 
+    @property
+    def eval_option(self) -> str:
+        """The option the eval batches come from, named in errors."""
+        return "--data" if self.val_data is None else "--val-data"
+
     def eval_batches(self) -> list[Any]:
         """The batches the trials are scored on (read once; RNG and data order restored).
 
@@ -230,14 +235,13 @@ class _Context:
         from nndiag.errors import UsageError
 
         if self._eval_batches is None:
-            option = "--data" if self.val_data is None else "--val-data"
             # A DataLoader without a generator of its own shuffles with the global RNG.
             with preserved_state(self.model):
                 source = self.source if self.val_data is None else _source(self.val_data)
                 with _same_data_order(source.data):
                     batches = _first_batches(source)
                 if not batches:
-                    raise UsageError(f"{option}: the data yielded no batch")
+                    raise UsageError(f"{self.eval_option}: the data yielded no batch")
                 if self.val_data is not None:  # checked before the sweep: fail early
                     self._check_val_batches(batches)
             self._eval_batches = batches
@@ -323,11 +327,10 @@ class _Context:
 
     def eval_loss(self, batches: list[Any]) -> float:
         """Mean loss on fixed batches in eval mode (no backward pass, no update)."""
-        option = "--data" if self.val_data is None else "--val-data"
         self.model.eval()
         total = 0.0
         for batch in batches:  # with autograd on: the loss checks that gradients can flow
-            total += float(self.batch_loss(batch, option).detach()) / len(batches)
+            total += float(self.batch_loss(batch, self.eval_option).detach()) / len(batches)
         self.model.train()
         return total
 
