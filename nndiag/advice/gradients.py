@@ -44,8 +44,11 @@ def vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
         parts.append(f"No gradient at all reaches {start.label}: the path from the output to it "
                      "is cut (a detached tensor, a zero multiplier, or units that never fire).")
     elif "depth" in ev["judged_by"] and start is not None:
+        reference = ev.get("reference_gain")
+        against = ("of the gradient at the model output" if not reference or reference >= 1
+                   else f"of the largest the body receives ({ev['reference_gain_layer']})")
         parts.append(f"The gradient reaching {start.label} is "
-                     f"{fmt(ev['min_depth_gain'])} of the gradient at the model output: it "
+                     f"{fmt(ev['min_depth_gain'])} {against}: it "
                      f"shrinks {fmt(1 / ev['min_depth_gain'])}x across the "
                      f"{sum(1 for r in path if r.has_weights) - 1} weight layers between it and "
                      "the output.")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from nndiag.records.layers import (
     ROLE_ATTENTION,
@@ -152,9 +153,23 @@ def hardtanh_bounds(kind: str, module: nn.Module | None = None,
     return float(low), float(high)
 
 
+def is_pass_through(module: nn.Module) -> bool:
+    """True for modules that only pass their input through (dropout, identity, reshapes)."""
+    return isinstance(module, _PASS_THROUGH)
+
+
+def is_parametrization(module: nn.Module) -> bool:
+    """True for the container of a re-parametrized weight (``weight_norm``, ``spectral_norm``).
+
+    Its call computes a weight, not an activation: it is not a site, and its parameters
+    belong to the module whose weight it computes.
+    """
+    return isinstance(module, parametrize.ParametrizationList)
+
+
 def is_measured_module(module: nn.Module) -> bool:
     """True for modules with their own parameters and for activation modules."""
-    if isinstance(module, _PASS_THROUGH):
+    if isinstance(module, _PASS_THROUGH) or is_parametrization(module):
         return False
     if module_activation(module) is not None:
         return True

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from nndiag.capture.layers import (
     TRANSPOSED_KINDS,
     has_init_expectation,
+    is_parametrization,
     is_weight_name,
     layer_kind,
 )
@@ -59,7 +61,11 @@ class ProbeConfig:
 
 @dataclass
 class Owner:
-    """A module and the parameters it holds first (in definition order)."""
+    """A module and the parameters it holds first (in definition order).
+
+    The parameters of a re-parametrized weight (``parametrizations.weight.original0``...)
+    belong to the module whose weight they compute.
+    """
 
     name: str
     module: nn.Module
@@ -70,20 +76,44 @@ class Owner:
         params = [(n, p) for n, p in self.params if p.requires_grad or not trainable_only]
         return [p for n, p in params if is_weight_name(n)] or [p for _, p in params]
 
+    @property
+    def reparametrized(self) -> bool:
+        """True when a weight is computed from parameters (``weight_norm``, ``spectral_norm``)."""
+        return parametrize.is_parametrized(self.module) or any(
+            n.endswith(("_g", "_v", "_orig")) and hasattr(self.module, n.rsplit("_", 1)[0])
+            for n, _ in self.params)
+
+    def scale_tensors(self) -> list[torch.Tensor]:
+        """The tensors whose norm is the weights' scale (the computed weight if re-parametrized)."""
+        if self.reparametrized:
+            weight = getattr(self.module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                return [weight.detach()]
+        return [w.detach() for w in self.weights()]
+
+    def vector_only(self) -> bool:
+        """True when every weight is a vector (gains, layer-scales, tokens)."""
+        return all(sum(size > 1 for size in w.shape) <= 1 for w in self.weights())
+
 
 def owners(model: nn.Module) -> list[Owner]:
     """Each parameter once, attributed to the first module (in definition order) holding it."""
     seen: set[int] = set()
-    found = []
+    found: dict[str, Owner] = {}
     for name, module in model.named_modules():
+        owner_name, prefix, owner_module = name or ROOT_NAME, "", module
+        if is_parametrization(module):  # ``conv.parametrizations.weight`` -> ``conv``
+            parent, _, attr = name.rpartition(".parametrizations.")
+            owner_name, prefix = parent or ROOT_NAME, f"parametrizations.{attr}."
+            owner_module = model.get_submodule(parent)
         own = []
         for pname, param in module.named_parameters(recurse=False):
             if id(param) not in seen:
                 seen.add(id(param))
-                own.append((pname, param))
+                own.append((prefix + pname, param))
         if own:
-            found.append(Owner(name or ROOT_NAME, module, own))
-    return found
+            found.setdefault(owner_name, Owner(owner_name, owner_module, [])).params.extend(own)
+    return list(found.values())
 
 
 def owner_fans(owner: Owner) -> tuple[int | None, int | None]:
@@ -190,8 +220,10 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
             losses.append(loss.detach().float())
 
     weights = [o.weights() for o in held]
-    flat_weights = [w for ws in weights for w in ws]
-    weight_norms = torch.stack(torch._foreach_norm([w.detach().float() for w in flat_weights]))
+    with torch.no_grad():
+        scales = [o.scale_tensors() for o in held]
+    flat_weights = [w for ws in scales for w in ws]
+    weight_norms = torch.stack(torch._foreach_norm([w.float() for w in flat_weights]))
 
     # One host transfer for everything measured.
     pieces: list[torch.Tensor] = [weight_norms, torch.stack(losses)]
@@ -223,21 +255,22 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
                       zip(trainable, param_grad_sq, used, strict=True)}
     groups = []
     offset = 0
-    for owner, owner_weights in zip(held, weights, strict=True):
-        norms = weight_norm_values[offset: offset + len(owner_weights)]
-        offset += len(owner_weights)
+    for owner, owner_weights, owner_scales in zip(held, weights, scales, strict=True):
+        norms = weight_norm_values[offset: offset + len(owner_scales)]
+        offset += len(owner_scales)
         grads = [grads_by_param[id(w)] for w in owner_weights if id(w) in grads_by_param]
         fan_in, fan_out = owner_fans(owner)
         groups.append(ParamGroup(
             owner.name, layer_kind(owner.module), sum(p.numel() for _, p in owner.params),
             any(p.requires_grad for _, p in owner.params),
-            math.sqrt(sum(n * n for n in norms)), sum(w.numel() for w in owner_weights),
+            math.sqrt(sum(n * n for n in norms)), sum(w.numel() for w in owner_scales),
             grad_norm=math.sqrt(sum(sq for sq, _ in grads) / len(batches))
             if any(u for _, u in grads) else None,
             used=all(grads_by_param.get(id(p), (0.0, True))[1] for _, p in owner.params),
             any_used=any(grads_by_param.get(id(p), (0.0, False))[1] for _, p in owner.params),
-            fan_in=fan_in, fan_out=fan_out))
-    not_run = attach_parameters(layers, groups, ROOT_NAME)
+            fan_in=fan_in, fan_out=fan_out, vector_only=owner.vector_only(),
+            reparametrized=owner.reparametrized))
+    not_run = attach_parameters(layers, groups, ROOT_NAME, recorder.data_flow())
 
     float_inputs = [t for b in batches for t in iter_tensors(b.inputs) if t.is_floating_point()]
     first_input = next(iter(iter_tensors(batches[0].inputs)), None)

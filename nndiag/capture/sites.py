@@ -50,12 +50,21 @@ from nndiag.capture.layers import (
     SATURATING,
     hardtanh_bounds,
     is_measured_module,
+    is_pass_through,
     layer_kind,
     module_activation,
     module_role,
 )
 from nndiag.records import LayerRecord
-from nndiag.records.layers import ROLE_ATTENTION, ROLE_HEAD, ROLE_KEY, ROLE_QUERY, ROLE_VALUE
+from nndiag.records.layers import (
+    ROLE_ATTENTION,
+    ROLE_HEAD,
+    ROLE_KEY,
+    ROLE_NORM,
+    ROLE_QUERY,
+    ROLE_VALUE,
+)
+from nndiag.records.params import DataFlow
 from nndiag.specs import primary_output
 from nndiag.stats.activations import (
     CALL_FIELDS,
@@ -80,6 +89,7 @@ class _ModuleInfo:
     activation: str | None
     measured: bool
     role: str | None
+    pass_through: bool
 
 
 @dataclass
@@ -124,7 +134,7 @@ class SiteRecorder:
             if id(module) not in self.info:
                 info = _ModuleInfo(name or ROOT_NAME, layer_kind(module),
                                    module_activation(module), is_measured_module(module),
-                                   module_role(name, module))
+                                   module_role(name, module), is_pass_through(module))
                 self.info[id(module)] = info
                 self.modules[info.name] = module
         self.stack: list[str] = []
@@ -153,6 +163,9 @@ class SiteRecorder:
         # output. ``_storages`` maps an output's storage to its module while a pass runs.
         self.learned_roles: dict[str, str] = {}
         self._storages: dict[int, str] = {}
+        # The data flow seen on watched passes, kept across steps: module -> the modules that
+        # took its output as input (``data_flow`` reads which outputs are normalized).
+        self.consumers: dict[str, set[str]] = {}
         # The innermost module a forward pass raised in (hooks run while it propagates).
         self.failed_in: str | None = None
         self._failure: int | None = None
@@ -222,6 +235,10 @@ class SiteRecorder:
             if self.watch_all:
                 self._enter_mode()
         self.stack.append(info.name)
+        if self.watch_all and args and isinstance(args[0], torch.Tensor):
+            producer = self._storages.get(storage_id(args[0]))
+            if producer is not None and producer != info.name:
+                self.consumers.setdefault(producer, set()).add(info.name)
         if not self.watch_all:
             self._watch(info.name in self.functional_parents)
         if info.activation is not None:
@@ -237,6 +254,11 @@ class SiteRecorder:
             self._failure, self.failed_in = id(failure), info.name
         if info.activation is not None:
             self.inside_activation -= 1
+        if info.pass_through and self.watch_all and args and isinstance(args[0], torch.Tensor) \
+                and isinstance(output, torch.Tensor):  # dropout & co. carry their producer
+            producer = self._storages.get(storage_id(args[0]))
+            if producer is not None:
+                self._storages[storage_id(output)] = producer
         if info.measured and self.active:
             with _no_torch_function():
                 tensor = primary_output(output)
@@ -286,8 +308,11 @@ class SiteRecorder:
             self._call_sites.append(site.index)
             if activation in RELU_FAMILY:
                 self._peaks.append((unit_peaks(tensor), site.index))
-            elif not functional and self.watch_all:  # roles are learned on watched passes
-                self._storages[storage_id(tensor)] = module_name
+            if not functional and self.watch_all:  # the data flow is learned on watched passes
+                if activation in RELU_FAMILY:  # in place, the output is its producer's
+                    self._storages.setdefault(storage_id(tensor), module_name)
+                else:
+                    self._storages[storage_id(tensor)] = module_name
             if self.output_grads and tensor.requires_grad:
                 tensor.register_hook(site.add_grad)
 
@@ -297,7 +322,8 @@ class SiteRecorder:
             tensor = primary_output(output)
             module = self._storages.get(storage_id(tensor)) if tensor is not None else None
         if module is not None and module not in self.learned_roles and \
-                self.info_by_name(module).role is None:
+                self.info_by_name(module).role is None and \
+                self.info_by_name(module).activation is None:
             self.learned_roles[module] = ROLE_HEAD
 
     def learn_attention(self, query: Any, key: Any, value: Any) -> None:
@@ -314,6 +340,28 @@ class SiteRecorder:
                         found.setdefault(module, []).append(role)
         for module, roles in found.items():
             self.learned_roles[module] = roles[0] if len(roles) == 1 else ROLE_ATTENTION
+
+    def data_flow(self) -> DataFlow:
+        """Where outputs went, and which reach a normalization before any other weight layer.
+
+        An output is normalized when a normalization layer takes it as input, directly or
+        through activation modules (a ReLU is positively homogeneous; a GELU or SiLU on a
+        small signal is nearly linear): the loss then does not depend on the producer's scale.
+        """
+        memo: dict[str, bool] = {}
+
+        def normalized(name: str) -> bool:
+            if name not in memo:
+                memo[name] = False  # a cycle (a module fed by its own output) is not normalized
+                memo[name] = any(
+                    (self.info_by_name(c).role == ROLE_NORM
+                     and self.info_by_name(c).kind != "LocalResponseNorm")
+                    or (self.info_by_name(c).activation is not None and normalized(c))
+                    for c in self.consumers.get(name, ()))
+            return memo[name]
+
+        return DataFlow({k: set(v) for k, v in self.consumers.items()},
+                        {name for name in self.consumers if normalized(name)})
 
     def info_by_name(self, name: str) -> _ModuleInfo:
         """The module facts of a module name."""

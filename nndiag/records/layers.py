@@ -22,6 +22,27 @@ ROLE_EMBEDDING, ROLE_NORM, ROLE_HEAD = "embedding", "normalization", "head"
 ATTENTION_ROLES = frozenset({ROLE_QUERY, ROLE_KEY, ROLE_VALUE, ROLE_ATTENTION_OUT,
                              ROLE_ATTENTION})
 
+# How a layer's weights can be read (``LayerRecord.weight_reading``, found by capture). A ratio to
+# the weights' norm (gradient-to-weight, update-to-weight) or a scale judged against He/Xavier
+# means something only for plain weights:
+# - ``normalized``: the output reaches a normalization before the next weight layer (through at
+#   most elementwise activations): the loss does not depend on the weights' norm, so a large
+#   ||g||/||w|| at init is not an explosion (the optimizer's effective step, lr*||g||/||w||^2,
+#   is what the update ratio measures in training);
+# - ``zero``: the weights are zero, or a Linear/conv matrix far below its He/Xavier scale, on
+#   purpose (LoRA's B, a zero-initialized residual branch or bias table): any ratio to their
+#   norm is meaningless;
+# - ``gain``: the weights are vectors (normalization gains, layer-scales, gains stored as an
+#   offset from 1, class and mask tokens): they scale a signal rather than map it;
+# - ``reparametrized``: the weights are computed from other parameters (weight or spectral
+#   normalization); their real scale is the computed weight's, the parameters' own is not.
+READING_PLAIN, READING_NORMALIZED, READING_ZERO = "plain", "normalized", "zero"
+READING_GAIN, READING_REPARAMETRIZED = "gain", "reparametrized"
+# How a layer's output gradient can be read (``LayerRecord.output_reading``): ``normalized``
+# (a normalization follows: the gradient there is divided by the output's own scale) or
+# ``gated`` (the output feeds only zero-initialized weights: no gradient reaches it by design).
+OUTPUT_NORMALIZED, OUTPUT_GATED = "normalized", "gated"
+
 # A repeated block: a container of numbered children (``layers.3``, ``h.3``, ``block.3``).
 _BLOCK = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|stages?)\.(\d+)(?:\.|$)")
 
@@ -67,6 +88,10 @@ class LayerRecord:
         role: What the layer does in its architecture (``nndiag.capture.layers``: attention
             query/key/value/output, fused attention, embedding, normalization, head), from the
             data flow and module types first and names second; ``None`` for plain layers.
+        weight_reading: How the weights' ratios can be read (``READING_*`` above): ``plain``,
+            ``normalized``, ``zero``, ``gain`` or ``reparametrized``; ``None`` without weights.
+        output_reading: How the output gradient can be read: ``normalized``, ``gated`` or
+            ``None`` (as measured).
 
     """
 
@@ -98,12 +123,25 @@ class LayerRecord:
     depth_gain: float | None = None
     update_ratio: float | None = None
     role: str | None = None
+    weight_reading: str | None = None
+    output_reading: str | None = None
 
     @property
     def block(self) -> int | None:
         """Index of the repeated block the layer sits in (``encoder.layer.3.…`` -> 3)."""
         match = _BLOCK.search(self.module)
         return int(match.group(1)) if match else None
+
+    @property
+    def block_position(self) -> str | None:
+        """Where the layer sits in its repeated block (``attention.self.query``; indices: ``N``).
+
+        ``None`` outside repeated blocks.
+        """
+        match = _BLOCK.search(self.module)
+        if match is None:
+            return None
+        return re.sub(r"\d+", "N", self.name[match.end():]) or "(block)"
 
     @property
     def label(self) -> str:

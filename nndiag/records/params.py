@@ -5,8 +5,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from nndiag.records.layers import LayerRecord
+from nndiag.records.layers import (
+    OUTPUT_GATED,
+    OUTPUT_NORMALIZED,
+    READING_GAIN,
+    READING_NORMALIZED,
+    READING_PLAIN,
+    READING_REPARAMETRIZED,
+    READING_ZERO,
+    LayerRecord,
+)
 from nndiag.stats.weights import init_reference, init_scale, update_ratio
+
+# A Linear/conv matrix below this share of its He/Xavier scale was set near zero on purpose.
+NEAR_ZERO_INIT_SCALE = 1e-3
 
 
 @dataclass
@@ -26,6 +38,10 @@ class ParamGroup:
         fan_in: Fan-in when the weight has a He/Xavier expectation (Linear/conv).
         fan_out: Fan-out likewise.
         update_ratio: ``||w_after - w_before|| / ||w_before||`` over an optimizer step.
+        vector_only: Every weight is a vector (at most one dimension longer than 1): gains,
+            layer-scales, tokens.
+        reparametrized: The weights are computed from other parameters (weight or spectral
+            normalization); ``weight_norm`` is the computed weight's.
     """
 
     name: str
@@ -40,6 +56,33 @@ class ParamGroup:
     fan_in: int | None = None
     fan_out: int | None = None
     update_ratio: float | None = None
+    vector_only: bool = False
+    reparametrized: bool = False
+
+
+@dataclass
+class DataFlow:
+    """What the forward pass showed of where each module's output goes (from capture).
+
+    Attributes:
+        consumers: Module name -> the modules that took its output as their input.
+        normalized: Modules whose output reaches a normalization before any other layer with
+            weights (directly, or through elementwise activations and pass-through modules).
+    """
+
+    consumers: dict[str, set[str]]
+    normalized: set[str]
+
+
+def weight_reading(group: ParamGroup, normalized: bool) -> str:
+    """How one module's weight ratios can be read (``READING_*`` in ``records.layers``)."""
+    if group.reparametrized:
+        return READING_REPARAMETRIZED
+    if group.weight_norm == 0:
+        return READING_ZERO
+    if group.vector_only:
+        return READING_GAIN
+    return READING_NORMALIZED if normalized else READING_PLAIN
 
 
 def ancestors(name: str, root: str) -> list[str]:
@@ -48,20 +91,23 @@ def ancestors(name: str, root: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)] + [root]
 
 
-def attach_parameters(layers: list[LayerRecord], groups: list[ParamGroup], root: str
-                      ) -> list[str]:
+def attach_parameters(layers: list[LayerRecord], groups: list[ParamGroup], root: str,
+                      flow: DataFlow | None = None) -> list[str]:
     """Put each module's parameter statistics on its first call site, in place.
 
     A module that never ran but whose parameters all got gradients (``out_proj`` inside
     ``nn.MultiheadAttention``, whose weights are used functionally) is folded into its nearest
     measured ancestor; with no such ancestor (submodules of a TorchScript module, whose calls
     Python hooks do not see) it gets a record of its own. Then every Linear/conv layer gets
-    its init scale against He or Xavier, chosen by the next activation it feeds.
+    its init scale against He or Xavier, chosen by the next activation it feeds, and every
+    layer with weights its ``weight_reading``; with the data flow, outputs that are normalized
+    or feed only zero weights get their ``output_reading``.
 
     Args:
         layers: Site records in forward order (records may be appended).
         groups: Each parameter owner's statistics.
         root: The name the root module's sites carry.
+        flow: Where outputs went in the forward pass (``None``: not observed).
 
     Returns:
         The modules with parameters that stayed unmeasured (never ran, no gradient).
@@ -105,12 +151,33 @@ def attach_parameters(layers: list[LayerRecord], groups: list[ParamGroup], root:
         own = parts[0]
         if own.name == target and own.fan_in is not None and own.fan_out is not None:
             layer.fan_in, layer.fan_out = own.fan_in, own.fan_out
+        normalized = flow is not None and target in flow.normalized
+        layer.weight_reading = weight_reading(own if own.name == target else parts[0],
+                                              normalized)
     for layer in layers:
         if layer.fan_in is not None and layer.fan_out is not None and layer.weight_rms:
             layer.init_reference = init_reference(_next_activation(layers, layer))
             layer.init_scale = init_scale(layer.weight_rms, layer.init_reference, layer.fan_in,
                                           layer.fan_out)
+            if layer.init_scale < NEAR_ZERO_INIT_SCALE and \
+                    layer.weight_reading in (READING_PLAIN, READING_NORMALIZED):
+                layer.weight_reading = READING_ZERO
+    if flow is not None:
+        _read_outputs(layers, flow)
     return not_run
+
+
+def _read_outputs(layers: list[LayerRecord], flow: DataFlow) -> None:
+    """Mark outputs that are normalized, or that feed only zero weights (no gradient by design)."""
+    zero = {r.module for r in layers if r.weight_reading == READING_ZERO}
+    for layer in layers:
+        if layer.functional:
+            continue
+        consumers = flow.consumers.get(layer.module, set())
+        if layer.module in flow.normalized:
+            layer.output_reading = OUTPUT_NORMALIZED
+        elif consumers and consumers <= zero:
+            layer.output_reading = OUTPUT_GATED
 
 
 def _next_activation(layers: list[LayerRecord], layer: LayerRecord) -> str | None:

@@ -10,7 +10,12 @@ from nndiag.findings import Finding, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
 from nndiag.records.layers import ATTENTION_ROLES, ROLE_HEAD, ROLE_NORM
 from nndiag.rules.blocks import block_spans
-from nndiag.rules.thresholds import LOSS_AT_INIT_FACTOR, MIN_SAMPLES_FOR_DEAD_UNITS, Threshold
+from nndiag.rules.thresholds import (
+    LOSS_AT_INIT_FACTOR,
+    MIN_SAMPLES_FOR_DEAD_UNITS,
+    MIN_UNITS_FOR_DEAD_FRACTION,
+    Threshold,
+)
 
 
 @dataclass
@@ -39,8 +44,9 @@ def activation_drift(probe: ProbeRecord) -> Drift:
     """
     layers = [r for r in probe.layers
               if r.fan_in is not None and r.weight_rms and r.std and r.std == r.std]
-    if any(r.role in ATTENTION_ROLES for r in probe.layers) and \
-            len({r.block for r in layers if r.block is not None}) >= 2:
+    if any(r.role in ATTENTION_ROLES for r in probe.layers):
+        # In a transformer, branch outputs legitimately differ from the residual stream by
+        # orders of magnitude: drift is judged across repeated blocks only (none: no verdict).
         return _block_drift(layers)
     drift = Drift(1.0, None, None, 1.0, None, None, layers)
     # A normalization layer re-scales the signal: drift is judged between two of them.
@@ -177,8 +183,17 @@ class _Flagged:
     share: float
 
 
-def _flag_shares(probe: ProbeRecord, rule: Threshold, field: str) -> _Flagged | None:
-    verdicts = [(r, rule.severity(getattr(r, field))) for r in probe.layers]
+def _units(record: LayerRecord) -> int | None:
+    """Values per sample of a layer's output (``None``: shape unknown)."""
+    if not record.shape:
+        return None
+    return math.prod(record.shape[1:]) if len(record.shape) > 1 else 1
+
+
+def _flag_shares(probe: ProbeRecord, rule: Threshold, field: str,
+                 min_units: int = 0) -> _Flagged | None:
+    verdicts = [(r, rule.severity(getattr(r, field))) for r in probe.layers
+                if (_units(r) or min_units) >= min_units]
     flagged = [(r, v) for r, v in verdicts if v is not None]
     severity = worst_severity(*(v for _, v in flagged))
     if severity is None:
@@ -201,7 +216,8 @@ def dead_relu(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding |
     """ReLU-family layers where a large share of units never fire on the probe."""
     if not _enough_samples(probe):
         return None
-    flagged = _flag_shares(probe, thresholds["dead_fraction"], "dead_fraction")
+    flagged = _flag_shares(probe, thresholds["dead_fraction"], "dead_fraction",
+                           MIN_UNITS_FOR_DEAD_FRACTION)
     if flagged is None:
         return None
     evidence = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from nndiag.findings import Finding
 from nndiag.records import ProbeRecord
@@ -41,6 +42,12 @@ def nan_inf(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | N
     return Finding("nan_inf", "error", layers, summary, evidence=evidence)
 
 
+# Parameters used only in another training mode, unused by design in a plain forward pass: the
+# mask token of masked pre-training (BEiT, DINOv2, ViT-MAE: ``mask_token``; wav2vec 2.0 and
+# HuBERT: ``masked_spec_embed``).
+UNUSED_BY_DESIGN = re.compile(r"(^|\.)(mask_token|masked_spec_embed|mask_emb|mask_embedding)$")
+
+
 def unused_headline(probe: ProbeRecord) -> dict[str, float | None]:
     """Number of trainable parameters that received no gradient."""
     return {"unused_parameters": float(len(probe.unused_parameters))}
@@ -48,11 +55,13 @@ def unused_headline(probe: ProbeRecord) -> dict[str, float | None]:
 
 def unused_parameters(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
     """Trainable parameters that receive no gradient from the loss."""
-    if not probe.unused_parameters:
+    by_design = [n for n in probe.unused_parameters if UNUSED_BY_DESIGN.search(n)]
+    names = [n for n in probe.unused_parameters if n not in by_design]
+    if not names:
         return None
-    names = probe.unused_parameters
     modules = sorted({n.rsplit(".", 1)[0] if "." in n else n for n in names})
     summary = (f"{len(names)} trainable parameter tensor(s) receive no gradient "
                f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
-    evidence = {"parameters": names, "modules_not_run": probe.not_run}
+    evidence = {"parameters": names, "modules_not_run": probe.not_run,
+                "unused_by_design": by_design}
     return Finding("unused_parameters", "warning", modules, summary, evidence=evidence)

@@ -147,5 +147,9 @@ RUN_THRESHOLDS: dict[str, Threshold] = {
 
 # Below this many probe samples a unit that never fired is not evidence of a dead unit.
 MIN_SAMPLES_FOR_DEAD_UNITS = 8
+# A layer of fewer units (values per sample) is not judged for dead units: its share is a
+# handful of units and moves by a large step with each one (a squeeze-and-excitation bottleneck
+# of 4 units, on features pooled over the image that vary little between samples at init).
+MIN_UNITS_FOR_DEAD_FRACTION = 8
 # A unit counts as blocking gradients when its layer is at least this dead.
 FULLY_DEAD = 0.99
