@@ -23,12 +23,14 @@ from nndiag.checkpoints import (
     load_checkpoint,
     load_into,
     measure_checkpoint,
+    model_checkpoint,
 )
 from nndiag.errors import UsageError, check_seed
 from nndiag.findings import Finding, Report, severity_rank
 from nndiag.losses import Loss, as_loss
 from nndiag.records import CheckpointRecord, ProbeRecord
 from nndiag.rules import run_checkpoint_rules, run_probe_rules
+from nndiag.rules.checkpoint import live_weight_findings
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
 from nndiag.specs import Batch, iter_batches, require_usable_model
 
@@ -207,9 +209,30 @@ def inspect_model(
     probe = run_probe(model, probe_batches, config)
     probe.pretrained = looks_pretrained(model) if pretrained is None else pretrained
     findings = [advise(f, probe) for f in run_probe_rules(probe, thresholds)]
+    weights = measure_checkpoint(model_checkpoint(model))
+    for finding in live_weight_findings(weights, thresholds):
+        findings = merge_finding(findings, advise_checkpoint(finding, weights))
     if try_fixes:
         verify_fixes(model, probe_batches, probe, findings, config, thresholds)
     return build_report(probe, findings)
+
+
+def merge_finding(findings: list[Finding], extra: Finding) -> list[Finding]:
+    """Add a finding read from the weights to the probe's: one finding per id, the worse kept.
+
+    The other one is listed in the kept finding's evidence under ``also``.
+    """
+    same = next((f for f in findings if f.id == extra.id), None)
+    if same is not None and severity_rank(same.severity) >= severity_rank(extra.severity):
+        kept, other = same, extra
+    else:
+        kept, other = extra, same
+    if other is not None:
+        kept.evidence.setdefault("also", []).append(
+            {"mechanism": other.evidence.get("mechanism") or "probe",
+             "severity": other.severity, "summary": other.summary})
+    merged = [f for f in findings if f is not same] + [kept]
+    return sorted(merged, key=lambda f: -severity_rank(f.severity))
 
 
 def build_report(probe: ProbeRecord, findings: list[Finding]) -> Report:

@@ -95,6 +95,15 @@ nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
     "layer_norm": FixTemplate(
         summary="normalize each block's input with LayerNorm (pre-norm)",
         code="x = x + block(nn.LayerNorm(dim)(x))   # keep the LayerNorm as a module of the block"),
+    "norm_gain_init": FixTemplate(
+        summary="start every normalization layer at the identity: gains 1, shifts 0",
+        code="""
+norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+for m in model.modules():
+    if isinstance(m, norms) and m.weight is not None:
+        nn.init.ones_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)"""),
     "gradient_clipping": FixTemplate(
         summary="clip the global gradient norm before each optimizer step",
         code="""

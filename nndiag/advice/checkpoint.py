@@ -63,9 +63,22 @@ def poor_initialization(finding: Finding, record: CheckpointRecord) -> tuple[str
         return _init_scale(finding.evidence, record)
     if mechanism == "no_normalization":
         return _no_normalization(finding.evidence, record)
+    if mechanism == "norm_gains":
+        return _norm_gains(finding.evidence)
     if record.family is not None:
         return _branch(finding.evidence, record)
     return _chain(finding.evidence, record)
+
+
+def _norm_gains(ev: dict[str, Any]) -> tuple[str, list[Fix]]:
+    """BatchNorm gains initialized like weights."""
+    text = (f"The BatchNorm gains (gamma) have an RMS of {fmt(ev['median_gain_rms'])} (median "
+            f"of {ev['layers_judged']} layers) instead of starting at 1: each normalization "
+            "re-scales its input to unit variance and then multiplies it by about that much, so "
+            "the signal, and the gradient with it, shrinks at every normalization and is lost "
+            "within a few blocks. An init routine that draws every `weight` from N(0, 0.02) "
+            "does this to normalization layers too.")
+    return text, [make_fix("norm_gain_init")]
 
 
 def _chain(ev: dict[str, Any], record: CheckpointRecord) -> tuple[str, list[Fix]]:

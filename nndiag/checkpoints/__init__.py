@@ -5,8 +5,9 @@ the weights inside training bundles (``weights``), mapping keys onto an architec
 (``mapping``) and measuring without data (``static``) are separate concerns.
 """
 
-from nndiag.checkpoints.formats import Checkpoint, load_checkpoint
+from nndiag.checkpoints.formats import Checkpoint, load_checkpoint, model_checkpoint
 from nndiag.checkpoints.mapping import LoadResult, load_into
 from nndiag.checkpoints.static import measure_checkpoint
 
-__all__ = ["Checkpoint", "LoadResult", "load_checkpoint", "load_into", "measure_checkpoint"]
+__all__ = ["Checkpoint", "LoadResult", "load_checkpoint", "load_into", "measure_checkpoint",
+           "model_checkpoint"]

@@ -94,6 +94,18 @@ class Checkpoint:
         return result
 
 
+def model_checkpoint(model: nn.Module) -> Checkpoint:
+    """A live model's weights and buffers as a checkpoint, read in place (nothing is copied).
+
+    The data-free analysis then reads the live model exactly as it reads the same weights
+    saved to a file.
+    """
+    entries = [in_memory(name, tensor.detach())
+               for name, tensor in model.state_dict(keep_vars=True).items()
+               if isinstance(tensor, torch.Tensor)]
+    return Checkpoint(Path(f"({type(model).__name__})"), "live_model", entries)
+
+
 def load_checkpoint(path: str | Path, *, unsafe_load: bool = False) -> Checkpoint:
     """Open a checkpoint file or directory and locate the model's weights.
 

@@ -72,8 +72,8 @@ _FUSED = frozenset({"c_attn", "qkv", "qkv_proj", "wqkv", "w_pack", "in_proj", "a
 _SLICEABLE = _FUSED - {"query_key_value"}
 _ATTENTION_OUT = frozenset({"o_proj", "out_proj", "o", "wo", "out_lin", "c_proj", "proj",
                             "dense", "to_out", "out", "attn_out"})
-_MLP_IN = frozenset({"c_fc", "fc1", "linear1", "up_proj", "w3", "wi", "wi_1", "lin1",
-                     "dense_h_to_4h", "fc_in", "w_in", "up"})
+_MLP_IN = frozenset({"c_fc", "fc1", "linear1", "up_proj", "gate_up_proj", "w3", "wi", "wi_1",
+                     "lin1", "dense_h_to_4h", "fc_in", "w_in", "up"})
 _MLP_GATE = frozenset({"gate_proj", "w1", "wi_0", "gate"})
 _MLP_OUT = frozenset({"c_proj", "fc2", "linear2", "down_proj", "w2", "wo", "lin2",
                       "dense_4h_to_h", "fc_out", "w_out", "down"})

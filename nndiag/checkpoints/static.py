@@ -80,9 +80,22 @@ def tensor_stats(name: str, tensor: torch.Tensor) -> TensorStats:
     return stats
 
 
-def _split(name: str) -> tuple[str, str]:
+def _split(name: str, shape: tuple[int, ...] = ()) -> tuple[str, str]:
+    """Module and parameter of a key; a stack of expert matrices is a module of its own.
+
+    Mixture-of-experts layers may keep every expert's matrix in one 3-D tensor
+    (``mlp.experts.gate_up_proj``: experts x out x in): it is read as the Linear weight of a
+    module ``mlp.experts.gate_up_proj``.
+    """
     module, _, param = name.rpartition(".")
+    if _is_expert_stack(module, param, shape):
+        return name, "weight"
     return (module or ROOT), param
+
+
+def _is_expert_stack(module: str, param: str, shape: tuple[int, ...]) -> bool:
+    return (len(shape) == 3 and param not in ("weight", "bias")
+            and module.rsplit(".", 1)[-1] == "experts")
 
 
 def _kind(module: str, tensors: dict[str, TensorStats]) -> str:
@@ -123,9 +136,11 @@ def measure_checkpoint(checkpoint: Checkpoint,
     fused: dict[str, dict[str, float]] = {}
     total, done = checkpoint.total_bytes, 0
     for entry in checkpoint.entries:
-        module, param = _split(entry.name)
+        module, param = _split(entry.name, tuple(entry.shape))
         tensor = entry.read()
         stats = tensor_stats(entry.name, tensor)
+        if module == entry.name:  # an expert stack: judged as the matrix each expert holds
+            stats.stacked, stats.shape = int(tensor.shape[0]), list(tensor.shape[1:])
         if module not in grouped:
             grouped[module] = {}
             order.append(module)

@@ -75,6 +75,8 @@ class TensorStats:
         rms: Root mean square (``None`` for non-float tensors).
         mean: Mean (``None`` for non-float tensors).
         nonfinite: Number of NaN/Inf elements.
+        stacked: For a stack of mixture-of-experts matrices, how many experts it holds;
+            ``shape`` is then one expert's matrix (``numel`` counts them all).
     """
 
     name: str
@@ -84,6 +86,7 @@ class TensorStats:
     rms: float | None = None
     mean: float | None = None
     nonfinite: int = 0
+    stacked: int | None = None
 
 
 @dataclass
@@ -151,8 +154,12 @@ class ModuleWeights:
         return sum(t.nonfinite for t in self.tensors)
 
     def tensor(self, param: str) -> TensorStats | None:
-        """The statistics of one of the module's tensors by parameter name (``bias``)."""
-        return next((t for t in self.tensors if t.name.rsplit(".", 1)[-1] == param), None)
+        """The statistics of one of the module's tensors by parameter name (``bias``).
+
+        A stack of expert matrices is its module's ``weight``.
+        """
+        return next((t for t in self.tensors if t.name.rsplit(".", 1)[-1] == param
+                     or (param == "weight" and t.stacked)), None)
 
     @property
     def weight(self) -> TensorStats | None:

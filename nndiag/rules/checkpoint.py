@@ -1,6 +1,6 @@
 """Data-free rules over a checkpoint's weights (no forward pass, no data).
 
-``poor_initialization`` has three mechanisms; each is judged and the most severe becomes the
+``poor_initialization`` has four mechanisms; each is judged and the most severe becomes the
 one finding (the others are listed in its evidence under ``also``):
 
 - ``init_scale`` (transformers): every projection's weight RMS over the std its family
@@ -21,11 +21,14 @@ one finding (the others are listed in its evidence under ``also``):
   init aims for), not a vanishing signal.
 - ``no_normalization``: a stack of transformer blocks with no normalization weights in any of
   them, where nothing re-scales the residual stream the blocks add to.
+- ``norm_gains``: BatchNorm gains drawn like weights (N(0, 0.02)) instead of 1, so that every
+  normalization shrinks the signal it should re-scale.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -73,6 +76,17 @@ CHECKPOINT_THRESHOLDS: dict[str, Threshold] = {
         "weights entirely. Output projections and heads are not judged low: starting them "
         "small (or at zero) is a deliberate choice.",
     ),
+    "batch_norm_gain": Threshold(
+        0.1, 0.05, False,
+        "Median RMS of the BatchNorm gains (gamma), those set exactly to zero on purpose left "
+        "out. PyTorch and every reference implementation start them at 1, and trained CNNs "
+        "keep them around 0.2-1.5; at 0.05 every normalization shrinks the signal 20x, and at "
+        "0.02 (gains drawn like weights, N(0, 0.02), as a "
+        "library init that treats every weight alike does) each normalization multiplies the "
+        "signal by ~0.02, it vanishes within a few blocks and the network cannot fit even one "
+        "batch (a Hugging Face EfficientNet so initialized: loss 1.44 after 60 Adam steps "
+        "against 0.004 with gains at 1).",
+    ),
     "init_scale_trained": Threshold(
         30.0, 100.0, True,
         "The same ratio for trained weights, which legitimately drift from their init: the "
@@ -91,7 +105,7 @@ MIN_JUDGED_ELEMENTS = 16
 # Roles whose weight scale is judged against the family's init.
 _JUDGED_ROLES = PROJECTION_ROLES | {ROLE_HEAD, ROLE_HIDDEN}
 # Mechanisms in order of precedence when two are equally severe.
-_MECHANISMS = ("init_scale", "no_normalization", "chain")
+_MECHANISMS = ("init_scale", "norm_gains", "no_normalization", "chain")
 
 
 def _threshold(thresholds: dict[str, Threshold], name: str) -> Threshold:
@@ -179,6 +193,17 @@ def chain_drifts(record: CheckpointRecord) -> list[ChainDrift]:
     return drifts
 
 
+# Layer-scale parameters: per-channel gains that start a residual branch near zero
+# (``layer_scale_parameter``, ``layer_scale_1``, timm's ``gamma_1`` and ``ls1.gamma``, BEiT's
+# ``lambda_1``).
+_LAYER_SCALE = re.compile(r"(layer_?scale|(^|\.)gamma_\d|(^|\.)lambda_\d|(^|\.)ls\d\.)", re.I)
+
+
+def has_layer_scale(record: CheckpointRecord) -> bool:
+    """True when the weights hold layer-scale parameters (residual branches start small)."""
+    return any(_LAYER_SCALE.search(t.name) for m in record.modules for t in m.tensors)
+
+
 def format_factor(log10_factor: float) -> str:
     """``3.6e+03`` in the float range, ``1e+412`` / ``1e-412`` beyond it."""
     if abs(log10_factor) < 300:
@@ -199,12 +224,18 @@ def predicted_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
                     ) -> Finding | None:
     """Chains of layers whose weight scales multiply to an exploding or vanishing signal.
 
-    In a transformer only growth is judged (see the module docstring).
+    In a transformer, in a residual network whose branches end in a layer-scale (ConvNeXt,
+    PoolFormer, CaiT) and in any network with normalization layers inside its repeated blocks,
+    only growth is judged: a branch that starts small is a block that starts near the
+    identity, on purpose, and a collapsing signal is re-scaled at the block's next
+    normalization (whose place among the block's layers the names alone do not tell).
     """
     transformer = record.family is not None
+    growth_only = transformer or has_layer_scale(record) or any(
+        m.role == ROLE_NORM and m.block is not None for m in record.modules)
     judged = []
     for drift in chain_drifts(record):
-        if transformer and drift.direction != "grows":
+        if growth_only and drift.direction != "grows":
             continue
         rule = thresholds["activation_growth" if drift.direction == "grows"
                           else "activation_collapse"]
@@ -434,10 +465,32 @@ def missing_normalization(record: CheckpointRecord, thresholds: dict[str, Thresh
     return Finding("poor_initialization", severity, blocks, summary, evidence=evidence)
 
 
+def batch_norm_gains(record: CheckpointRecord, thresholds: dict[str, Threshold]
+                     ) -> Finding | None:
+    """BatchNorm gains far below 1 throughout: every normalization shrinks the signal."""
+    gains = [(m, m.weight_rms) for m in record.modules
+             if m.kind == "batch_norm" and m.weight_rms and not m.zero_initialized]
+    if not gains:
+        return None
+    median = sorted(rms for _, rms in gains)[len(gains) // 2]
+    severity = _threshold(thresholds, "batch_norm_gain").severity(median)
+    if severity is None:
+        return None
+    low = [m.name for m, rms in gains if rms <= 2 * median]
+    evidence = {"mechanism": "norm_gains", "median_gain_rms": median,
+                "layers_judged": len(gains), "gain_rms": {m.name: rms for m, rms in gains}}
+    summary = (f"BatchNorm gains at {_fmt(median)} RMS (median of {len(gains)} layers) where "
+               "they start at 1: every normalization multiplies the signal by about that")
+    return Finding("poor_initialization", severity, low, summary, evidence=evidence)
+
+
+_WEIGHT_MECHANISMS = (init_scale_drift, batch_norm_gains, missing_normalization)
+
+
 def poor_initialization(record: CheckpointRecord, thresholds: dict[str, Threshold]
                         ) -> Finding | None:
-    """The most severe of the three ``poor_initialization`` mechanisms (module docstring)."""
-    found = [f for rule in (init_scale_drift, missing_normalization, predicted_drift)
+    """The most severe ``poor_initialization`` mechanism (module docstring)."""
+    found = [f for rule in (*_WEIGHT_MECHANISMS, predicted_drift)
              if (f := rule(record, thresholds)) is not None]
     if not found:
         return None
@@ -448,6 +501,23 @@ def poor_initialization(record: CheckpointRecord, thresholds: dict[str, Threshol
         best.evidence["also"] = [{"mechanism": f.evidence["mechanism"], "severity": f.severity,
                                   "summary": f.summary} for f in others]
     return best
+
+
+def live_weight_findings(record: CheckpointRecord, thresholds: dict[str, Threshold]
+                         ) -> list[Finding]:
+    """What a live inspection reads from the weights themselves, as the data-free analysis does.
+
+    The mechanisms a probe does not measure: a transformer's weights against the scale its
+    family initializes them at, BatchNorm gains far below 1, and blocks with no
+    normalization at all. (A live probe
+    measures the drift that chains only predict.) Live and data-free analysis of the same
+    weights then agree on them.
+    """
+    found = [f for rule in _WEIGHT_MECHANISMS if (f := rule(record, thresholds)) is not None]
+    if not found:
+        return []
+    return [max(found, key=lambda f: (severity_rank(f.severity),
+                                      -_MECHANISMS.index(f.evidence["mechanism"])))]
 
 
 def nonfinite_weights(record: CheckpointRecord, thresholds: dict[str, Threshold]
