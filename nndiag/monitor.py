@@ -60,7 +60,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from nndiag.capture.layers import layer_kind
-from nndiag.capture.probe import ROOT_NAME, owner_fans, owners
+from nndiag.capture.probe import ROOT_NAME, Owner, owner_fans, owners
 from nndiag.capture.sites import SiteRecorder
 from nndiag.errors import UsageError
 from nndiag.records import ParamGroup, StepRecord, attach_parameters
@@ -139,12 +139,14 @@ def _subset_layout(numel: int, budget: int) -> tuple[int, int, int]:
 class _WeightGroup:
     """One module's trainable weights as the recorder tracks them."""
 
-    def __init__(self, name: str, kind: str, params: list[nn.Parameter],
-                 weights: list[nn.Parameter], fans: tuple[int | None, int | None]) -> None:
-        self.name, self.kind, self.params, self.weights = name, kind, params, weights
-        self.numel = sum(p.numel() for p in params)
-        self.weight_numel = sum(w.numel() for w in weights)
-        self.fan_in, self.fan_out = fans
+    def __init__(self, owner: Owner) -> None:
+        self.name, self.kind = owner.name, layer_kind(owner.module)
+        self.params = [p for _, p in owner.params if p.requires_grad]
+        self.weights = owner.weights(trainable_only=True)
+        self.numel = sum(p.numel() for p in self.params)
+        self.weight_numel = sum(w.numel() for w in self.weights)
+        self.fan_in, self.fan_out = owner_fans(owner)
+        self.vector_only, self.reparametrized = owner.vector_only(), owner.reparametrized
 
 
 class Monitor:
@@ -217,11 +219,8 @@ class Monitor:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._groups = []
         for owner in owners(model):
-            params = [p for _, p in owner.params if p.requires_grad]
-            weights = owner.weights(trainable_only=True)
-            if weights:
-                self._groups.append(_WeightGroup(owner.name, layer_kind(owner.module), params,
-                                                 weights, owner_fans(owner)))
+            if owner.weights(trainable_only=True):
+                self._groups.append(_WeightGroup(owner))
         self.weight_layers = [(g.name, g.kind) for g in self._groups]
         self._weights = [w for g in self._groups for w in g.weights]
         trainable_index = {id(p): i for i, p in enumerate(self._trainable)}
@@ -545,8 +544,10 @@ class Monitor:
                 group.name, group.kind, group.numel, True,
                 math.sqrt(sum(weight_norms[i] ** 2 for i in own)), group.weight_numel,
                 grad_norm=grad, used=all(got), any_used=any(got) or present is None,
-                fan_in=group.fan_in, fan_out=group.fan_out, update_ratio=update))
-        attach_parameters(layers, groups, ROOT_NAME)
+                fan_in=group.fan_in, fan_out=group.fan_out, update_ratio=update,
+                vector_only=group.vector_only, reparametrized=group.reparametrized))
+        attach_parameters(layers, groups, ROOT_NAME,
+                          self._recorder.data_flow() if self._recorder is not None else None)
         grad_norm = math.sqrt(sum(grad_sq)) if grad_sq is not None else None
         record = StepRecord(self.step_count, losses[-1] if losses else None, grad_norm, layers)
         self.samples.append(record)

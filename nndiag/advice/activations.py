@@ -17,6 +17,7 @@ from nndiag.advice.common import (
     dominant_saturating,
     feeding_layer,
     fmt,
+    has_norm,
     he_init_fix,
     init_story,
     inputs_off_scale,
@@ -128,10 +129,17 @@ def saturated_activations(finding: Finding, probe: ProbeRecord) -> tuple[str, li
         parts.append(f"The layer feeding it, {feeding.label}, has weights at "
                      f"{fmt(feeding.init_scale)}x the Xavier scale.")
     kinds = probe_kinds(probe)
-    fixes = [xavier_init_fix(kinds, kind)]
+    if is_transformer(probe):
+        # A transformer's activations saturate when its weights leave the family's scale:
+        # its own init is the fix, not another activation or a normalization it already has.
+        fixes = [make_fix("scaled_residual_init", n_blocks=n_blocks(probe))]
+    else:
+        fixes = [xavier_init_fix(kinds, kind)]
+        if not has_norm(probe):
+            fixes.append(norm_fix(kinds))
+        fixes.append(activation_fix(kind))
     if inputs_off_scale(probe):
         fixes.insert(0, normalize_inputs_fix(probe))
-    fixes += [norm_fix(kinds), activation_fix(kind)]
     return " ".join(parts), fixes
 
 

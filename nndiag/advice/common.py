@@ -14,7 +14,7 @@ from typing import Any
 from nndiag.advice.catalog import activation_module, init_gain, layer_types, make_fix
 from nndiag.findings import Finding, Fix
 from nndiag.records import LayerRecord, ProbeRecord
-from nndiag.records.layers import ATTENTION_ROLES, ROLE_NORM
+from nndiag.records.layers import ATTENTION_ROLES, READING_PLAIN, ROLE_NORM
 
 # The kinds of context a finding is judged on (the first half of a registry key).
 PROBE = "probe"  # a live probe: ProbeRecord
@@ -170,6 +170,9 @@ def _median(values: list[float]) -> float | None:
 def init_story(records: list[LayerRecord]) -> tuple[str, float | None]:
     """A sentence on the weight scale against He and the per-layer factor it implies.
 
+    Only plain weights count: a normalization re-scales the output of the others, whatever
+    their scale.
+
     Args:
         records: The weight layers on the path being explained.
 
@@ -177,7 +180,8 @@ def init_story(records: list[LayerRecord]) -> tuple[str, float | None]:
         The sentence (empty when the median scale is within [0.8, 1.25] of He or unknown)
         and the median scale of the He-referenced layers (``None`` without any).
     """
-    he_layers = [r for r in records if r.init_reference == "he" and r.init_scale is not None]
+    he_layers = [r for r in records if r.init_reference == "he" and r.init_scale is not None
+                 and r.weight_reading in (READING_PLAIN, None)]
     scale = _median([r.init_scale for r in he_layers if r.init_scale is not None])
     if not he_layers or scale is None or 0.8 <= scale <= 1.25:
         return "", scale

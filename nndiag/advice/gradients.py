@@ -88,7 +88,9 @@ def vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
         fixes.append(activation_fix(saturating[0]))
     elif scale is not None and scale < 0.8:
         fixes.append(he_init_fix(kinds))
-    fixes += [norm_fix(kinds), make_fix("skip_connections"), *recurrent_fixes(kinds)]
+    if not has_norm(probe):
+        fixes.append(norm_fix(kinds))
+    fixes += [make_fix("skip_connections"), *recurrent_fixes(kinds)]
     return " ".join(parts), fixes
 
 
@@ -125,8 +127,10 @@ def exploding(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
     fixes: list[Fix] = []
     if scale is not None and scale > 1.25:
         fixes.append(he_init_fix(kinds))
-    fixes += [make_fix("gradient_clipping"), norm_fix(kinds), *recurrent_fixes(kinds)]
-    return " ".join(parts), fixes
+    fixes.append(make_fix("gradient_clipping"))
+    if not has_norm(probe):
+        fixes.append(norm_fix(kinds))
+    return " ".join(parts), fixes + recurrent_fixes(kinds)
 
 
 def post_ln_deep_stack(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:

@@ -95,6 +95,13 @@ def parameters_not_updated(finding: Finding, record: SanityRecord) -> tuple[str,
 def cannot_overfit_batch(finding: Finding, record: SanityRecord) -> tuple[str, list[Fix]]:
     """A model that cannot drive one small batch's loss to zero, and what else could cause it."""
     ev = finding.evidence
+    if ev.get("still_learning"):
+        return (f"The loss of {ev['batch_size']} samples fell from {ev['first']:.4g} to "
+                f"{ev['best']:.4g} in {ev['steps']} steps and was still falling over the last "
+                f"third of them ({ev['before_last_third']:.4g} before it): the batch is being "
+                "learned, more slowly than the check allows for. Give it more steps "
+                "(--overfit-steps) or a higher learning rate to see it reach zero."), [
+                    make_fix("raise_learning_rate")]
     parts = [f"A healthy model drives the loss of {ev['batch_size']} samples close to zero "
              f"within {ev['steps']} steps; this one went from {ev['first']:.4g} to "
              f"{ev['best']:.4g}. Common causes: the forward pass ignores its input or cuts the "

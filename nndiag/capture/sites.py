@@ -160,9 +160,12 @@ class SiteRecorder:
         self._peaks: list[tuple[torch.Tensor, int]] = []
         # Roles seen in the data flow (module name -> role), kept across steps: which output
         # fed scaled_dot_product_attention as query, key or value, which one is the model's
-        # output. ``_storages`` maps an output's storage to its module while a pass runs.
+        # output. ``_storages`` maps an output's storage to its module while a pass runs, and
+        # holds the output itself until the pass ends: a freed output's memory can be reused
+        # by a later tensor (``repeat_kv``'s copy of the keys), which must not inherit its
+        # module.
         self.learned_roles: dict[str, str] = {}
-        self._storages: dict[int, str] = {}
+        self._storages: dict[int, tuple[str, torch.Tensor]] = {}
         # The data flow seen on watched passes, kept across steps: module -> the modules that
         # took its output as input (``data_flow`` reads which outputs are normalized).
         self.consumers: dict[str, set[str]] = {}
@@ -236,7 +239,7 @@ class SiteRecorder:
                 self._enter_mode()
         self.stack.append(info.name)
         if self.watch_all and args and isinstance(args[0], torch.Tensor):
-            producer = self._storages.get(storage_id(args[0]))
+            producer = self.producer(args[0])
             if producer is not None and producer != info.name:
                 self.consumers.setdefault(producer, set()).add(info.name)
         if not self.watch_all:
@@ -256,9 +259,9 @@ class SiteRecorder:
             self.inside_activation -= 1
         if info.pass_through and self.watch_all and args and isinstance(args[0], torch.Tensor) \
                 and isinstance(output, torch.Tensor):  # dropout & co. carry their producer
-            producer = self._storages.get(storage_id(args[0]))
+            producer = self.producer(args[0])
             if producer is not None:
-                self._storages[storage_id(output)] = producer
+                self._storages[storage_id(output)] = (producer, output)
         if info.measured and self.active:
             with _no_torch_function():
                 tensor = primary_output(output)
@@ -272,6 +275,7 @@ class SiteRecorder:
         if not self.stack:  # the pass ended (or raised)
             if self.watch_all:
                 self._learn_head(output)
+            self._storages = {}
             self._leave_mode()
         elif not self.watch_all:
             self._watch(self.stack[-1] in self.functional_parents)
@@ -310,9 +314,9 @@ class SiteRecorder:
                 self._peaks.append((unit_peaks(tensor), site.index))
             if not functional and self.watch_all:  # the data flow is learned on watched passes
                 if activation in RELU_FAMILY:  # in place, the output is its producer's
-                    self._storages.setdefault(storage_id(tensor), module_name)
+                    self._storages.setdefault(storage_id(tensor), (module_name, tensor))
                 else:
-                    self._storages[storage_id(tensor)] = module_name
+                    self._storages[storage_id(tensor)] = (module_name, tensor)
             if self.output_grads and tensor.requires_grad:
                 tensor.register_hook(site.add_grad)
 
@@ -320,7 +324,7 @@ class SiteRecorder:
         """The module whose output is the model's output is its head (if it has weights)."""
         with _no_torch_function():
             tensor = primary_output(output)
-            module = self._storages.get(storage_id(tensor)) if tensor is not None else None
+            module = self.producer(tensor) if tensor is not None else None
         if module is not None and module not in self.learned_roles and \
                 self.info_by_name(module).role is None and \
                 self.info_by_name(module).activation is None:
@@ -335,11 +339,16 @@ class SiteRecorder:
         with _no_torch_function():
             for tensor, role in ((query, ROLE_QUERY), (key, ROLE_KEY), (value, ROLE_VALUE)):
                 if isinstance(tensor, torch.Tensor):
-                    module = self._storages.get(storage_id(tensor))
+                    module = self.producer(tensor)
                     if module is not None:
                         found.setdefault(module, []).append(role)
         for module, roles in found.items():
             self.learned_roles[module] = roles[0] if len(roles) == 1 else ROLE_ATTENTION
+
+    def producer(self, tensor: torch.Tensor) -> str | None:
+        """The module whose output ``tensor`` is (or is a view of) in the running pass."""
+        entry = self._storages.get(storage_id(tensor))
+        return entry[0] if entry is not None else None
 
     def data_flow(self) -> DataFlow:
         """Where outputs went, and which reach a normalization before any other weight layer.

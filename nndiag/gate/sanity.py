@@ -84,7 +84,8 @@ def run_sanity(model: nn.Module, pool: list[Any], stepper: Stepper, overfit_step
             break
     record.overfit_losses = losses[::per_update] if per_update > 1 else losses
     record.overfit_batch_size = min(size or 0, OVERFIT_SAMPLES)
-    if cannot_overfit(record) is None and len(losses) >= 2:
+    unlearned = cannot_overfit(record)
+    if (unlearned is None or unlearned.severity == "info") and len(losses) >= 2:
         _labels(model, pool, stepper, seed, record, per_update)
     try:
         batch = unpack_batch(first)

@@ -144,6 +144,15 @@ class LayerRecord:
         return re.sub(r"\d+", "N", self.name[match.end():]) or "(block)"
 
     @property
+    def pooled(self) -> bool:
+        """True for a conv output pooled to a single position, (N, C, 1, 1).
+
+        Such a layer is a gating bottleneck (squeeze-and-excitation) or a head, beside the
+        feature maps' signal path.
+        """
+        return bool(self.shape) and len(self.shape) > 2 and all(d == 1 for d in self.shape[2:])
+
+    @property
     def label(self) -> str:
         """The name with the layer kind, for messages: ``features.3 (Conv2d)``."""
         return f"{self.name} ({self.kind})"

@@ -78,7 +78,7 @@ class StepRecord:
 # What a recorded step writes of each layer.
 STEP_COLUMNS = ("name", "kind", "role", "activation", "functional", "mean", "std", "absmax",
                 "dead_fraction", "saturated_fraction", "preact_std", "weight_norm", "grad_norm",
-                "update_ratio", "init_scale")
+                "update_ratio", "init_scale", "weight_reading")
 _NUMBER_FIELDS = ("mean", "std", "absmax", "dead_fraction", "saturated_fraction", "preact_mean",
                   "preact_std", "grad_out_norm", "weight_norm", "weight_rms", "grad_norm",
                   "grad_to_weight", "init_scale", "depth_gain", "update_ratio")
@@ -95,5 +95,7 @@ def _number(value: Any) -> float | None:
 def _check_numbers(layer: LayerRecord) -> None:
     if not isinstance(layer.name, str):
         raise ValueError(f"layer name must be a string, got {layer.name!r}")
+    if layer.weight_reading is not None and not isinstance(layer.weight_reading, str):
+        raise ValueError(f"weight_reading must be a string, got {layer.weight_reading!r}")
     for name in _NUMBER_FIELDS:
         setattr(layer, name, _number(getattr(layer, name)))

@@ -38,12 +38,14 @@ def activation_drift(probe: ProbeRecord) -> Drift:
     reaches it (a new head after a pretrained body's final LayerNorm is not compared with
     the body's middle layers).
 
-    Layers with all-zero weights (a deliberately zero-initialized head or residual branch)
-    and layers whose output is exactly constant are skipped: their scale says nothing about
-    the signal's propagation.
+    Layers with all-zero weights (a deliberately zero-initialized head or residual branch),
+    layers whose output is exactly constant and convs on pooled features (a
+    squeeze-and-excitation gate beside the feature maps) are skipped: their scale says nothing
+    about the signal's propagation.
     """
     layers = [r for r in probe.layers
-              if r.fan_in is not None and r.weight_rms and r.std and r.std == r.std]
+              if r.fan_in is not None and r.weight_rms and r.std and r.std == r.std
+              and not r.pooled]
     if any(r.role in ATTENTION_ROLES for r in probe.layers):
         # In a transformer, branch outputs legitimately differ from the residual stream by
         # orders of magnitude: drift is judged across repeated blocks only (none: no verdict).

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nndiag.findings import Finding, severity_rank, worst_severity
-from nndiag.records.layers import ROLE_KEY, ROLE_QUERY
+from nndiag.records.layers import READING_PLAIN, ROLE_KEY, ROLE_QUERY
 from nndiag.rules.thresholds import RUN_THRESHOLDS, THRESHOLDS, Threshold
 from nndiag.runlog import RunLog
 
@@ -182,12 +182,17 @@ def _weight_series(log: RunLog, stat: str) -> dict[str, list[tuple[int, float]]]
 
 
 def _grad_to_weight(log: RunLog) -> list[tuple[int, dict[str, float]]]:
-    """Per sampled step, the gradient-to-weight ratio of each Linear/conv layer."""
+    """Per sampled step, the gradient-to-weight ratio of each plain Linear/conv layer.
+
+    Weights a normalization follows, zero-initialized ones and re-parametrized ones are left
+    out: their ratio to their own norm says nothing about the step (``LayerRecord``).
+    """
     rows = []
     for sample in log.samples:
         ratios = {layer.name: layer.grad_to_weight for layer in sample.layers
                   if layer.kind in LINEAR_OR_CONV and layer.weight_norm
                   and layer.role not in (ROLE_QUERY, ROLE_KEY)
+                  and layer.weight_reading in (READING_PLAIN, None)
                   and layer.grad_to_weight is not None and math.isfinite(layer.grad_to_weight)}
         if any(layer.grad_norm is not None for layer in sample.layers):
             rows.append((sample.step, ratios))
