@@ -193,13 +193,26 @@ _INIT_KINDS = frozenset({"Linear", "Bilinear", "LazyLinear", "NonDynamicallyQuan
 TRANSPOSED_KINDS = frozenset({"Conv1D"})
 
 
+def weight_of(module: nn.Module) -> Any:
+    """A module's ``weight`` attribute, without computing a re-parametrized one.
+
+    Reading a spectral-normalized weight in training mode runs a power iteration that updates
+    the module's buffers; for a re-parametrized weight this returns the stored parameter of
+    the weight's shape (weight norm's direction, spectral norm's original) instead.
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        originals = list(module.parametrizations.weight.parameters(recurse=False))
+        return max(originals, key=lambda p: p.dim()) if originals else None
+    return getattr(module, "weight", None)
+
+
 def has_init_expectation(module: nn.Module) -> bool:
     """True for layers whose weight scale has a He/Xavier expectation (Linear- and conv-like).
 
     Embeddings, normalization layers, recurrent cells and attention keep their own
     conventions, so their scale is reported but not judged against He/Xavier.
     """
-    weight = getattr(module, "weight", None)
+    weight = weight_of(module)
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         return False
     return layer_kind(module) in _INIT_KINDS or isinstance(

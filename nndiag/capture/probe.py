@@ -24,6 +24,7 @@ from nndiag.capture.layers import (
     is_parametrization,
     is_weight_name,
     layer_kind,
+    weight_of,
 )
 from nndiag.capture.sites import ROOT_NAME, SiteRecorder
 from nndiag.capture.state import preserved_state
@@ -119,7 +120,7 @@ def owners(model: nn.Module) -> list[Owner]:
 def owner_fans(owner: Owner) -> tuple[int | None, int | None]:
     """Fans of a Linear/conv-like owner's weight, else ``(None, None)``."""
     if has_init_expectation(owner.module):
-        fan_in, fan_out = fans(owner.module.weight)
+        fan_in, fan_out = fans(weight_of(owner.module))
         if layer_kind(owner.module) in TRANSPOSED_KINDS:
             return fan_out, fan_in
         return fan_in, fan_out
@@ -218,10 +219,12 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
             if output is not None:
                 output_stds.append(output.detach().float().std(correction=0))
             losses.append(loss.detach().float())
+        # Inside the preserved state: computing a spectral-normalized weight in training mode
+        # runs a power iteration that updates its buffers.
+        with torch.no_grad():
+            scales = [o.scale_tensors() for o in held]
 
     weights = [o.weights() for o in held]
-    with torch.no_grad():
-        scales = [o.scale_tensors() for o in held]
     flat_weights = [w for ws in scales for w in ws]
     weight_norms = torch.stack(torch._foreach_norm([w.float() for w in flat_weights]))
 

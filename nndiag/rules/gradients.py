@@ -28,6 +28,7 @@ from nndiag.records.layers import (
     READING_GAIN,
     READING_NORMALIZED,
     READING_PLAIN,
+    READING_ZERO,
     ROLE_EMBEDDING,
     ROLE_HEAD,
     ROLE_KEY,
@@ -128,10 +129,14 @@ def gradient_profile(probe: ProbeRecord) -> GradientProfile:
     """Gains and ratios of trainable weight layers.
 
     When a ReLU layer is fully dead, gradients that are exactly zero are blocked by it rather
-    than vanishing; they are left to the ``dead_relu`` rule.
+    than vanishing; they are left to the ``dead_relu`` rule. So are those blocked by
+    zero-initialized weights, on purpose.
     """
     blocked = any(r.dead_fraction is not None and r.dead_fraction >= FULLY_DEAD
                   for r in probe.layers)
+    # A zero-initialized gain (a residual branch's last BatchNorm, LoRA's B) passes no
+    # gradient to the layers before it by design: their exact zeros are set aside too.
+    blocked = blocked or any(r.weight_reading == READING_ZERO for r in probe.layers)
     layers = [r for r in probe.weight_layers() if r.role not in JUDGED_APART]
     set_aside = Counter(f"output_{r.output_reading}" for r in layers if r.output_reading)
     set_aside.update(f"weights_{r.weight_reading}" for r in layers
@@ -232,7 +237,7 @@ def vanishing_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
         weakest[0] is profile.trend.first else None
     if depth is not None and trend is not None:
         layers = [r.name for r, _ in profile.gains if r.block == trend.first_block
-                  and (r.role or "hidden") == trend.role]
+                  and _trend_key(r) == trend.role]
     elif depth is not None:
         layers = [r.name for r, gain in profile.relative_gains if depth_rule.severity(gain)]
     else:
