@@ -13,11 +13,13 @@ from its saved state dict, and (one per family) through the CI gate:
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from docs.zoo_table import ids as table_cell
 from nndiag import check_training, inspect_checkpoint, inspect_model
 from tests.fixtures.arch_zoo import ZooEntry, entry, zoo
 
@@ -30,6 +32,17 @@ FAMILIES = sorted({e.family for e in ZOO})
 TRANSFORMER_FAMILIES = {"vision-transformer", "audio", "encoder", "decoder", "encoder-decoder",
                         "moe", "state-space"}
 NOT_FOR_TRANSFORMERS = {"batch_norm", "he_init", "non_saturating_activation"}
+
+
+def _documented() -> dict[str, list[str]]:
+    """The rows of the documentation's zoo table, by architecture."""
+    text = (Path(__file__).parent.parent / "docs" / "architecture-zoo.md").read_text()
+    rows = [line.strip("|").split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| architecture")]
+    return {row[0].strip(): [cell.strip() for cell in row] for row in rows}
+
+
+DOCUMENTED = _documented()
 
 
 def _ids(report) -> dict[str, str]:
@@ -52,8 +65,10 @@ def _data_free(model: torch.nn.Module, tmp_path):
     return inspect_checkpoint(path)
 
 
-def test_the_zoo_spans_the_field():
+def test_the_zoo_spans_the_field_and_the_documentation_lists_it():
     assert len(ZOO) >= 45
+    assert set(DOCUMENTED) == {e.name for e in ZOO}
+    assert all(DOCUMENTED[e.name][1] == e.family for e in ZOO)
     assert {"vision-cnn", "vision-transformer", "audio", "encoder", "decoder",
             "encoder-decoder", "moe", "state-space", "hand-written"} <= set(FAMILIES)
     assert len({e.name for e in ZOO}) == len(ZOO)
@@ -63,6 +78,7 @@ def test_the_zoo_spans_the_field():
 def test_default_init_is_quiet_live_and_data_free(zoo_entry, tmp_path):
     model = zoo_entry.build()
     live, data_free = _live(zoo_entry, model), _data_free(model, tmp_path)
+    assert DOCUMENTED[zoo_entry.name][2] == table_cell(live)
     if zoo_entry.default_finding is None:
         assert live.status == "ok", _findings(live)
         assert data_free.status == "ok", _findings(data_free)
@@ -76,6 +92,8 @@ def test_sabotage_is_caught_live_and_data_free_alike(zoo_entry, tmp_path):
     model = zoo_entry.build()
     zoo_entry.sabotage(model)
     live, data_free = _live(zoo_entry, model), _data_free(model, tmp_path)
+    assert DOCUMENTED[zoo_entry.name][3:] == [zoo_entry.sabotage_name, table_cell(live),
+                                              table_cell(data_free)]
     assert live.status != "ok", _findings(live)
     assert data_free.status != "ok", _findings(data_free)
     # The same weights, read with data or without: the data-free finding is among the live
