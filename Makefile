@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check nndiag tests benchmarks sample_runs
+	$(BIN)/ruff check nndiag tests benchmarks sample_runs docs
 
 # tests/test_html_report.py opens the HTML report in headless Chromium from the system packages
 # (installed once; skipped when /usr/bin/chromium exists).

@@ -426,3 +426,26 @@ def test_a_weak_leak_between_samples_is_batch_mixing_and_float_noise_is_not():
     # A batch statistic over 4096 samples mixes them at about 1/4096 = 2.4e-4 each.
     assert batch_mixing(SanityRecord(1.0, mixing_ratio=2.4e-4, mixing_method="gradient"))
     assert batch_mixing(SanityRecord(1.0, mixing_ratio=1e-6, mixing_method="gradient")) is None
+
+
+def test_a_layer_layerdrop_skipped_in_the_probe_is_not_unused():
+    class LayerDrop(nn.Module):
+        """Skips its second layer in training mode (LayerDrop at its most unlucky draw)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for index, layer in enumerate(self.layers):
+                if self.training and index == 1:
+                    continue
+                x = torch.relu(layer(x))
+            return self.head(x)
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    report = _inspect(LayerDrop(), (x, _labels()))
+    assert "unused_parameters" not in _ids(report), [f.summary for f in report.findings]
+    assert report.status == "ok"

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.utils import parametrize
 
 from nndiag.capture.layers import (
@@ -146,6 +147,29 @@ def _forward(model: nn.Module, recorder: SiteRecorder, inputs: Any) -> Any:
         raise model_call_error(exc, inputs, culprit, module) from exc
 
 
+def _skipped_in_training(model: nn.Module, batch: Batch, device: torch.device,
+                         candidates: list[Owner]) -> set[str]:
+    """Which of the modules that never ran in training mode run in an eval-mode pass.
+
+    LayerDrop and stochastic depth skip whole layers at random in training mode: a layer
+    skipped in the probe is not unused. One forward pass in eval mode, without gradients, with
+    the model's state restored afterwards; only when some module never ran.
+    """
+    if not candidates:
+        return set()
+    ran: set[int] = set()
+    handle = register_module_forward_pre_hook(lambda module, args: ran.add(id(module)))
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            call_model(model, move_to(batch.inputs, device))
+    except Exception:  # noqa: BLE001 - a model that cannot run in eval mode: nothing learned
+        return set()
+    finally:
+        handle.remove()
+    return {o.name for o in candidates if id(o.module) in ran}
+
+
 def run_probe(model: nn.Module, batches: Sequence[Batch],
               config: ProbeConfig | None = None) -> ProbeRecord:
     """Measure a model on a few batches; the model is left exactly as found.
@@ -274,6 +298,10 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
             fan_in=fan_in, fan_out=fan_out, vector_only=owner.vector_only(),
             reparametrized=owner.reparametrized))
     not_run = attach_parameters(layers, groups, ROOT_NAME, recorder.data_flow())
+    unused = [(o, pname) for (o, pname, _), was_used in zip(trainable, used, strict=True)
+              if not was_used]
+    skipped = _skipped_in_training(model, batches[0], device,
+                                   [o for o, _ in unused if o.name in not_run])
 
     float_inputs = [t for b in batches for t in iter_tensors(b.inputs) if t.is_floating_point()]
     first_input = next(iter(iter_tensors(batches[0].inputs)), None)
@@ -296,9 +324,9 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
         else None,
         trainable_parameters=sum(p.numel() for p in all_params if p.requires_grad),
         frozen_parameters=sum(p.numel() for p in all_params if not p.requires_grad),
-        unused_parameters=[_qualified(o.name, pname)
-                           for (o, pname, _), was_used in zip(trainable, used, strict=True)
-                           if not was_used],
-        not_run=not_run,
+        unused_parameters=[_qualified(o.name, pname) for o, pname in unused
+                           if o.name not in skipped],
+        not_run=[name for name in not_run if name not in skipped],
+        skipped_in_training=sorted(skipped),
         model_class=type(model).__name__,
     )

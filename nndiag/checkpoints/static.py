@@ -147,7 +147,8 @@ def measure_checkpoint(checkpoint: Checkpoint,
         grouped[module][param] = stats
         if param in ("weight", "running_var", "running_mean", "num_batches_tracked") and \
                 tensor.dim() <= 1:
-            batch_norm_vectors.setdefault(module, {})[param] = tensor.detach().float().clone()
+            batch_norm_vectors.setdefault(module, {})[param] = tensor.detach().to(
+                "cpu", torch.float32, copy=True)
         if roles.is_sliceable_fused(module, param):
             thirds = fused_thirds(entry.name, tensor)
             if thirds is not None:

@@ -192,6 +192,8 @@ class ProbeRecord:
         frozen_parameters: Number of frozen parameter elements.
         unused_parameters: Trainable parameters that received no gradient in any batch.
         not_run: Modules with parameters that never ran during the probe.
+        skipped_in_training: Modules that never ran in training mode but run in eval mode
+            (LayerDrop, stochastic depth): not unused.
         model_class: The model's class name.
         pretrained: The weights were loaded (a checkpoint, ``from_pretrained``): no advice
             re-initializes them.
@@ -212,6 +214,7 @@ class ProbeRecord:
     frozen_parameters: int = 0
     unused_parameters: list[str] = field(default_factory=list)
     not_run: list[str] = field(default_factory=list)
+    skipped_in_training: list[str] = field(default_factory=list)
     model_class: str = ""
     pretrained: bool = False
 
