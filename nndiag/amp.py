@@ -17,10 +17,10 @@ import json
 import warnings
 from pathlib import Path
 
-from nndiag.findings import Finding
+from nndiag.findings import Finding, FindingId
 
 AMP_FILE = "amp.jsonl"
-FINDING_ID = "amp_skipped_steps"
+FINDING_ID = FindingId.AMP_SKIPPED_STEPS
 # Above this share of skipped steps the finding is a warning: most updates are lost.
 WARN_SHARE = 0.25
 

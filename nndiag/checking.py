@@ -11,33 +11,32 @@ from nndiag.amp import read_skipped, skipped_steps_finding
 from nndiag.errors import UsageError
 from nndiag.files import write_atomic
 from nndiag.findings import Finding, Report, severity_rank
-from nndiag.rules.run import run_rules
+from nndiag.findings import FindingId as F
+from nndiag.rules.registry import diagnose, finding_ids
 from nndiag.rules.thresholds import Threshold
 from nndiag.runlog import RunLog, read_run
 
 SCHEMA = "nndiag.check/1"
 # Every finding a run check can report: each becomes one JUnit test case.
-RUN_FINDINGS = ("nan_inf", "loss_diverging", "loss_not_decreasing", "loss_oscillating",
-                "vanishing_gradients", "exploding_gradients", "dead_relu",
-                "update_ratio_high", "update_ratio_low", "zero_grad_missing")
+RUN_FINDINGS = finding_ids(RunLog)
 # What a bug in the training code makes the loss and the gradients look like: when the root
 # cause is found, these symptoms are tagged with it (``evidence["explained_by"]``), and their
 # learning-rate advice gives way to it.
 # (A step that cannot train makes the labels check fail too: training on the data's pairing
 # then beats shuffled targets no more than a broken step allows.)
 EXPLAINS: dict[str, tuple[str, ...]] = {
-    "zero_grad_missing": ("loss_diverging", "loss_oscillating", "loss_not_decreasing",
-                          "exploding_gradients", "update_ratio_high", "dead_relu",
-                          "cannot_overfit_batch", "labels_misaligned"),
-    "softmax_before_loss": ("cannot_overfit_batch", "loss_not_decreasing", "update_ratio_low",
-                            "labels_misaligned"),
-    "train_mode_off": ("cannot_overfit_batch", "loss_not_decreasing", "labels_misaligned"),
-    "loss_reduction_sum": ("loss_diverging", "loss_oscillating", "exploding_gradients",
-                           "update_ratio_high", "dead_relu"),
-    "labels_misaligned": ("loss_not_decreasing",),
-    "parameters_not_updated": ("loss_not_decreasing", "update_ratio_low",
-                               "cannot_overfit_batch", "labels_misaligned"),
-    "batch_mixing": ("cannot_overfit_batch", "loss_not_decreasing", "labels_misaligned"),
+    F.ZERO_GRAD_MISSING: (F.LOSS_DIVERGING, F.LOSS_OSCILLATING, F.LOSS_NOT_DECREASING,
+                          F.EXPLODING_GRADIENTS, F.UPDATE_RATIO_HIGH, F.DEAD_RELU,
+                          F.CANNOT_OVERFIT_BATCH, F.LABELS_MISALIGNED),
+    F.SOFTMAX_BEFORE_LOSS: (F.CANNOT_OVERFIT_BATCH, F.LOSS_NOT_DECREASING, F.UPDATE_RATIO_LOW,
+                            F.LABELS_MISALIGNED),
+    F.TRAIN_MODE_OFF: (F.CANNOT_OVERFIT_BATCH, F.LOSS_NOT_DECREASING, F.LABELS_MISALIGNED),
+    F.LOSS_REDUCTION_SUM: (F.LOSS_DIVERGING, F.LOSS_OSCILLATING, F.EXPLODING_GRADIENTS,
+                           F.UPDATE_RATIO_HIGH, F.DEAD_RELU),
+    F.LABELS_MISALIGNED: (F.LOSS_NOT_DECREASING,),
+    F.PARAMETERS_NOT_UPDATED: (F.LOSS_NOT_DECREASING, F.UPDATE_RATIO_LOW,
+                               F.CANNOT_OVERFIT_BATCH, F.LABELS_MISALIGNED),
+    F.BATCH_MIXING: (F.CANNOT_OVERFIT_BATCH, F.LOSS_NOT_DECREASING, F.LABELS_MISALIGNED),
 }
 _LR_FIXES = ("raise_learning_rate", "lower_learning_rate", "lr_warmup")
 
@@ -76,7 +75,7 @@ def judge_run(log: RunLog, skipped: Sequence[dict[str, float] | int] = (),
     """
     rows = [row if isinstance(row, dict) else {"step": row, "scale": float("nan")}
             for row in skipped]
-    findings = [advise_run(f, log) for f in run_rules(log, thresholds)]
+    findings = [advise_run(f, log) for f in diagnose(log, thresholds)]
     amp = skipped_steps_finding(rows, len(log.losses))
     if amp is not None:
         findings.append(amp)

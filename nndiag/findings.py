@@ -3,9 +3,57 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any, ClassVar
 
 SEVERITIES = ("info", "warning", "error")
+
+
+class FindingId(str, Enum):
+    """Every finding nndiag reports, by its stable id (other tools parse these).
+
+    A ``FindingId`` is a ``str``: it compares equal to its id, and JSON writes the id. Code
+    names a finding through this enum only; new ids may be added, existing ones keep their
+    meaning.
+    """
+
+    VANISHING_GRADIENTS = "vanishing_gradients"
+    EXPLODING_GRADIENTS = "exploding_gradients"
+    DEAD_RELU = "dead_relu"
+    SATURATED_ACTIVATIONS = "saturated_activations"
+    POOR_INITIALIZATION = "poor_initialization"
+    NAN_INF = "nan_inf"
+    UNUSED_PARAMETERS = "unused_parameters"
+    UPDATE_RATIO_HIGH = "update_ratio_high"
+    UPDATE_RATIO_LOW = "update_ratio_low"
+    LOSS_NOT_DECREASING = "loss_not_decreasing"
+    LOSS_DIVERGING = "loss_diverging"
+    LOSS_OSCILLATING = "loss_oscillating"
+    LOSS_AT_INIT_UNEXPECTED = "loss_at_init_unexpected"
+    CANNOT_OVERFIT_BATCH = "cannot_overfit_batch"
+    BATCH_MIXING = "batch_mixing"
+    DEAD_CHANNELS = "dead_channels"
+    CHECKPOINT_MISMATCH = "checkpoint_mismatch"
+    PARAMETERS_NOT_UPDATED = "parameters_not_updated"
+    LR_CURVE_FLAT = "lr_curve_flat"
+    LR_CURVE_NOISY = "lr_curve_noisy"
+    LR_RANGE_TOO_NARROW = "lr_range_too_narrow"
+    LR_CURVE_TOO_SHORT = "lr_curve_too_short"
+    ZERO_GRAD_MISSING = "zero_grad_missing"
+    SOFTMAX_BEFORE_LOSS = "softmax_before_loss"
+    TRAIN_MODE_OFF = "train_mode_off"
+    LOSS_REDUCTION_SUM = "loss_reduction_sum"
+    LABELS_MISALIGNED = "labels_misaligned"
+    POST_LN_DEEP_STACK = "post_ln_deep_stack"
+    AMP_SKIPPED_STEPS = "amp_skipped_steps"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    __format__ = str.__format__
 
 
 def severity_rank(severity: str) -> int:
@@ -34,7 +82,7 @@ class Fix:
     """A recommended change.
 
     Attributes:
-        id: A fix id from DESIGN.md (``he_init``, ``batch_norm``...).
+        id: A fix id of the catalogue (``nndiag.advice.catalog``: ``he_init``...).
         summary: One line saying what to change.
         code: The concrete torch call(s), ready to paste.
         automatic: True when ``--try-fixes`` can apply it to a copy and re-measure.
@@ -54,7 +102,7 @@ class Finding:
     """One diagnosed problem.
 
     Attributes:
-        id: A finding id from DESIGN.md (``vanishing_gradients``...).
+        id: A finding id (``FindingId``: ``vanishing_gradients``...).
         severity: ``info``, ``warning`` or ``error``.
         layers: Names of the layers involved, in forward order.
         summary: One line.
@@ -121,7 +169,7 @@ class Report:
         return next((f for f in self.findings if f.id == finding_id), None)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON contract of DESIGN.md as plain data: schema, status, then ``json_fields``."""
+        """The JSON contract as plain data: schema, status, then ``json_fields``."""
         data = asdict(self)
         return {"schema": self.schema, "status": self.status,
                 **{name: data[name] for name in self.json_fields}}

@@ -26,10 +26,10 @@ from nndiag.checkpoints import (
     model_checkpoint,
 )
 from nndiag.errors import UsageError, check_seed
-from nndiag.findings import Finding, Report, severity_rank
+from nndiag.findings import Finding, FindingId, Report, severity_rank
 from nndiag.losses import Loss, as_loss
 from nndiag.records import CheckpointRecord, ProbeRecord
-from nndiag.rules import run_checkpoint_rules, run_probe_rules
+from nndiag.rules import diagnose
 from nndiag.rules.checkpoint import live_weight_findings
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
 from nndiag.specs import Batch, iter_batches, require_usable_model
@@ -208,7 +208,7 @@ def inspect_model(
     config = ProbeConfig(loss=as_loss(loss), seed=seed)
     probe = run_probe(model, probe_batches, config)
     probe.pretrained = looks_pretrained(model) if pretrained is None else pretrained
-    findings = [advise(f, probe) for f in run_probe_rules(probe, thresholds)]
+    findings = [advise(f, probe) for f in diagnose(probe, thresholds)]
     weights = measure_checkpoint(model_checkpoint(model))
     for finding in live_weight_findings(weights, thresholds):
         findings = merge_finding(findings, advise_checkpoint(finding, weights))
@@ -241,6 +241,9 @@ def build_report(probe: ProbeRecord, findings: list[Finding]) -> Report:
     notes = []
     if probe.not_run:
         notes.append("not measured (never ran during the probe): " + ", ".join(probe.not_run))
+    if probe.skipped_in_training:
+        notes.append("skipped in training mode during the probe, run in eval mode (LayerDrop, "
+                     "stochastic depth), not measured: " + ", ".join(probe.skipped_in_training))
     if not probe.activation_layers():
         notes.append("no activation was seen: activations written as plain tensor arithmetic "
                      "(x.clamp(min=0), x * (x > 0)) are not measured")
@@ -328,7 +331,7 @@ def inspect_checkpoint(
                              "analysis)")
         record = measure_checkpoint(checkpoint, progress)
         findings = [advise_checkpoint(f, record)
-                    for f in run_checkpoint_rules(record, thresholds)]
+                    for f in diagnose(record, thresholds)]
         return build_checkpoint_report(record, findings)
     if not live:
         raise UsageError("with --model, give --data or --input-shape to inspect the loaded "
@@ -360,7 +363,7 @@ def _with_checkpoint_summary(report: Report, checkpoint: Checkpoint,
             f"{loaded.prefix_added!r} added")
     if loaded.missing or loaded.unexpected:
         report.findings.append(Finding(
-            "checkpoint_mismatch", "warning", loaded.missing[:50],
+            FindingId.CHECKPOINT_MISMATCH, "warning", loaded.missing[:50],
             f"{len(loaded.missing)} model key(s) missing from the checkpoint, "
             f"{len(loaded.unexpected)} unexpected key(s) in it",
             explanation=("Loaded non-strictly: the missing tensors keep the model's own "

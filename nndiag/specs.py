@@ -277,7 +277,7 @@ def check_finite_batch(batch: Batch, option: str = "--data", *, allow_inf: bool 
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call the model as DESIGN.md prescribes: tuple as ``*args``, dict as ``**kwargs``.
+    """Call the model on a batch's inputs: a tuple as ``*args``, a dict as ``**kwargs``.
 
     Raises:
         UserExit: The model called ``sys.exit()``.

@@ -53,7 +53,7 @@ from torch import nn
 from nndiag.advice import advise_run, advise_sanity
 from nndiag.checking import RUN_FINDINGS, build_run_report, explain_symptoms
 from nndiag.errors import UsageError, UserCodeError
-from nndiag.findings import Report
+from nndiag.findings import FindingId, Report
 from nndiag.gate.batches import iter_tensors_with_batch, raw_batches, take_samples
 from nndiag.gate.sanity import LABEL_STEPS, OVERFIT_SAMPLES, TRACE_CALLS, run_sanity
 from nndiag.gate.steps import (
@@ -71,8 +71,8 @@ from nndiag.inspection import inspect_model
 from nndiag.losses import Loss, as_loss
 from nndiag.lrfind import cycle_batches
 from nndiag.monitor import Monitor
-from nndiag.rules.pretraining import SANITY_RULES
-from nndiag.rules.run import run_rules
+from nndiag.rules.pretraining import SanityRecord
+from nndiag.rules.registry import diagnose, finding_ids
 from nndiag.runlog import read_run
 from nndiag.specs import unpack_batch
 
@@ -82,10 +82,9 @@ __all__ = [
     "load_train_step", "take_samples",
 ]
 
-SANITY_FINDINGS = ("zero_grad_missing", "softmax_before_loss", "train_mode_off",
-                   "loss_reduction_sum", "loss_at_init_unexpected", "parameters_not_updated",
-                   "cannot_overfit_batch", "labels_misaligned", "batch_mixing")
-INIT_FINDINGS = ("unused_parameters", "poor_initialization", "saturated_activations")
+SANITY_FINDINGS = finding_ids(SanityRecord)
+INIT_FINDINGS = (FindingId.UNUSED_PARAMETERS, FindingId.POOR_INITIALIZATION,
+                 FindingId.SATURATED_ACTIVATIONS)
 DEFAULT_LR = {"sgd": 1e-2, "rmsprop": 1e-3, "adam": 1e-3, "adamw": 1e-3}
 
 
@@ -162,13 +161,12 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
     with _seeded(seed, model):
         init = _inspect_at_init(model, pool[0], loss_spec, seed, stepper, notes)
         record = run_sanity(model, pool, stepper, overfit_steps, init, seed, notes)
-        findings = [advise_sanity(f, record) for rule in SANITY_RULES
-                    if (f := rule(record)) is not None]
+        findings = [advise_sanity(f, record) for f in diagnose(record)]
         with tempfile.TemporaryDirectory() as temp:
             run_dir = Path(log_dir) if log_dir is not None else Path(temp) / "run"
             _train(copy.deepcopy(model), data, stepper, steps, run_dir)
             log = read_run(run_dir)
-            run_findings = [advise_run(f, log) for f in run_rules(log)]
+            run_findings = [advise_run(f, log) for f in diagnose(log)]
             report = build_run_report(log, [])
             if log_dir is None:
                 report.summary["run"] = None

@@ -28,7 +28,7 @@ from nndiag.advice.common import (
     probe_kinds,
     xavier_init_fix,
 )
-from nndiag.findings import Finding, Fix
+from nndiag.findings import Finding, FindingId, Fix
 from nndiag.records import ProbeRecord
 
 
@@ -144,7 +144,7 @@ def saturated_activations(finding: Finding, probe: ProbeRecord) -> tuple[str, li
 
 
 ADVISORS: dict[tuple[str, str], Advisor] = {
-    (PROBE, "poor_initialization"): poor_initialization,
-    (PROBE, "dead_relu"): dead_relu,
-    (PROBE, "saturated_activations"): saturated_activations,
+    (PROBE, FindingId.POOR_INITIALIZATION): poor_initialization,
+    (PROBE, FindingId.DEAD_RELU): dead_relu,
+    (PROBE, FindingId.SATURATED_ACTIVATIONS): saturated_activations,
 }

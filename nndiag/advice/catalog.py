@@ -1,4 +1,4 @@
-"""The fix catalogue as data: each fix id of DESIGN.md with its summary, code and automation.
+"""The fix catalogue as data: each fix id with its summary, code and automation.
 
 Summaries and code are ``str.format`` templates: a ``{name}`` placeholder is filled with a
 value that depends on the model (its layer types, an activation, the measured input scale),

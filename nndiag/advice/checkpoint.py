@@ -14,7 +14,7 @@ from typing import Any
 
 from nndiag.advice.catalog import CATALOG, make_fix
 from nndiag.advice.common import CHECKPOINT, Advisor, fmt, he_init_fix, norm_fix
-from nndiag.findings import Finding, Fix
+from nndiag.findings import Finding, FindingId, Fix
 from nndiag.records import CheckpointRecord
 from nndiag.records.checkpoint import FAMILY_LABELS, HF_INIT_STD, NORMAL_INIT_FAMILIES
 
@@ -351,7 +351,7 @@ def architecture_summary(record: CheckpointRecord) -> dict[str, Any] | None:
 
 
 ADVISORS: dict[tuple[str, str], Advisor] = {
-    (CHECKPOINT, "poor_initialization"): poor_initialization,
-    (CHECKPOINT, "nan_inf"): nan_inf,
-    (CHECKPOINT, "dead_channels"): dead_channels,
+    (CHECKPOINT, FindingId.POOR_INITIALIZATION): poor_initialization,
+    (CHECKPOINT, FindingId.NAN_INF): nan_inf,
+    (CHECKPOINT, FindingId.DEAD_CHANNELS): dead_channels,
 }

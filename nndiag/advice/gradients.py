@@ -21,7 +21,7 @@ from nndiag.advice.common import (
     probe_kinds,
     recurrent_fixes,
 )
-from nndiag.findings import Finding, Fix
+from nndiag.findings import Finding, FindingId, Fix
 from nndiag.records import ProbeRecord
 
 
@@ -146,7 +146,7 @@ def post_ln_deep_stack(finding: Finding, probe: ProbeRecord) -> tuple[str, list[
 
 
 ADVISORS: dict[tuple[str, str], Advisor] = {
-    (PROBE, "vanishing_gradients"): vanishing,
-    (PROBE, "exploding_gradients"): exploding,
-    (PROBE, "post_ln_deep_stack"): post_ln_deep_stack,
+    (PROBE, FindingId.VANISHING_GRADIENTS): vanishing,
+    (PROBE, FindingId.EXPLODING_GRADIENTS): exploding,
+    (PROBE, FindingId.POST_LN_DEEP_STACK): post_ln_deep_stack,
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from nndiag.advice.catalog import make_fix
 from nndiag.advice.common import RUN, Advisor, bias_fix, he_init_fix, norm_fix
-from nndiag.findings import Finding, Fix
+from nndiag.findings import Finding, FindingId, Fix
 from nndiag.runlog import RunLog
 
 
@@ -128,14 +128,14 @@ def zero_grad_missing(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
 
 
 ADVISORS: dict[tuple[str, str], Advisor] = {
-    (RUN, "nan_inf"): nan_inf,
-    (RUN, "loss_diverging"): loss_diverging,
-    (RUN, "loss_not_decreasing"): loss_not_decreasing,
-    (RUN, "loss_oscillating"): loss_oscillating,
-    (RUN, "vanishing_gradients"): vanishing_gradients,
-    (RUN, "exploding_gradients"): exploding_gradients,
-    (RUN, "dead_relu"): dead_relu,
-    (RUN, "update_ratio_high"): update_ratio_high,
-    (RUN, "update_ratio_low"): update_ratio_low,
-    (RUN, "zero_grad_missing"): zero_grad_missing,
+    (RUN, FindingId.NAN_INF): nan_inf,
+    (RUN, FindingId.LOSS_DIVERGING): loss_diverging,
+    (RUN, FindingId.LOSS_NOT_DECREASING): loss_not_decreasing,
+    (RUN, FindingId.LOSS_OSCILLATING): loss_oscillating,
+    (RUN, FindingId.VANISHING_GRADIENTS): vanishing_gradients,
+    (RUN, FindingId.EXPLODING_GRADIENTS): exploding_gradients,
+    (RUN, FindingId.DEAD_RELU): dead_relu,
+    (RUN, FindingId.UPDATE_RATIO_HIGH): update_ratio_high,
+    (RUN, FindingId.UPDATE_RATIO_LOW): update_ratio_low,
+    (RUN, FindingId.ZERO_GRAD_MISSING): zero_grad_missing,
 }

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from nndiag.advice.catalog import make_fix
 from nndiag.advice.common import PROBE, SANITY, Advisor, fmt, inputs_off_scale, normalize_inputs_fix
-from nndiag.findings import Finding, Fix
+from nndiag.findings import Finding, FindingId, Fix
 from nndiag.records import ProbeRecord
 
 if TYPE_CHECKING:
@@ -251,15 +251,15 @@ def labels_misaligned(finding: Finding, record: SanityRecord) -> tuple[str, list
 
 
 ADVISORS: dict[tuple[str, str], Advisor] = {
-    (PROBE, "nan_inf"): nan_inf,
-    (PROBE, "unused_parameters"): unused_parameters,
-    (SANITY, "loss_at_init_unexpected"): loss_at_init_unexpected,
-    (SANITY, "parameters_not_updated"): parameters_not_updated,
-    (SANITY, "cannot_overfit_batch"): cannot_overfit_batch,
-    (SANITY, "batch_mixing"): batch_mixing,
-    (SANITY, "zero_grad_missing"): zero_grad_missing,
-    (SANITY, "softmax_before_loss"): softmax_before_loss,
-    (SANITY, "train_mode_off"): train_mode_off,
-    (SANITY, "loss_reduction_sum"): loss_reduction_sum,
-    (SANITY, "labels_misaligned"): labels_misaligned,
+    (PROBE, FindingId.NAN_INF): nan_inf,
+    (PROBE, FindingId.UNUSED_PARAMETERS): unused_parameters,
+    (SANITY, FindingId.LOSS_AT_INIT_UNEXPECTED): loss_at_init_unexpected,
+    (SANITY, FindingId.PARAMETERS_NOT_UPDATED): parameters_not_updated,
+    (SANITY, FindingId.CANNOT_OVERFIT_BATCH): cannot_overfit_batch,
+    (SANITY, FindingId.BATCH_MIXING): batch_mixing,
+    (SANITY, FindingId.ZERO_GRAD_MISSING): zero_grad_missing,
+    (SANITY, FindingId.SOFTMAX_BEFORE_LOSS): softmax_before_loss,
+    (SANITY, FindingId.TRAIN_MODE_OFF): train_mode_off,
+    (SANITY, FindingId.LOSS_REDUCTION_SUM): loss_reduction_sum,
+    (SANITY, FindingId.LABELS_MISALIGNED): labels_misaligned,
 }

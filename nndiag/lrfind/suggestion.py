@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from nndiag.findings import Finding
+from nndiag.findings import Finding, FindingId
 
 MEDIAN_WINDOW_DECADES = 0.4
 SPIKE_SIGMAS = 5.0
@@ -319,9 +319,10 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
         return Suggestion(None, None, None, smoothed_full.tolist(),
                           f"only {cut} finite loss values before the curve ended: too few to "
                           "read a learning rate from",
-                          [_finding("lr_curve_too_short", "too few finite points to suggest a "
-                                    "learning rate", "Run more --steps, or lower --start-lr "
-                                    "if the loss diverges at once.", "error", points=cut)],
+                          [_finding(FindingId.LR_CURVE_TOO_SHORT,
+                                    "too few finite points to suggest a learning rate",
+                                    "Run more --steps, or lower --start-lr if the loss "
+                                    "diverges at once.", "error", points=cut)],
                           shape="too_short")
     log_lrs, raw = np.log10(lr_arr[:cut]), loss_arr[:cut]
     smoothed = smooth_curve(log_lrs, raw)
@@ -341,7 +342,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
         rise = np.nonzero(smoothed > start + max(FLAT_NOISE_RATIO * curve_noise,
                                                  FLAT_RELATIVE_DROP * scale))[0]
         findings.append(_finding(
-            "lr_curve_flat", "the loss barely falls over the whole range",
+            FindingId.LR_CURVE_FLAT, "the loss barely falls over the whole range",
             "A flat curve (a pretrained model, a task already learned, or too few steps) holds "
             "no valley to read a learning rate from. The suggestion sits below where the loss "
             "starts to rise: a safe upper bound rather than an optimum.",
@@ -368,7 +369,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
 
     if noise > NOISY_FRACTION * drop:
         findings.append(_finding(
-            "lr_curve_noisy", "the loss is noisy against its fall",
+            FindingId.LR_CURVE_NOISY, "the loss is noisy against its fall",
             f"The raw loss scatters by {noise:.3g} around the smoothed curve against a fall of "
             f"{drop:.3g}: use a larger batch or --accumulate, or more --steps.",
             drop=drop, noise=noise))
@@ -376,7 +377,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
     lr_high = float(lr_arr[low_index])
     if narrow:
         findings.append(_finding(
-            "lr_range_too_narrow", "the loss still falls at the end of the range",
+            FindingId.LR_RANGE_TOO_NARROW, "the loss still falls at the end of the range",
             "The minimum sits at the end of the sweep: the sweep's own progress may dominate "
             "the curve, and a rate this high may not train from the start. The suggestion is "
             "read well below the end; raise --end-lr to see where the loss turns up.",

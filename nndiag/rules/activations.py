@@ -6,7 +6,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from nndiag.findings import Finding, worst_severity
+from nndiag.findings import Finding, FindingId, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
 from nndiag.records.layers import ATTENTION_ROLES, ROLE_HEAD, ROLE_NORM
 from nndiag.rules.blocks import block_spans
@@ -62,7 +62,10 @@ def activation_drift(probe: ProbeRecord) -> Drift:
         previous = record.index
         if low is not None and record.std / low.std > drift.growth:
             drift.growth, drift.growth_from, drift.growth_to = record.std / low.std, low, record
-        if high is not None and record.std / high.std < drift.collapse:
+        # A head's small output is a deliberate init (logits that start near zero), not a
+        # signal that collapses on its way through the body.
+        if high is not None and record.role != ROLE_HEAD and \
+                record.std / high.std < drift.collapse:
             drift.collapse, drift.collapse_from, drift.collapse_to = (record.std / high.std,
                                                                       high, record)
         low = record if low is None or record.std < low.std else low
@@ -130,7 +133,7 @@ def oversized_weights(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> F
                if where == "median" else
                f"the output layer {head.label} at {scale:.2g}x its He/Xavier scale")
     return Finding(
-        "poor_initialization", severity, [r.name for r in layers],
+        FindingId.POOR_INITIALIZATION, severity, [r.name for r in layers],
         f"{subject} and a loss of {probe.loss:.3g} against {expected:.3g} for an uninformed "
         "model", evidence={"judged_by": ["weight_scale"], "where": where,
                            "median_init_scale": scale,
@@ -168,7 +171,7 @@ def poor_initialization(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
     span = [r.name for r in drift.layers if start.index <= r.index <= end.index]
     summary = (f"activation scale {verb} {factor:.1e}x from {start.label} to {end.label} "
                f"(output std {start.std:.2g} -> {end.std:.2g})")
-    return Finding("poor_initialization", severity, span, summary, evidence=evidence)
+    return Finding(FindingId.POOR_INITIALIZATION, severity, span, summary, evidence=evidence)
 
 
 def _enough_samples(probe: ProbeRecord) -> bool:
@@ -229,7 +232,7 @@ def dead_relu(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding |
     }
     summary = (f"{len(flagged.layers)} ReLU layer(s) with dead units; worst "
                f"{flagged.worst.label}: {flagged.share:.0%} of units never fire")
-    return Finding("dead_relu", flagged.severity, [r.name for r in flagged.layers], summary,
+    return Finding(FindingId.DEAD_RELU, flagged.severity, [r.name for r in flagged.layers], summary,
                    evidence=evidence)
 
 
@@ -251,5 +254,5 @@ def saturated_activations(probe: ProbeRecord,
     }
     summary = (f"{len(flagged.layers)} {flagged.worst.activation} layer(s) saturated; worst "
                f"{flagged.worst.label}: {flagged.share:.0%} of outputs in the flat tails")
-    return Finding("saturated_activations", flagged.severity, [r.name for r in flagged.layers],
-                   summary, evidence=evidence)
+    return Finding(FindingId.SATURATED_ACTIVATIONS, flagged.severity,
+                   [r.name for r in flagged.layers], summary, evidence=evidence)

@@ -12,7 +12,7 @@ in a block, a normalization layer that runs after the attention output is post-L
 
 from __future__ import annotations
 
-from nndiag.findings import Finding
+from nndiag.findings import Finding, FindingId
 from nndiag.records import ProbeRecord
 from nndiag.records.layers import ATTENTION_ROLES, ROLE_NORM
 from nndiag.rules.thresholds import Threshold
@@ -42,6 +42,6 @@ def post_ln_deep_stack(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> 
     post, judged = post_ln_blocks(probe)
     if len(post) < POST_LN_DEEP or len(post) < 0.75 * judged:
         return None
-    return Finding("post_ln_deep_stack", "warning", [],
+    return Finding(FindingId.POST_LN_DEEP_STACK, "warning", [],
                    f"{len(post)} post-LN transformer blocks: LayerNorm after each residual add",
                    evidence={"post_ln_blocks": len(post), "blocks": judged})

@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from nndiag.findings import Finding, severity_rank, worst_severity
+from nndiag.findings import Finding, FindingId, severity_rank, worst_severity
 from nndiag.records.checkpoint import (
     FAMILY_LABELS,
     HF_INIT_STD,
@@ -270,7 +270,7 @@ def predicted_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
     summary = (f"weights predict a signal that {worst.direction} "
                f"{format_factor(worst.log10_factor)}x from {worst.start.name} to "
                f"{worst.end.name} ({len(worst.layers)} layers, no normalization between them)")
-    return Finding("poor_initialization", severity, layers, summary, evidence=evidence)
+    return Finding(FindingId.POOR_INITIALIZATION, severity, layers, summary, evidence=evidence)
 
 
 def _module_state(record: CheckpointRecord, module: ModuleWeights) -> str:
@@ -420,7 +420,7 @@ def init_scale_drift(record: CheckpointRecord, thresholds: dict[str, Threshold]
         summary = (f"{len(chosen)} of {len(judged)} {label} projections at "
                    f"{_fmt(ratios[len(ratios) // 2])}x the scale their family initializes them "
                    f"at (worst {worst.name}: {_fmt(worst.init_ratio or 0.0)}x; {state} weights)")
-    return Finding("poor_initialization", severity, layers, summary, evidence=evidence)
+    return Finding(FindingId.POOR_INITIALIZATION, severity, layers, summary, evidence=evidence)
 
 
 def missing_normalization(record: CheckpointRecord, thresholds: dict[str, Threshold]
@@ -462,7 +462,7 @@ def missing_normalization(record: CheckpointRecord, thresholds: dict[str, Thresh
     summary = (f"{len(blocks)} transformer blocks with no normalization weights in any of "
                f"them: nothing re-scales the residual stream they add to (predicted growth "
                f"{shown}x at the current weights)")
-    return Finding("poor_initialization", severity, blocks, summary, evidence=evidence)
+    return Finding(FindingId.POOR_INITIALIZATION, severity, blocks, summary, evidence=evidence)
 
 
 def batch_norm_gains(record: CheckpointRecord, thresholds: dict[str, Threshold]
@@ -481,7 +481,7 @@ def batch_norm_gains(record: CheckpointRecord, thresholds: dict[str, Threshold]
                 "layers_judged": len(gains), "gain_rms": {m.name: rms for m, rms in gains}}
     summary = (f"BatchNorm gains at {_fmt(median)} RMS (median of {len(gains)} layers) where "
                "they start at 1: every normalization multiplies the signal by about that")
-    return Finding("poor_initialization", severity, low, summary, evidence=evidence)
+    return Finding(FindingId.POOR_INITIALIZATION, severity, low, summary, evidence=evidence)
 
 
 _WEIGHT_MECHANISMS = (init_scale_drift, batch_norm_gains, missing_normalization)
@@ -532,7 +532,7 @@ def nonfinite_weights(record: CheckpointRecord, thresholds: dict[str, Threshold]
                 "first_layer": bad[0][0].name}
     summary = (f"{len(bad)} tensor(s) hold NaN/Inf, first {bad[0][1].name} "
                f"({bad[0][1].nonfinite} of {bad[0][1].numel} values)")
-    return Finding("nan_inf", "error", names, summary, evidence=evidence)
+    return Finding(FindingId.NAN_INF, "error", names, summary, evidence=evidence)
 
 
 def dead_channels(record: CheckpointRecord, thresholds: dict[str, Threshold]
@@ -554,8 +554,6 @@ def dead_channels(record: CheckpointRecord, thresholds: dict[str, Threshold]
                 "channels": {m.name: m.channels for _, m in judged}}
     summary = (f"{len(judged)} BatchNorm layer(s) with dead channels; worst {worst.name}: "
                f"{worst.dead_channels} of {worst.channels}")
-    return Finding("dead_channels", severity, [m.name for _, m in judged], summary,
+    return Finding(FindingId.DEAD_CHANNELS, severity, [m.name for _, m in judged], summary,
                    evidence=evidence)
 
-
-CHECKPOINT_RULES = (nonfinite_weights, poor_initialization, dead_channels)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from nndiag.findings import Finding, worst_severity
+from nndiag.findings import Finding, FindingId, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
 from nndiag.records.layers import (
     ATTENTION_ROLES,
@@ -261,7 +261,7 @@ def vanishing_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
     else:
         summary = (f"every layer's gradient is tiny: at most {top[1] if top else 0:.1e} of its "
                    f"weights at a loss of {probe.loss:.3g}")
-    return Finding("vanishing_gradients", severity, layers, summary, evidence=evidence)
+    return Finding(FindingId.VANISHING_GRADIENTS, severity, layers, summary, evidence=evidence)
 
 
 def exploding_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
@@ -286,4 +286,4 @@ def exploding_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
     else:
         summary = (f"gradients dwarf the weights: ||g||/||w|| = {top[1] if top else 0:.1e} "
                    f"at {top[0].label if top else '?'}")
-    return Finding("exploding_gradients", severity, layers, summary, evidence=evidence)
+    return Finding(FindingId.EXPLODING_GRADIENTS, severity, layers, summary, evidence=evidence)

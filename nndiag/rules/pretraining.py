@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from nndiag.findings import Finding
+from nndiag.findings import Finding, FindingId
 
 # Loss at init outside [expected / HIGH, expected * HIGH] is a warning, beyond VERY_HIGH an error.
 INIT_LOSS_HIGH = 1.5
@@ -146,7 +146,7 @@ def loss_at_init(record: SanityRecord) -> Finding | None:
     severity = "error" if ratio > INIT_LOSS_VERY_HIGH or ratio < 1 / INIT_LOSS_VERY_HIGH \
         else "warning"
     direction = "too high" if ratio > 1 else "too low"
-    return Finding("loss_at_init_unexpected", severity, [],
+    return Finding(FindingId.LOSS_AT_INIT_UNEXPECTED, severity, [],
                    f"loss at init {record.loss_at_init:.4g} is {direction}: an uninformed "
                    f"model scores {expected:.4g} (log {record.classes})",
                    evidence={"loss_at_init": record.loss_at_init, "expected": expected,
@@ -160,7 +160,7 @@ def parameters_not_updated(record: SanityRecord) -> Finding | None:
     names = record.not_updated
     why = {"no_step": ": optimizer.step() was never called",
            "zeroed_before_step": ": their gradient was zero when optimizer.step() ran"}
-    return Finding("parameters_not_updated", "error", names,
+    return Finding(FindingId.PARAMETERS_NOT_UPDATED, "error", names,
                    f"{len(names)} trainable parameter(s) did not change after a step "
                    f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''})"
                    f"{why.get(record.not_updated_reason or '', '')}",
@@ -184,7 +184,8 @@ def cannot_overfit(record: SanityRecord) -> Finding | None:
                f"loss only from {first:.4g} to {best:.4g}")
     if still_learning:
         summary += ", still falling: the check ran out of steps"
-    return Finding("cannot_overfit_batch", "info" if still_learning else "error", [], summary,
+    return Finding(FindingId.CANNOT_OVERFIT_BATCH, "info" if still_learning else "error", [],
+                   summary,
                    evidence={"first": first, "best": best, "steps": len(losses),
                              "batch_size": record.overfit_batch_size,
                              "before_last_third": before_last_third,
@@ -197,7 +198,7 @@ def batch_mixing(record: SanityRecord) -> Finding | None:
         return None
     influence = ("only on them" if math.isinf(record.mixing_ratio)
                  else f"{record.mixing_ratio:.2g} of its own input's influence")
-    return Finding("batch_mixing", "error", [],
+    return Finding(FindingId.BATCH_MIXING, "error", [],
                    f"sample 0's output depends on other samples' inputs ({influence}, by "
                    f"{record.mixing_method})",
                    evidence={"ratio": record.mixing_ratio, "method": record.mixing_method})
@@ -209,7 +210,7 @@ def zero_grad_missing(record: SanityRecord) -> Finding | None:
         return None
     names = record.carried_parameters
     ratio = record.carried_ratio
-    return Finding("zero_grad_missing", "error", names,
+    return Finding(FindingId.ZERO_GRAD_MISSING, "error", names,
                    f"the gradient applied by optimizer.step() was still in .grad when the next "
                    f"backward() added to it (after {record.carried_steps} of "
                    f"{record.steps_checked} steps, {len(names)} parameter tensor(s))",
@@ -241,7 +242,7 @@ def softmax_before_loss(record: SanityRecord) -> Finding | None:
     source = f" from {call['produced_by']}" if call.get("produced_by") else ""
     shape = ("values in [0, 1]" if call.get("produced_by") == "sigmoid"
              else "rows in [0, 1] summing to 1")
-    return Finding("softmax_before_loss", "error", [call["where"]] if call.get("where")
+    return Finding(FindingId.SOFTMAX_BEFORE_LOSS, "error", [call["where"]] if call.get("where")
                    not in (None, "step", "forward") else [],
                    f"{name} receives probabilities{source} ({shape}) where it expects "
                    f"{LOGIT_LOSSES[name]}", evidence=evidence)
@@ -257,12 +258,12 @@ def train_mode_off(record: SanityRecord) -> Finding | None:
     labels = [f"{n}: {k}" for n, k in zip(names, record.eval_kinds, strict=False)] or names
     listed = f" ({', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''})" if names else ""
     if record.eval_root:
-        return Finding("train_mode_off", "error", names,
+        return Finding(FindingId.TRAIN_MODE_OFF, "error", names,
                        f"the training step ran the model in eval mode: {len(names)} "
                        f"mode-dependent module(s){listed} trained as at inference",
                        evidence={"modules": names, "whole_model": True,
                                  "output_changes_in_train_mode": record.mode_changes_output})
-    return Finding("train_mode_off", "info", names,
+    return Finding(FindingId.TRAIN_MODE_OFF, "info", names,
                    f"{len(names)} mode-dependent module(s){listed} ran in eval mode while the "
                    "rest of the model trained", evidence={
                        "modules": names, "whole_model": False,
@@ -276,7 +277,7 @@ def loss_reduction_sum(record: SanityRecord) -> Finding | None:
         return None
     full, *halves = record.reduction_losses
     declared = sorted({c["reduction"] for c in record.loss_calls if c.get("reduction")})
-    return Finding("loss_reduction_sum", "warning", [],
+    return Finding(FindingId.LOSS_REDUCTION_SUM, "warning", [],
                    f"the loss grows with the batch size: {record.batch_size} samples score "
                    f"{full:.4g}, {ratio:.2f}x the mean of their halves' losses "
                    f"({', '.join(f'{h:.4g}' for h in halves)}): a sum, not a mean",
@@ -295,7 +296,7 @@ def labels_misaligned(record: SanityRecord) -> Finding | None:
     gain = shuffled - paired
     if gain >= LABEL_GAIN * init:
         return None
-    return Finding("labels_misaligned", "warning", [],
+    return Finding(FindingId.LABELS_MISALIGNED, "warning", [],
                    f"after {record.label_steps} steps, a held-out batch scores {paired:.4g} "
                    f"when trained on the data's input-target pairs and {shuffled:.4g} with the "
                    f"targets shuffled (at init: {init:.4g}): the pairing teaches nothing, "
@@ -303,8 +304,3 @@ def labels_misaligned(record: SanityRecord) -> Finding | None:
                    evidence={"heldout_init": init, "heldout_paired": paired,
                              "heldout_shuffled": shuffled, "gain": gain,
                              "steps": record.label_steps})
-
-
-SANITY_RULES = (zero_grad_missing, softmax_before_loss, train_mode_off, loss_reduction_sum,
-                loss_at_init, parameters_not_updated, cannot_overfit, labels_misaligned,
-                batch_mixing)

@@ -17,9 +17,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nndiag.findings import Finding, severity_rank, worst_severity
+from nndiag.findings import Finding, FindingId, worst_severity
 from nndiag.records.layers import READING_PLAIN, ROLE_KEY, ROLE_QUERY
-from nndiag.rules.thresholds import RUN_THRESHOLDS, THRESHOLDS, Threshold
+from nndiag.rules.thresholds import Threshold
 from nndiag.runlog import RunLog
 
 # Optimizers that scale each parameter's step by its own gradient statistics.
@@ -60,7 +60,7 @@ def nan_inf(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
             break
     if first_bad is None:
         return None
-    return Finding("nan_inf", "error", [], f"NaN/Inf in {where} from step {first_bad}",
+    return Finding(FindingId.NAN_INF, "error", [], f"NaN/Inf in {where} from step {first_bad}",
                    evidence={"first_step": first_bad, "where": where})
 
 
@@ -130,16 +130,17 @@ def loss_trend(levels: LossLevels, t: dict[str, Threshold]) -> Finding | None:
     rise = 3 * math.sqrt(2) * level_noise
     if end > start + rise and end - start > 0.01 * abs(start):
         first = levels.first_above(start + rise)
-        return Finding("loss_diverging", "error", [], f"the loss ends higher than it started "
-                       f"({start:.4g} -> {end:.4g}), rising from step {first}",
+        return Finding(FindingId.LOSS_DIVERGING, "error", [],
+                       f"the loss ends higher than it started ({start:.4g} -> {end:.4g}), "
+                       f"rising from step {first}",
                        evidence={**evidence, "first_step": first})
     if fall > max(6 * level_noise, 0.01 * abs(start)) and end - best > 0.5 * fall:
         first = levels.first_above(best + 0.5 * fall, after=levels.best_step)
-        return Finding("loss_diverging", "warning", [], f"the loss gave back "
+        return Finding(FindingId.LOSS_DIVERGING, "warning", [], f"the loss gave back "
                        f"{(end - best) / fall:.0%} of its fall after step {levels.best_step}",
                        evidence={**evidence, "first_step": first})
     if start - end <= max(3 * level_noise, 0.01 * abs(start)):
-        return Finding("loss_not_decreasing", "warning", [], f"the loss does not fall: "
+        return Finding(FindingId.LOSS_NOT_DECREASING, "warning", [], f"the loss does not fall: "
                        f"{start:.4g} -> {end:.4g} over {len(levels.losses)} steps (noise "
                        f"{levels.noise:.3g})", evidence={**evidence, "first_step": levels.steps[0]})
     return None
@@ -163,8 +164,9 @@ def loss_oscillating(levels: LossLevels, t: dict[str, Threshold]) -> Finding | N
         late[len(late) // 2:])
     if fourth - third < -0.5 * abs(third):
         return None
-    return Finding("loss_oscillating", severity, [], f"the loss swings by {relative:.0%} of its "
-                   "level in the second half of the run without falling further", evidence={
+    return Finding(FindingId.LOSS_OSCILLATING, severity, [],
+                   f"the loss swings by {relative:.0%} of its level in the second half of the "
+                   "run without falling further", evidence={
                        "amplitude": amplitude, "level": levels.late_level,
                        "relative_amplitude": relative,
                        "first_step": levels.steps[len(levels.steps) // 2]})
@@ -220,7 +222,7 @@ def gradient_trends(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
         last = late[-1][2]
         weakest = min(last, key=last.get)
         findings.append(Finding(
-            "vanishing_gradients", severity, [weakest],
+            FindingId.VANISHING_GRADIENTS, severity, [weakest],
             f"early layers get {median_spread:.1e} of the late layers' gradient-to-weight "
             f"ratio (weakest: {weakest}), from step {first}",
             evidence={"spread": median_spread, "first_step": first, "weakest_layer": weakest,
@@ -233,7 +235,7 @@ def gradient_trends(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
         last = rows[-1][1]
         top = max(last, key=last.get)
         findings.append(Finding(
-            "exploding_gradients", severity, [top],
+            FindingId.EXPLODING_GRADIENTS, severity, [top],
             f"gradients reach {peak:.1e}x the weights ({top}), from step {first}",
             evidence={"max_grad_to_weight": peak, "first_step": first, "layer": top}))
     return findings
@@ -261,7 +263,7 @@ def dead_units(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
         if value is not None and rule.severity(value):
             first = sample.step
             break
-    return Finding("dead_relu", severity, [n for n, _ in flagged],
+    return Finding(FindingId.DEAD_RELU, severity, [n for n, _ in flagged],
                    f"{len(flagged)} ReLU layer(s) with dead units; {name}: {worst:.0%} dead "
                    f"(from {initial if initial is not None else 0:.0%} at the start), from "
                    f"step {first}",
@@ -273,8 +275,8 @@ def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
     """Layers whose median update-to-weight ratio is outside the band around ~1e-3."""
     series = _weight_series(log, "update_ratio")
     findings = []
-    for finding_id, rule in (("update_ratio_high", t["update_ratio_high"]),
-                             ("update_ratio_low", t["update_ratio_low"])):
+    for finding_id, rule in ((FindingId.UPDATE_RATIO_HIGH, t["update_ratio_high"]),
+                             (FindingId.UPDATE_RATIO_LOW, t["update_ratio_low"])):
         judged = {}
         for key, points in series.items():
             median = statistics.median(v for _, v in points)
@@ -376,7 +378,7 @@ def zero_grad_missing(log: RunLog, t: dict[str, Threshold],
     if last_norms and len(growing) < shape.layer_share * len(last_norms):
         return None
     first = next(s for s, g in points if g >= 2 * norms[0])
-    return Finding("zero_grad_missing", "error", growing,
+    return Finding(FindingId.ZERO_GRAD_MISSING, "error", growing,
                    f"the gradient norm grows step over step like a running sum: {norms[0]:.3g} "
                    f"at step {steps[0]} to {norms[-1]:.3g} at step {steps[-1]} "
                    f"(~(step+1)^{slope:.2f}), as when .grad is never zeroed",
@@ -386,14 +388,7 @@ def zero_grad_missing(log: RunLog, t: dict[str, Threshold],
 
 
 def run_rules(log: RunLog, thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
-    """Every rule over a recorded run, most severe first."""
-    t = {**THRESHOLDS, **RUN_THRESHOLDS, **(thresholds or {})}
-    findings = [f for f in (nan_inf(log, t), dead_units(log, t)) if f is not None]
-    levels = loss_levels(log)
-    if levels is not None:
-        findings += [f for f in (loss_trend(levels, t), loss_oscillating(levels, t))
-                     if f is not None]
-    findings += gradient_trends(log, t) + update_ratios(log, t)
-    summed = zero_grad_missing(log, t)
-    findings += [summed] if summed is not None else []
-    return sorted(findings, key=lambda f: -severity_rank(f.severity))
+    """Every rule over a recorded run, most severe first: ``diagnose`` on the run."""
+    from nndiag.rules.registry import diagnose
+
+    return diagnose(log, thresholds)

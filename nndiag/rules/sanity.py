@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from nndiag.findings import Finding
+from nndiag.findings import Finding, FindingId
 from nndiag.records import ProbeRecord
 from nndiag.rules.thresholds import Threshold
 
@@ -39,7 +39,7 @@ def nan_inf(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | N
     else:
         summary = f"the loss is {probe.loss} although every layer's output is finite"
     layers = [r.name for r in bad_out] or [r.name for r in bad_grad]
-    return Finding("nan_inf", "error", layers, summary, evidence=evidence)
+    return Finding(FindingId.NAN_INF, "error", layers, summary, evidence=evidence)
 
 
 # Parameters used only in another training mode, unused by design in a plain forward pass: the
@@ -64,4 +64,4 @@ def unused_parameters(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> F
                f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     evidence = {"parameters": names, "modules_not_run": probe.not_run,
                 "unused_by_design": by_design}
-    return Finding("unused_parameters", "warning", modules, summary, evidence=evidence)
+    return Finding(FindingId.UNUSED_PARAMETERS, "warning", modules, summary, evidence=evidence)

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from nndiag.findings import Finding, severity_rank
+from nndiag.findings import Finding, FindingId, severity_rank
 from nndiag.records import LayerRecord
 from nndiag.runlog import RunLog
 
@@ -285,7 +285,8 @@ def plot_grad_heatmap(log: RunLog, findings: list[Finding], ax: Axes | None = No
     """Per-layer gradient norm over sampled steps (log colour scale)."""
     return _heatmap(log, findings, ax, stat="grad_norm", title="gradient norm per layer",
                     label="gradient norm", zero_means="no gradient reached the layer",
-                    ids=("vanishing_gradients", "exploding_gradients", "dead_relu"),
+                    ids=(FindingId.VANISHING_GRADIENTS, FindingId.EXPLODING_GRADIENTS,
+                         FindingId.DEAD_RELU),
                     keep=lambda layer: layer.has_weights)
 
 
@@ -296,7 +297,7 @@ def plot_update_ratio(log: RunLog, findings: list[Finding], ax: Axes | None = No
                           "~1e-3, red: above)",
                     label="update ratio", cmap="RdBu_r", center=-3.0,
                     zero_means="the weights did not move",
-                    ids=("update_ratio_high", "update_ratio_low"),
+                    ids=(FindingId.UPDATE_RATIO_HIGH, FindingId.UPDATE_RATIO_LOW),
                     keep=lambda layer: layer.has_weights)
 
 
@@ -304,8 +305,9 @@ def plot_activation_std(log: RunLog, findings: list[Finding], ax: Axes | None = 
     """Output std of every measured layer over sampled steps."""
     return _heatmap(log, findings, ax, stat="std", title="activation std per layer (output)",
                     label="output std", cmap="cividis", zero_means="constant output",
-                    ids=("vanishing_gradients", "exploding_gradients", "poor_initialization",
-                         "saturated_activations", "dead_relu"),
+                    ids=(FindingId.VANISHING_GRADIENTS, FindingId.EXPLODING_GRADIENTS,
+                         FindingId.POOR_INITIALIZATION, FindingId.SATURATED_ACTIVATIONS,
+                         FindingId.DEAD_RELU),
                     keep=lambda layer: layer.mean is not None)
 
 
@@ -314,7 +316,7 @@ def plot_dead_fraction(log: RunLog, findings: list[Finding], ax: Axes | None = N
     return _heatmap(log, findings, ax, stat="dead_fraction",
                     title="dead ReLU units per layer (share of units that never fired)",
                     label="dead fraction", log_scale=False, cmap="YlOrRd", limits=(0.0, 1.0),
-                    ids=("dead_relu",))
+                    ids=(FindingId.DEAD_RELU,))
 
 
 FIGURES: dict[str, Callable[[RunLog, list[Finding]], Figure]] = {

@@ -1,0 +1,123 @@
+"""One registry of every rule: the findings it may report and the context record it reads.
+
+A rule is a pure function ``check(context, thresholds)`` of one context record (a live probe's
+``ProbeRecord``, a checkpoint's ``CheckpointRecord``, a recorded run's ``RunLog``, the gate's
+``SanityRecord``) that returns its findings. ``diagnose(context)`` runs every rule of that
+context; ``finding_ids(context_type)`` lists what they can report (the JUnit cases of a check,
+the rules a report names). Adding a finding is adding its rule here, its advice and its test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nndiag.findings import Finding, FindingId, severity_rank
+from nndiag.records import CheckpointRecord, ProbeRecord
+from nndiag.rules import activations, architecture, checkpoint, gradients, pretraining, run, sanity
+from nndiag.rules.pretraining import SanityRecord
+from nndiag.rules.thresholds import RUN_THRESHOLDS, THRESHOLDS, Threshold
+from nndiag.runlog import RunLog
+
+Check = Callable[[Any, dict[str, Threshold]], "Finding | Sequence[Finding] | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of the registry.
+
+    Attributes:
+        ids: The findings it may report.
+        context: The record type it reads.
+        check: ``check(context, thresholds)`` -> a finding, several, or ``None``.
+        on_nonfinite: It still runs when a probe holds NaN or Inf (the other statistics of such
+            a probe are not meaningful).
+    """
+
+    ids: tuple[FindingId, ...]
+    context: type
+    check: Check
+    on_nonfinite: bool = False
+
+
+def _sanity(rule: Callable[[SanityRecord], Finding | None]) -> Check:
+    return lambda record, thresholds: rule(record)
+
+
+def _levels(rule: Callable[[run.LossLevels, dict[str, Threshold]], Finding | None]) -> Check:
+    def check(log: RunLog, thresholds: dict[str, Threshold]) -> Finding | None:
+        levels = run.loss_levels(log)
+        return rule(levels, thresholds) if levels is not None else None
+
+    return check
+
+
+F = FindingId
+RULES: tuple[Rule, ...] = (
+    # A live probe: forward and backward on a few batches.
+    Rule((F.NAN_INF,), ProbeRecord, sanity.nan_inf, on_nonfinite=True),
+    Rule((F.POST_LN_DEEP_STACK,), ProbeRecord, architecture.post_ln_deep_stack),
+    Rule((F.VANISHING_GRADIENTS,), ProbeRecord, gradients.vanishing_gradients),
+    Rule((F.EXPLODING_GRADIENTS,), ProbeRecord, gradients.exploding_gradients),
+    Rule((F.POOR_INITIALIZATION,), ProbeRecord, activations.poor_initialization),
+    Rule((F.DEAD_RELU,), ProbeRecord, activations.dead_relu),
+    Rule((F.SATURATED_ACTIVATIONS,), ProbeRecord, activations.saturated_activations),
+    Rule((F.UNUSED_PARAMETERS,), ProbeRecord, sanity.unused_parameters, on_nonfinite=True),
+    # A checkpoint's weights, without data (a live inspection reads its weights so too).
+    Rule((F.NAN_INF,), CheckpointRecord, checkpoint.nonfinite_weights),
+    Rule((F.POOR_INITIALIZATION,), CheckpointRecord, checkpoint.poor_initialization),
+    Rule((F.DEAD_CHANNELS,), CheckpointRecord, checkpoint.dead_channels),
+    # A recorded run.
+    Rule((F.NAN_INF,), RunLog, run.nan_inf),
+    Rule((F.DEAD_RELU,), RunLog, run.dead_units),
+    Rule((F.LOSS_DIVERGING, F.LOSS_NOT_DECREASING), RunLog, _levels(run.loss_trend)),
+    Rule((F.LOSS_OSCILLATING,), RunLog, _levels(run.loss_oscillating)),
+    Rule((F.VANISHING_GRADIENTS, F.EXPLODING_GRADIENTS), RunLog, run.gradient_trends),
+    Rule((F.UPDATE_RATIO_HIGH, F.UPDATE_RATIO_LOW), RunLog, run.update_ratios),
+    Rule((F.ZERO_GRAD_MISSING,), RunLog, run.zero_grad_missing),
+    # The CI gate's checks of the user's training step.
+    Rule((F.ZERO_GRAD_MISSING,), SanityRecord, _sanity(pretraining.zero_grad_missing)),
+    Rule((F.SOFTMAX_BEFORE_LOSS,), SanityRecord, _sanity(pretraining.softmax_before_loss)),
+    Rule((F.TRAIN_MODE_OFF,), SanityRecord, _sanity(pretraining.train_mode_off)),
+    Rule((F.LOSS_REDUCTION_SUM,), SanityRecord, _sanity(pretraining.loss_reduction_sum)),
+    Rule((F.LOSS_AT_INIT_UNEXPECTED,), SanityRecord, _sanity(pretraining.loss_at_init)),
+    Rule((F.PARAMETERS_NOT_UPDATED,), SanityRecord, _sanity(pretraining.parameters_not_updated)),
+    Rule((F.CANNOT_OVERFIT_BATCH,), SanityRecord, _sanity(pretraining.cannot_overfit)),
+    Rule((F.LABELS_MISALIGNED,), SanityRecord, _sanity(pretraining.labels_misaligned)),
+    Rule((F.BATCH_MIXING,), SanityRecord, _sanity(pretraining.batch_mixing)),
+)
+
+
+def finding_ids(context: type) -> tuple[FindingId, ...]:
+    """Every finding the rules of a context type may report, in registry order, once each."""
+    return tuple(dict.fromkeys(i for rule in RULES if rule.context is context
+                               for i in rule.ids))
+
+
+def _as_list(found: Finding | Sequence[Finding] | None) -> list[Finding]:
+    if found is None:
+        return []
+    return [found] if isinstance(found, Finding) else list(found)
+
+
+def diagnose(context: Any, thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
+    """Run every rule of the context's type: its findings, most severe first.
+
+    When a probe holds NaN or Inf, only the rules that mean something then run.
+
+    Args:
+        context: A ``ProbeRecord``, ``CheckpointRecord``, ``RunLog`` or ``SanityRecord``.
+        thresholds: Override thresholds by name (the defaults: ``THRESHOLDS`` and
+            ``RUN_THRESHOLDS``; the checkpoint rules fall back to their own).
+    """
+    merged = {**THRESHOLDS, **RUN_THRESHOLDS, **(thresholds or {})}
+    rules = [rule for rule in RULES if isinstance(context, rule.context)]
+    findings: list[Finding] = []
+    if isinstance(context, ProbeRecord):
+        broken = _as_list(sanity.nan_inf(context, merged))
+        if broken:
+            rules = [rule for rule in rules if rule.on_nonfinite]
+    for rule in rules:
+        findings += _as_list(rule.check(context, merged))
+    return sorted(findings, key=lambda f: -severity_rank(f.severity))

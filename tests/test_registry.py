@@ -1,0 +1,93 @@
+"""One diagnosis layer: every finding id defined once, every rule registered with its advice."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from nndiag.advice import REGISTRY, context_kind
+from nndiag.findings import Finding, FindingId
+from nndiag.records import CheckpointRecord, ProbeRecord
+from nndiag.rules import RULES, diagnose, finding_ids
+from nndiag.rules.pretraining import SanityRecord
+from nndiag.runlog import RunLog
+
+PACKAGE = Path(__file__).resolve().parent.parent / "nndiag"
+# Findings made where their evidence is measured rather than by a registered rule: the
+# learning-rate curve's (lrfind/suggestion.py), the skipped AMP steps (amp.py) and a
+# checkpoint whose keys do not match the model (inspection.py).
+MADE_OUTSIDE_RULES = {FindingId.LR_CURVE_FLAT, FindingId.LR_CURVE_NOISY,
+                      FindingId.LR_RANGE_TOO_NARROW, FindingId.LR_CURVE_TOO_SHORT,
+                      FindingId.AMP_SKIPPED_STEPS, FindingId.CHECKPOINT_MISMATCH}
+CONTEXTS = {ProbeRecord: ProbeRecord(layers=[], loss=1.0, loss_name="mse"),
+            CheckpointRecord: CheckpointRecord("x", "state_dict", []),
+            RunLog: RunLog(path=Path("run"), meta={}),
+            SanityRecord: SanityRecord(loss_at_init=1.0)}
+
+
+def test_every_finding_id_is_reported_by_a_registered_rule_or_a_named_producer():
+    registered = {finding_id for rule in RULES for finding_id in rule.ids}
+    assert registered | MADE_OUTSIDE_RULES == set(FindingId)
+    assert not registered & MADE_OUTSIDE_RULES
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.context.__name__}:{r.ids[0]}")
+def test_every_registered_rule_has_advice_for_each_finding_it_reports(rule):
+    kind = context_kind(CONTEXTS[rule.context])
+    for finding_id in rule.ids:
+        assert (kind, finding_id) in REGISTRY, (kind, finding_id)
+
+
+def test_every_advisor_belongs_to_a_registered_rule():
+    registered = {(context_kind(CONTEXTS[rule.context]), finding_id)
+                  for rule in RULES for finding_id in rule.ids}
+    assert set(REGISTRY) <= registered
+
+
+def test_a_context_lists_what_its_rules_can_report():
+    assert finding_ids(SanityRecord)[0] == FindingId.ZERO_GRAD_MISSING
+    assert FindingId.LOSS_OSCILLATING in finding_ids(RunLog)
+    assert FindingId.LOSS_OSCILLATING not in finding_ids(ProbeRecord)
+
+
+def test_diagnose_keeps_only_the_rules_that_mean_something_on_a_broken_probe():
+    from tests.test_rules import probe_of, weight_layer  # hand-made records
+
+    bad = weight_layer(1, float("nan"), float("nan"), std=float("nan"))
+    probe = probe_of([weight_layer(0, 1e-9, 1e-9), bad], loss=float("nan"),
+                     unused_parameters=["spare.weight"])
+    assert [f.id for f in diagnose(probe)] == [FindingId.NAN_INF, FindingId.UNUSED_PARAMETERS]
+    assert all(isinstance(f, Finding) for f in diagnose(probe))
+
+
+def _bare_ids(path: Path) -> list[tuple[int, str]]:
+    """String constants that are finding ids, outside docstrings, dict keys and lookups.
+
+    A dict key or a subscript names a field or a threshold that shares its name with a
+    finding (``evidence["dead_channels"]``, ``thresholds["update_ratio_high"]``).
+    """
+    ids = {finding_id.value for finding_id in FindingId}
+    tree = ast.parse(path.read_text())
+    exempt: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(body[0].value, ast.Constant):
+            exempt.add(id(body[0].value))  # a docstring
+        if isinstance(node, ast.Dict):
+            exempt.update(id(key) for key in node.keys if key is not None)
+        if isinstance(node, ast.Subscript):
+            exempt.add(id(node.slice))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr == "get" and node.args:
+            exempt.add(id(node.args[0]))
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in ids and id(node) not in exempt]
+
+
+def test_no_finding_id_is_a_bare_string_outside_its_definition():
+    found = {str(path.relative_to(PACKAGE)): bare for path in sorted(PACKAGE.rglob("*.py"))
+             if path.name != "findings.py" and (bare := _bare_ids(path))}
+    assert found == {}
