@@ -53,6 +53,18 @@ def _inspect(model: nn.Module, batch, **kwargs):
         return inspect_model(model, batch, **kwargs)
 
 
+def _healthy_zoo_model(name: str):
+    """The report on a zoo model at its default init, which must be quiet."""
+    if name != "lora_mlp":  # the hand-written ones need no transformers
+        pytest.importorskip("transformers")
+    from tests.fixtures.arch_zoo import entry
+
+    zoo_entry = entry(name)
+    report = _inspect(zoo_entry.build(), zoo_entry.batch())
+    assert report.status == "ok", [f.summary for f in report.findings]
+    return report
+
+
 def _images(n: int = 16, size: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -91,16 +103,10 @@ def test_weights_a_batchnorm_follows_are_read_as_scale_invariant_not_exploding()
 
 
 def test_resnet50_with_batchnorm_after_every_conv_is_not_told_to_explode_or_add_batchnorm():
-    transformers = pytest.importorskip("transformers")
-    from tests.fixtures.arch_zoo import entry
-
-    zoo_entry = entry("resnet50")
-    report = _inspect(zoo_entry.build(), zoo_entry.batch())
-    assert report.status == "ok", [f.summary for f in report.findings]
+    report = _healthy_zoo_model("resnet50")
     stem = _layer(report, "resnet.embedder.embedder.convolution")
     assert stem["weight_reading"] == READING_NORMALIZED
     assert stem["grad_to_weight"] > 10  # what was reported as an explosion
-    assert transformers is not None
 
 
 def test_a_normalization_after_a_residual_branch_makes_the_branch_scale_irrelevant():
@@ -137,12 +143,7 @@ def test_a_normalization_after_a_residual_branch_makes_the_branch_scale_irreleva
 
 
 def test_gemma2_norm_gains_stored_as_offsets_from_one_are_not_an_infinite_ratio():
-    pytest.importorskip("transformers")
-    from tests.fixtures.arch_zoo import entry
-
-    zoo_entry = entry("gemma2")
-    report = _inspect(zoo_entry.build(), zoo_entry.batch())
-    assert report.status == "ok", [f.summary for f in report.findings]
+    report = _healthy_zoo_model("gemma2")
     norm = _layer(report, "model.layers.0.input_layernorm")
     assert norm["weight_norm"] == 0 and norm["weight_reading"] == READING_ZERO
     # A post-attention norm (Gemma 2's sandwich) makes o_proj's scale irrelevant.
@@ -151,12 +152,7 @@ def test_gemma2_norm_gains_stored_as_offsets_from_one_are_not_an_infinite_ratio(
 
 
 def test_convnext_layer_scale_is_a_gain_and_branches_are_compared_like_with_like():
-    pytest.importorskip("transformers")
-    from tests.fixtures.arch_zoo import entry
-
-    zoo_entry = entry("convnext")
-    report = _inspect(zoo_entry.build(), zoo_entry.batch())
-    assert report.status == "ok", [f.summary for f in report.findings]
+    report = _healthy_zoo_model("convnext")
     layer = _layer(report, "convnext.encoder.stages.3.layers.0")
     assert layer["weight_reading"] == READING_GAIN  # layer_scale_parameter, 1e-6
     assert layer["grad_to_weight"] > 100  # what was reported as an explosion
@@ -164,12 +160,7 @@ def test_convnext_layer_scale_is_a_gain_and_branches_are_compared_like_with_like
 
 @pytest.mark.parametrize("name", ["beit", "swin"])
 def test_zero_initialized_relative_position_tables_are_not_an_infinite_ratio(name):
-    pytest.importorskip("transformers")
-    from tests.fixtures.arch_zoo import entry
-
-    zoo_entry = entry(name)
-    report = _inspect(zoo_entry.build(), zoo_entry.batch())
-    assert report.status == "ok", [f.summary for f in report.findings]
+    report = _healthy_zoo_model(name)
     tables = [r for r in report.layers if "relative_position" in r["name"] and r["weight_norm"]
               is not None]
     assert tables and all(r["weight_reading"] == READING_ZERO for r in tables)
@@ -196,11 +187,7 @@ def test_zero_init_residual_batchnorm_is_no_explosion():
 
 
 def test_lora_b_starts_at_zero_and_a_gets_no_gradient_by_design():
-    from tests.fixtures.arch_zoo import entry
-
-    zoo_entry = entry("lora_mlp")
-    report = _inspect(zoo_entry.build(), zoo_entry.batch())
-    assert report.status == "ok", [f.summary for f in report.findings]
+    report = _healthy_zoo_model("lora_mlp")
     assert _layer(report, "0.lora_B")["weight_reading"] == READING_ZERO
     lora_a = _layer(report, "0.lora_A")
     assert lora_a["output_reading"] == OUTPUT_GATED and lora_a["depth_gain"] == 0
@@ -261,12 +248,7 @@ def test_a_squeeze_and_excitation_bottleneck_of_few_units_is_not_judged_for_dead
 
 
 def test_regnet_squeeze_and_excitation_gates_are_quiet():
-    pytest.importorskip("transformers")
-    from tests.fixtures.arch_zoo import entry
-
-    zoo_entry = entry("regnet")
-    report = _inspect(zoo_entry.build(), zoo_entry.batch())
-    assert report.status == "ok", [f.summary for f in report.findings]
+    _healthy_zoo_model("regnet")
 
 
 # ----------------------------------------------------------------------------- unused by design
