@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 from docs.zoo_table import ids as table_cell
 from nndiag import check_training, inspect_checkpoint, inspect_model
+from nndiag.cli.app import app
 from tests.fixtures.arch_zoo import ZooEntry, entry, zoo
 
 transformers = pytest.importorskip("transformers")
@@ -160,3 +162,12 @@ def test_the_gate_passes_a_healthy_standard_model_of_every_family(family):
         report = check_training(zoo_entry.build(), zoo_entry.batch(), loss=zoo_entry.loss,
                                 steps=10)
     assert not report.fails("error"), _findings(report)
+
+
+@pytest.mark.parametrize(("model", "data"), [("bert", "text_classification_batch"),
+                                             ("unet", "unet_batch")])
+def test_nndiag_check_on_the_command_line_passes_healthy_standard_models(model, data):
+    fixture = Path(__file__).parent / "fixtures" / "arch_zoo.py"
+    result = CliRunner().invoke(app, ["check", "--model", f"{fixture}:{model}",
+                                      "--data", f"{fixture}:{data}", "--steps", "10"])
+    assert result.exit_code == 0, result.output
