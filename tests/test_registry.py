@@ -12,6 +12,7 @@ from nndiag.findings import Finding, FindingId
 from nndiag.records import CheckpointRecord, ProbeRecord
 from nndiag.rules import RULES, diagnose, finding_ids
 from nndiag.rules.pretraining import SanityRecord
+from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS
 from nndiag.runlog import RunLog
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nndiag"
@@ -91,3 +92,13 @@ def test_no_finding_id_is_a_bare_string_outside_its_definition():
     found = {str(path.relative_to(PACKAGE)): bare for path in sorted(PACKAGE.rglob("*.py"))
              if path.name != "findings.py" and (bare := _bare_ids(path))}
     assert found == {}
+
+
+def test_every_threshold_of_every_context_has_a_reason_ordered_levels_and_one_name():
+    tables = (THRESHOLDS, RUN_THRESHOLDS, CHECKPOINT_THRESHOLDS)
+    names = [name for table in tables for name in table]
+    assert len(names) == len(set(names))  # diagnose merges them by name
+    for table in tables:
+        for name, rule in table.items():
+            assert len(rule.reason) > 40, name
+            assert (rule.error > rule.warning) == rule.higher_is_worse, name

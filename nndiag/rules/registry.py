@@ -17,7 +17,7 @@ from nndiag.findings import Finding, FindingId, severity_rank
 from nndiag.records import CheckpointRecord, ProbeRecord
 from nndiag.rules import activations, architecture, checkpoint, gradients, pretraining, run, sanity
 from nndiag.rules.pretraining import SanityRecord
-from nndiag.rules.thresholds import RUN_THRESHOLDS, THRESHOLDS, Threshold
+from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS, Threshold
 from nndiag.runlog import RunLog
 
 Check = Callable[[Any, dict[str, Threshold]], "Finding | Sequence[Finding] | None"]
@@ -108,10 +108,10 @@ def diagnose(context: Any, thresholds: dict[str, Threshold] | None = None) -> li
 
     Args:
         context: A ``ProbeRecord``, ``CheckpointRecord``, ``RunLog`` or ``SanityRecord``.
-        thresholds: Override thresholds by name (the defaults: ``THRESHOLDS`` and
-            ``RUN_THRESHOLDS``; the checkpoint rules fall back to their own).
+        thresholds: Override thresholds by name (the defaults: every table of
+            ``rules/thresholds.py``).
     """
-    merged = {**THRESHOLDS, **RUN_THRESHOLDS, **(thresholds or {})}
+    merged = {**THRESHOLDS, **RUN_THRESHOLDS, **CHECKPOINT_THRESHOLDS, **(thresholds or {})}
     rules = [rule for rule in RULES if isinstance(context, rule.context)]
     findings: list[Finding] = []
     if isinstance(context, ProbeRecord):

@@ -1,9 +1,14 @@
 """Every threshold a rule judges by, with the reason for its value.
 
+One module, a table per context: ``THRESHOLDS`` (a live probe), ``RUN_THRESHOLDS`` (a recorded
+run), ``CHECKPOINT_THRESHOLDS`` (weights read without data); ``diagnose`` merges them, and a
+caller may override any by name.
+
 Thresholds are relative wherever possible (gains through depth, ratios to the loss or to the
 He/Xavier expectation) so that they hold across model sizes and data scales. The healthy zoo
 (He MLP, ResNet with BN, pre-LN transformer, LSTM, GRU, 24-block residual MLP) stays at least
-an order of magnitude inside each warning threshold; ``tests/test_rules.py`` holds the cases.
+an order of magnitude inside each warning threshold; ``tests/test_rules.py`` holds the cases,
+and the architecture zoo (``tests/test_zoo.py``) holds 62 standard architectures to them.
 """
 
 from __future__ import annotations
@@ -153,3 +158,45 @@ MIN_SAMPLES_FOR_DEAD_UNITS = 8
 MIN_UNITS_FOR_DEAD_FRACTION = 8
 # A unit counts as blocking gradients when its layer is at least this dead.
 FULLY_DEAD = 0.99
+
+# The data-free analysis's own thresholds (``rules/checkpoint.py``): weights against their
+# family's init scale, and BatchNorm gains. A rule reads them from the thresholds it is given
+# when present there (so that callers can override them), else from here.
+CHECKPOINT_THRESHOLDS: dict[str, Threshold] = {
+    "init_scale_untrained": Threshold(
+        10.0, 30.0, True,
+        "Weight RMS of an untrained transformer projection over the std its family initializes "
+        "it with. A standard init sits at 1x (0.9-1.1x in the healthy zoo: BERT, GPT-2, Llama, "
+        "ViT, T5, nn.Transformer); PyTorch's default Linear init judged against 0.02 stays "
+        "under 10x down to a width of 8. At 10x the attention logits are 100x their intended "
+        "scale and at 30x the softmax is one-hot from the first step (GPT-2 with "
+        "initializer_range=1.0: 50x, loss 23 against ln(vocab) = 6.2).",
+    ),
+    "init_scale_untrained_low": Threshold(
+        0.1, 0.01, False,
+        "The same ratio for the projections that read the residual stream (queries, keys, "
+        "values, MLP inputs), below: a tenth of the family's scale leaves uniform attention "
+        "and blocks that pass almost nothing, and under Adam every early step rewrites these "
+        "weights entirely. Output projections and heads are not judged low: starting them "
+        "small (or at zero) is a deliberate choice.",
+    ),
+    "batch_norm_gain": Threshold(
+        0.1, 0.05, False,
+        "Median RMS of the BatchNorm gains (gamma), those set exactly to zero on purpose left "
+        "out. PyTorch and every reference implementation start them at 1, and trained CNNs "
+        "keep them around 0.2-1.5; at 0.05 every normalization shrinks the signal 20x, and at "
+        "0.02 (gains drawn like weights, N(0, 0.02), as a "
+        "library init that treats every weight alike does) each normalization multiplies the "
+        "signal by ~0.02, it vanishes within a few blocks and the network cannot fit even one "
+        "batch (a Hugging Face EfficientNet so initialized: loss 1.44 after 60 Adam steps "
+        "against 0.004 with gains at 1).",
+    ),
+    "init_scale_trained": Threshold(
+        30.0, 100.0, True,
+        "The same ratio for trained weights, which legitimately drift from their init: the "
+        "pretrained all-MiniLM-L6-v2 sits at 0.45-4x, pretrained BERT and GPT-2 projections "
+        "at 1-10x. Thirty times the family's scale is no longer drift: the weights grew "
+        "unchecked during training (no weight decay, a learning rate too high) or started "
+        "that far off.",
+    ),
+}
