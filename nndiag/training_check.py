@@ -71,7 +71,7 @@ from nndiag.inspection import inspect_model
 from nndiag.losses import Loss, as_loss
 from nndiag.lrfind import cycle_batches
 from nndiag.monitor import Monitor
-from nndiag.rules.pretraining import SanityRecord
+from nndiag.records import SanityRecord
 from nndiag.rules.registry import diagnose, finding_ids
 from nndiag.runlog import read_run
 from nndiag.specs import unpack_batch

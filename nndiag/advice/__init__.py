@@ -9,7 +9,7 @@ first, each with the torch code to apply it.
 
 Example:
     >>> from nndiag.findings import Finding
-    >>> from nndiag.rules.pretraining import SanityRecord
+    >>> from nndiag.records import SanityRecord
     >>> finding = Finding("cannot_overfit_batch", "error", [], "one batch is not learned",
     ...                   evidence={"batch_size": 8, "steps": 50, "first": 2.3, "best": 2.1})
     >>> [fix.id for fix in advise(finding, SanityRecord(loss_at_init=2.3)).fixes]
@@ -24,8 +24,7 @@ from nndiag.advice import activations, checkpoint, gradients, run, sanity
 from nndiag.advice.catalog import make_fix
 from nndiag.advice.common import CHECKPOINT, PROBE, RUN, SANITY, Advisor
 from nndiag.findings import Finding
-from nndiag.records import CheckpointRecord, ProbeRecord
-from nndiag.rules.pretraining import SanityRecord
+from nndiag.records import CheckpointRecord, ProbeRecord, SanityRecord
 from nndiag.runlog import RunLog
 
 __all__ = ["REGISTRY", "advise", "advise_checkpoint", "advise_run", "advise_sanity",

@@ -17,7 +17,7 @@ from nndiag.findings import Finding, FindingId, Fix
 from nndiag.records import ProbeRecord
 
 if TYPE_CHECKING:
-    from nndiag.rules.pretraining import SanityRecord
+    from nndiag.records import SanityRecord
 
 # ----------------------------------------------------------------------------- live probe
 

@@ -29,7 +29,8 @@ from nndiag.findings import Report
 from nndiag.gate.batches import batch_size, iter_tensors_with_batch, shuffle_targets, slice_batch
 from nndiag.gate.observers import LossInputs, StepWatch, mode_dependent
 from nndiag.gate.steps import Stepper, model_device
-from nndiag.rules.pretraining import SUM_REDUCTION_RATIO, SanityRecord, cannot_overfit
+from nndiag.records import SanityRecord
+from nndiag.rules.pretraining import SUM_REDUCTION_RATIO, cannot_overfit
 from nndiag.specs import Batch, call_model, move_to, primary_output, unpack_batch
 
 OVERFIT_SAMPLES = 16

@@ -4,13 +4,16 @@
 - ``steps``: ``StepRecord``, one sampled training step, its layers as ``LayerRecord``s;
 - ``params``: ``ParamGroup`` and ``attach_parameters``, which put a module's parameter
   statistics on its first call site (shared by the probe, ``Monitor`` and the run-log reader);
-- ``checkpoint``: ``TensorStats``, ``ModuleWeights``, ``CheckpointRecord`` (data-free analysis).
+- ``checkpoint``: ``TensorStats``, ``ModuleWeights``, ``CheckpointRecord`` (data-free analysis);
+- ``sanity``: ``SanityRecord``, what the CI gate measured of the user's training step.
 """
 
 from nndiag.records.checkpoint import CheckpointRecord, ModuleWeights, TensorStats
 from nndiag.records.layers import LayerRecord, ProbeRecord
 from nndiag.records.params import ParamGroup, ancestors, attach_parameters
+from nndiag.records.sanity import SanityRecord
 from nndiag.records.steps import STEP_COLUMNS, StepRecord
 
 __all__ = ["STEP_COLUMNS", "CheckpointRecord", "LayerRecord", "ModuleWeights", "ParamGroup",
-           "ProbeRecord", "StepRecord", "TensorStats", "ancestors", "attach_parameters"]
+           "ProbeRecord", "SanityRecord", "StepRecord", "TensorStats", "ancestors",
+           "attach_parameters"]

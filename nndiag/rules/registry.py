@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nndiag.findings import Finding, FindingId, severity_rank
-from nndiag.records import CheckpointRecord, ProbeRecord
+from nndiag.records import CheckpointRecord, ProbeRecord, SanityRecord
 from nndiag.rules import activations, architecture, checkpoint, gradients, pretraining, run, sanity
-from nndiag.rules.pretraining import SanityRecord
 from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS, Threshold
 from nndiag.runlog import RunLog
 
