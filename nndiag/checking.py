@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nndiag.advice import advise_run
-from nndiag.amp import read_skipped, skipped_steps_finding
 from nndiag.errors import UsageError
 from nndiag.files import write_atomic
 from nndiag.findings import Finding, Report, severity_rank
@@ -60,28 +59,27 @@ def check_run(run: str | Path | RunLog, thresholds: dict[str, Threshold] | None 
     if not log.losses and not log.samples:
         raise UsageError(f"{str(log.path)!r} holds no recorded step: nothing to judge (did "
                          "training call monitor.step(loss)?)")
-    return judge_run(log, read_skipped(log.path), thresholds)
+    return judge_run(log, thresholds=thresholds)
 
 
-def judge_run(log: RunLog, skipped: Sequence[dict[str, float] | int] = (),
+def judge_run(log: RunLog, skipped: Sequence[dict[str, float] | int] | None = None,
               thresholds: dict[str, Threshold] | None = None) -> Report:
-    """The check report of a run log: the run rules with advice, and the skipped AMP steps.
+    """The check report of a run log: the run rules with advice.
 
     Args:
         log: The run.
-        skipped: Rows of ``nndiag.amp.read_skipped``, or bare step indices
-            (``Monitor.skipped_steps``).
+        skipped: The steps a ``GradScaler`` skipped, when the caller knows them better than
+            the run directory (``Monitor.skipped_steps``, bare step indices): they replace
+            ``log.skipped_steps``.
         thresholds: Override thresholds.
     """
-    rows = [row if isinstance(row, dict) else {"step": row, "scale": float("nan")}
-            for row in skipped]
+    if skipped is not None:
+        log.skipped_steps = [row if isinstance(row, dict) else
+                             {"step": row, "scale": float("nan")} for row in skipped]
     findings = [advise_run(f, log) for f in diagnose(log, thresholds)]
-    amp = skipped_steps_finding(rows, len(log.losses))
-    if amp is not None:
-        findings.append(amp)
     report = build_run_report(log, explain_symptoms(findings))
-    if rows:
-        report.summary["skipped_steps"] = len(rows)
+    if log.skipped_steps:
+        report.summary["skipped_steps"] = len(log.skipped_steps)
     return report
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nndiag.amp import read_skipped
 from nndiag.errors import UsageError
 from nndiag.files import write_atomic
 from nndiag.records import LayerRecord, ParamGroup, StepRecord, attach_parameters
@@ -163,6 +164,8 @@ class RunLog:
         samples: Sampled steps, in order.
         skipped_lines: Lines that could not be read (a cut last line after a crash, or a
             malformed record).
+        skipped_steps: Steps a ``GradScaler`` skipped (``amp.jsonl``): ``step`` and the
+            ``scale`` after the backoff.
     """
 
     path: Path
@@ -172,6 +175,7 @@ class RunLog:
     lrs: list[float | None] = field(default_factory=list)
     samples: list[StepRecord] = field(default_factory=list)
     skipped_lines: int = 0
+    skipped_steps: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def last_step(self) -> int | None:
@@ -249,7 +253,7 @@ def read_run(directory: str | Path) -> RunLog:
     if schema not in READABLE_SCHEMAS:
         raise UsageError(f"{str(meta_path)!r}: unknown run-log schema {schema!r} "
                          f"(this nndiag reads {', '.join(READABLE_SCHEMAS)})")
-    log = RunLog(path, meta)
+    log = RunLog(path, meta, skipped_steps=read_skipped(path))
     step_records, skipped = _read_lines(path / STEPS)
     for record in step_records:
         try:

@@ -17,11 +17,11 @@ from nndiag.runlog import RunLog
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nndiag"
 # Findings made where their evidence is measured rather than by a registered rule: the
-# learning-rate curve's (lrfind/suggestion.py), the skipped AMP steps (amp.py) and a
-# checkpoint whose keys do not match the model (inspection.py).
+# learning-rate curve's (lrfind/suggestion.py) and a checkpoint whose keys do not match the
+# model (inspection.py).
 MADE_OUTSIDE_RULES = {FindingId.LR_CURVE_FLAT, FindingId.LR_CURVE_NOISY,
                       FindingId.LR_RANGE_TOO_NARROW, FindingId.LR_CURVE_TOO_SHORT,
-                      FindingId.AMP_SKIPPED_STEPS, FindingId.CHECKPOINT_MISMATCH}
+                      FindingId.CHECKPOINT_MISMATCH}
 CONTEXTS = {ProbeRecord: ProbeRecord(layers=[], loss=1.0, loss_name="mse"),
             CheckpointRecord: CheckpointRecord("x", "state_dict", []),
             RunLog: RunLog(path=Path("run"), meta={}),

@@ -127,7 +127,26 @@ def zero_grad_missing(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
             "learning rate would only slow the growth."), [make_fix("zero_grad")]
 
 
+def amp_skipped_steps(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """Loss scaling at work, or gradients that overflow fp16 at any scale."""
+    ev = finding.evidence
+    steps = ev["skipped_steps"]
+    listed = ", ".join(str(step) for step in steps[:6]) + (" ..." if len(steps) > 6 else "")
+    text = (f"The loss scaler found inf/NaN in the scaled gradients and skipped the update on "
+            f"{ev['skipped']} of {ev['steps']} steps ({ev['share']:.1%}): at steps {listed}; "
+            f"the scale was {ev['last_scale']:g} after the last one. Those steps are recorded "
+            "without gradient norms and are not NaN/Inf in the model: lowering the scale until "
+            "the gradients fit fp16 is how loss scaling works, and a few skipped steps at the "
+            "start (the scale settling from 65536) or now and then are normal.")
+    if finding.severity == "warning":
+        text += (" Skipping this often means the gradients overflow fp16 even at a small "
+                 "scale: most updates are lost. Train in bfloat16 (no scaler needed), or lower "
+                 "the learning rate.")
+    return text, []
+
+
 ADVISORS: dict[tuple[str, str], Advisor] = {
+    (RUN, FindingId.AMP_SKIPPED_STEPS): amp_skipped_steps,
     (RUN, FindingId.NAN_INF): nan_inf,
     (RUN, FindingId.LOSS_DIVERGING): loss_diverging,
     (RUN, FindingId.LOSS_NOT_DECREASING): loss_not_decreasing,

@@ -121,7 +121,6 @@ def report(
     """
     out = Output(debug=debug)
     try:
-        from nndiag.amp import read_skipped
         from nndiag.checking import judge_run
         from nndiag.render.html import write_run_report
         from nndiag.runlog import read_run
@@ -129,7 +128,7 @@ def report(
         if out_dir is not None:
             check_output_dir(out_dir, "--out")
         log = read_run(run_dir)
-        judged = judge_run(log, read_skipped(run_dir))
+        judged = judge_run(log)
         target = out_dir or (run_dir / "report")
         for path in write_run_report(log, judged, target):
             out.stdout.print(str(path), highlight=False)

@@ -75,6 +75,7 @@ RULES: tuple[Rule, ...] = (
     Rule((F.VANISHING_GRADIENTS, F.EXPLODING_GRADIENTS), RunLog, run.gradient_trends),
     Rule((F.UPDATE_RATIO_HIGH, F.UPDATE_RATIO_LOW), RunLog, run.update_ratios),
     Rule((F.ZERO_GRAD_MISSING,), RunLog, run.zero_grad_missing),
+    Rule((F.AMP_SKIPPED_STEPS,), RunLog, run.amp_skipped_steps),
     # The CI gate's checks of the user's training step.
     Rule((F.ZERO_GRAD_MISSING,), SanityRecord, _sanity(pretraining.zero_grad_missing)),
     Rule((F.SOFTMAX_BEFORE_LOSS,), SanityRecord, _sanity(pretraining.softmax_before_loss)),

@@ -387,6 +387,30 @@ def zero_grad_missing(log: RunLog, t: dict[str, Threshold],
                              "layers_growing": len(growing), "layers": len(last_norms)})
 
 
+# Above this share of steps skipped by the GradScaler, most updates are lost: a warning.
+AMP_SKIPPED_WARN_SHARE = 0.25
+
+
+def amp_skipped_steps(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+    """Steps a ``GradScaler`` skipped on inf/NaN gradients: loss scaling at work (``info``).
+
+    A ``warning`` when more than a quarter of the steps were skipped: the model barely trains.
+    """
+    skipped = log.skipped_steps
+    if not skipped:
+        return None
+    count, steps = len(skipped), len(log.losses)
+    share = count / max(steps, count, 1)
+    severity = "warning" if share > AMP_SKIPPED_WARN_SHARE else "info"
+    return Finding(FindingId.AMP_SKIPPED_STEPS, severity, [],
+                   f"the GradScaler skipped {count} of {steps} steps ({share:.1%}) on inf/NaN "
+                   "gradients",
+                   evidence={"skipped": count, "steps": steps, "share": share,
+                             "skipped_steps": [row["step"] for row in skipped],
+                             "last_scale": skipped[-1]["scale"],
+                             "first_step": skipped[0]["step"]})
+
+
 def run_rules(log: RunLog, thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
     """Every rule over a recorded run, most severe first: ``diagnose`` on the run."""
     from nndiag.rules.registry import diagnose
