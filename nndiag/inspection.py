@@ -26,7 +26,7 @@ from nndiag.checkpoints import (
     model_checkpoint,
 )
 from nndiag.errors import UsageError, check_seed
-from nndiag.findings import Finding, FindingId, Report, severity_rank
+from nndiag.findings import Finding, Report, severity_rank
 from nndiag.losses import Loss, as_loss
 from nndiag.records import CheckpointRecord, ProbeRecord
 from nndiag.rules import diagnose
@@ -361,16 +361,10 @@ def _with_checkpoint_summary(report: Report, checkpoint: Checkpoint,
         report.notes.append(
             f"checkpoint keys mapped onto the model: prefix {loaded.prefix_removed!r} removed, "
             f"{loaded.prefix_added!r} added")
-    if loaded.missing or loaded.unexpected:
-        report.findings.append(Finding(
-            FindingId.CHECKPOINT_MISMATCH, "warning", loaded.missing[:50],
-            f"{len(loaded.missing)} model key(s) missing from the checkpoint, "
-            f"{len(loaded.unexpected)} unexpected key(s) in it",
-            explanation=("Loaded non-strictly: the missing tensors keep the model's own "
-                         "initialization, the unexpected ones were ignored. A fine-tuning head "
-                         "is an expected difference; a backbone layer is not."),
-            evidence={"missing": loaded.missing, "unexpected": loaded.unexpected}))
-        report.findings.sort(key=lambda f: -severity_rank(f.severity))
+    mismatch = [advise(f, loaded) for f in diagnose(loaded)]
+    if mismatch:
+        report.findings = sorted(report.findings + mismatch,
+                                 key=lambda f: -severity_rank(f.severity))
     return report
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from nndiag.advice import REGISTRY, context_kind
 from nndiag.findings import Finding, FindingId
-from nndiag.records import CheckpointRecord, ProbeRecord
+from nndiag.records import CheckpointRecord, LoadResult, ProbeRecord
 from nndiag.rules import RULES, diagnose, finding_ids
 from nndiag.rules.pretraining import SanityRecord
 from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS
@@ -17,13 +17,12 @@ from nndiag.runlog import RunLog
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nndiag"
 # Findings made where their evidence is measured rather than by a registered rule: the
-# learning-rate curve's (lrfind/suggestion.py) and a checkpoint whose keys do not match the
-# model (inspection.py).
+# learning-rate curve's (lrfind/suggestion.py).
 MADE_OUTSIDE_RULES = {FindingId.LR_CURVE_FLAT, FindingId.LR_CURVE_NOISY,
-                      FindingId.LR_RANGE_TOO_NARROW, FindingId.LR_CURVE_TOO_SHORT,
-                      FindingId.CHECKPOINT_MISMATCH}
+                      FindingId.LR_RANGE_TOO_NARROW, FindingId.LR_CURVE_TOO_SHORT}
 CONTEXTS = {ProbeRecord: ProbeRecord(layers=[], loss=1.0, loss_name="mse"),
             CheckpointRecord: CheckpointRecord("x", "state_dict", []),
+            LoadResult: LoadResult(),
             RunLog: RunLog(path=Path("run"), meta={}),
             SanityRecord: SanityRecord(loss_at_init=1.0)}
 

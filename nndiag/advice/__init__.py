@@ -24,7 +24,7 @@ from nndiag.advice import activations, checkpoint, gradients, run, sanity
 from nndiag.advice.catalog import make_fix
 from nndiag.advice.common import CHECKPOINT, PROBE, RUN, SANITY, Advisor
 from nndiag.findings import Finding
-from nndiag.records import CheckpointRecord, ProbeRecord, SanityRecord
+from nndiag.records import CheckpointRecord, LoadResult, ProbeRecord, SanityRecord
 from nndiag.runlog import RunLog
 
 __all__ = ["REGISTRY", "advise", "advise_checkpoint", "advise_run", "advise_sanity",
@@ -47,7 +47,8 @@ REGISTRY: dict[tuple[str, str], Advisor] = _merge(
 """(context kind, finding id) -> advisor."""
 
 _KINDS: tuple[tuple[type, str], ...] = (
-    (ProbeRecord, PROBE), (CheckpointRecord, CHECKPOINT), (RunLog, RUN), (SanityRecord, SANITY))
+    (ProbeRecord, PROBE), (CheckpointRecord, CHECKPOINT), (LoadResult, CHECKPOINT), (RunLog, RUN),
+    (SanityRecord, SANITY))
 
 
 def context_kind(context: Any) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from nndiag.advice.catalog import CATALOG, make_fix
 from nndiag.advice.common import CHECKPOINT, Advisor, fmt, he_init_fix, norm_fix
 from nndiag.findings import Finding, FindingId, Fix
-from nndiag.records import CheckpointRecord
+from nndiag.records import CheckpointRecord, LoadResult
 from nndiag.records.checkpoint import FAMILY_LABELS, HF_INIT_STD, NORMAL_INIT_FAMILIES
 
 # The module class a checkpoint's module kind stands for, to phrase the fixes.
@@ -350,8 +350,16 @@ def architecture_summary(record: CheckpointRecord) -> dict[str, Any] | None:
             "initializer_range": record.config.get("initializer_range")}
 
 
+def checkpoint_mismatch(finding: Finding, loaded: LoadResult) -> tuple[str, list[Fix]]:
+    """A checkpoint loaded non-strictly: what kept the model's own init, and what was ignored."""
+    return ("Loaded non-strictly: the missing tensors keep the model's own initialization, the "
+            "unexpected ones were ignored. A fine-tuning head is an expected difference; a "
+            "backbone layer is not."), []
+
+
 ADVISORS: dict[tuple[str, str], Advisor] = {
     (CHECKPOINT, FindingId.POOR_INITIALIZATION): poor_initialization,
     (CHECKPOINT, FindingId.NAN_INF): nan_inf,
     (CHECKPOINT, FindingId.DEAD_CHANNELS): dead_channels,
+    (CHECKPOINT, FindingId.CHECKPOINT_MISMATCH): checkpoint_mismatch,
 }

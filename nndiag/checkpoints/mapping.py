@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from nndiag.checkpoints.formats import Checkpoint
 from nndiag.errors import UsageError
-
-
-@dataclass
-class LoadResult:
-    """How the checkpoint's keys met the model's.
-
-    Attributes:
-        prefix_removed: A prefix stripped from every checkpoint key (``net.``, ``module.``).
-        prefix_added: A prefix added to every checkpoint key.
-        missing: Model keys the checkpoint did not have (non-strict only).
-        unexpected: Checkpoint keys the model did not have (non-strict only).
-    """
-
-    prefix_removed: str = ""
-    prefix_added: str = ""
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
+from nndiag.records.checkpoint import LoadResult
 
 
 def _prefixes(key: str) -> list[str]:

@@ -8,12 +8,13 @@
 - ``sanity``: ``SanityRecord``, what the CI gate measured of the user's training step.
 """
 
-from nndiag.records.checkpoint import CheckpointRecord, ModuleWeights, TensorStats
+from nndiag.records.checkpoint import CheckpointRecord, LoadResult, ModuleWeights, TensorStats
 from nndiag.records.layers import LayerRecord, ProbeRecord
 from nndiag.records.params import ParamGroup, ancestors, attach_parameters
 from nndiag.records.sanity import SanityRecord
 from nndiag.records.steps import STEP_COLUMNS, StepRecord
 
-__all__ = ["STEP_COLUMNS", "CheckpointRecord", "LayerRecord", "ModuleWeights", "ParamGroup",
+__all__ = ["STEP_COLUMNS", "CheckpointRecord", "LayerRecord", "LoadResult", "ModuleWeights",
+           "ParamGroup",
            "ProbeRecord", "SanityRecord", "StepRecord", "TensorStats", "ancestors",
            "attach_parameters"]

@@ -206,3 +206,20 @@ class CheckpointRecord:
     def parameters(self) -> int:
         """Number of elements over all tensors."""
         return sum(m.params for m in self.modules)
+
+
+@dataclass
+class LoadResult:
+    """How the checkpoint's keys met the model's.
+
+    Attributes:
+        prefix_removed: A prefix stripped from every checkpoint key (``net.``, ``module.``).
+        prefix_added: A prefix added to every checkpoint key.
+        missing: Model keys the checkpoint did not have (non-strict only).
+        unexpected: Checkpoint keys the model did not have (non-strict only).
+    """
+
+    prefix_removed: str = ""
+    prefix_added: str = ""
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)

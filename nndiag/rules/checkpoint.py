@@ -50,6 +50,7 @@ from nndiag.records.checkpoint import (
     ROLE_NORM,
     ROLE_QUERY,
     CheckpointRecord,
+    LoadResult,
     ModuleWeights,
     canonical_key,
 )
@@ -477,6 +478,16 @@ def live_weight_findings(record: CheckpointRecord, thresholds: dict[str, Thresho
         return []
     return [max(found, key=lambda f: (severity_rank(f.severity),
                                       -_MECHANISMS.index(f.evidence["mechanism"])))]
+
+
+def checkpoint_mismatch(loaded: LoadResult, thresholds: dict[str, Threshold]) -> Finding | None:
+    """Model keys a checkpoint loaded non-strictly lacked, or checkpoint keys the model lacked."""
+    if not loaded.missing and not loaded.unexpected:
+        return None
+    return Finding(FindingId.CHECKPOINT_MISMATCH, "warning", loaded.missing[:50],
+                   f"{len(loaded.missing)} model key(s) missing from the checkpoint, "
+                   f"{len(loaded.unexpected)} unexpected key(s) in it",
+                   evidence={"missing": loaded.missing, "unexpected": loaded.unexpected})
 
 
 def nonfinite_weights(record: CheckpointRecord, thresholds: dict[str, Threshold]

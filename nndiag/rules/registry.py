@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nndiag.findings import Finding, FindingId, severity_rank
-from nndiag.records import CheckpointRecord, ProbeRecord, SanityRecord
+from nndiag.records import CheckpointRecord, LoadResult, ProbeRecord, SanityRecord
 from nndiag.rules import activations, architecture, checkpoint, gradients, pretraining, run, sanity
 from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS, Threshold
 from nndiag.runlog import RunLog
@@ -67,6 +67,8 @@ RULES: tuple[Rule, ...] = (
     Rule((F.NAN_INF,), CheckpointRecord, checkpoint.nonfinite_weights),
     Rule((F.POOR_INITIALIZATION,), CheckpointRecord, checkpoint.poor_initialization),
     Rule((F.DEAD_CHANNELS,), CheckpointRecord, checkpoint.dead_channels),
+    # A checkpoint loaded non-strictly into the user's architecture.
+    Rule((F.CHECKPOINT_MISMATCH,), LoadResult, checkpoint.checkpoint_mismatch),
     # A recorded run.
     Rule((F.NAN_INF,), RunLog, run.nan_inf),
     Rule((F.DEAD_RELU,), RunLog, run.dead_units),
@@ -107,7 +109,8 @@ def diagnose(context: Any, thresholds: dict[str, Threshold] | None = None) -> li
     When a probe holds NaN or Inf, only the rules that mean something then run.
 
     Args:
-        context: A ``ProbeRecord``, ``CheckpointRecord``, ``RunLog`` or ``SanityRecord``.
+        context: A ``ProbeRecord``, ``CheckpointRecord``, ``LoadResult``, ``RunLog`` or
+            ``SanityRecord``.
         thresholds: Override thresholds by name (the defaults: every table of
             ``rules/thresholds.py``).
     """
