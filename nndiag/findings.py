@@ -39,6 +39,7 @@ class FindingId(str, Enum):
     LR_CURVE_NOISY = "lr_curve_noisy"
     LR_RANGE_TOO_NARROW = "lr_range_too_narrow"
     LR_CURVE_TOO_SHORT = "lr_curve_too_short"
+    LR_TRIALS_DIVERGED = "lr_trials_diverged"
     ZERO_GRAD_MISSING = "zero_grad_missing"
     SOFTMAX_BEFORE_LOSS = "softmax_before_loss"
     TRAIN_MODE_OFF = "train_mode_off"

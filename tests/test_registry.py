@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nndiag"
 # Findings made where their evidence is measured rather than by a registered rule: the
 # learning-rate curve's (lrfind/suggestion.py).
 MADE_OUTSIDE_RULES = {FindingId.LR_CURVE_FLAT, FindingId.LR_CURVE_NOISY,
-                      FindingId.LR_RANGE_TOO_NARROW, FindingId.LR_CURVE_TOO_SHORT}
+                      FindingId.LR_RANGE_TOO_NARROW, FindingId.LR_CURVE_TOO_SHORT,
+                      FindingId.LR_TRIALS_DIVERGED}
 CONTEXTS = {ProbeRecord: ProbeRecord(layers=[], loss=1.0, loss_name="mse"),
             CheckpointRecord: CheckpointRecord("x", "state_dict", []),
             LoadResult: LoadResult(),
@@ -101,3 +102,19 @@ def test_every_threshold_of_every_context_has_a_reason_ordered_levels_and_one_na
         for name, rule in table.items():
             assert len(rule.reason) > 40, name
             assert (rule.error > rule.warning) == rule.higher_is_worse, name
+
+
+def test_the_inspect_schema_names_every_finding_and_fix_an_inspection_can_carry():
+    import json
+    from importlib import resources
+
+    from nndiag.advice.catalog import CATALOG
+
+    schema = json.loads(resources.files("nndiag").joinpath(
+        "schemas/inspect-1.schema.json").read_text())
+    finding_enum = set(schema["$defs"]["finding"]["properties"]["id"]["enum"])
+    fix_enum = set(schema["$defs"]["fix"]["properties"]["id"]["enum"])
+    live = set(finding_ids(ProbeRecord)) | set(finding_ids(LoadResult)) | {
+        FindingId.POOR_INITIALIZATION}  # the weights' own mechanisms, read live too
+    assert live <= finding_enum
+    assert set(CATALOG) == fix_enum

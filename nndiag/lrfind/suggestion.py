@@ -484,7 +484,8 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
         lr = lowest * 10 ** -max(rule.candidate_spacing, 0.5)
         return Choice(lr, f"every trial diverged ({tried}, {steps} steps each): "
                           f"{lr:.2e}, below the lowest", [_finding(
-                              "lr_trials_diverged", "every trial learning rate diverged",
+                              FindingId.LR_TRIALS_DIVERGED,
+                              "every trial learning rate diverged",
                               f"Short trainings at {tried} all diverged although the range test "
                               "read them as safe: the suggestion is below the lowest of them. "
                               "Check it with a short run, or add warmup.",
