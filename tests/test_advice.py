@@ -19,6 +19,7 @@ from nndiag.advice import (
 from nndiag.advice.catalog import CATALOG, layer_types, make_fix
 from nndiag.advice.common import (
     CHECKPOINT,
+    LR_CURVE,
     MAX_DERIVATIVE,
     PROBE,
     RUN,
@@ -102,8 +103,8 @@ def test_make_fix_fills_placeholders_and_marks_automatic_fixes():
         make_fix("no_such_fix")
 
 
-def test_registry_keys_use_the_four_context_kinds():
-    assert {kind for kind, _ in REGISTRY} == {PROBE, CHECKPOINT, RUN, SANITY}
+def test_registry_keys_use_the_five_context_kinds():
+    assert {kind for kind, _ in REGISTRY} == {PROBE, CHECKPOINT, RUN, SANITY, LR_CURVE}
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -10,28 +10,24 @@ import pytest
 from nndiag.advice import REGISTRY, context_kind
 from nndiag.findings import Finding, FindingId
 from nndiag.records import CheckpointRecord, LoadResult, ProbeRecord
+from nndiag.records.lrcurve import LRCurveRecord, TrialsRecord
 from nndiag.rules import RULES, diagnose, finding_ids
 from nndiag.rules.pretraining import SanityRecord
 from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS
 from nndiag.runlog import RunLog
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nndiag"
-# Findings made where their evidence is measured rather than by a registered rule: the
-# learning-rate curve's (lrfind/suggestion.py).
-MADE_OUTSIDE_RULES = {FindingId.LR_CURVE_FLAT, FindingId.LR_CURVE_NOISY,
-                      FindingId.LR_RANGE_TOO_NARROW, FindingId.LR_CURVE_TOO_SHORT,
-                      FindingId.LR_TRIALS_DIVERGED}
 CONTEXTS = {ProbeRecord: ProbeRecord(layers=[], loss=1.0, loss_name="mse"),
             CheckpointRecord: CheckpointRecord("x", "state_dict", []),
             LoadResult: LoadResult(),
+            LRCurveRecord: LRCurveRecord(0, 8),
+            TrialsRecord: TrialsRecord([1e-3]),
             RunLog: RunLog(path=Path("run"), meta={}),
             SanityRecord: SanityRecord(loss_at_init=1.0)}
 
 
-def test_every_finding_id_is_reported_by_a_registered_rule_or_a_named_producer():
-    registered = {finding_id for rule in RULES for finding_id in rule.ids}
-    assert registered | MADE_OUTSIDE_RULES == set(FindingId)
-    assert not registered & MADE_OUTSIDE_RULES
+def test_every_finding_id_is_reported_by_a_registered_rule():
+    assert {finding_id for rule in RULES for finding_id in rule.ids} == set(FindingId)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.context.__name__}:{r.ids[0]}")

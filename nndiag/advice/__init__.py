@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from nndiag.advice import activations, checkpoint, gradients, run, sanity
+from nndiag.advice import activations, checkpoint, gradients, lrcurve, run, sanity
 from nndiag.advice.catalog import make_fix
-from nndiag.advice.common import CHECKPOINT, PROBE, RUN, SANITY, Advisor
+from nndiag.advice.common import CHECKPOINT, LR_CURVE, PROBE, RUN, SANITY, Advisor
 from nndiag.findings import Finding
 from nndiag.records import CheckpointRecord, LoadResult, ProbeRecord, SanityRecord
+from nndiag.records.lrcurve import LRCurveRecord, TrialsRecord
 from nndiag.runlog import RunLog
 
 __all__ = ["REGISTRY", "advise", "advise_checkpoint", "advise_run", "advise_sanity",
@@ -43,12 +44,12 @@ def _merge(*families: dict[tuple[str, str], Advisor]) -> dict[tuple[str, str], A
 
 REGISTRY: dict[tuple[str, str], Advisor] = _merge(
     gradients.ADVISORS, activations.ADVISORS, sanity.ADVISORS, checkpoint.ADVISORS,
-    run.ADVISORS)
+    run.ADVISORS, lrcurve.ADVISORS)
 """(context kind, finding id) -> advisor."""
 
 _KINDS: tuple[tuple[type, str], ...] = (
     (ProbeRecord, PROBE), (CheckpointRecord, CHECKPOINT), (LoadResult, CHECKPOINT), (RunLog, RUN),
-    (SanityRecord, SANITY))
+    (SanityRecord, SANITY), (LRCurveRecord, LR_CURVE), (TrialsRecord, LR_CURVE))
 
 
 def context_kind(context: Any) -> str:

@@ -21,6 +21,7 @@ PROBE = "probe"  # a live probe: ProbeRecord
 CHECKPOINT = "checkpoint"  # a data-free checkpoint analysis: CheckpointRecord
 RUN = "run"  # a recorded run: RunLog
 SANITY = "sanity"  # the pre-training checks: SanityRecord
+LR_CURVE = "lr_curve"  # lr-find: LRCurveRecord, TrialsRecord
 
 Advisor = Callable[[Finding, Any], tuple[str, list[Fix]]]
 """``f(finding, context) -> (explanation, fixes)``, fixes most effective first."""

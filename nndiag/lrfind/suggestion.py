@@ -22,10 +22,11 @@
 6. Noise is the robust spread (1.4826 x MAD) of the raw loss around the smoothed curve; the
    smoothed curve's own noise is that divided by the square root of the points the Gaussian
    averages. A drop smaller than ``FLAT_NOISE_RATIO`` x the curve's noise (or below
-   ``FLAT_RELATIVE_DROP`` of the loss) is "flat"; raw noise above ``NOISY_FRACTION`` of the drop
-   is "noisy": both are warned about. On a flat curve the suggestion is the valley as above
-   (``Rule.flat_rule``) or, with ``rise``, where the loss starts to rise divided by
-   ``Rule.flat_divisor``; a flat curve that never rises gives no suggestion (an error).
+   ``FLAT_RELATIVE_DROP`` of the loss) is "flat"; raw noise above a share of the drop
+   (``rules.lrcurve.NOISY_FRACTION``) is "noisy": lr-find's rules warn about both. On a flat
+   curve the suggestion is the valley as above (``Rule.flat_rule``) or, with ``rise``, where
+   the loss starts to rise divided by ``Rule.flat_divisor``; a flat curve that never rises
+   gives no suggestion (an error).
 7. ``candidates`` are learning rates for short trial trainings (``nndiag.lrfind.sweep``): the
    valley raised by ``Rule.candidate_offset`` decades, then lowered by
    ``Rule.candidate_spacing`` decades each, ``Rule.candidates`` of them, rounded to quarter
@@ -50,11 +51,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from nndiag.findings import Finding, FindingId
+from nndiag.findings import Finding
+from nndiag.records.lrcurve import LRCurveRecord, TrialsRecord
 
 MEDIAN_WINDOW_DECADES = 0.4
 SPIKE_SIGMAS = 5.0
@@ -62,7 +63,6 @@ GAUSS_SIGMA_DECADES = 0.2
 LOW_FRACTION = 0.1
 FLAT_NOISE_RATIO = 3.0
 FLAT_RELATIVE_DROP = 0.01
-NOISY_FRACTION = 0.3
 MIN_POINTS = 8
 QUARTER_DECADES = 4
 
@@ -293,9 +293,12 @@ def valley_lr(lrs: Sequence[float], losses: Sequence[float], beta: float = 0.98,
     return float(xs[max_start + int(sections) + int(sections / 2)])
 
 
-def _finding(finding_id: str, summary: str, explanation: str, severity: str = "warning",
-             **evidence: Any) -> Finding:
-    return Finding(finding_id, severity, [], summary, explanation, evidence)
+def _judge(context: LRCurveRecord | TrialsRecord) -> list[Finding]:
+    """The findings of lr-find's rules on a curve or on its trials, with their advice."""
+    from nndiag.advice import advise
+    from nndiag.rules.registry import diagnose
+
+    return [advise(f, context) for f in diagnose(context)]
 
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE) -> Suggestion:
@@ -319,10 +322,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
         return Suggestion(None, None, None, smoothed_full.tolist(),
                           f"only {cut} finite loss values before the curve ended: too few to "
                           "read a learning rate from",
-                          [_finding(FindingId.LR_CURVE_TOO_SHORT,
-                                    "too few finite points to suggest a learning rate",
-                                    "Run more --steps, or lower --start-lr if the loss "
-                                    "diverges at once.", "error", points=cut)],
+                          _judge(LRCurveRecord(cut, MIN_POINTS)),
                           shape="too_short")
     log_lrs, raw = np.log10(lr_arr[:cut]), loss_arr[:cut]
     smoothed = smooth_curve(log_lrs, raw)
@@ -336,17 +336,14 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
     low_index = int(np.argmin(smoothed))
     drop = start - float(smoothed[low_index])
     scale = max(abs(start), abs(float(smoothed[low_index])), 1e-12)
-    findings: list[Finding] = []
+    flat = drop <= FLAT_NOISE_RATIO * curve_noise or drop <= FLAT_RELATIVE_DROP * scale
+    rise = np.nonzero(smoothed > start + max(FLAT_NOISE_RATIO * curve_noise,
+                                             FLAT_RELATIVE_DROP * scale))[0]
+    narrow = low_index >= cut - max(2, cut // 20) and cut == len(loss_arr)
+    findings = _judge(LRCurveRecord(cut, MIN_POINTS, drop, noise, flat, bool(len(rise)), narrow,
+                                    float(lr_arr[cut - 1])))
 
-    if drop <= FLAT_NOISE_RATIO * curve_noise or drop <= FLAT_RELATIVE_DROP * scale:
-        rise = np.nonzero(smoothed > start + max(FLAT_NOISE_RATIO * curve_noise,
-                                                 FLAT_RELATIVE_DROP * scale))[0]
-        findings.append(_finding(
-            FindingId.LR_CURVE_FLAT, "the loss barely falls over the whole range",
-            "A flat curve (a pretrained model, a task already learned, or too few steps) holds "
-            "no valley to read a learning rate from. The suggestion sits below where the loss "
-            "starts to rise: a safe upper bound rather than an optimum.",
-            "warning" if len(rise) else "error", drop=drop, noise=noise))
+    if flat:
         valley = valley_lr(lr_arr[:cut], raw, rule.ema_beta, despike=rule.valley_despike) \
             if rule.flat_rule == "valley" else None
         top = float(lr_arr[cut - 1])
@@ -367,21 +364,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
                           "flat curve with no rise: no learning rate can be read from it",
                           findings, noise, drop, shape="flat_no_rise")
 
-    if noise > NOISY_FRACTION * drop:
-        findings.append(_finding(
-            FindingId.LR_CURVE_NOISY, "the loss is noisy against its fall",
-            f"The raw loss scatters by {noise:.3g} around the smoothed curve against a fall of "
-            f"{drop:.3g}: use a larger batch or --accumulate, or more --steps.",
-            drop=drop, noise=noise))
-    narrow = low_index >= cut - max(2, cut // 20) and cut == len(loss_arr)
     lr_high = float(lr_arr[low_index])
-    if narrow:
-        findings.append(_finding(
-            FindingId.LR_RANGE_TOO_NARROW, "the loss still falls at the end of the range",
-            "The minimum sits at the end of the sweep: the sweep's own progress may dominate "
-            "the curve, and a rate this high may not train from the start. The suggestion is "
-            "read well below the end; raise --end-lr to see where the loss turns up.",
-            end_lr=float(lr_arr[cut - 1])))
 
     descent = smoothed[: low_index + 1]
     slope = np.gradient(descent, log_lrs[: low_index + 1]) if low_index >= 2 else \
@@ -483,13 +466,8 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
         lowest = min(candidates)
         lr = lowest * 10 ** -max(rule.candidate_spacing, 0.5)
         return Choice(lr, f"every trial diverged ({tried}, {steps} steps each): "
-                          f"{lr:.2e}, below the lowest", [_finding(
-                              FindingId.LR_TRIALS_DIVERGED,
-                              "every trial learning rate diverged",
-                              f"Short trainings at {tried} all diverged although the range test "
-                              "read them as safe: the suggestion is below the lowest of them. "
-                              "Check it with a short run, or add warmup.",
-                              tried=list(candidates))])
+                          f"{lr:.2e}, below the lowest",
+                      _judge(TrialsRecord(list(candidates), list(scores))))
     score, best = min(finite)
     margin = rule.trial_progress_sigmas * scatter
     if rule.trial_progress_sigmas and start is not None and fallback is not None and \

@@ -15,7 +15,17 @@ from typing import Any
 
 from nndiag.findings import Finding, FindingId, severity_rank
 from nndiag.records import CheckpointRecord, LoadResult, ProbeRecord, SanityRecord
-from nndiag.rules import activations, architecture, checkpoint, gradients, pretraining, run, sanity
+from nndiag.records.lrcurve import LRCurveRecord, TrialsRecord
+from nndiag.rules import (
+    activations,
+    architecture,
+    checkpoint,
+    gradients,
+    lrcurve,
+    pretraining,
+    run,
+    sanity,
+)
 from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS, Threshold
 from nndiag.runlog import RunLog
 
@@ -88,6 +98,12 @@ RULES: tuple[Rule, ...] = (
     Rule((F.CANNOT_OVERFIT_BATCH,), SanityRecord, _sanity(pretraining.cannot_overfit)),
     Rule((F.LABELS_MISALIGNED,), SanityRecord, _sanity(pretraining.labels_misaligned)),
     Rule((F.BATCH_MIXING,), SanityRecord, _sanity(pretraining.batch_mixing)),
+    # lr-find: the range test's curve, then the trial trainings.
+    Rule((F.LR_CURVE_TOO_SHORT,), LRCurveRecord, lrcurve.curve_too_short),
+    Rule((F.LR_CURVE_FLAT,), LRCurveRecord, lrcurve.curve_flat),
+    Rule((F.LR_CURVE_NOISY,), LRCurveRecord, lrcurve.curve_noisy),
+    Rule((F.LR_RANGE_TOO_NARROW,), LRCurveRecord, lrcurve.range_too_narrow),
+    Rule((F.LR_TRIALS_DIVERGED,), TrialsRecord, lrcurve.trials_diverged),
 )
 
 
