@@ -431,3 +431,10 @@ def test_a_layer_layerdrop_skipped_in_the_probe_is_not_unused():
     report = _inspect(LayerDrop(), (x, _labels()))
     assert "unused_parameters" not in _ids(report), [f.summary for f in report.findings]
     assert report.status == "ok"
+
+
+def test_a_sparse_buffer_does_not_break_the_live_weight_read():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    model.register_buffer("mask", torch.eye(4).to_sparse())
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    assert _inspect(model, (x, _labels(classes=3))).status == "ok"

@@ -56,8 +56,8 @@ def tensor_stats(name: str, tensor: torch.Tensor) -> TensorStats:
     """
     stats = TensorStats(name, list(tensor.shape), str(tensor.dtype).removeprefix("torch."),
                         tensor.numel())
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return stats
+    if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.layout != torch.strided:
+        return stats  # sparse tensors are not weights: their shape and dtype are enough
     flat = tensor.detach().reshape(-1)
     squares = total = 0.0
     nonfinite = 0
