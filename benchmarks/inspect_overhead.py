@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from nndiag import examples, inspect_model
+from nndiag.batches import Batch
 from nndiag.capture import run_probe
-from nndiag.specs import Batch
 
 CASES = [
     # name, factory, input shape, integer inputs

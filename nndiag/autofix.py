@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from nndiag.advice import RE_INITIALIZING
+from nndiag.batches import Batch, iter_tensors
 from nndiag.capture.layers import SATURATING, has_init_expectation, module_activation
 from nndiag.capture.probe import ROOT_NAME, ProbeConfig, run_probe
 from nndiag.findings import Finding
 from nndiag.records import ProbeRecord
 from nndiag.rules import HEADLINES, run_probe_rules
 from nndiag.rules.thresholds import Threshold
-from nndiag.specs import Batch, iter_tensors
 
 _SWAPPABLE = SATURATING - {"relu6"}
 

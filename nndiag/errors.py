@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # The seeds a torch.Generator accepts: any 64-bit integer, signed or unsigned.
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -115,3 +117,23 @@ def check_non_negative(value: float, option: str) -> float:
     if number is None or not (math.isfinite(number) and number >= 0):
         raise UsageError(f"{option} {value!r}: must be a finite number >= 0")
     return value
+
+
+@contextmanager
+def user_code() -> Iterator[None]:
+    """Run a piece of the user's code: a ``SystemExit`` it raises becomes ``UserExit``.
+
+    Every place nndiag enters user code goes through here (importing a spec, calling a
+    factory, the model's forward, iterating the data, a loss or optimizer factory of the
+    user's), so ``sys.exit()`` in that code is exit code 3 with a message instead of ending
+    nndiag silently with the user's code. Its standard output is the CLI's business: the
+    command layer sends it to stderr (``nndiag.cli.output``).
+
+    Raises:
+        UserExit: The code raised ``SystemExit``.
+
+    """
+    try:
+        yield
+    except SystemExit as exc:
+        raise UserExit(exc.code) from exc

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from torch import nn
 from nndiag.advice import advise, advise_checkpoint
 from nndiag.advice.checkpoint import architecture_summary, checkpoint_notes
 from nndiag.autofix import verify_fixes
+from nndiag.batches import iter_batches, synthetic_batches
 from nndiag.capture.probe import ProbeConfig, run_probe
 from nndiag.checkpoints import (
     Checkpoint,
@@ -32,107 +30,9 @@ from nndiag.records import CheckpointRecord, ProbeRecord
 from nndiag.rules import diagnose
 from nndiag.rules.checkpoint import live_weight_findings
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
-from nndiag.specs import Batch, iter_batches, require_usable_model
+from nndiag.specs import require_usable_model
 
 SCHEMA = "nndiag.inspect/1"
-_INT_DTYPES = {"long": torch.long, "int64": torch.long, "int": torch.int, "int32": torch.int}
-# How torch's allocators word a failed allocation (CPU, CUDA, a size past int64).
-_ALLOCATION_FAILURES = ("not enough memory", "can't allocate memory", "out of memory",
-                        "size calculation overflowed")
-_FLOAT_DTYPES = {"float": torch.float32, "float32": torch.float32, "float64": torch.float64,
-                 "double": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def synthetic_batches(model: nn.Module, input_shape: Sequence[int], *, dtype: str = "float32",
-                      input_max: int | None = None, count: int = 1, seed: int = 0
-                      ) -> list[Batch]:
-    """Random input batches of a given shape (standard normal, or integers for embeddings).
-
-    Args:
-        model: The model, used to find the vocabulary size of integer inputs.
-        input_shape: Shape of one input batch, batch dimension first.
-        dtype: ``float32`` (default), ``float64``, ``float16``, ``bfloat16``, ``long`` or ``int``.
-        input_max: Exclusive upper bound of integer inputs (default: the first embedding's
-            ``num_embeddings``).
-        count: Number of batches.
-        seed: Seed of a private generator (the global RNG is left alone).
-
-    Raises:
-        UsageError: A bad shape or dtype, integer inputs with no known upper bound, or inputs
-            larger than the machine's memory.
-
-    """
-    shape = tuple(int(v) for v in input_shape)
-    if not shape or any(v <= 0 for v in shape):
-        raise UsageError(f"--input-shape {','.join(map(str, shape))}: every size must be positive")
-    if count < 1:
-        raise UsageError(f"batches must be at least 1, got {count}")
-    generator = torch.Generator().manual_seed(check_seed(seed, "--seed"))
-    if dtype in _INT_DTYPES:
-        if input_max is None:
-            embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-            if embedding is None:
-                raise UsageError("integer inputs need --input-max (the model has no nn.Embedding "
-                                 "to take the vocabulary size from)")
-            input_max = embedding.num_embeddings
-        if input_max <= 0:
-            raise UsageError(f"--input-max {input_max}: must be positive")
-        int_dtype = _INT_DTYPES[dtype]
-        _check_fits_in_memory(shape, int_dtype.itemsize, count)
-        with _allocating(shape):
-            return [Batch(torch.randint(0, input_max, shape, generator=generator,
-                                        dtype=int_dtype)) for _ in range(count)]
-    if dtype not in _FLOAT_DTYPES:
-        raise UsageError(f"--input-dtype {dtype!r}: use one of "
-                         f"{', '.join([*_FLOAT_DTYPES, *_INT_DTYPES])}")
-    # randn draws in float32 first: that is the peak, whatever the dtype asked for.
-    _check_fits_in_memory(shape, max(4, _FLOAT_DTYPES[dtype].itemsize), count)
-    with _allocating(shape):
-        return [Batch(torch.randn(shape, generator=generator).to(_FLOAT_DTYPES[dtype]))
-                for _ in range(count)]
-
-
-def _memory_bytes() -> int | None:
-    """The machine's physical memory, or ``None`` where the OS does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def _check_fits_in_memory(shape: tuple[int, ...], itemsize: int, count: int) -> None:
-    """Refuse random inputs larger than the machine's memory before allocating any.
-
-    Refusing beats trying: on Linux a large enough allocation may succeed and the process is
-    then killed by the kernel while the tensor is filled, with no message at all.
-    """
-    needed = math.prod(shape) * itemsize * count
-    memory = _memory_bytes()
-    if memory is not None and needed > memory:
-        raise UsageError(
-            f"--input-shape {','.join(map(str, shape))}: {count} random batch(es) of this "
-            f"shape need {needed / 2**30:,.1f} GiB, more than this machine's "
-            f"{memory / 2**30:,.1f} GiB of memory; use a smaller batch"
-        )
-
-
-@contextmanager
-def _allocating(shape: tuple[int, ...]) -> Iterator[None]:
-    """Turn an allocation failure while making random inputs into a ``UsageError``."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as exc:
-        text = str(exc).strip()
-        if isinstance(exc, RuntimeError) and not any(
-                word in text.lower() for word in _ALLOCATION_FAILURES):
-            raise
-        first = text.splitlines()[0][:200] if text else type(exc).__name__
-        raise UsageError(
-            f"--input-shape {','.join(map(str, shape))}: not enough memory for random inputs "
-            f"of this shape ({first}); use a smaller batch"
-        ) from exc
-
-
 def looks_pretrained(model: nn.Module) -> bool:
     """True for weights loaded with Hugging Face's ``from_pretrained`` (it records the source).
 

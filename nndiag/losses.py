@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nndiag.errors import UsageError, UserCodeError, describe_exception
-from nndiag.specs import LOSS_NAMES, describe_value, load_object, primary_output, user_code
+from nndiag.batches import describe_value
+from nndiag.errors import UsageError, UserCodeError, describe_exception, user_code
+from nndiag.specs import LOSS_NAMES, load_object, primary_output
 
 # The label cross-entropy and NLL skip (their default ``ignore_index``).
 IGNORE_INDEX = -100

@@ -13,8 +13,9 @@ from nndiag.errors import (
     check_non_negative,
     check_positive,
     describe_exception,
+    user_code,
 )
-from nndiag.specs import load_object, user_code
+from nndiag.specs import load_object
 
 OptimizerFactory = Callable[[Iterable[Any], float], torch.optim.Optimizer]
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")

@@ -1,9 +1,8 @@
-"""Loading user code from specs (``package.module:attr`` or ``path/file.py:attr``) and batches.
+"""Loading user code from specs (``package.module:attr`` or ``path/file.py:attr``), and calling it.
 
 A spec names an attribute; a callable attribute that is not already the wanted object (an
-``nn.Module``, a loss function) is called with no arguments. Batches are ``(inputs, targets)``
-where inputs may be a tensor, a tuple (passed as ``model(*inputs)``) or a dict (passed as
-``model(**inputs)``).
+``nn.Module``, a loss function) is called with no arguments. Batches live in
+``nndiag.batches``; their names are importable from here too.
 """
 
 from __future__ import annotations
@@ -11,9 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nndiag.errors import UsageError, UserCodeError, UserExit, describe_exception
+from nndiag.batches import (
+    Batch,
+    check_finite_batch,
+    describe_value,
+    iter_batches,
+    iter_tensors,
+    move_to,
+    unpack_batch,
+)
+from nndiag.errors import UsageError, UserCodeError, describe_exception, user_code
+
+__all__ = ["LOSS_NAMES", "Batch", "call_model", "check_finite_batch", "describe_value",
+           "explain_model_failure", "iter_batches", "iter_tensors", "load_data", "load_model",
+           "load_object", "model_call_error", "move_to", "primary_output",
+           "require_usable_model", "unpack_batch", "user_code"]
 
 LOSS_NAMES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
@@ -31,40 +42,6 @@ LOSS_NAMES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "huber": F.huber_loss,
     "nll": F.nll_loss,
 }
-
-
-@dataclass
-class Batch:
-    """One probe batch, unpacked.
-
-    Attributes:
-        inputs: A tensor, a tuple of positional inputs or a dict of keyword inputs.
-        targets: The targets, or ``None`` when the data carries none.
-
-    """
-
-    inputs: Any
-    targets: Any = None
-
-
-@contextmanager
-def user_code() -> Iterator[None]:
-    """Run a piece of the user's code: a ``SystemExit`` it raises becomes ``UserExit``.
-
-    Every place nndiag enters user code goes through here (importing a spec, calling a
-    factory, the model's forward, iterating the data, a loss or optimizer factory of the
-    user's), so ``sys.exit()`` in that code is exit code 3 with a message instead of ending
-    nndiag silently with the user's code. Its standard output is the CLI's business: the
-    command layer sends it to stderr (``nndiag.cli.output``).
-
-    Raises:
-        UserExit: The code raised ``SystemExit``.
-
-    """
-    try:
-        yield
-    except SystemExit as exc:
-        raise UserExit(exc.code) from exc
 
 
 def load_object(spec: str, option: str = "spec") -> Any:
@@ -194,88 +171,6 @@ def load_data(spec: str, option: str = "--data") -> Any:
     return obj
 
 
-def iter_batches(data: Any, limit: int) -> list[Batch]:
-    """Take up to ``limit`` batches from data and unpack each.
-
-    A tensor, a dict or a tuple is one batch; any other iterable (a list, a DataLoader, a
-    generator) yields batches.
-
-    Raises:
-        UsageError: The data yields no batch, or a batch is not tensor-shaped.
-        UserCodeError: Iterating the user's data raised.
-
-    """
-    if isinstance(data, torch.Tensor | Mapping | tuple):
-        return [unpack_batch(data)]
-    if not isinstance(data, Iterable):
-        raise UsageError(
-            f"--data: expected batches (a DataLoader, a list of batches) or one batch "
-            f"(inputs, targets), got {type(data).__name__}"
-        )
-    batches: list[Batch] = []
-    try:
-        with user_code():
-            for item in data:
-                batches.append(unpack_batch(item))
-                if len(batches) >= limit:
-                    break
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise UserCodeError(f"--data: iterating the data raised {describe_exception(exc)}") from exc
-    if not batches:
-        raise UsageError("--data: the data yielded no batch")
-    return batches
-
-
-def unpack_batch(batch: Any) -> Batch:
-    """Split a batch into inputs and targets.
-
-    ``(inputs, targets)`` and ``[inputs, targets]`` give both; a bare tensor or dict is
-    inputs only; a 1-tuple is inputs only.
-
-    Raises:
-        UsageError: The batch holds no tensor.
-
-    """
-    if isinstance(batch, torch.Tensor | Mapping):
-        result = Batch(batch)
-    elif isinstance(batch, tuple | list) and len(batch) == 2:
-        result = Batch(batch[0], batch[1])
-    elif isinstance(batch, tuple | list) and len(batch) == 1:
-        result = Batch(batch[0])
-    else:
-        raise UsageError(
-            f"--data: a batch must be (inputs, targets), a tensor or a dict of tensors; "
-            f"got {describe_value(batch)}"
-        )
-    if not _has_tensor(result.inputs):
-        raise UsageError(
-            f"--data: the batch inputs hold no tensor: {describe_value(result.inputs)}"
-        )
-    return result
-
-
-def check_finite_batch(batch: Batch, option: str = "--data", *, allow_inf: bool = False,
-                       targets: bool = False) -> None:
-    """Refuse a batch whose floating-point inputs hold NaN or Inf.
-
-    With ``targets`` the targets are checked too; with ``allow_inf`` only NaN is refused (an
-    additive ``-inf`` attention mask is a legitimate input).
-
-    Raises:
-        UsageError: Naming the option and the part of the batch: the data is at fault.
-
-    """
-    bad = "NaN" if allow_inf else "NaN or Inf"
-    for part, value in (("input", batch.inputs), ("target", batch.targets if targets else None)):
-        for tensor in iter_tensors(value):
-            if tensor.is_floating_point() and (bool(torch.isnan(tensor).any()) if allow_inf
-                                               else not bool(torch.isfinite(tensor).all())):
-                raise UsageError(f"{option}: the {part} batch holds {bad} values "
-                                 f"({describe_value(value)}); clean the data first")
-
-
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call the model on a batch's inputs: a tuple as ``*args``, a dict as ``**kwargs``.
 
@@ -380,31 +275,6 @@ def require_usable_model(model: Any, *, trainable: bool = False) -> nn.Module:
     return model
 
 
-def move_to(obj: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples, lists and dicts to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {key: move_to(value, device) for key, value in obj.items()}
-    if isinstance(obj, tuple | list):
-        return type(obj)(move_to(value, device) for value in obj)
-    return obj
-
-
-def iter_tensors(obj: Any) -> Iterable[torch.Tensor]:
-    """Yield every tensor inside nested tuples, lists, dicts and dataclass-like outputs."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from iter_tensors(value)
-    elif isinstance(obj, tuple | list):
-        for value in obj:
-            yield from iter_tensors(value)
-    elif hasattr(obj, "data") and isinstance(obj.data, torch.Tensor):  # PackedSequence
-        yield obj.data
-
-
 def primary_output(output: Any) -> torch.Tensor | None:
     """The tensor a default loss applies to: the output itself, ``logits`` or the first float."""
     if isinstance(output, torch.Tensor):
@@ -417,19 +287,3 @@ def primary_output(output: Any) -> torch.Tensor | None:
         if tensor.is_floating_point():
             return tensor
     return None
-
-
-def _has_tensor(obj: Any) -> bool:
-    return next(iter(iter_tensors(obj)), None) is not None
-
-
-def describe_value(obj: Any) -> str:
-    """Describe a value by its tensor shapes and dtypes, for error messages."""
-    if isinstance(obj, torch.Tensor):
-        return f"tensor {tuple(obj.shape)} {str(obj.dtype).removeprefix('torch.')}"
-    if isinstance(obj, Mapping):
-        return "{" + ", ".join(f"{k}: {describe_value(v)}" for k, v in obj.items()) + "}"
-    if isinstance(obj, tuple | list):
-        return "(" + ", ".join(describe_value(v) for v in obj) + ")"
-    return type(obj).__name__
-

@@ -51,10 +51,10 @@ import torch
 from torch import nn
 
 from nndiag.advice import advise_run, advise_sanity
+from nndiag.batches import iter_tensors_with_batch, raw_batches, take_samples, unpack_batch
 from nndiag.checking import RUN_FINDINGS, build_run_report, explain_symptoms
 from nndiag.errors import UsageError, UserCodeError
 from nndiag.findings import FindingId, Report
-from nndiag.gate.batches import iter_tensors_with_batch, raw_batches, take_samples
 from nndiag.gate.sanity import LABEL_STEPS, OVERFIT_SAMPLES, TRACE_CALLS, run_sanity
 from nndiag.gate.steps import (
     LIGHTNING,
@@ -74,7 +74,6 @@ from nndiag.monitor import Monitor
 from nndiag.records import SanityRecord
 from nndiag.rules.registry import diagnose, finding_ids
 from nndiag.runlog import read_run
-from nndiag.specs import unpack_batch
 
 __all__ = [
     "DEFAULT_LR", "INIT_FINDINGS", "LABEL_STEPS", "LIGHTNING", "OVERFIT_SAMPLES",

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from nndiag import examples
+from nndiag.batches import Batch
 from nndiag.capture import ProbeConfig, run_probe
 from nndiag.losses import Loss
 from nndiag.monitor import Monitor
-from nndiag.specs import Batch, primary_output
+from nndiag.specs import primary_output
 from tests.fixtures.models import example_batch
 
 SHARED = ("mean", "std", "dead_fraction", "saturated_fraction", "preact_std", "weight_norm",

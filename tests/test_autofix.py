@@ -7,8 +7,8 @@ from torch import nn
 
 from nndiag import examples, inspect_model
 from nndiag.autofix import APPLY, NotApplicable
+from nndiag.batches import Batch
 from nndiag.capture import run_probe
-from nndiag.specs import Batch
 
 
 def _tanh_mlp() -> nn.Sequential:

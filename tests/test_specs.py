@@ -10,20 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nndiag.errors import UsageError, UserCodeError, UserExit, check_seed
-from nndiag.inspection import synthetic_batches
+from nndiag.batches import iter_batches, synthetic_batches, unpack_batch
+from nndiag.errors import UsageError, UserCodeError, UserExit, check_seed, user_code
 from nndiag.losses import IGNORE_INDEX, compute_loss, resolve_loss, synthetic_targets
 from nndiag.optimizers import check_lr, optimizer_factory
-from nndiag.specs import (
-    call_model,
-    iter_batches,
-    load_data,
-    load_model,
-    load_object,
-    require_usable_model,
-    unpack_batch,
-    user_code,
-)
+from nndiag.specs import call_model, load_data, load_model, load_object, require_usable_model
 
 
 def write(tmp_path, name: str, body: str):
@@ -261,12 +252,12 @@ def test_an_empty_parameter_list_is_a_usage_error():
 
 
 def test_random_inputs_larger_than_memory_are_refused_before_allocating(monkeypatch):
-    import nndiag.inspection as inspection
+    import nndiag.batches as batches
 
     def must_not_allocate(*args, **kwargs):
         raise AssertionError("allocated")
 
-    monkeypatch.setattr(inspection.torch, "randn", must_not_allocate)
+    monkeypatch.setattr(batches.torch, "randn", must_not_allocate)
     with pytest.raises(UsageError, match="more than this machine's"):
         synthetic_batches(nn.Linear(8, 2), (10**6, 10**6, 8))
     with pytest.raises(UsageError, match="more than this machine's"):
@@ -280,23 +271,23 @@ def test_random_inputs_larger_than_memory_are_refused_before_allocating(monkeypa
     RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),
 ])
 def test_an_allocation_failure_while_making_inputs_is_a_usage_error(monkeypatch, error):
-    import nndiag.inspection as inspection
+    import nndiag.batches as batches
 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(inspection.torch, "randn", fail)
+    monkeypatch.setattr(batches.torch, "randn", fail)
     with pytest.raises(UsageError, match="not enough memory"):
         synthetic_batches(nn.Linear(8, 2), (4, 8))
 
 
 def test_other_runtime_errors_while_making_inputs_are_not_hidden(monkeypatch):
-    import nndiag.inspection as inspection
+    import nndiag.batches as batches
 
     def fail(*args, **kwargs):
         raise RuntimeError("something else entirely")
 
-    monkeypatch.setattr(inspection.torch, "randn", fail)
+    monkeypatch.setattr(batches.torch, "randn", fail)
     with pytest.raises(RuntimeError, match="something else"):
         synthetic_batches(nn.Linear(8, 2), (4, 8))
 

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag import examples
+from nndiag.batches import Batch
 from nndiag.capture import ProbeConfig, run_probe
 from nndiag.capture.layers import SATURATING, module_activation
 from nndiag.losses import Loss
-from nndiag.specs import Batch, primary_output
+from nndiag.specs import primary_output
 
 REL = 1e-4
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.utils import parametrize
 
+from nndiag.batches import Batch, check_finite_batch, iter_tensors, move_to
 from nndiag.capture.layers import (
     TRANSPOSED_KINDS,
     has_init_expectation,
@@ -32,15 +33,7 @@ from nndiag.capture.state import preserved_state
 from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.losses import Loss, compute_loss
 from nndiag.records import ParamGroup, ProbeRecord, attach_parameters
-from nndiag.specs import (
-    Batch,
-    call_model,
-    check_finite_batch,
-    iter_tensors,
-    model_call_error,
-    move_to,
-    primary_output,
-)
+from nndiag.specs import call_model, model_call_error, primary_output
 from nndiag.stats.activations import depth_gain, square_sum
 from nndiag.stats.weights import fans
 

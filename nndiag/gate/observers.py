@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from nndiag.batches import iter_tensors
 from nndiag.capture.sites import storage_id
-from nndiag.specs import iter_tensors
 
 # The loss functions whose input is classified (logits, probabilities, log-probabilities).
 _LOSS_FUNCTIONS = frozenset({"cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",

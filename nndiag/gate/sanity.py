@@ -24,14 +24,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from nndiag.batches import (
+    Batch,
+    batch_size,
+    iter_tensors_with_batch,
+    move_to,
+    shuffle_targets,
+    slice_batch,
+    unpack_batch,
+)
 from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.findings import Report
-from nndiag.gate.batches import batch_size, iter_tensors_with_batch, shuffle_targets, slice_batch
 from nndiag.gate.observers import LossInputs, StepWatch, mode_dependent
 from nndiag.gate.steps import Stepper, model_device
 from nndiag.records import SanityRecord
 from nndiag.rules.pretraining import SUM_REDUCTION_RATIO, cannot_overfit
-from nndiag.specs import Batch, call_model, move_to, primary_output, unpack_batch
+from nndiag.specs import call_model, primary_output
 
 OVERFIT_SAMPLES = 16
 # Calls of the step watched for gradients and modes: until two optimizer steps and a backward

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from nndiag.batches import Batch, move_to, unpack_batch
 from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.losses import Loss, compute_loss
 from nndiag.optimizers import optimizer_factory
-from nndiag.specs import Batch, call_model, load_object, move_to, unpack_batch
+from nndiag.specs import call_model, load_object
 
 LIGHTNING = "lightning"
 

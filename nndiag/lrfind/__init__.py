@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from nndiag.lrfind.suggestion import (
     MIN_POINTS,
     RULE,
@@ -32,7 +34,6 @@ from nndiag.lrfind.suggestion import (
 )
 from nndiag.lrfind.sweep import (
     SCHEMA,
-    BatchSource,
     LRFindResult,
     cycle_batches,
     lr_find,
@@ -43,3 +44,12 @@ from nndiag.lrfind.sweep import (
 __all__ = ["MIN_POINTS", "RULE", "SCHEMA", "BatchSource", "Choice", "LRFindResult", "Rule",
            "Suggestion", "choose_lr", "cycle_batches", "eval_scatter", "lr_find",
            "smooth_curve", "snap_lr", "suggest_lr", "train_trial", "trial_baseline"]
+
+
+def __getattr__(name: str) -> Any:
+    """``BatchSource`` now lives in ``nndiag.batches`` (imported on use: it needs torch)."""
+    if name == "BatchSource":
+        from nndiag.batches import BatchSource
+
+        return BatchSource
+    raise AttributeError(f"module 'nndiag.lrfind' has no attribute {name!r}")

@@ -20,9 +20,12 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nndiag.findings import Report
+
+if TYPE_CHECKING:
+    from nndiag.batches import BatchSource
 from nndiag.lrfind.suggestion import (
     MIN_POINTS,
     RULE,
@@ -100,56 +103,6 @@ class LRFindResult(Report):
     trials: list[dict[str, Any]] = field(default_factory=list)
 
 
-class BatchSource:
-    """The user's data as restartable streams of batches.
-
-    Every ``stream()`` starts from the beginning and cycles forever: a DataLoader or list is
-    re-iterated; a one-shot iterator is replayed from what it has given so far, then read on;
-    a single batch repeats.
-    """
-
-    def __init__(self, data: Any) -> None:
-        from collections.abc import Mapping
-
-        import torch
-
-        self.data = data
-        self.single = isinstance(data, torch.Tensor | Mapping | tuple)
-        self.iterator = None if self.single or iter(data) is not data else data
-        self.seen: list[Any] = []
-
-    def stream(self) -> Iterator[Any]:
-        """Batches from the start, forever (stops only when the data holds none)."""
-        if self.single:
-            while True:
-                yield self.data
-        if self.iterator is None:
-            while True:
-                empty = True
-                for batch in self.data:
-                    empty = False
-                    yield batch
-                if empty:
-                    return
-        index = 0
-        while True:
-            if index < len(self.seen):
-                yield self.seen[index]
-            else:
-                batch = next(self.iterator, _END)
-                if batch is _END:
-                    if not self.seen:
-                        return
-                    index = 0
-                    continue
-                self.seen.append(batch)
-                yield batch
-            index += 1
-
-
-_END = object()
-
-
 def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
              make_optimizer: Callable[[], Any], val_data: Any = None) -> _Context:
     """The set-up the sweep, the trials and the trial baseline share.
@@ -171,12 +124,16 @@ def _source(data: Any) -> BatchSource:
     Asking a DataLoader for an iterator draws from its generator, so the source is created
     under its own data-order guard.
     """
+    from nndiag.batches import BatchSource
+
     with _same_data_order(data):
         return BatchSource(data)
 
 
 def cycle_batches(data: Any) -> Iterator[Any]:
     """Batches forever: re-iterate the data, or replay what a one-shot iterator gave."""
+    from nndiag.batches import BatchSource
+
     return BatchSource(data).stream()
 
 
@@ -252,8 +209,8 @@ class _Context:
 
         Without targets the loss would be scored against random labels.
         """
+        from nndiag.batches import check_finite_batch, unpack_batch
         from nndiag.errors import UsageError
-        from nndiag.specs import check_finite_batch, unpack_batch
 
         for batch in val_batches:
             check_finite_batch(unpack_batch(batch), "--val-data", allow_inf=True, targets=True)
@@ -280,14 +237,9 @@ class _Context:
         """
         import torch
 
+        from nndiag.batches import check_finite_batch, move_to, unpack_batch
         from nndiag.losses import compute_loss
-        from nndiag.specs import (
-            call_model,
-            check_finite_batch,
-            explain_model_failure,
-            move_to,
-            unpack_batch,
-        )
+        from nndiag.specs import call_model, explain_model_failure
 
         unpacked = unpack_batch(batch)
         inputs = move_to(unpacked.inputs, self.device)
@@ -564,7 +516,7 @@ def _batch_samples(batch: Any) -> int:
     """Samples in a batch: the first dimension of its first input tensor (1 if none)."""
     import torch
 
-    from nndiag.specs import unpack_batch
+    from nndiag.batches import unpack_batch
 
     inputs = unpack_batch(batch).inputs
     values = inputs.values() if isinstance(inputs, dict) else \
