@@ -29,7 +29,7 @@ from nndiag.advice.common import (
 )
 from nndiag.findings import Finding
 from nndiag.records import CheckpointRecord, LayerRecord, ProbeRecord
-from nndiag.rules.pretraining import SanityRecord
+from nndiag.rules.sanity import SanityRecord
 from nndiag.runlog import RunLog
 
 DESIGN_FIX_IDS = {"he_init", "xavier_init", "orthogonal_init", "batch_norm", "layer_norm",

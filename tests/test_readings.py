@@ -35,7 +35,7 @@ from nndiag.records.layers import (
 )
 from nndiag.rules import run_probe_rules
 from nndiag.rules.architecture import POST_LN_DEEP, post_ln_deep_stack
-from nndiag.rules.pretraining import SanityRecord, batch_mixing
+from nndiag.rules.sanity import SanityRecord, batch_mixing
 from nndiag.rules.thresholds import THRESHOLDS
 
 

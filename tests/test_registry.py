@@ -12,7 +12,7 @@ from nndiag.findings import Finding, FindingId
 from nndiag.records import CheckpointRecord, LoadResult, ProbeRecord
 from nndiag.records.lrcurve import LRCurveRecord, TrialsRecord
 from nndiag.rules import RULES, diagnose, finding_ids
-from nndiag.rules.pretraining import SanityRecord
+from nndiag.rules.sanity import SanityRecord
 from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS
 from nndiag.runlog import RunLog
 

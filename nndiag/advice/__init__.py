@@ -20,7 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from nndiag.advice import activations, checkpoint, gradients, lrcurve, run, sanity
+from nndiag.advice import (
+    activations,
+    checkpoint,
+    gradients,
+    integrity,
+    lrcurve,
+    run,
+    sanity,
+)
 from nndiag.advice.catalog import make_fix
 from nndiag.advice.common import CHECKPOINT, LR_CURVE, PROBE, RUN, SANITY, Advisor
 from nndiag.findings import Finding
@@ -43,8 +51,8 @@ def _merge(*families: dict[tuple[str, str], Advisor]) -> dict[tuple[str, str], A
 
 
 REGISTRY: dict[tuple[str, str], Advisor] = _merge(
-    gradients.ADVISORS, activations.ADVISORS, sanity.ADVISORS, checkpoint.ADVISORS,
-    run.ADVISORS, lrcurve.ADVISORS)
+    gradients.ADVISORS, activations.ADVISORS, integrity.ADVISORS, sanity.ADVISORS,
+    checkpoint.ADVISORS, run.ADVISORS, lrcurve.ADVISORS)
 """(context kind, finding id) -> advisor."""
 
 _KINDS: tuple[tuple[type, str], ...] = (

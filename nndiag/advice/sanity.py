@@ -1,10 +1,10 @@
-"""Advice on sanity findings.
+"""Advice on the sanity checks of the CI gate.
 
-NaN/Inf and unused parameters in a live probe, and the pre-training checks (loss at init,
-parameters the optimizer skips, overfitting one batch, batch mixing) with the root causes
-found by watching the training step (gradients never zeroed, probabilities fed to a logit
-loss, eval mode during training, a loss summed over the batch, inputs and targets apart).
-Each root cause's fix is the code change, never a learning rate.
+The pre-training checks (loss at init, parameters the optimizer skips, overfitting one batch,
+batch mixing) with the root causes found by watching the training step (gradients never
+zeroed, probabilities fed to a logit loss, eval mode during training, a loss summed over the
+batch, inputs and targets apart). Each root cause's fix is the code change, never a learning
+rate.
 """
 
 from __future__ import annotations
@@ -12,49 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nndiag.advice.catalog import make_fix
-from nndiag.advice.common import PROBE, SANITY, Advisor, fmt, inputs_off_scale, normalize_inputs_fix
+from nndiag.advice.common import SANITY, Advisor, fmt
 from nndiag.findings import Finding, FindingId, Fix
-from nndiag.records import ProbeRecord
 
 if TYPE_CHECKING:
     from nndiag.records import SanityRecord
-
-# ----------------------------------------------------------------------------- live probe
-
-
-def nan_inf(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
-    """Where non-finite values first appear and whether an overflow leads there."""
-    ev = finding.evidence
-    parts = ["The inputs were checked and are finite."]
-    if ev.get("first_layer"):
-        first = probe.layer(ev["first_layer"])
-        earlier = [r for r in probe.layers if r.index < first.index and r.absmax is not None]
-        peak = max(earlier, key=lambda r: r.absmax or 0.0, default=None)
-        parts.append(f"Non-finite values first appear in {first.label}; every "
-                     "layer after it inherits them.")
-        if peak is not None and peak.absmax and peak.absmax > 1e6:
-            parts.append(f"Values before it already reach {fmt(peak.absmax)} "
-                         f"({peak.label}): an overflow of an exploding signal.")
-        else:
-            parts.append("Values before it are moderate: look for a log, division, sqrt or "
-                         "exp of an out-of-range value in that layer.")
-    fixes = [make_fix("gradient_clipping"), make_fix("lower_learning_rate")]
-    if inputs_off_scale(probe):
-        fixes.append(normalize_inputs_fix(probe))
-    return " ".join(parts), fixes
-
-
-def unused_parameters(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
-    """Why trainable parameters the loss ignores are a problem, and the ways out."""
-    not_run = finding.evidence.get("modules_not_run") or []
-    where = (f" ({', '.join(not_run)} never ran in forward)." if not_run else
-             " (their modules ran, but their output does not reach the loss).")
-    return ("These parameters are trainable but the loss does not depend on them" + where
-            + " Weight decay still shrinks them, they waste optimizer memory, and "
-            "DistributedDataParallel fails on them unless find_unused_parameters=True. "
-            "Remove them, freeze them with requires_grad_(False), or connect them to the "
-            "output."), []
-
 
 # ----------------------------------------------------------------------------- pre-training
 
@@ -251,8 +213,6 @@ def labels_misaligned(finding: Finding, record: SanityRecord) -> tuple[str, list
 
 
 ADVISORS: dict[tuple[str, str], Advisor] = {
-    (PROBE, FindingId.NAN_INF): nan_inf,
-    (PROBE, FindingId.UNUSED_PARAMETERS): unused_parameters,
     (SANITY, FindingId.LOSS_AT_INIT_UNEXPECTED): loss_at_init_unexpected,
     (SANITY, FindingId.PARAMETERS_NOT_UPDATED): parameters_not_updated,
     (SANITY, FindingId.CANNOT_OVERFIT_BATCH): cannot_overfit_batch,

@@ -1,6 +1,6 @@
 """The pre-training sanity measurements, each through the training step on copies of the model.
 
-``run_sanity`` fills the ``SanityRecord`` that the sanity rules (``nndiag.rules.pretraining``)
+``run_sanity`` fills the ``SanityRecord`` that the sanity rules (``nndiag.rules.sanity``)
 judge:
 
 - a few watched calls of the step (``observers``): carried-over gradients, the loss functions
@@ -38,7 +38,7 @@ from nndiag.findings import Report
 from nndiag.gate.observers import LossInputs, StepWatch, mode_dependent
 from nndiag.gate.steps import Stepper, model_device
 from nndiag.records import SanityRecord
-from nndiag.rules.pretraining import SUM_REDUCTION_RATIO, cannot_overfit
+from nndiag.rules.sanity import SUM_REDUCTION_RATIO, cannot_overfit
 from nndiag.specs import call_model, primary_output
 
 OVERFIT_SAMPLES = 16

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from nndiag.findings import Finding, FindingId
 from nndiag.records import CheckpointRecord, ProbeRecord
-from nndiag.rules import activations, architecture, gradients, sanity
+from nndiag.rules import activations, architecture, gradients, integrity
 from nndiag.rules.registry import RULES, Rule, diagnose, finding_ids
 from nndiag.rules.thresholds import Threshold
 
@@ -24,8 +24,8 @@ HEADLINES: dict[str, Callable[[ProbeRecord], dict[str, float | None]]] = {
     FindingId.POOR_INITIALIZATION: activations.drift_headline,
     FindingId.DEAD_RELU: activations.dead_headline,
     FindingId.SATURATED_ACTIVATIONS: activations.saturation_headline,
-    FindingId.NAN_INF: sanity.nan_inf_headline,
-    FindingId.UNUSED_PARAMETERS: sanity.unused_headline,
+    FindingId.NAN_INF: integrity.nan_inf_headline,
+    FindingId.UNUSED_PARAMETERS: integrity.unused_headline,
     FindingId.POST_LN_DEEP_STACK: lambda probe: {
         "post_ln_blocks": float(len(architecture.post_ln_blocks(probe)[0]))},
 }

@@ -21,8 +21,8 @@ from nndiag.rules import (
     architecture,
     checkpoint,
     gradients,
+    integrity,
     lrcurve,
-    pretraining,
     run,
     sanity,
 )
@@ -65,14 +65,14 @@ def _levels(rule: Callable[[run.LossLevels, dict[str, Threshold]], Finding | Non
 F = FindingId
 RULES: tuple[Rule, ...] = (
     # A live probe: forward and backward on a few batches.
-    Rule((F.NAN_INF,), ProbeRecord, sanity.nan_inf, on_nonfinite=True),
+    Rule((F.NAN_INF,), ProbeRecord, integrity.nan_inf, on_nonfinite=True),
     Rule((F.POST_LN_DEEP_STACK,), ProbeRecord, architecture.post_ln_deep_stack),
     Rule((F.VANISHING_GRADIENTS,), ProbeRecord, gradients.vanishing_gradients),
     Rule((F.EXPLODING_GRADIENTS,), ProbeRecord, gradients.exploding_gradients),
     Rule((F.POOR_INITIALIZATION,), ProbeRecord, activations.poor_initialization),
     Rule((F.DEAD_RELU,), ProbeRecord, activations.dead_relu),
     Rule((F.SATURATED_ACTIVATIONS,), ProbeRecord, activations.saturated_activations),
-    Rule((F.UNUSED_PARAMETERS,), ProbeRecord, sanity.unused_parameters, on_nonfinite=True),
+    Rule((F.UNUSED_PARAMETERS,), ProbeRecord, integrity.unused_parameters, on_nonfinite=True),
     # A checkpoint's weights, without data (a live inspection reads its weights so too).
     Rule((F.NAN_INF,), CheckpointRecord, checkpoint.nonfinite_weights),
     Rule((F.POOR_INITIALIZATION,), CheckpointRecord, checkpoint.poor_initialization),
@@ -89,15 +89,15 @@ RULES: tuple[Rule, ...] = (
     Rule((F.ZERO_GRAD_MISSING,), RunLog, run.zero_grad_missing),
     Rule((F.AMP_SKIPPED_STEPS,), RunLog, run.amp_skipped_steps),
     # The CI gate's checks of the user's training step.
-    Rule((F.ZERO_GRAD_MISSING,), SanityRecord, _sanity(pretraining.zero_grad_missing)),
-    Rule((F.SOFTMAX_BEFORE_LOSS,), SanityRecord, _sanity(pretraining.softmax_before_loss)),
-    Rule((F.TRAIN_MODE_OFF,), SanityRecord, _sanity(pretraining.train_mode_off)),
-    Rule((F.LOSS_REDUCTION_SUM,), SanityRecord, _sanity(pretraining.loss_reduction_sum)),
-    Rule((F.LOSS_AT_INIT_UNEXPECTED,), SanityRecord, _sanity(pretraining.loss_at_init)),
-    Rule((F.PARAMETERS_NOT_UPDATED,), SanityRecord, _sanity(pretraining.parameters_not_updated)),
-    Rule((F.CANNOT_OVERFIT_BATCH,), SanityRecord, _sanity(pretraining.cannot_overfit)),
-    Rule((F.LABELS_MISALIGNED,), SanityRecord, _sanity(pretraining.labels_misaligned)),
-    Rule((F.BATCH_MIXING,), SanityRecord, _sanity(pretraining.batch_mixing)),
+    Rule((F.ZERO_GRAD_MISSING,), SanityRecord, _sanity(sanity.zero_grad_missing)),
+    Rule((F.SOFTMAX_BEFORE_LOSS,), SanityRecord, _sanity(sanity.softmax_before_loss)),
+    Rule((F.TRAIN_MODE_OFF,), SanityRecord, _sanity(sanity.train_mode_off)),
+    Rule((F.LOSS_REDUCTION_SUM,), SanityRecord, _sanity(sanity.loss_reduction_sum)),
+    Rule((F.LOSS_AT_INIT_UNEXPECTED,), SanityRecord, _sanity(sanity.loss_at_init)),
+    Rule((F.PARAMETERS_NOT_UPDATED,), SanityRecord, _sanity(sanity.parameters_not_updated)),
+    Rule((F.CANNOT_OVERFIT_BATCH,), SanityRecord, _sanity(sanity.cannot_overfit)),
+    Rule((F.LABELS_MISALIGNED,), SanityRecord, _sanity(sanity.labels_misaligned)),
+    Rule((F.BATCH_MIXING,), SanityRecord, _sanity(sanity.batch_mixing)),
     # lr-find: the range test's curve, then the trial trainings.
     Rule((F.LR_CURVE_TOO_SHORT,), LRCurveRecord, lrcurve.curve_too_short),
     Rule((F.LR_CURVE_FLAT,), LRCurveRecord, lrcurve.curve_flat),
@@ -134,7 +134,7 @@ def diagnose(context: Any, thresholds: dict[str, Threshold] | None = None) -> li
     rules = [rule for rule in RULES if isinstance(context, rule.context)]
     findings: list[Finding] = []
     if isinstance(context, ProbeRecord):
-        broken = _as_list(sanity.nan_inf(context, merged))
+        broken = _as_list(integrity.nan_inf(context, merged))
         if broken:
             rules = [rule for rule in rules if rule.on_nonfinite]
     for rule in rules:
