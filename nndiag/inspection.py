@@ -28,7 +28,7 @@ from nndiag.findings import Finding, Report, severity_rank
 from nndiag.losses import Loss, as_loss
 from nndiag.records import CheckpointRecord, ProbeRecord
 from nndiag.rules import diagnose
-from nndiag.rules.checkpoint import live_weight_findings
+from nndiag.rules.checkpoint import live_poor_initialization
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
 from nndiag.specs import require_usable_model
 
@@ -110,8 +110,9 @@ def inspect_model(
     probe.pretrained = looks_pretrained(model) if pretrained is None else pretrained
     findings = [advise(f, probe) for f in diagnose(probe, thresholds)]
     weights = measure_checkpoint(model_checkpoint(model))
-    for finding in live_weight_findings(weights, thresholds):
-        findings = merge_finding(findings, advise_checkpoint(finding, weights))
+    from_weights = live_poor_initialization(weights, thresholds)
+    if from_weights is not None:
+        findings = merge_finding(findings, advise_checkpoint(from_weights, weights))
     if try_fixes:
         verify_fixes(model, probe_batches, probe, findings, config, thresholds)
     return build_report(probe, findings)

@@ -31,6 +31,7 @@ import math
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -450,8 +451,14 @@ _WEIGHT_MECHANISMS = (init_scale_drift, batch_norm_gains, missing_normalization)
 def poor_initialization(record: CheckpointRecord, thresholds: dict[str, Threshold]
                         ) -> Finding | None:
     """The most severe ``poor_initialization`` mechanism (module docstring)."""
-    found = [f for rule in (*_WEIGHT_MECHANISMS, predicted_drift)
-             if (f := rule(record, thresholds)) is not None]
+    return _most_severe((*_WEIGHT_MECHANISMS, predicted_drift), record, thresholds)
+
+
+def _most_severe(mechanisms: tuple[Callable[[CheckpointRecord, dict[str, Threshold]],
+                                            Finding | None], ...],
+                 record: CheckpointRecord, thresholds: dict[str, Threshold]) -> Finding | None:
+    """One finding: the most severe mechanism's, the others listed under ``also``."""
+    found = [f for rule in mechanisms if (f := rule(record, thresholds)) is not None]
     if not found:
         return None
     best = max(found, key=lambda f: (severity_rank(f.severity),
@@ -463,21 +470,16 @@ def poor_initialization(record: CheckpointRecord, thresholds: dict[str, Threshol
     return best
 
 
-def live_weight_findings(record: CheckpointRecord, thresholds: dict[str, Threshold]
-                         ) -> list[Finding]:
+def live_poor_initialization(record: CheckpointRecord, thresholds: dict[str, Threshold]
+                             ) -> Finding | None:
     """What a live inspection reads from the weights themselves, as the data-free analysis does.
 
     The mechanisms a probe does not measure: a transformer's weights against the scale its
-    family initializes them at, BatchNorm gains far below 1, and blocks with no
-    normalization at all. (A live probe
-    measures the drift that chains only predict.) Live and data-free analysis of the same
-    weights then agree on them.
+    family initializes them at, BatchNorm gains far below 1, and blocks with no normalization
+    at all (a live probe measures the drift that chains only predict). Live and data-free
+    analysis of the same weights then agree on them.
     """
-    found = [f for rule in _WEIGHT_MECHANISMS if (f := rule(record, thresholds)) is not None]
-    if not found:
-        return []
-    return [max(found, key=lambda f: (severity_rank(f.severity),
-                                      -_MECHANISMS.index(f.evidence["mechanism"])))]
+    return _most_severe(_WEIGHT_MECHANISMS, record, thresholds)
 
 
 def checkpoint_mismatch(loaded: LoadResult, thresholds: dict[str, Threshold]) -> Finding | None:
