@@ -114,3 +114,10 @@ def test_the_inspect_schema_names_every_finding_and_fix_an_inspection_can_carry(
         FindingId.POOR_INITIALIZATION}  # the weights' own mechanisms, read live too
     assert live <= finding_enum
     assert set(CATALOG) == fix_enum
+
+
+def test_every_probe_rule_measures_its_headline_for_try_fixes():
+    for rule in RULES:
+        if rule.context is ProbeRecord:
+            assert rule.headline is not None, rule.ids
+            assert isinstance(rule.headline(CONTEXTS[ProbeRecord]), dict)

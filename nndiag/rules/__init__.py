@@ -8,27 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nndiag.findings import Finding, FindingId
+from nndiag.findings import Finding
 from nndiag.records import CheckpointRecord, ProbeRecord
-from nndiag.rules import activations, architecture, gradients, integrity
 from nndiag.rules.registry import RULES, Rule, diagnose, finding_ids
 from nndiag.rules.thresholds import Threshold
 
 __all__ = ["HEADLINES", "RULES", "Rule", "diagnose", "finding_ids", "run_checkpoint_rules",
            "run_probe_rules"]
 
-# The headline numbers of each finding, measured the same way before and after a fix.
+# The headline numbers of each finding a probe's rules report, measured the same way before and
+# after a fix (``--try-fixes``): each rule's own.
 HEADLINES: dict[str, Callable[[ProbeRecord], dict[str, float | None]]] = {
-    FindingId.VANISHING_GRADIENTS: gradients.vanishing_headline,
-    FindingId.EXPLODING_GRADIENTS: gradients.exploding_headline,
-    FindingId.POOR_INITIALIZATION: activations.drift_headline,
-    FindingId.DEAD_RELU: activations.dead_headline,
-    FindingId.SATURATED_ACTIVATIONS: activations.saturation_headline,
-    FindingId.NAN_INF: integrity.nan_inf_headline,
-    FindingId.UNUSED_PARAMETERS: integrity.unused_headline,
-    FindingId.POST_LN_DEEP_STACK: lambda probe: {
-        "post_ln_blocks": float(len(architecture.post_ln_blocks(probe)[0]))},
-}
+    finding_id: rule.headline for rule in RULES
+    if rule.context is ProbeRecord and rule.headline is not None for finding_id in rule.ids}
 
 
 def run_checkpoint_rules(record: CheckpointRecord,

@@ -37,6 +37,11 @@ def post_ln_blocks(probe: ProbeRecord) -> tuple[list[int], int]:
     return sorted(b for b in judged if first_norm[b] > first_attention[b]), len(judged)
 
 
+def post_ln_headline(probe: ProbeRecord) -> dict[str, float | None]:
+    """The number of post-LN blocks."""
+    return {"post_ln_blocks": float(len(post_ln_blocks(probe)[0]))}
+
+
 def post_ln_deep_stack(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
     """A stack of at least ``POST_LN_DEEP`` post-LN transformer blocks."""
     post, judged = post_ln_blocks(probe)

@@ -42,12 +42,15 @@ class Rule:
         check: ``check(context, thresholds)`` -> a finding, several, or ``None``.
         on_nonfinite: It still runs when a probe holds NaN or Inf (the other statistics of such
             a probe are not meaningful).
+        headline: For a probe's rule, the numbers it judges, measured the same way before
+            and after a fix (``--try-fixes``).
     """
 
     ids: tuple[FindingId, ...]
     context: type
     check: Check
     on_nonfinite: bool = False
+    headline: Callable[[Any], dict[str, float | None]] | None = None
 
 
 def _sanity(rule: Callable[[SanityRecord], Finding | None]) -> Check:
@@ -65,14 +68,22 @@ def _levels(rule: Callable[[run.LossLevels, dict[str, Threshold]], Finding | Non
 F = FindingId
 RULES: tuple[Rule, ...] = (
     # A live probe: forward and backward on a few batches.
-    Rule((F.NAN_INF,), ProbeRecord, integrity.nan_inf, on_nonfinite=True),
-    Rule((F.POST_LN_DEEP_STACK,), ProbeRecord, architecture.post_ln_deep_stack),
-    Rule((F.VANISHING_GRADIENTS,), ProbeRecord, gradients.vanishing_gradients),
-    Rule((F.EXPLODING_GRADIENTS,), ProbeRecord, gradients.exploding_gradients),
-    Rule((F.POOR_INITIALIZATION,), ProbeRecord, activations.poor_initialization),
-    Rule((F.DEAD_RELU,), ProbeRecord, activations.dead_relu),
-    Rule((F.SATURATED_ACTIVATIONS,), ProbeRecord, activations.saturated_activations),
-    Rule((F.UNUSED_PARAMETERS,), ProbeRecord, integrity.unused_parameters, on_nonfinite=True),
+    Rule((F.NAN_INF,), ProbeRecord, integrity.nan_inf, on_nonfinite=True,
+         headline=integrity.nan_inf_headline),
+    Rule((F.POST_LN_DEEP_STACK,), ProbeRecord, architecture.post_ln_deep_stack,
+         headline=architecture.post_ln_headline),
+    Rule((F.VANISHING_GRADIENTS,), ProbeRecord, gradients.vanishing_gradients,
+         headline=gradients.vanishing_headline),
+    Rule((F.EXPLODING_GRADIENTS,), ProbeRecord, gradients.exploding_gradients,
+         headline=gradients.exploding_headline),
+    Rule((F.POOR_INITIALIZATION,), ProbeRecord, activations.poor_initialization,
+         headline=activations.drift_headline),
+    Rule((F.DEAD_RELU,), ProbeRecord, activations.dead_relu,
+         headline=activations.dead_headline),
+    Rule((F.SATURATED_ACTIVATIONS,), ProbeRecord, activations.saturated_activations,
+         headline=activations.saturation_headline),
+    Rule((F.UNUSED_PARAMETERS,), ProbeRecord, integrity.unused_parameters, on_nonfinite=True,
+         headline=integrity.unused_headline),
     # A checkpoint's weights, without data (a live inspection reads its weights so too).
     Rule((F.NAN_INF,), CheckpointRecord, checkpoint.nonfinite_weights),
     Rule((F.POOR_INITIALIZATION,), CheckpointRecord, checkpoint.poor_initialization),
