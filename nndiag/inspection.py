@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nndiag.advice import advise, advise_checkpoint
-from nndiag.advice.checkpoint import architecture_summary, checkpoint_notes
+from nndiag.advice.checkpoint import architecture_summary, checkpoint_notes, explain_by_weights
 from nndiag.autofix import verify_fixes
 from nndiag.batches import iter_batches, synthetic_batches
 from nndiag.capture.probe import ProbeConfig, run_probe
@@ -112,7 +112,8 @@ def inspect_model(
     weights = measure_checkpoint(model_checkpoint(model))
     from_weights = live_poor_initialization(weights, thresholds)
     if from_weights is not None:
-        findings = merge_finding(findings, advise_checkpoint(from_weights, weights))
+        findings = explain_by_weights(
+            merge_finding(findings, advise_checkpoint(from_weights, weights)))
     if try_fixes:
         verify_fixes(model, probe_batches, probe, findings, config, thresholds)
     return build_report(probe, findings)

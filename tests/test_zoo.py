@@ -121,6 +121,10 @@ def test_efficientnet_default_init_is_truly_broken_and_the_fix_trains():
     assert finding is not None and finding.evidence["mechanism"] == "norm_gains"
     assert finding.evidence["median_gain_rms"] < 0.05
     fix = next(f for f in finding.fixes if f.id == "norm_gain_init")
+    symptom = report.finding("vanishing_gradients")  # the signal lost at every normalization
+    assert symptom.evidence["explained_by"] == ["poor_initialization"]
+    assert symptom.fixes[0].id == "norm_gain_init"
+    assert not {"he_init", "xavier_init"} & {f.id for f in symptom.fixes}
 
     def final_loss(apply_fix: bool) -> float:
         model = zoo_entry.build()

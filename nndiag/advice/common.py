@@ -171,8 +171,8 @@ def _median(values: list[float]) -> float | None:
 def init_story(records: list[LayerRecord]) -> tuple[str, float | None]:
     """A sentence on the weight scale against He and the per-layer factor it implies.
 
-    Only plain weights count: a normalization re-scales the output of the others, whatever
-    their scale.
+    Only plain weights on the signal's path count: a normalization re-scales the output of the
+    others, whatever their scale, and a squeeze-and-excitation gate sits beside the path.
 
     Args:
         records: The weight layers on the path being explained.
@@ -182,7 +182,7 @@ def init_story(records: list[LayerRecord]) -> tuple[str, float | None]:
         and the median scale of the He-referenced layers (``None`` without any).
     """
     he_layers = [r for r in records if r.init_reference == "he" and r.init_scale is not None
-                 and r.weight_reading in (READING_PLAIN, None)]
+                 and r.weight_reading in (READING_PLAIN, None) and not r.pooled]
     scale = _median([r.init_scale for r in he_layers if r.init_scale is not None])
     if not he_layers or scale is None or 0.8 <= scale <= 1.25:
         return "", scale
