@@ -127,9 +127,7 @@ def test_efficientnet_default_init_is_truly_broken_and_the_fix_trains():
     assert not {"he_init", "xavier_init"} & {f.id for f in symptom.fixes}
 
     def final_loss(apply_fix: bool) -> float:
-        model = zoo_entry.build()
-        if apply_fix:
-            exec(fix.code, {"model": model, "nn": torch.nn})
+        model = _fixed(zoo_entry, fix.code) if apply_fix else zoo_entry.build()
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(32, 3, 32, 32, generator=generator)
         y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()
