@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar
+
+from nndiag.records.rows import Row
 
 SEVERITIES = ("info", "warning", "error")
 
@@ -133,7 +135,8 @@ class Report:
     Attributes:
         schema: ``nndiag.<command>/<version>``.
         findings: Findings, most severe first.
-        layers: Per-layer statistics (plain dicts).
+        layers: Per-layer rows: typed records (``nndiag.records.rows.Row``) that also read
+            like their JSON objects.
         summary: Facts about the model and the probe.
         notes: Things the user should know that are not findings (unmeasured layers...).
         json_fields: The top-level keys of the JSON contract after ``schema`` and ``status``,
@@ -145,7 +148,7 @@ class Report:
 
     schema: str
     findings: list[Finding] = field(default_factory=list)
-    layers: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[Row] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -171,7 +174,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON contract as plain data: schema, status, then ``json_fields``."""
-        data = asdict(self)
+        data = asdict(replace(self, layers=[]))
+        data["layers"] = [row.to_dict() for row in self.layers]
         return {"schema": self.schema, "status": self.status,
                 **{name: data[name] for name in self.json_fields}}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from nndiag.errors import UsageError, check_seed
 from nndiag.findings import Finding, Report, severity_rank
 from nndiag.losses import Loss, as_loss
 from nndiag.records import CheckpointRecord, ProbeRecord
+from nndiag.records.rows import Row
 from nndiag.rules import diagnose
 from nndiag.rules.checkpoint import live_poor_initialization
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
@@ -139,7 +139,7 @@ def merge_finding(findings: list[Finding], extra: Finding) -> list[Finding]:
 
 def build_report(probe: ProbeRecord, findings: list[Finding]) -> Report:
     """Assemble the inspect report from a probe and its findings."""
-    layers = [asdict(record) for record in probe.layers]
+    layers: list[Row] = list(probe.layers)
     notes = []
     if probe.not_run:
         notes.append("not measured (never ran during the probe): " + ", ".join(probe.not_run))
@@ -272,11 +272,7 @@ def _with_checkpoint_summary(report: Report, checkpoint: Checkpoint,
 
 def build_checkpoint_report(record: CheckpointRecord, findings: list[Finding]) -> Report:
     """Assemble the data-free report from a checkpoint record and its findings."""
-    layers = []
-    for module in record.modules:
-        row = asdict(module)
-        row["nonfinite"] = module.nonfinite
-        layers.append(row)
+    layers: list[Row] = list(record.modules)
     dtypes: dict[str, int] = {}
     for module in record.modules:
         for tensor in module.tensors:

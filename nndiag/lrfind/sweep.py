@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nndiag.findings import Report
+from nndiag.records.lrcurve import Trial
 
 if TYPE_CHECKING:
     from nndiag.batches import BatchSource
@@ -82,7 +83,7 @@ class LRFindResult(Report):
         findings: Warnings about the curve.
         summary: Settings of the sweep (optimizer, steps, range, group ratios).
         curve_lr: The suggestion read from the curve alone (what ``trials=0`` returns).
-        trials: One entry per trial: ``lr``, ``steps`` run, ``loss`` on the fixed batches
+        trials: One ``Trial`` per candidate: ``lr``, ``steps`` run, ``loss`` on the fixed batches
             (``None``: diverged), ``diverged``; empty when the trial stage was skipped.
     """
 
@@ -100,7 +101,7 @@ class LRFindResult(Report):
     stopped_because: str
     reason: str
     curve_lr: float | None = None
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[Trial] = field(default_factory=list)
 
 
 def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
@@ -288,7 +289,7 @@ class _Context:
 
 
 def _trial(ctx: _Context, lr: float, steps: int, eval_batches: list[Any],
-           eval_at: Sequence[int]) -> dict[str, Any]:
+           eval_at: Sequence[int]) -> tuple[Trial, dict[int, float | None]]:
     """Train ``steps`` steps at a constant ``lr`` from the current state; losses at ``eval_at``."""
     opt = ctx.make_optimizer()
     ctx.set_lr(opt, lr)
@@ -310,8 +311,8 @@ def _trial(ctx: _Context, lr: float, steps: int, eval_batches: list[Any],
                 break
     diverged = done < steps or any(v is None for v in evals.values())
     final = None if diverged else evals.get(steps)
-    return {"lr": lr, "steps": done, "loss": final, "diverged": diverged,
-            "evals": {k: evals.get(k) for k in eval_at if k <= done}}
+    return (Trial(lr=lr, steps=done, loss=final, diverged=diverged),
+            {k: evals.get(k) for k in eval_at if k <= done})
 
 
 def lr_find(
@@ -425,7 +426,7 @@ def lr_find(
         return factory([p for p in model.parameters() if p.requires_grad], start_lr)
 
     lrs = [start_lr * (end_lr / start_lr) ** (i / (steps - 1)) for i in range(steps)]
-    trial_records: list[dict[str, Any]] = []
+    trial_records: list[Trial] = []
     scatter, start_loss = 0.0, None
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
@@ -446,8 +447,7 @@ def lr_find(
             for index, lr in enumerate(tried):
                 with preserved_state(model, user_optimizer, weights=True, grads=True), \
                         _same_data_order(data):
-                    record = _trial(ctx, lr, n_trial, eval_batches, (n_trial,))
-                record.pop("evals")
+                    record, _ = _trial(ctx, lr, n_trial, eval_batches, (n_trial,))
                 trial_records.append(record)
                 if progress is not None:
                     progress(len(losses) + n_trial * (index + 1), total)
@@ -455,8 +455,8 @@ def lr_find(
     findings = list(suggestion.findings)
     suggested, reason = suggestion.lr, suggestion.reason
     if trial_records:
-        choice = choose_lr([r["lr"] for r in trial_records],
-                           [math.inf if r["loss"] is None else r["loss"] for r in trial_records],
+        choice = choose_lr([r.lr for r in trial_records],
+                           [math.inf if r.loss is None else r.loss for r in trial_records],
                            n_trial, rule, scatter, start_loss, suggestion.lr)
         suggested, reason = choice.lr, choice.reason
         findings += choice.findings
@@ -465,7 +465,7 @@ def lr_find(
                "param_group_lr_ratios": ctx.ratios, "loss_name": ctx.loss_spec.name,
                "noise": suggestion.noise, "drop": suggestion.drop, "shape": suggestion.shape,
                "trial_steps": n_trial if trial_records else 0,
-               "trial_steps_run": sum(r["steps"] for r in trial_records),
+               "trial_steps_run": sum(r.steps for r in trial_records),
                "trial_start_loss": start_loss, "trial_loss_scatter": scatter,
                "trial_scored_on": (None if not trial_records else
                                    "validation" if val_data is not None else "training"),
@@ -621,4 +621,5 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
         eval_batches = ctx.eval_batches()
     with preserved_state(model, weights=True, grads=True), _same_data_order(data):
         ctx.ratios = [1.0] * len(ctx.make_optimizer().param_groups)
-        return _trial(ctx, lr, steps, eval_batches, tuple(eval_at or (steps,)))
+        trial, evals = _trial(ctx, lr, steps, eval_batches, tuple(eval_at or (steps,)))
+    return {**trial.to_dict(), "evals": evals}

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from nndiag.records.rows import Row
 
 # Roles (``ModuleWeights.role``): the same strings as the live probe's ``LayerRecord.role``,
 # plus the finer MLP roles a state dict needs to pair the layers of a residual branch.
@@ -90,7 +92,7 @@ class TensorStats:
 
 
 @dataclass
-class ModuleWeights:
+class ModuleWeights(Row):
     """A checkpoint's tensors grouped by module, with what they imply (no data needed).
 
     Attributes:
@@ -147,6 +149,8 @@ class ModuleWeights:
     init_ratio: float | None = None
     signal_gain: float | None = None
     tied_to: str | None = None
+
+    json_properties: ClassVar[tuple[str, ...]] = ("nonfinite",)
 
     @property
     def nonfinite(self) -> int:

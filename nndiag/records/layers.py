@@ -11,6 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from nndiag.records.rows import Row
+
 # Roles a layer plays in its architecture (``LayerRecord.role``; found by capture). Rules judge
 # layers of one role together: attention query/key projections legitimately get tiny gradients
 # at init (near-uniform attention passes little gradient to them), an embedding's gradient is
@@ -48,7 +50,7 @@ _BLOCK = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|stages?)\.(\d+)(?:\.|$)")
 
 
 @dataclass
-class LayerRecord:
+class LayerRecord(Row):
     """Measurements of one layer call site, in forward execution order.
 
     A module called several times in one forward pass gets one record per call (``act``,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nndiag.records.rows import Row
+
 
 @dataclass
 class LRCurveRecord:
@@ -41,3 +43,20 @@ class TrialsRecord:
 
     candidates: list[float]
     scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Trial(Row):
+    """One trial training of lr-find's second stage: a row of its report's ``trials``.
+
+    Attributes:
+        lr: The constant learning rate trained at.
+        steps: Steps run (fewer than asked when the loss diverged).
+        loss: Loss on the fixed batches after the trial (``None``: diverged).
+        diverged: The training loss or the scored loss stopped being finite.
+    """
+
+    lr: float
+    steps: int
+    loss: float | None
+    diverged: bool

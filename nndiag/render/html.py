@@ -176,14 +176,14 @@ def _layer_table(report: Report, limit: int = 60) -> str:
             if flagged.get(name) != "error":
                 flagged[name] = finding.severity
     rows = [r for r in report.layers
-            if r.get("weight_norm") is not None or r.get("name") in flagged]
+            if r.weight_norm is not None or r.name in flagged]
     hidden = max(0, len(rows) - limit)
     body = []
     for row in rows[:limit]:
-        dead, sat = row.get("dead_fraction"), row.get("saturated_fraction")
+        dead, sat = row.dead_fraction, row.saturated_fraction
         share = f"{dead:.0%} dead" if dead is not None else (
             f"{sat:.0%} sat" if sat is not None else "-")
-        css = f' class="flag-{flagged[row["name"]]}"' if row.get("name") in flagged else ""
+        css = f' class="flag-{flagged[row.name]}"' if row.name in flagged else ""
         body.append(f"<tr{css}><td>{esc(row.get('name'))}</td><td>{esc(row.get('kind', ''))}"
                     f"</td><td>{fmt(row.get('std'))}</td><td>{esc(share)}</td>"
                     f"<td>{fmt(row.get('depth_gain'))}</td><td>{fmt(row.get('grad_to_weight'))}"

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nndiag.findings import Finding, Fix, Report
+from nndiag.records import LayerRecord, ModuleWeights
 from nndiag.render.safe import printable
 
 if TYPE_CHECKING:
@@ -101,17 +102,20 @@ def _finding(finding: Finding) -> Group:
     return Group(*parts)
 
 
-def _layer_rows(report: Report) -> list[dict[str, Any]]:
+def _layer_rows(report: Report) -> list[LayerRecord | int]:
+    """The rows the table shows; an int stands for that many layers left out."""
     flagged = {name for f in report.findings for name in f.layers}
-    rows = [r for r in report.layers
-            if r.get("weight_norm") is not None or r.get("activation") or r["name"] in flagged]
+    rows: list[LayerRecord | int] = [
+        r for r in cast(list[LayerRecord], report.layers)
+        if r.weight_norm is not None or r.activation or r.name in flagged]
     if len(rows) <= MAX_TABLE_ROWS:
         return rows
-    keep = [r for r in rows if r.get("weight_norm") is not None or r["name"] in flagged]
+    keep = [r for r in cast(list[LayerRecord], rows)
+            if r.weight_norm is not None or r.name in flagged]
     if len(keep) > MAX_TABLE_ROWS:
         half = MAX_TABLE_ROWS // 2
-        keep = keep[:half] + [{"name": "...", "gap": len(keep) - 2 * half}] + keep[-half:]
-    return keep
+        return [*keep[:half], len(keep) - 2 * half, *keep[-half:]]
+    return list(keep)
 
 
 def _findings(report: Report, console: Console) -> None:
@@ -131,25 +135,25 @@ def layer_table(report: Report) -> Table:
     table = Table(title="Per-layer measurements", title_justify="left", header_style="bold",
                   pad_edge=False, box=None)
     rows = _layer_rows(report)
-    longest = max((len(row["name"]) for row in rows), default=5)
+    longest = max((len(row.name) for row in rows if not isinstance(row, int)), default=5)
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("layer", no_wrap=True, min_width=min(longest, 32))
     table.add_column("kind", no_wrap=True, overflow="ellipsis", min_width=4)
     for column in ("out std", "dead/sat", "gain", "|g|/|w|", "init"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
-        if "gap" in row:
-            table.add_row("", f"... {row['gap']} more layers (see --json)", *[""] * 6)
+        if isinstance(row, int):
+            table.add_row("", f"... {row} more layers (see --json)", *[""] * 6)
             continue
-        dead, sat = row.get("dead_fraction"), row.get("saturated_fraction")
+        dead, sat = row.dead_fraction, row.saturated_fraction
         share = f"{dead:.0%} dead" if dead is not None else (
             f"{sat:.0%} sat" if sat is not None else "-")
-        init = (f"{row['init_scale']:.2f} {'He' if row['init_reference'] == 'he' else 'Xav'}"
-                if row.get("init_scale") is not None else "-")
-        style = {"error": "red", "warning": "yellow"}.get(flagged.get(row["name"], ""), "")
-        table.add_row(str(row["index"]), Text(printable(row["name"])), row["kind"],
-                      fmt(row.get("std")), share,
-                      fmt(row.get("depth_gain")), fmt(row.get("grad_to_weight")), init,
+        init = (f"{row.init_scale:.2f} {'He' if row.init_reference == 'he' else 'Xav'}"
+                if row.init_scale is not None else "-")
+        style = {"error": "red", "warning": "yellow"}.get(flagged.get(row.name, ""), "")
+        table.add_row(str(row.index), Text(printable(row.name)), row.kind,
+                      fmt(row.std), share,
+                      fmt(row.depth_gain), fmt(row.grad_to_weight), init,
                       style=style)
     return table
 
@@ -186,7 +190,7 @@ def _checkpoint_header(report: Report) -> Text:
 def _scale_columns(report: Report) -> dict[str, str]:
     """The weight-scale columns of the checkpoint table and the row keys they show."""
     columns = {"He x": "init_scale_he", "Xavier x": "init_scale_xavier"}
-    if any(row.get("init_ratio") for row in report.layers):
+    if any(row.init_ratio for row in report.layers):
         return {"init x": "init_ratio", **columns}
     return columns
 
@@ -200,28 +204,28 @@ def checkpoint_table(report: Report) -> Table:
     scales = _scale_columns(report)
     table = Table(title="Weights by module", title_justify="left", header_style="bold",
                   pad_edge=False, box=None)
-    rows = report.layers
-    longest = max((len(row["name"]) for row in rows), default=6)
+    rows = cast(list[ModuleWeights], report.layers)
+    longest = max((len(row.name) for row in rows), default=6)
     table.add_column("module", no_wrap=True, min_width=min(longest, 32))
     table.add_column("kind", no_wrap=True, overflow="ellipsis", min_width=4)
     for column in ("params", "weight shape", "rms", *scales, "chain", "notes"):
         table.add_column(column, justify="right", no_wrap=column != "notes")
     shown = rows if len(rows) <= MAX_TABLE_ROWS else [
-        r for r in rows if r["name"] in flagged or r.get("chain") is not None][:MAX_TABLE_ROWS]
+        r for r in rows if r.name in flagged or r.chain is not None][:MAX_TABLE_ROWS]
     for row in shown:
-        weight = next((t for t in row["tensors"] if t["name"].endswith("weight")), None)
+        weight = next((t for t in row.tensors if t.name.endswith("weight")), None)
         notes = []
-        if row["nonfinite"]:
-            notes.append(f"{row['nonfinite']} NaN/Inf")
-        if row.get("dead_channels"):
-            notes.append(f"{row['dead_channels']}/{row['channels']} dead ch.")
-        if row.get("zero_initialized"):
+        if row.nonfinite:
+            notes.append(f"{row.nonfinite} NaN/Inf")
+        if row.dead_channels:
+            notes.append(f"{row.dead_channels}/{row.channels} dead ch.")
+        if row.zero_initialized:
             notes.append("zero-init")
-        style = {"error": "red", "warning": "yellow"}.get(flagged.get(row["name"], ""), "")
-        table.add_row(Text(printable(row["name"])), row["kind"], f"{row['params']:,}",
-                      "x".join(map(str, weight["shape"])) if weight else "-",
-                      fmt(row.get("weight_rms")), *(fmt(row.get(k)) for k in scales.values()),
-                      "-" if row.get("chain") is None else str(row["chain"]),
+        style = {"error": "red", "warning": "yellow"}.get(flagged.get(row.name, ""), "")
+        table.add_row(Text(printable(row.name)), row.kind, f"{row.params:,}",
+                      "x".join(map(str, weight.shape)) if weight else "-",
+                      fmt(row.weight_rms), *(fmt(row.get(k)) for k in scales.values()),
+                      "-" if row.chain is None else str(row.chain),
                       ", ".join(notes), style=style)
     if len(shown) < len(rows):
         table.add_row(f"... {len(rows) - len(shown)} more modules (see --json)",
@@ -306,16 +310,16 @@ def render_lr_find(result: LRFindResult, console: Console) -> None:
 
 def _lr_trials(result: LRFindResult, console: Console) -> None:
     """The trials of the range test's candidates: learning rate, steps run, loss after them."""
-    finite = [t["loss"] for t in result.trials if t["loss"] is not None]
+    finite = [t.loss for t in result.trials if t.loss is not None]
     best = min(finite) if finite else None
     table = Table(title="Trials from the same start", title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
     for column in ("learning rate", "steps", "loss after"):
         table.add_column(column, justify="right")
     for trial in result.trials:
-        won = best is not None and trial["loss"] == best
-        loss = "diverged" if trial["loss"] is None else fmt(trial["loss"])
-        table.add_row(f"{trial['lr']:.2e}", str(trial["steps"]),
+        won = best is not None and trial.loss == best
+        loss = "diverged" if trial.loss is None else fmt(trial.loss)
+        table.add_row(f"{trial.lr:.2e}", str(trial.steps),
                       loss + (" <- best" if won else ""), style="bold" if won else "")
     console.print()
     console.print(table)

@@ -53,32 +53,32 @@ def plot_gradient_flow(report: Report, axes: tuple[Axes, Axes] | None = None) ->
             if flagged.get(name) != "error":
                 flagged[name] = finding.severity
     layers = report.layers
-    weights = [r for r in layers if r.get("weight_norm") is not None]
+    weights = [r for r in layers if r.weight_norm is not None]
 
-    xs = [r["index"] for r in weights]
-    grad = [_positive(r.get("grad_norm")) for r in weights]
-    gain = [_positive(r.get("depth_gain")) for r in weights]
+    xs = [r.index for r in weights]
+    grad = [_positive(r.grad_norm) for r in weights]
+    gain = [_positive(r.depth_gain) for r in weights]
     top.plot(xs, [g if g else float("nan") for g in grad], "o-", color="tab:blue",
              label="weight gradient norm ||g||")
     top.plot(xs, [g if g else float("nan") for g in gain], "s--", color="tab:green",
              label="grad gain (output-gradient norm / model output's)")
-    _mark_zeros(top, [(x, r.get("grad_norm")) for x, r in zip(xs, weights, strict=True)],
+    _mark_zeros(top, [(x, r.grad_norm) for x, r in zip(xs, weights, strict=True)],
                 "gradient exactly 0", "tab:blue")
     top.set_yscale("log")
     top.set_ylabel("gradient")
     top.grid(True, which="major", alpha=0.3)
 
-    stds = [(r["index"], _positive(r.get("std")), r) for r in layers]
+    stds = [(r.index, _positive(r.std), r) for r in layers]
     stds = [(x, s, r) for x, s, r in stds if s is not None]
     for label, style, color, keep in (
-        ("weight-layer output std", "o-", "tab:purple", lambda r: r.get("weight_norm") is not None),
-        ("activation output std", "^:", "tab:gray", lambda r: r.get("activation") is not None),
+        ("weight-layer output std", "o-", "tab:purple", lambda r: r.weight_norm is not None),
+        ("activation output std", "^:", "tab:gray", lambda r: r.activation is not None),
     ):
         series = [(x, s) for x, s, r in stds if keep(r)]
         if series:
             bottom.plot([x for x, _ in series], [s for _, s in series], style, color=color,
                         label=label, markersize=4)
-    _mark_zeros(bottom, [(r["index"], r.get("std")) for r in layers], "output exactly 0 (dead)",
+    _mark_zeros(bottom, [(r.index, r.std) for r in layers], "output exactly 0 (dead)",
                 "tab:purple")
     bottom.set_yscale("log")
     bottom.set_ylabel("activation std")
@@ -87,7 +87,7 @@ def plot_gradient_flow(report: Report, axes: tuple[Axes, Axes] | None = None) ->
 
     marked: set[str] = set()
     for r in layers:  # every flagged layer, including those with nothing to plot on a log axis
-        x, severity = r["index"], flagged.get(r["name"])
+        x, severity = r.index, flagged.get(r.name)
         if severity in _FLAG_COLOR:
             label = f"flagged ({severity})" if severity not in marked else None
             marked.add(severity)
@@ -95,7 +95,7 @@ def plot_gradient_flow(report: Report, axes: tuple[Axes, Axes] | None = None) ->
                 ax.axvspan(x - 0.4, x + 0.4, color=_FLAG_COLOR[severity], alpha=0.15,
                            label=label if ax is bottom else None)
     if len(weights) <= 30:
-        bottom.set_xticks(xs, [r["name"] for r in weights], rotation=60, ha="right",
+        bottom.set_xticks(xs, [r.name for r in weights], rotation=60, ha="right",
                           fontsize=7)
     top.legend(loc="best", fontsize=8)
     bottom.legend(loc="best", fontsize=8)

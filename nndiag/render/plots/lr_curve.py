@@ -45,9 +45,9 @@ def plot_lr_curve(result: LRFindResult, ax: Axes | None = None) -> Figure:
         ax.axvline(result.curve_lr, color="0.4", lw=1, ls="--",
                    label=f"the curve's own reading {result.curve_lr:.2e}")
     for trial in result.trials:  # the candidates trained from the same start, and their loss
-        outcome = "diverged" if trial["loss"] is None else f"loss {trial['loss']:.3g}"
-        ax.axvline(trial["lr"], color="tab:orange", lw=1, ls=":",
-                   label=f"trial {trial['lr']:.2e} ({trial['steps']} steps): {outcome}")
+        outcome = "diverged" if trial.loss is None else f"loss {trial.loss:.3g}"
+        ax.axvline(trial.lr, color="tab:orange", lw=1, ls=":",
+                   label=f"trial {trial.lr:.2e} ({trial.steps} steps): {outcome}")
     if smoothed:
         low, start = min(smoothed), smoothed[0]
         span = max(start - low, 1e-12)

@@ -14,8 +14,8 @@ from nndiag.render.plots import figure_and_axes
 
 
 def _gain(row: dict[str, Any]) -> float | None:
-    value = row.get("signal_gain")
-    return value if value is not None else row.get("init_scale_he")
+    value = row.signal_gain
+    return value if value is not None else row.init_scale_he
 
 
 def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
@@ -36,20 +36,20 @@ def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
     """
     fig, ax = figure_and_axes(ax, (11, 4.5))
     flagged = {name for f in report.findings if f.severity != "info" for name in f.layers}
-    by_family = any(r.get("init_ratio") for r in report.layers)
+    by_family = any(r.init_ratio for r in report.layers)
     key = "init_ratio" if by_family else "init_scale_he"
     layers = sorted((r for r in report.layers if r.get(key) or
-                     (r.get("chain") is not None and _gain(r))),
-                    key=lambda r: canonical_key(r["name"], r.get("kind", "")))
+                     (r.chain is not None and _gain(r))),
+                    key=lambda r: canonical_key(r.name, r.kind))
     xs = list(range(len(layers)))
     scales = [r.get(key) or math.nan for r in layers]
-    colors = ["tab:red" if r["name"] in flagged else "tab:blue" for r in layers]
+    colors = ["tab:red" if r.name in flagged else "tab:blue" for r in layers]
     label = ("weight RMS / the family's init std" if by_family else "weight RMS / He std")
     ax.bar(xs, scales, color=colors, alpha=0.6, label=label)
     products: list[float] = []
     running: dict[int, float] = {}
     for r in layers:
-        chain, gain = r.get("chain"), _gain(r)
+        chain, gain = r.chain, _gain(r)
         if chain is None or not gain or not math.isfinite(gain) or gain <= 0:
             products.append(math.nan)
             continue
@@ -61,7 +61,7 @@ def plot_weight_scales(report: Report, ax: Axes | None = None) -> Figure:
     ax.set_xlabel("layer (canonical order)")
     ax.set_ylabel("scale")
     if len(layers) <= 40:
-        ax.set_xticks(xs, [r["name"] for r in layers], rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(xs, [r.name for r in layers], rotation=60, ha="right", fontsize=7)
     ax.legend(loc="best", fontsize=8)
     family = (report.summary.get("architecture") or {}).get("family")
     what = f"{family} weight scales" if family else "weight scales"
