@@ -31,7 +31,7 @@ _EXPORTS = {
     "NndiagError": "nndiag.errors",
     "UsageError": "nndiag.errors",
     "UserCodeError": "nndiag.errors",
-    "check_run": "nndiag.checking",
+    "check_run": "nndiag.run_check",
     "check_training": "nndiag.training_check",
     "inspect_checkpoint": "nndiag.inspection",
     "inspect_model": "nndiag.inspection",

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nndiag.errors import UsageError, UserCodeError, check_seed, describe_exception, user_code
+from nndiag.errors import UsageError, UserCodeError, describe_exception, user_code, validate_seed
 
 _INT_DTYPES = {"long": torch.long, "int64": torch.long, "int": torch.int, "int32": torch.int}
 # How torch's allocators word a failed allocation (CPU, CUDA, a size past int64).
@@ -331,7 +331,7 @@ def synthetic_batches(model: nn.Module, input_shape: Sequence[int], *, dtype: st
         raise UsageError(f"--input-shape {','.join(map(str, shape))}: every size must be positive")
     if count < 1:
         raise UsageError(f"batches must be at least 1, got {count}")
-    generator = torch.Generator().manual_seed(check_seed(seed, "--seed"))
+    generator = torch.Generator().manual_seed(validate_seed(seed, "--seed"))
     if dtype in _INT_DTYPES:
         if input_max is None:
             embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)

@@ -64,7 +64,7 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def check_seed(seed: int, option: str = "seed") -> int:
+def validate_seed(seed: int, option: str = "seed") -> int:
     """Return ``seed`` as an ``int`` if a ``torch.Generator`` accepts it.
 
     Any integer type is accepted (a NumPy integer too); ``bool`` is not.
@@ -93,7 +93,7 @@ def _as_number(value: object) -> float | None:
         return None
 
 
-def check_positive(value: float, option: str) -> float:
+def validate_positive(value: float, option: str) -> float:
     """Return ``value`` if it is a positive finite number (a learning rate, a scale).
 
     Raises:
@@ -106,7 +106,7 @@ def check_positive(value: float, option: str) -> float:
     return value
 
 
-def check_non_negative(value: float, option: str) -> float:
+def validate_non_negative(value: float, option: str) -> float:
     """Return ``value`` if it is a finite number ``>= 0`` (a momentum, a weight decay).
 
     Raises:

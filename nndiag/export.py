@@ -180,7 +180,7 @@ def export_tensorboard(run_dir: str | Path, directory: str | Path) -> Path:
     Raises:
         UsageError: Not a run directory, an empty run, or no ``tensorboard`` package.
     """
-    from nndiag.checking import check_run
+    from nndiag.run_check import check_run
 
     _tensorboard()
     log = read_run(run_dir)

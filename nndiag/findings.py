@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar
 
+from nndiag.records.lrcurve import Trial
 from nndiag.records.rows import Row
 
 SEVERITIES = ("info", "warning", "error")
@@ -64,7 +65,7 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
-def check_severity(value: str | None, what: str, *, optional: bool = False) -> str | None:
+def validate_severity(value: str | None, what: str, *, optional: bool = False) -> str | None:
     """``value`` if it is a severity (or ``None`` when ``optional``), else a ``UsageError``."""
     if value not in SEVERITIES and not (optional and value is None):
         from nndiag.errors import UsageError
@@ -164,7 +165,7 @@ class Report:
         Raises:
             UsageError: ``fail_on`` is not a severity.
         """
-        check_severity(fail_on, "fail_on")
+        validate_severity(fail_on, "fail_on")
         threshold = severity_rank(fail_on)
         return any(severity_rank(f.severity) >= threshold for f in self.findings)
 
@@ -184,3 +185,64 @@ class Report:
         from nndiag.render.html import report_html
 
         return report_html(self)
+
+
+@dataclass
+class InspectReport(Report):
+    """``nndiag inspect`` on a live model: ``layers`` are ``LayerRecord`` rows."""
+
+    schema: str = "nndiag.inspect/1"
+
+
+@dataclass
+class CheckpointReport(Report):
+    """``nndiag inspect`` on a checkpoint without data: ``layers`` are ``ModuleWeights`` rows."""
+
+    schema: str = "nndiag.inspect-checkpoint/1"
+
+
+@dataclass
+class CheckReport(Report):
+    """``nndiag check``: a recorded run, or the gate on training code (no ``layers``)."""
+
+    schema: str = "nndiag.check/1"
+
+
+@dataclass(kw_only=True)
+class LRFindResult(Report):
+    """The range test and its suggestion: a ``Report`` with the curve at the top level.
+
+    ``status``, ``fails``, ``finding`` and ``to_dict`` come from ``Report``; the JSON
+    contract (``nndiag.lr-find/1``) has no ``layers`` or ``notes`` (they stay empty).
+
+    Attributes:
+        suggested_lr: The learning rate to start training with (``None`` if unreadable).
+        lr_low: Lower end of the useful range.
+        lr_high: Upper end (the smoothed minimum).
+        lrs: Learning rate of each step (for the first param group).
+        losses: Loss recorded at each step (mean over ``accumulate`` micro-batches).
+        smoothed: The smoothed curve the suggestion was read from.
+        stopped_because: ``completed``, ``diverged`` or ``non_finite_loss``.
+        reason: Why the suggestion, in words.
+        findings: Warnings about the curve.
+        summary: Settings of the sweep (optimizer, steps, range, group ratios).
+        curve_lr: The suggestion read from the curve alone (what ``trials=0`` returns).
+        trials: One ``Trial`` per candidate: ``lr``, ``steps`` run, ``loss`` on the fixed batches
+            (``None``: diverged), ``diverged``; empty when the trial stage was skipped.
+    """
+
+    json_fields: ClassVar[tuple[str, ...]] = (
+        "suggested_lr", "lr_low", "lr_high", "lrs", "losses", "smoothed", "stopped_because",
+        "reason", "findings", "summary", "curve_lr", "trials")
+
+    schema: str = "nndiag.lr-find/1"
+    suggested_lr: float | None
+    lr_low: float | None
+    lr_high: float | None
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    stopped_because: str
+    reason: str
+    curve_lr: float | None = None
+    trials: list[Trial] = field(default_factory=list)

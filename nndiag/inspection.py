@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nndiag.advice import advise, advise_checkpoint
-from nndiag.advice.checkpoint import architecture_summary, checkpoint_notes, explain_by_weights
+from nndiag.advice.checkpoint import architecture_summary, checkpoint_notes
 from nndiag.autofix import verify_fixes
 from nndiag.batches import iter_batches, synthetic_batches
 from nndiag.capture.probe import ProbeConfig, run_probe
@@ -22,17 +21,16 @@ from nndiag.checkpoints import (
     measure_checkpoint,
     model_checkpoint,
 )
-from nndiag.errors import UsageError, check_seed
-from nndiag.findings import Finding, Report, severity_rank
+from nndiag.diagnosis import diagnose, judge
+from nndiag.errors import UsageError, validate_seed
+from nndiag.findings import CheckpointReport, Finding, InspectReport, Report, severity_rank
 from nndiag.losses import Loss, as_loss
 from nndiag.records import CheckpointRecord, ProbeRecord
 from nndiag.records.rows import Row
-from nndiag.rules import diagnose
-from nndiag.rules.checkpoint import live_poor_initialization
 from nndiag.rules.thresholds import THRESHOLDS, Threshold
 from nndiag.specs import require_usable_model
 
-SCHEMA = "nndiag.inspect/1"
+SCHEMA = InspectReport.schema
 def looks_pretrained(model: nn.Module) -> bool:
     """True for weights loaded with Hugging Face's ``from_pretrained`` (it records the source).
 
@@ -92,8 +90,35 @@ def inspect_model(
         ('error', ['vanishing_gradients'])
 
     """
+    probe, probe_batches, config = probe_model(
+        model, data, input_shape=input_shape, input_dtype=input_dtype, input_max=input_max,
+        loss=loss, batches=batches, seed=seed, pretrained=pretrained)
+    report = diagnose(probe, thresholds=thresholds)
+    if try_fixes:
+        verify_fixes(model, probe_batches, probe, report.findings, config,
+                     thresholds or THRESHOLDS)
+    return build_report(probe, report.findings)
+
+
+def probe_model(
+    model: nn.Module,
+    data: Any = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: str = "float32",
+    input_max: int | None = None,
+    loss: str | Loss | Callable[[Any, Any], torch.Tensor] | None = None,
+    batches: int = 1,
+    seed: int = 0,
+    pretrained: bool | None = None,
+) -> tuple[ProbeRecord, list[Any], ProbeConfig]:
+    """Measure a model as ``inspect_model`` does, without judging it (arguments as there).
+
+    Returns:
+        The probe (its ``weights`` read too), the batches it ran on and its configuration.
+    """
     require_usable_model(model)
-    check_seed(seed, "--seed")
+    validate_seed(seed, "--seed")
     if batches < 1:
         raise UsageError(f"batches must be at least 1, got {batches}")
     if (data is None) == (input_shape is None):
@@ -104,42 +129,15 @@ def inspect_model(
         assert input_shape is not None
         probe_batches = synthetic_batches(model, input_shape, dtype=input_dtype,
                                           input_max=input_max, count=batches, seed=seed)
-    thresholds = thresholds or THRESHOLDS
     config = ProbeConfig(loss=as_loss(loss), seed=seed)
     probe = run_probe(model, probe_batches, config)
     probe.pretrained = looks_pretrained(model) if pretrained is None else pretrained
-    findings = [advise(f, probe) for f in diagnose(probe, thresholds)]
-    weights = measure_checkpoint(model_checkpoint(model))
-    from_weights = live_poor_initialization(weights, thresholds)
-    if from_weights is not None:
-        findings = explain_by_weights(
-            merge_finding(findings, advise_checkpoint(from_weights, weights)))
-    if try_fixes:
-        verify_fixes(model, probe_batches, probe, findings, config, thresholds)
-    return build_report(probe, findings)
+    probe.weights = measure_checkpoint(model_checkpoint(model))
+    return probe, probe_batches, config
 
 
-def merge_finding(findings: list[Finding], extra: Finding) -> list[Finding]:
-    """Add a finding read from the weights to the probe's: one finding per id, the worse kept.
-
-    The other one is listed in the kept finding's evidence under ``also``.
-    """
-    same = next((f for f in findings if f.id == extra.id), None)
-    if same is not None and severity_rank(same.severity) >= severity_rank(extra.severity):
-        kept, other = same, extra
-    else:
-        kept, other = extra, same
-    if other is not None:
-        kept.evidence.setdefault("also", []).append(
-            {"mechanism": other.evidence.get("mechanism") or "probe",
-             "severity": other.severity, "summary": other.summary})
-    merged = [f for f in findings if f is not same] + [kept]
-    return sorted(merged, key=lambda f: -severity_rank(f.severity))
-
-
-def build_report(probe: ProbeRecord, findings: list[Finding]) -> Report:
-    """Assemble the inspect report from a probe and its findings."""
-    layers: list[Row] = list(probe.layers)
+def probe_notes(probe: ProbeRecord) -> list[str]:
+    """What the user should know about a probe that is not a finding (unmeasured layers)."""
     notes = []
     if probe.not_run:
         notes.append("not measured (never ran during the probe): " + ", ".join(probe.not_run))
@@ -149,6 +147,12 @@ def build_report(probe: ProbeRecord, findings: list[Finding]) -> Report:
     if not probe.activation_layers():
         notes.append("no activation was seen: activations written as plain tensor arithmetic "
                      "(x.clamp(min=0), x * (x > 0)) are not measured")
+    return notes
+
+
+def build_report(probe: ProbeRecord, findings: list[Finding]) -> InspectReport:
+    """Assemble the inspect report from a probe and its findings."""
+    layers: list[Row] = list(probe.layers)
     summary = {
         "model": probe.model_class,
         "loss": probe.loss,
@@ -162,10 +166,11 @@ def build_report(probe: ProbeRecord, findings: list[Finding]) -> Report:
         "input_std": probe.input_std,
         "measured_layers": len(probe.layers),
     }
-    return Report(SCHEMA, findings, layers, summary, notes)
+    return InspectReport(findings=findings, layers=layers, summary=summary,
+                         notes=probe_notes(probe))
 
 
-CHECKPOINT_SCHEMA = "nndiag.inspect-checkpoint/1"
+CHECKPOINT_SCHEMA = CheckpointReport.schema
 
 
 def inspect_checkpoint(
@@ -232,9 +237,7 @@ def inspect_checkpoint(
                              "--model SPEC (or drop --data/--input-shape for a data-free "
                              "analysis)")
         record = measure_checkpoint(checkpoint, progress)
-        findings = [advise_checkpoint(f, record)
-                    for f in diagnose(record, thresholds)]
-        return build_checkpoint_report(record, findings)
+        return build_checkpoint_report(record, diagnose(record, thresholds=thresholds).findings)
     if not live:
         raise UsageError("with --model, give --data or --input-shape to inspect the loaded "
                          "model (or drop --model for a data-free analysis of the weights)")
@@ -263,14 +266,15 @@ def _with_checkpoint_summary(report: Report, checkpoint: Checkpoint,
         report.notes.append(
             f"checkpoint keys mapped onto the model: prefix {loaded.prefix_removed!r} removed, "
             f"{loaded.prefix_added!r} added")
-    mismatch = [advise(f, loaded) for f in diagnose(loaded)]
+    mismatch = judge(loaded)
     if mismatch:
         report.findings = sorted(report.findings + mismatch,
                                  key=lambda f: -severity_rank(f.severity))
     return report
 
 
-def build_checkpoint_report(record: CheckpointRecord, findings: list[Finding]) -> Report:
+def build_checkpoint_report(record: CheckpointRecord, findings: list[Finding]
+                            ) -> CheckpointReport:
     """Assemble the data-free report from a checkpoint record and its findings."""
     layers: list[Row] = list(record.modules)
     dtypes: dict[str, int] = {}
@@ -296,4 +300,4 @@ def build_checkpoint_report(record: CheckpointRecord, findings: list[Finding]) -
     architecture = architecture_summary(record)
     if architecture is not None:
         summary["architecture"] = architecture
-    return Report(CHECKPOINT_SCHEMA, findings, layers, summary, notes)
+    return CheckpointReport(findings=findings, layers=layers, summary=summary, notes=notes)

@@ -585,7 +585,7 @@ class Monitor:
         The findings are judged on the run log when there is one, else on what the writer
         and ``samples`` kept; a run too short to judge gets none. Never raises.
         """
-        from nndiag.checking import check_run, judge_run
+        from nndiag.run_check import check_run, judge_run
         from nndiag.runlog import RunLog
 
         tensorboard = self._tensorboard

@@ -10,10 +10,10 @@ import torch
 from nndiag.errors import (
     UsageError,
     UserCodeError,
-    check_non_negative,
-    check_positive,
     describe_exception,
     user_code,
+    validate_non_negative,
+    validate_positive,
 )
 from nndiag.specs import load_object
 
@@ -21,14 +21,14 @@ OptimizerFactory = Callable[[Iterable[Any], float], torch.optim.Optimizer]
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
 
 
-def check_lr(lr: float, option: str = "--lr") -> float:
+def validate_lr(lr: float, option: str = "--lr") -> float:
     """Return ``lr`` if it is a usable learning rate (positive and finite).
 
     Raises:
         UsageError: Zero, negative, NaN or infinite.
 
     """
-    return check_positive(lr, option)
+    return validate_positive(lr, option)
 
 
 def optimizer_factory(name_or_spec: str, *, momentum: float | None = None,
@@ -48,8 +48,8 @@ def optimizer_factory(name_or_spec: str, *, momentum: float | None = None,
             parameter list), and ``UserCodeError`` when the user's factory raises.
     """
     if momentum is not None:
-        check_non_negative(momentum, "--momentum")
-    check_non_negative(weight_decay, "--weight-decay")
+        validate_non_negative(momentum, "--momentum")
+    validate_non_negative(weight_decay, "--weight-decay")
     name = name_or_spec.lower()
     builders: dict[str, Callable[[Iterable[Any], float], torch.optim.Optimizer]] = {
         "sgd": lambda params, lr: torch.optim.SGD(
@@ -64,7 +64,7 @@ def optimizer_factory(name_or_spec: str, *, momentum: float | None = None,
         builder = builders[name]
 
         def build_named(params: Iterable[Any], lr: float) -> torch.optim.Optimizer:
-            check_lr(lr, "learning rate")
+            validate_lr(lr, "learning rate")
             try:
                 return builder(params, lr)
             except ValueError as exc:  # torch's own argument checks (an empty parameter list)
@@ -80,7 +80,7 @@ def optimizer_factory(name_or_spec: str, *, momentum: float | None = None,
                          f"{type(factory).__name__}")
 
     def build(params: Iterable[Any], lr: float) -> torch.optim.Optimizer:
-        check_lr(lr, "learning rate")
+        validate_lr(lr, "learning rate")
         try:
             with user_code():
                 optimizer = factory(params, lr)

@@ -50,10 +50,10 @@ def nndiag_check() -> Callable[..., Any]:
 
     def run(model: Any, data: Any, loss_fn: Any = None, *, steps: int = 30,
             fail_on: str = "error", **options: Any) -> Any:
-        from nndiag.findings import check_severity
+        from nndiag.findings import validate_severity
         from nndiag.training_check import check_training
 
-        check_severity(fail_on, "nndiag_check(fail_on=...)")  # before the work, not after
+        validate_severity(fail_on, "nndiag_check(fail_on=...)")  # before the work, not after
         report = check_training(model, data, loss=loss_fn, steps=steps, **options)
         if report.fails(fail_on):
             pytest.fail(format_failure(report, fail_on), pytrace=False)

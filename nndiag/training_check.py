@@ -29,7 +29,8 @@ and the global RNG):
 3. a short training run through the same step, recorded with ``Monitor`` and judged by the run
    rules.
 
-Symptoms that a root cause explains (``nndiag.checking.EXPLAINS``) are tagged with it.
+The three phases' records are judged together by ``nndiag.diagnosis.diagnose``: symptoms that
+a root cause explains (``nndiag.advice.causes``) are tagged with it, whichever phase found it.
 
 This module orchestrates the gate and merges the findings of its phases; the parts live in
 ``nndiag.gate``: ``steps`` (running the step), ``observers`` (watching it from outside),
@@ -50,9 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nndiag.advice import advise_run, advise_sanity
 from nndiag.batches import iter_tensors_with_batch, raw_batches, take_samples, unpack_batch
-from nndiag.checking import RUN_FINDINGS, build_run_report, explain_symptoms
+from nndiag.diagnosis import diagnose
 from nndiag.errors import UsageError, UserCodeError
 from nndiag.findings import FindingId, Report
 from nndiag.gate.sanity import LABEL_STEPS, OVERFIT_SAMPLES, TRACE_CALLS, run_sanity
@@ -67,12 +67,13 @@ from nndiag.gate.steps import (
     standard_stepper,
     user_stepper,
 )
-from nndiag.inspection import inspect_model
+from nndiag.inspection import probe_model, probe_notes
 from nndiag.losses import Loss, as_loss
 from nndiag.lrfind import cycle_batches
 from nndiag.monitor import Monitor
-from nndiag.records import SanityRecord
-from nndiag.rules.registry import diagnose, finding_ids
+from nndiag.records import ProbeRecord, SanityRecord
+from nndiag.rules.registry import finding_ids
+from nndiag.run_check import RUN_FINDINGS, build_run_report
 from nndiag.runlog import read_run
 
 __all__ = [
@@ -158,41 +159,37 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
     notes: list[str] = []
 
     with _seeded(seed, model):
-        init = _inspect_at_init(model, pool[0], loss_spec, seed, stepper, notes)
+        init = _probe_at_init(model, pool[0], loss_spec, seed, stepper, notes)
         record = run_sanity(model, pool, stepper, overfit_steps, init, seed, notes)
-        findings = [advise_sanity(f, record) for f in diagnose(record)]
         with tempfile.TemporaryDirectory() as temp:
             run_dir = Path(log_dir) if log_dir is not None else Path(temp) / "run"
             _train(copy.deepcopy(model), data, stepper, steps, run_dir)
             log = read_run(run_dir)
-            run_findings = [advise_run(f, log) for f in diagnose(log)]
-            report = build_run_report(log, [])
-            if log_dir is None:
-                report.summary["run"] = None
     # Each phase judges its own evidence (a probe at init, the sanity checks, the recorded
     # run): a finding id may come from two phases, and both are kept, tagged with their phase.
-    phases = (("init", init.findings if init is not None else []), ("sanity", findings),
-              ("training", run_findings))
-    for phase, found in phases:
-        for finding in found:
-            finding.evidence["phase"] = phase
-    report.findings = explain_symptoms([f for _, found in phases for f in found])
+    contexts, phases = [record, log], ["sanity", "training"]
+    if init is not None:
+        contexts, phases = [init, *contexts], ["init", *phases]
+    report = build_run_report(log, diagnose(*contexts, phases=phases).findings)
+    if log_dir is None:
+        report.summary["run"] = None
     report.summary.update({
         "mode": "training", "lr": None if stepper.kind == LIGHTNING else rate,
         "train_step": None if stepper.kind == "standard" else stepper.name,
         "loss_at_init": record.loss_at_init, "expected_loss_at_init": record.expected_loss,
         "rules": [*SANITY_FINDINGS, *INIT_FINDINGS, *RUN_FINDINGS]})
-    report.notes = (init.notes if init is not None else []) + notes + report.notes
+    report.notes = (probe_notes(init) if init is not None else []) + notes + report.notes
     return report
 
 
-def _inspect_at_init(model: nn.Module, raw: Any, loss: Loss, seed: int, stepper: Stepper,
-                     notes: list[str]) -> Report | None:
+def _probe_at_init(model: nn.Module, raw: Any, loss: Loss, seed: int, stepper: Stepper,
+                   notes: list[str]) -> ProbeRecord | None:
     """The probe at init; skipped (with a note) when the user's step feeds the model otherwise."""
     try:
         first = unpack_batch(raw)
-        return inspect_model(copy.deepcopy(model), (first.inputs, first.targets), loss=loss,
-                             seed=seed)
+        probe, _, _ = probe_model(copy.deepcopy(model), (first.inputs, first.targets),
+                                  loss=loss, seed=seed)
+        return probe
     except (UsageError, UserCodeError) as exc:
         if stepper.kind == "standard":
             raise

@@ -304,7 +304,7 @@ def test_a_figure_that_cannot_be_written_after_the_work_keeps_the_report(tmp_pat
 
 def test_a_junit_file_that_cannot_be_written_after_the_check_keeps_the_report(
         tmp_path, recorded_run, monkeypatch):
-    import nndiag.checking as checking
+    import nndiag.run_check as checking
 
     def refuse(report, path, fail_on="error"):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))

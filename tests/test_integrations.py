@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag.amp import AMP_FILE, FINDING_ID
-from nndiag.checking import check_run
 from nndiag.monitor import Monitor
+from nndiag.run_check import check_run
 from nndiag.runlog import read_run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -305,7 +305,7 @@ class FunctionalReLUNet(nn.Module):
 
 
 def test_functional_relus_killed_in_training_are_reported_by_check_run(tmp_path):
-    from nndiag.checking import check_run
+    from nndiag.run_check import check_run
 
     torch.manual_seed(0)
     model = FunctionalReLUNet()
@@ -365,7 +365,7 @@ def test_a_failing_disk_stops_logging_with_a_warning_but_not_training(tmp_path):
 
 
 def test_a_run_written_in_the_first_log_format_is_still_read_and_judged():
-    from nndiag.checking import check_run
+    from nndiag.run_check import check_run
 
     fixture = Path(__file__).parent / "fixtures" / "run_v1"
     log = read_run(fixture)
@@ -388,7 +388,7 @@ def test_a_run_with_no_recorded_step_does_not_pass_the_gate(tmp_path):
 
 
 def test_malformed_records_are_skipped_with_a_note(tmp_path):
-    from nndiag.checking import check_run
+    from nndiag.run_check import check_run
 
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

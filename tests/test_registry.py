@@ -11,7 +11,7 @@ from nndiag.advice import REGISTRY, context_kind
 from nndiag.findings import Finding, FindingId
 from nndiag.records import CheckpointRecord, LoadResult, ProbeRecord
 from nndiag.records.lrcurve import LRCurveRecord, TrialsRecord
-from nndiag.rules import RULES, diagnose, finding_ids
+from nndiag.rules import RULES, finding_ids, run_rules
 from nndiag.rules.sanity import SanityRecord
 from nndiag.rules.thresholds import CHECKPOINT_THRESHOLDS, RUN_THRESHOLDS, THRESHOLDS
 from nndiag.runlog import RunLog
@@ -49,14 +49,14 @@ def test_a_context_lists_what_its_rules_can_report():
     assert FindingId.LOSS_OSCILLATING not in finding_ids(ProbeRecord)
 
 
-def test_diagnose_keeps_only_the_rules_that_mean_something_on_a_broken_probe():
+def test_run_rules_keeps_only_the_rules_that_mean_something_on_a_broken_probe():
     from tests.test_rules import probe_of, weight_layer  # hand-made records
 
     bad = weight_layer(1, float("nan"), float("nan"), std=float("nan"))
     probe = probe_of([weight_layer(0, 1e-9, 1e-9), bad], loss=float("nan"),
                      unused_parameters=["spare.weight"])
-    assert [f.id for f in diagnose(probe)] == [FindingId.NAN_INF, FindingId.UNUSED_PARAMETERS]
-    assert all(isinstance(f, Finding) for f in diagnose(probe))
+    assert [f.id for f in run_rules(probe)] == [FindingId.NAN_INF, FindingId.UNUSED_PARAMETERS]
+    assert all(isinstance(f, Finding) for f in run_rules(probe))
 
 
 def _bare_ids(path: Path) -> list[tuple[int, str]]:

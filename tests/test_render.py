@@ -87,7 +87,7 @@ def test_gradient_flow_shows_exact_zeros_and_shades_their_flagged_layers():
 # ---------------------------------------------------------------------- run figures
 
 def _run_and_findings(run_dir):
-    from nndiag.checking import check_run
+    from nndiag.run_check import check_run
     from nndiag.runlog import read_run
 
     log = read_run(run_dir)

@@ -388,7 +388,7 @@ def test_threshold_overrides_are_applied():
 
 
 def test_rules_do_not_import_torch():
-    code = ("import sys, nndiag.rules.run, nndiag.runlog, nndiag.records, nndiag.checking; "
+    code = ("import sys, nndiag.rules.run, nndiag.runlog, nndiag.records, nndiag.run_check; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=60)
@@ -441,11 +441,11 @@ def test_gradient_norm_growing_like_a_sum_is_zero_grad_missing(exponent):
 
 def test_summed_gradients_explain_the_diverging_loss():
     from nndiag.advice import advise_run
-    from nndiag.checking import explain_symptoms
+    from nndiag.advice.causes import link_causes
 
     log = make_run(piecewise([(0, 2.3), (60, 1.0), (199, 4.0)]))
     summed_gradients(log, 0.7)
-    findings = explain_symptoms([advise_run(f, log) for f in run_rules(log)])
+    findings = link_causes([advise_run(f, log) for f in run_rules(log)])
     assert [(f.id, f.severity) for f in findings if f.severity != "info"] == [
         ("zero_grad_missing", "error")]
     diverging = next(f for f in findings if f.id == "loss_diverging")

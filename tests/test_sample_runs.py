@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nndiag.checking import RUN_FINDINGS
 from nndiag.cli.app import app
 from nndiag.render.plots.run_figures import FIGURES
+from nndiag.run_check import RUN_FINDINGS
 from nndiag.runlog import read_run
 
 RUNS = Path(__file__).resolve().parents[1] / "sample_runs"

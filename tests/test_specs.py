@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag.batches import iter_batches, synthetic_batches, unpack_batch
-from nndiag.errors import UsageError, UserCodeError, UserExit, check_seed, user_code
+from nndiag.errors import UsageError, UserCodeError, UserExit, user_code, validate_seed
 from nndiag.losses import IGNORE_INDEX, compute_loss, resolve_loss, synthetic_targets
-from nndiag.optimizers import check_lr, optimizer_factory
+from nndiag.optimizers import optimizer_factory, validate_lr
 from nndiag.specs import call_model, load_data, load_model, load_object, require_usable_model
 
 
@@ -224,7 +224,7 @@ def test_seeds_a_generator_refuses_are_usage_errors(seed):
 
 
 def test_the_whole_64_bit_seed_range_is_accepted():
-    assert check_seed(2**64 - 1) == 2**64 - 1 and check_seed(-(2**63)) == -(2**63)
+    assert validate_seed(2**64 - 1) == 2**64 - 1 and validate_seed(-(2**63)) == -(2**63)
     synthetic_batches(nn.Linear(4, 2), (2, 4), seed=2**64 - 1)
 
 
@@ -248,7 +248,7 @@ def test_an_empty_parameter_list_is_a_usage_error():
     with pytest.raises(UsageError, match="empty parameter list"):
         optimizer_factory("adamw")([], 1e-3)
     with pytest.raises(UsageError, match="--lr"):
-        check_lr(-1.0)
+        validate_lr(-1.0)
 
 
 def test_random_inputs_larger_than_memory_are_refused_before_allocating(monkeypatch):
@@ -295,12 +295,13 @@ def test_other_runtime_errors_while_making_inputs_are_not_hidden(monkeypatch):
 def test_numpy_and_tensor_numbers_are_accepted_where_python_numbers_are():
     import numpy as np
 
-    from nndiag.errors import check_positive
+    from nndiag.errors import validate_positive
 
-    assert check_seed(np.int64(7)) == 7 and isinstance(check_seed(np.uint64(2**64 - 1)), int)
-    assert check_positive(np.float32(1e-3), "--lr") and check_positive(torch.tensor(0.1), "--lr")
+    assert validate_seed(np.int64(7)) == 7 and isinstance(validate_seed(np.uint64(2**64 - 1)), int)
+    assert validate_positive(np.float32(1e-3), "--lr")
+    assert validate_positive(torch.tensor(0.1), "--lr")
     optimizer_factory("sgd", momentum=np.float64(0.5))([nn.Parameter(torch.ones(1))],
                                                        np.float32(0.1))
     for bad in (True, "0.1", torch.ones(2)):
         with pytest.raises(UsageError):
-            check_positive(bad, "--lr")
+            validate_positive(bad, "--lr")

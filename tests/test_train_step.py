@@ -298,14 +298,14 @@ def test_monitor_and_check_run_name_a_missing_zero_grad(tmp_path):
 
 
 def test_a_root_cause_explains_its_symptoms_and_only_an_error_lowers_them():
-    from nndiag.checking import explain_symptoms
+    from nndiag.advice.causes import link_causes
     from nndiag.findings import Finding, Fix
 
     def finding(finding_id, severity, fixes=()):
         return Finding(finding_id, severity, [], finding_id, explanation="why",
                        fixes=[Fix(f, f) for f in fixes])
 
-    found = explain_symptoms([
+    found = link_causes([
         finding("labels_misaligned", "warning", ["align_inputs_labels"]),
         finding("dead_relu", "warning", ["lower_learning_rate", "bias_init"]),
         finding("zero_grad_missing", "error", ["zero_grad"]),
@@ -321,7 +321,7 @@ def test_a_root_cause_explains_its_symptoms_and_only_an_error_lowers_them():
     assert by_id["loss_not_decreasing"].explanation.startswith(
         "Probably a consequence of zero_grad_missing")
 
-    alone = explain_symptoms([finding("loss_reduction_sum", "warning"),
+    alone = link_causes([finding("loss_reduction_sum", "warning"),
                               finding("loss_diverging", "error", ["lower_learning_rate"])])
     diverging = next(f for f in alone if f.id == "loss_diverging")
     assert diverging.severity == "error" and diverging.fixes == []  # a warning lowers nothing

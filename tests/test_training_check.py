@@ -92,8 +92,8 @@ def test_cli_check_needs_exactly_one_mode():
 def test_a_finding_from_two_phases_is_kept_twice_and_fails_its_junit_case(tmp_path):
     import xml.etree.ElementTree as ET
 
-    from nndiag.checking import write_junit
     from nndiag.findings import Finding, Report
+    from nndiag.run_check import write_junit
 
     report = Report("nndiag.check/1", [
         Finding("vanishing_gradients", "error", ["0"], "through depth at init",

@@ -5,6 +5,7 @@ Scale drift through depth (``poor_initialization``), dead ReLUs, saturated activ
 
 from __future__ import annotations
 
+from nndiag.advice import checkpoint
 from nndiag.advice.catalog import make_fix
 from nndiag.advice.common import (
     PROBE,
@@ -33,8 +34,14 @@ from nndiag.records import ProbeRecord
 
 
 def poor_initialization(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
-    """How much the activation scale drifts per layer, and the init that keeps it."""
+    """How much the activation scale drifts per layer, and the init that keeps it.
+
+    A mechanism read from the model's weights (``probe.weights``) is explained as for a
+    checkpoint.
+    """
     ev = finding.evidence
+    if "mechanism" in ev and probe.weights is not None:
+        return checkpoint.poor_initialization(finding, probe.weights)
     if "weight_scale" in ev.get("judged_by", []):
         return oversized_weights(finding, probe)
     start, end = probe.layer(ev["from_layer"]), probe.layer(ev["to_layer"])

@@ -81,37 +81,6 @@ def _norm_gains(ev: dict[str, Any]) -> tuple[str, list[Fix]]:
     return text, [make_fix("norm_gain_init")]
 
 
-# Symptoms of a weight mechanism found by the live weight read, for ``explain_by_weights``:
-# gains near zero shrink the signal and the gradient at every normalization.
-SYMPTOMS_OF_MECHANISM: dict[str, tuple[str, ...]] = {
-    "norm_gains": (FindingId.VANISHING_GRADIENTS, FindingId.EXPLODING_GRADIENTS),
-}
-# Fixes that re-initialize Linear/conv weights: no cure for a cause in the normalization gains.
-_WEIGHT_REINIT = frozenset({"he_init", "xavier_init"})
-
-
-def explain_by_weights(findings: list[Finding]) -> list[Finding]:
-    """Tag the probe's findings that a mechanism read from the weights explains.
-
-    A symptom gets ``evidence["explained_by"]``, an explanation that starts by naming the
-    cause, and the cause's fixes first instead of re-initializing the Linear/conv weights.
-    """
-    cause = next((f for f in findings if f.id == FindingId.POOR_INITIALIZATION
-                  and f.evidence.get("mechanism") in SYMPTOMS_OF_MECHANISM), None)
-    if cause is None:
-        return findings
-    cause_fixes = {fix.id for fix in cause.fixes}
-    for finding in findings:
-        if finding.id in SYMPTOMS_OF_MECHANISM[cause.evidence["mechanism"]]:
-            finding.evidence["explained_by"] = [cause.id]
-            finding.explanation = (f"Probably a consequence of {cause.id} ({cause.summary}; see "
-                                   f"it): fix that first. {finding.explanation}")
-            finding.fixes = list(cause.fixes) + [
-                fix for fix in finding.fixes
-                if fix.id not in _WEIGHT_REINIT and fix.id not in cause_fixes]
-    return findings
-
-
 def _chain(ev: dict[str, Any], record: CheckpointRecord) -> tuple[str, list[Fix]]:
     """A plain network's chain of layers."""
     kinds = checkpoint_kinds(record)

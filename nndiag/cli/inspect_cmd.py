@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from nndiag.cli.output import Output, check_output_file, write_output
-from nndiag.errors import UsageError, check_seed
+from nndiag.cli.output import Output, validate_output_file, write_output
+from nndiag.errors import UsageError, validate_seed
 
 
 class FailOn(str, Enum):
@@ -137,8 +137,8 @@ def _run(out: Output, o: InspectOptions) -> int:
     if o.plot is not None:
         if o.plot.suffix.lower() not in (".png", ".svg", ".pdf"):
             raise UsageError(f"--plot {str(o.plot)!r}: use a .png, .svg or .pdf file name")
-        check_output_file(o.plot, "--plot")
-    check_seed(o.seed, "--seed")
+        validate_output_file(o.plot, "--plot")
+    validate_seed(o.seed, "--seed")
     shape = parse_shape(o.input_shape) if o.input_shape is not None else None
     loss_fn = resolve_loss(o.loss)
     with out.stderr.status("loading the model and data", spinner="dots"):

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from nndiag.cli.inspect_cmd import FailOn
-from nndiag.cli.output import Output, check_output_file, write_output
-from nndiag.errors import UsageError, check_seed
+from nndiag.cli.output import Output, validate_output_file, write_output
+from nndiag.errors import UsageError, validate_seed
 
 
 def lr_find(
@@ -82,8 +82,8 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
     if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UsageError(f"--plot {str(plot)!r}: use a .png, .svg or .pdf file name")
     if plot is not None:
-        check_output_file(plot, "--plot")
-    check_seed(seed, "--seed")
+        validate_output_file(plot, "--plot")
+    validate_seed(seed, "--seed")
     loss_fn = resolve_loss(loss)
     factory = optimizer_factory(optimizer, momentum=momentum, weight_decay=weight_decay)
     with out.stderr.status("loading the model and data", spinner="dots"):

@@ -173,7 +173,7 @@ def _check_writable_parent(path: Path, option: str) -> None:
                          "(permission denied)")
 
 
-def check_output_file(path: Path, option: str) -> None:
+def validate_output_file(path: Path, option: str) -> None:
     """Refuse, before any work, a file the command could not write.
 
     Raises:
@@ -187,7 +187,7 @@ def check_output_file(path: Path, option: str) -> None:
     _check_writable_parent(path, option)
 
 
-def check_output_dir(path: Path, option: str) -> None:
+def validate_output_dir(path: Path, option: str) -> None:
     """Refuse, before any work, a directory the command could not create or write in.
 
     Raises:

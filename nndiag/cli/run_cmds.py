@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from nndiag.cli.inspect_cmd import FailOn
-from nndiag.cli.output import Output, check_output_dir, check_output_file, write_output
+from nndiag.cli.output import Output, validate_output_dir, validate_output_file, write_output
 
 
 def check(
@@ -57,21 +57,21 @@ def check(
     """
     out = Output(debug=debug)
     try:
-        from nndiag.checking import check_run, write_junit
         from nndiag.errors import UsageError
         from nndiag.render.json import render_json
         from nndiag.render.text import render_check
+        from nndiag.run_check import check_run, write_junit
 
         if (run_dir is None) == (model is None):
             raise UsageError("give either RUN_DIR or --model SPEC --data SPEC")
         if junit is not None:
-            check_output_file(junit, "--junit")
+            validate_output_file(junit, "--junit")
         if log_dir is not None:
-            check_output_dir(log_dir, "--log-dir")
+            validate_output_dir(log_dir, "--log-dir")
         if lr is not None:
-            from nndiag.optimizers import check_lr
+            from nndiag.optimizers import validate_lr
 
-            check_lr(lr, "--lr")
+            validate_lr(lr, "--lr")
         if model is not None:
             from nndiag.losses import resolve_loss
             from nndiag.specs import load_data, load_model
@@ -121,12 +121,12 @@ def report(
     """
     out = Output(debug=debug)
     try:
-        from nndiag.checking import judge_run
         from nndiag.render.html import write_run_report
+        from nndiag.run_check import judge_run
         from nndiag.runlog import read_run
 
         if out_dir is not None:
-            check_output_dir(out_dir, "--out")
+            validate_output_dir(out_dir, "--out")
         log = read_run(run_dir)
         judged = judge_run(log)
         target = out_dir or (run_dir / "report")

@@ -34,10 +34,9 @@ from nndiag.batches import (
     unpack_batch,
 )
 from nndiag.errors import UsageError, UserCodeError, describe_exception
-from nndiag.findings import Report
 from nndiag.gate.observers import LossInputs, StepWatch, mode_dependent
 from nndiag.gate.steps import Stepper, model_device
-from nndiag.records import SanityRecord
+from nndiag.records import ProbeRecord, SanityRecord
 from nndiag.rules.sanity import SUM_REDUCTION_RATIO, cannot_overfit
 from nndiag.specs import call_model, primary_output
 
@@ -52,7 +51,7 @@ LABEL_STEPS = 30
 
 
 def run_sanity(model: nn.Module, pool: list[Any], stepper: Stepper, overfit_steps: int,
-               init: Report | None, seed: int, notes: list[str]) -> SanityRecord:
+               init: ProbeRecord | None, seed: int, notes: list[str]) -> SanityRecord:
     """Run every sanity check through the step, each on a fresh copy of ``model``.
 
     Args:
@@ -60,7 +59,7 @@ def run_sanity(model: nn.Module, pool: list[Any], stepper: Stepper, overfit_step
         pool: Batches as the data yields them (the first one is the checks' batch).
         stepper: How the step runs.
         overfit_steps: Steps spent trying to overfit one small batch.
-        init: The inspection at init (``None``: skipped), for the loss at init.
+        init: The probe at init (``None``: skipped), for the loss at init.
         seed: Seed of the labels check (its shuffles, trainings and scores).
         notes: Receives a note for each check that could not run.
 
@@ -184,12 +183,12 @@ def _mode_changes_output(model: nn.Module, raw: Any, eval_names: set[str]) -> bo
     return not torch.allclose(ran.float(), trained.float(), rtol=1e-4, atol=1e-6)
 
 
-def _expected_loss(record: SanityRecord, init: Report | None) -> None:
+def _expected_loss(record: SanityRecord, init: ProbeRecord | None) -> None:
     """What an uninformed model scores: log C for cross-entropy (from the probe or the step)."""
     if record.step_kind == "standard" and init is not None:
-        record.loss_at_init = float(init.summary["loss"])
-        classes = init.summary.get("num_classes")
-        if classes and init.summary.get("loss_name") in ("cross_entropy", "nll"):
+        record.loss_at_init = float(init.loss)
+        classes = init.num_classes
+        if classes and init.loss_name in ("cross_entropy", "nll"):
             record.classes, record.expected_loss = classes, math.log(classes)
         return
     calls = record.loss_calls

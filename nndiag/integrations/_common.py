@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nndiag.errors import NndiagError, UsageError
-from nndiag.findings import Report, check_severity, severity_rank
+from nndiag.findings import Report, severity_rank, validate_severity
 
 RUN_DIR_NAME = "nndiag"
 
@@ -28,7 +28,7 @@ class TrainingFindingsError(NndiagError):
         self.report = report
 
 
-def check_options(every: Any, fail_on: str | None) -> None:
+def validate_options(every: Any, fail_on: str | None) -> None:
     """Validate the options both callbacks take.
 
     Raises:
@@ -36,7 +36,7 @@ def check_options(every: Any, fail_on: str | None) -> None:
     """
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise UsageError(f"every must be a whole number of at least 1, got {every!r}")
-    check_severity(fail_on, "fail_on", optional=True)
+    validate_severity(fail_on, "fail_on", optional=True)
 
 
 def fresh_run_dir(base: str | Path) -> Path:
@@ -68,7 +68,7 @@ def finish(monitor: Any, *, fail_on: str | None, verbose: bool) -> Report | None
     Raises:
         TrainingFindingsError: A finding at or above ``fail_on``.
     """
-    from nndiag.checking import check_run
+    from nndiag.run_check import check_run
 
     monitor.close()
     run_dir = monitor.run_dir

@@ -15,10 +15,10 @@ from typing import Any
 from nndiag.findings import Report
 from nndiag.integrations._common import (
     TrainingFindingsError,
-    check_options,
     finish,
     fresh_run_dir,
     tensorboard_dir,
+    validate_options,
     warn_once,
 )
 from nndiag.monitor import Monitor
@@ -77,7 +77,7 @@ class NndiagCallback(pl.Callback):
     def __init__(self, every: int = 50, log_dir: str | Path | None = None, *,
                  tensorboard: str | Path | bool | None = None, activations: bool = True,
                  fail_on: str | None = None, verbose: bool = True) -> None:
-        check_options(every, fail_on)
+        validate_options(every, fail_on)
         self.every, self.log_dir, self.tensorboard = every, log_dir, tensorboard
         self.activations, self.fail_on, self.verbose = activations, fail_on, verbose
         self.monitor: Monitor | None = None

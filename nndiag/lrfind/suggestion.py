@@ -295,10 +295,9 @@ def valley_lr(lrs: Sequence[float], losses: Sequence[float], beta: float = 0.98,
 
 def _judge(context: LRCurveRecord | TrialsRecord) -> list[Finding]:
     """The findings of lr-find's rules on a curve or on its trials, with their advice."""
-    from nndiag.advice import advise
-    from nndiag.rules.registry import diagnose
+    from nndiag.diagnosis import diagnose
 
-    return [advise(f, context) for f in diagnose(context)]
+    return diagnose(context).findings
 
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE) -> Suggestion:

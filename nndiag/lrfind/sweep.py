@@ -20,9 +20,9 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from nndiag.findings import Report
+from nndiag.findings import LRFindResult
 from nndiag.records.lrcurve import Trial
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ from nndiag.lrfind.suggestion import (
     suggest_lr,
 )
 
-SCHEMA = "nndiag.lr-find/1"
+SCHEMA = LRFindResult.schema
 
 # Fewest steps before the early-stopping rule starts judging (their median is the start level).
 EARLY_STOP_WARMUP = 5
@@ -62,46 +62,6 @@ def _early_stop(start: float, best: float, current: float, noise: float) -> str 
     if current > start + 2 * max(start - best, 3 * noise, 1e-12):
         return "diverged"
     return None
-
-
-@dataclass(kw_only=True)
-class LRFindResult(Report):
-    """The range test and its suggestion: a ``Report`` with the curve at the top level.
-
-    ``status``, ``fails``, ``finding`` and ``to_dict`` come from ``Report``; the JSON
-    contract (``nndiag.lr-find/1``) has no ``layers`` or ``notes`` (they stay empty).
-
-    Attributes:
-        suggested_lr: The learning rate to start training with (``None`` if unreadable).
-        lr_low: Lower end of the useful range.
-        lr_high: Upper end (the smoothed minimum).
-        lrs: Learning rate of each step (for the first param group).
-        losses: Loss recorded at each step (mean over ``accumulate`` micro-batches).
-        smoothed: The smoothed curve the suggestion was read from.
-        stopped_because: ``completed``, ``diverged`` or ``non_finite_loss``.
-        reason: Why the suggestion, in words.
-        findings: Warnings about the curve.
-        summary: Settings of the sweep (optimizer, steps, range, group ratios).
-        curve_lr: The suggestion read from the curve alone (what ``trials=0`` returns).
-        trials: One ``Trial`` per candidate: ``lr``, ``steps`` run, ``loss`` on the fixed batches
-            (``None``: diverged), ``diverged``; empty when the trial stage was skipped.
-    """
-
-    json_fields: ClassVar[tuple[str, ...]] = (
-        "suggested_lr", "lr_low", "lr_high", "lrs", "losses", "smoothed", "stopped_because",
-        "reason", "findings", "summary", "curve_lr", "trials")
-
-    schema: str = SCHEMA
-    suggested_lr: float | None
-    lr_low: float | None
-    lr_high: float | None
-    lrs: list[float]
-    losses: list[float]
-    smoothed: list[float]
-    stopped_because: str
-    reason: str
-    curve_lr: float | None = None
-    trials: list[Trial] = field(default_factory=list)
 
 
 def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
@@ -394,7 +354,7 @@ def lr_find(
     import torch
 
     from nndiag.capture.state import preserved_state
-    from nndiag.errors import UsageError, check_seed
+    from nndiag.errors import UsageError, validate_seed
     from nndiag.optimizers import optimizer_factory
     from nndiag.specs import require_usable_model
 
@@ -412,7 +372,7 @@ def lr_find(
         raise UsageError("candidate learning rates must be positive")
     if val_data is not None and not trials:
         raise UsageError("--val-data scores the trials, and --no-trials runs none: drop one")
-    check_seed(seed, "--seed")
+    validate_seed(seed, "--seed")
     require_usable_model(model, trainable=True)
     user_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
     if user_optimizer is None:

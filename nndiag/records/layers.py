@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from nndiag.records.rows import Row
+
+if TYPE_CHECKING:
+    from nndiag.records.checkpoint import CheckpointRecord
 
 # Roles a layer plays in its architecture (``LayerRecord.role``; found by capture). Rules judge
 # layers of one role together: attention query/key projections legitimately get tiny gradients
@@ -199,6 +202,9 @@ class ProbeRecord:
         model_class: The model's class name.
         pretrained: The weights were loaded (a checkpoint, ``from_pretrained``): no advice
             re-initializes them.
+        weights: The model's weights read as a checkpoint's are (``measure_checkpoint``), for
+            the mechanisms a probe does not measure; ``None`` when not read. Not in
+            ``to_dict``.
 
     """
 
@@ -219,6 +225,7 @@ class ProbeRecord:
     skipped_in_training: list[str] = field(default_factory=list)
     model_class: str = ""
     pretrained: bool = False
+    weights: CheckpointRecord | None = None
 
     def layer(self, name: str) -> LayerRecord:
         """The record of the site called ``name``."""
@@ -236,8 +243,8 @@ class ProbeRecord:
         return [r for r in self.layers if r.activation is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON-ready apart from non-finite floats)."""
-        return asdict(self)
+        """Plain-data form (JSON-ready apart from non-finite floats), without ``weights``."""
+        return asdict(replace(self, weights=None))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeRecord:

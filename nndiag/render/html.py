@@ -15,10 +15,17 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from nndiag.files import write_atomic
-from nndiag.findings import Finding, Fix, Report
+from nndiag.findings import (
+    CheckpointReport,
+    CheckReport,
+    Finding,
+    Fix,
+    LRFindResult,
+    Report,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -213,7 +220,7 @@ def _figures_html(figures: Sequence[FigureImage | str]) -> str:
 
 def _inspect_body(report: Report, with_figures: bool) -> str:
     s = report.summary
-    if report.schema.startswith("nndiag.inspect-checkpoint/"):
+    if isinstance(report, CheckpointReport):
         title = f"nndiag inspect {s.get('path', '')}"
         facts = _facts([("format", s.get("format")), ("tensors", s.get("tensors")),
                         ("values", s.get("parameters"))])
@@ -232,7 +239,7 @@ def _inspect_body(report: Report, with_figures: bool) -> str:
         from nndiag.render.plots import plot_report
 
         figures.append(_safe_figure(*figure, lambda: plot_report(report)))
-    layers = "" if report.schema.startswith("nndiag.inspect-checkpoint/") else _layer_table(
+    layers = "" if isinstance(report, CheckpointReport) else _layer_table(
         report)
     return (f"<h1>{esc(title)}</h1>{facts}<h2>Findings</h2>{findings_html(report)}"
             f"{_notes(report)}{_figures_html(figures)}{layers}")
@@ -296,10 +303,10 @@ def _check_body(report: Report, with_figures: bool) -> str:
 
 
 def report_body(report: Report, with_figures: bool = True) -> str:
-    """The report as an HTML fragment (inside ``<div class="nndiag">``), chosen by schema."""
-    if report.schema.startswith("nndiag.lr-find/"):
-        body = _lr_find_body(cast("LRFindResult", report), with_figures)
-    elif report.schema.startswith("nndiag.check/"):
+    """The report as an HTML fragment (inside ``<div class="nndiag">``), chosen by its type."""
+    if isinstance(report, LRFindResult):
+        body = _lr_find_body(report, with_figures)
+    elif isinstance(report, CheckReport):
         body = _check_body(report, with_figures)
     else:
         body = _inspect_body(report, with_figures)

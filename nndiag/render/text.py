@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from rich.console import Console, Group
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from nndiag.findings import Finding, Fix, Report
+from nndiag.findings import (
+    CheckpointReport,
+    Finding,
+    Fix,
+    LRFindResult,
+    Report,
+)
 from nndiag.records import LayerRecord, ModuleWeights
 from nndiag.render.safe import printable
-
-if TYPE_CHECKING:
-    from nndiag.lrfind import LRFindResult
 
 STYLE = {"ok": "bold green", "info": "cyan", "warning": "bold yellow", "error": "bold red"}
 MAX_TABLE_ROWS = 40
@@ -253,11 +256,11 @@ def render_checkpoint_text(report: Report, console: Console) -> None:
 
 
 def render_report(report: Report, console: Console) -> None:
-    """Print any report as rich text, choosing the layout by its schema."""
-    if report.schema.startswith("nndiag.inspect-checkpoint/"):
+    """Print any report as rich text, choosing the layout by its type."""
+    if isinstance(report, CheckpointReport):
         render_checkpoint_text(report, console)
-    elif report.schema.startswith("nndiag.lr-find/"):
-        render_lr_find(cast("LRFindResult", report), console)
+    elif isinstance(report, LRFindResult):
+        render_lr_find(report, console)
     else:
         render_text(report, console)
 

@@ -1,7 +1,8 @@
 """Rules: pure functions of records that return findings. They never import torch.
 
 Every rule is registered once in ``registry.RULES`` with the findings it may report and the
-context record it reads; ``diagnose(context)`` runs them.
+context record it reads; ``run_rules(context)`` runs them (``nndiag.diagnosis.diagnose`` adds
+their advice and the root-cause links).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from collections.abc import Callable
 
 from nndiag.findings import Finding
 from nndiag.records import CheckpointRecord, ProbeRecord
-from nndiag.rules.registry import RULES, Rule, diagnose, finding_ids
+from nndiag.rules.registry import RULES, Rule, finding_ids, run_rules
 from nndiag.rules.thresholds import Threshold
 
-__all__ = ["HEADLINES", "RULES", "Rule", "diagnose", "finding_ids", "run_checkpoint_rules",
-           "run_probe_rules"]
+__all__ = ["HEADLINES", "RULES", "Rule", "finding_ids", "run_checkpoint_rules", "run_probe_rules",
+           "run_rules"]
 
 # The headline numbers of each finding a probe's rules report, measured the same way before and
 # after a fix (``--try-fixes``): each rule's own.
@@ -25,15 +26,15 @@ HEADLINES: dict[str, Callable[[ProbeRecord], dict[str, float | None]]] = {
 
 def run_checkpoint_rules(record: CheckpointRecord,
                          thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
-    """Judge a checkpoint's weights without data: ``diagnose`` on its record."""
-    return diagnose(record, thresholds)
+    """Judge a checkpoint's weights without data: ``run_rules`` on its record."""
+    return run_rules(record, thresholds)
 
 
 def run_probe_rules(probe: ProbeRecord,
                     thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
-    """Judge one probe: ``diagnose`` on its record.
+    """Judge one probe: ``run_rules`` on its record.
 
     When the probe holds NaN or Inf, only ``nan_inf`` (and ``unused_parameters``) are
     reported: the other statistics are not meaningful.
     """
-    return diagnose(probe, thresholds)
+    return run_rules(probe, thresholds)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nndiag.findings import Finding, FindingId, severity_rank, worst_severity
+from nndiag.records import ProbeRecord
 from nndiag.records.checkpoint import (
     FAMILY_LABELS,
     HF_INIT_STD,
@@ -470,16 +471,17 @@ def _most_severe(mechanisms: tuple[Callable[[CheckpointRecord, dict[str, Thresho
     return best
 
 
-def live_poor_initialization(record: CheckpointRecord, thresholds: dict[str, Threshold]
-                             ) -> Finding | None:
+def probed_weights(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
     """What a live inspection reads from the weights themselves, as the data-free analysis does.
 
     The mechanisms a probe does not measure: a transformer's weights against the scale its
     family initializes them at, BatchNorm gains far below 1, and blocks with no normalization
     at all (a live probe measures the drift that chains only predict). Live and data-free
-    analysis of the same weights then agree on them.
+    analysis of the same weights then agree on them. Nothing without ``probe.weights``.
     """
-    return _most_severe(_WEIGHT_MECHANISMS, record, thresholds)
+    if probe.weights is None:
+        return None
+    return _most_severe(_WEIGHT_MECHANISMS, probe.weights, thresholds)
 
 
 def checkpoint_mismatch(loaded: LoadResult, thresholds: dict[str, Threshold]) -> Finding | None:

@@ -2,9 +2,11 @@
 
 A rule is a pure function ``check(context, thresholds)`` of one context record (a live probe's
 ``ProbeRecord``, a checkpoint's ``CheckpointRecord``, a recorded run's ``RunLog``, the gate's
-``SanityRecord``) that returns its findings. ``diagnose(context)`` runs every rule of that
-context; ``finding_ids(context_type)`` lists what they can report (the JUnit cases of a check,
-the rules a report names). Adding a finding is adding its rule here, its advice and its test.
+``SanityRecord``, lr-find's ``LRCurveRecord`` and ``TrialsRecord``) that returns its findings.
+``run_rules(context)`` runs every rule of that context; ``finding_ids(context_type)`` lists what
+they can report (the JUnit cases of a check, the rules a report names). Adding a finding is
+adding its rule here, its advice and its test. ``nndiag.diagnosis.diagnose`` runs the rules,
+their advice and the root-cause links in one call.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ RULES: tuple[Rule, ...] = (
          headline=gradients.exploding_headline),
     Rule((F.POOR_INITIALIZATION,), ProbeRecord, activations.poor_initialization,
          headline=activations.drift_headline),
+    # The probed model's own weights, read as a checkpoint's are: the mechanisms a probe does
+    # not measure (a family's init scale, BatchNorm gains, blocks with no normalization).
+    Rule((F.POOR_INITIALIZATION,), ProbeRecord, checkpoint.probed_weights, on_nonfinite=True,
+         headline=activations.drift_headline),
     Rule((F.DEAD_RELU,), ProbeRecord, activations.dead_relu,
          headline=activations.dead_headline),
     Rule((F.SATURATED_ACTIVATIONS,), ProbeRecord, activations.saturated_activations,
@@ -130,10 +136,12 @@ def _as_list(found: Finding | Sequence[Finding] | None) -> list[Finding]:
     return [found] if isinstance(found, Finding) else list(found)
 
 
-def diagnose(context: Any, thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
+def run_rules(context: Any, thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
     """Run every rule of the context's type: its findings, most severe first.
 
-    When a probe holds NaN or Inf, only the rules that mean something then run.
+    When a probe holds NaN or Inf, only the rules that mean something then run. Two rules of
+    one context that report the same finding id describe one problem: the worse finding is kept
+    (the earlier rule's on a tie), the other listed in its evidence under ``also``.
 
     Args:
         context: A ``ProbeRecord``, ``CheckpointRecord``, ``LoadResult``, ``RunLog`` or
@@ -149,5 +157,19 @@ def diagnose(context: Any, thresholds: dict[str, Threshold] | None = None) -> li
         if broken:
             rules = [rule for rule in rules if rule.on_nonfinite]
     for rule in rules:
-        findings += _as_list(rule.check(context, merged))
+        for finding in _as_list(rule.check(context, merged)):
+            findings = _merge_same_id(findings, finding)
     return sorted(findings, key=lambda f: -severity_rank(f.severity))
+
+
+def _merge_same_id(findings: list[Finding], extra: Finding) -> list[Finding]:
+    """Add a finding of a later rule: one finding per id, the worse kept."""
+    same = next((f for f in findings if f.id == extra.id), None)
+    if same is None:
+        return [*findings, extra]
+    kept, other = ((same, extra) if severity_rank(same.severity) >= severity_rank(extra.severity)
+                   else (extra, same))
+    kept.evidence.setdefault("also", []).append(
+        {"mechanism": other.evidence.get("mechanism") or "probe", "severity": other.severity,
+         "summary": other.summary})
+    return [kept if f is same else f for f in findings]

@@ -412,7 +412,7 @@ def amp_skipped_steps(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
 
 
 def run_rules(log: RunLog, thresholds: dict[str, Threshold] | None = None) -> list[Finding]:
-    """Every rule over a recorded run, most severe first: ``diagnose`` on the run."""
-    from nndiag.rules.registry import diagnose
+    """Every rule over a recorded run, most severe first: the registry's rules of a run."""
+    from nndiag.rules import registry
 
-    return diagnose(log, thresholds)
+    return registry.run_rules(log, thresholds)

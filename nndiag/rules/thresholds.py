@@ -1,7 +1,7 @@
 """Every threshold a rule judges by, with the reason for its value.
 
 One module, a table per context: ``THRESHOLDS`` (a live probe), ``RUN_THRESHOLDS`` (a recorded
-run), ``CHECKPOINT_THRESHOLDS`` (weights read without data); ``diagnose`` merges them, and a
+run), ``CHECKPOINT_THRESHOLDS`` (weights read without data); ``run_rules`` merges them, and a
 caller may override any by name.
 
 Thresholds are relative wherever possible (gains through depth, ratios to the loss or to the

@@ -8,7 +8,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from nndiag.files import write_atomic
-from nndiag.findings import Report
+from nndiag.findings import CheckpointReport, Report
 
 
 def figure_and_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -30,7 +30,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 def plot_report(report: Report) -> Figure:
     """The figure that fits a report: weight scales (data-free) or gradient flow (live)."""
-    if report.schema.startswith("nndiag.inspect-checkpoint/"):
+    if isinstance(report, CheckpointReport):
         from nndiag.render.plots.weight_scales import plot_weight_scales
 
         return plot_weight_scales(report)

@@ -6,38 +6,17 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from nndiag.advice import advise_run
+from nndiag.diagnosis import diagnose
 from nndiag.errors import UsageError
 from nndiag.files import write_atomic
-from nndiag.findings import Finding, Report, severity_rank
-from nndiag.findings import FindingId as F
-from nndiag.rules.registry import diagnose, finding_ids
+from nndiag.findings import CheckReport, Finding, Report, severity_rank
+from nndiag.rules.registry import finding_ids
 from nndiag.rules.thresholds import Threshold
 from nndiag.runlog import RunLog, read_run
 
-SCHEMA = "nndiag.check/1"
+SCHEMA = CheckReport.schema
 # Every finding a run check can report: each becomes one JUnit test case.
 RUN_FINDINGS = finding_ids(RunLog)
-# What a bug in the training code makes the loss and the gradients look like: when the root
-# cause is found, these symptoms are tagged with it (``evidence["explained_by"]``), and their
-# learning-rate advice gives way to it.
-# (A step that cannot train makes the labels check fail too: training on the data's pairing
-# then beats shuffled targets no more than a broken step allows.)
-EXPLAINS: dict[str, tuple[str, ...]] = {
-    F.ZERO_GRAD_MISSING: (F.LOSS_DIVERGING, F.LOSS_OSCILLATING, F.LOSS_NOT_DECREASING,
-                          F.EXPLODING_GRADIENTS, F.UPDATE_RATIO_HIGH, F.DEAD_RELU,
-                          F.CANNOT_OVERFIT_BATCH, F.LABELS_MISALIGNED),
-    F.SOFTMAX_BEFORE_LOSS: (F.CANNOT_OVERFIT_BATCH, F.LOSS_NOT_DECREASING, F.UPDATE_RATIO_LOW,
-                            F.LABELS_MISALIGNED),
-    F.TRAIN_MODE_OFF: (F.CANNOT_OVERFIT_BATCH, F.LOSS_NOT_DECREASING, F.LABELS_MISALIGNED),
-    F.LOSS_REDUCTION_SUM: (F.LOSS_DIVERGING, F.LOSS_OSCILLATING, F.EXPLODING_GRADIENTS,
-                           F.UPDATE_RATIO_HIGH, F.DEAD_RELU),
-    F.LABELS_MISALIGNED: (F.LOSS_NOT_DECREASING,),
-    F.PARAMETERS_NOT_UPDATED: (F.LOSS_NOT_DECREASING, F.UPDATE_RATIO_LOW,
-                               F.CANNOT_OVERFIT_BATCH, F.LABELS_MISALIGNED),
-    F.BATCH_MIXING: (F.CANNOT_OVERFIT_BATCH, F.LOSS_NOT_DECREASING, F.LABELS_MISALIGNED),
-}
-_LR_FIXES = ("raise_learning_rate", "lower_learning_rate", "lr_warmup")
 
 
 def check_run(run: str | Path | RunLog, thresholds: dict[str, Threshold] | None = None
@@ -76,44 +55,13 @@ def judge_run(log: RunLog, skipped: Sequence[dict[str, float] | int] | None = No
     if skipped is not None:
         log.skipped_steps = [row if isinstance(row, dict) else
                              {"step": row, "scale": float("nan")} for row in skipped]
-    findings = [advise_run(f, log) for f in diagnose(log, thresholds)]
-    report = build_run_report(log, explain_symptoms(findings))
+    report = build_run_report(log, diagnose(log, thresholds=thresholds).findings)
     if log.skipped_steps:
         report.summary["skipped_steps"] = len(log.skipped_steps)
     return report
 
 
-def explain_symptoms(findings: list[Finding]) -> list[Finding]:
-    """Tag the findings that a root cause found alongside them explains.
-
-    A symptom of a root cause (``EXPLAINS``) gets ``evidence["explained_by"]``, an explanation
-    that starts by naming the cause, and loses its learning-rate fixes: changing the learning
-    rate does not fix a bug in the training code. When the cause is an error, the symptom is
-    lowered to ``info``: the gate still fails, on the cause.
-
-    Args:
-        findings: Findings of one check (any phase), advised already.
-
-    Returns:
-        The same findings, most severe first.
-    """
-    causes = [f for f in findings if f.id in EXPLAINS]
-    for finding in findings:
-        explained = sorted((c for c in causes if finding.id in EXPLAINS[c.id]),
-                           key=lambda c: -severity_rank(c.severity))
-        if not explained:
-            continue
-        cause = explained[0]
-        finding.evidence["explained_by"] = list(dict.fromkeys(c.id for c in explained))
-        finding.explanation = (f"Probably a consequence of {cause.id} (see it): fix that first."
-                               + (f" {finding.explanation}" if finding.explanation else ""))
-        finding.fixes = [x for x in finding.fixes if x.id not in _LR_FIXES]
-        if cause.severity == "error":
-            finding.severity = "info"
-    return sorted(findings, key=lambda f: -severity_rank(f.severity))
-
-
-def build_run_report(log: RunLog, findings: list) -> Report:
+def build_run_report(log: RunLog, findings: list[Finding]) -> CheckReport:
     """The check report of a run log and its findings."""
     notes = []
     if log.skipped_lines:
@@ -133,8 +81,8 @@ def build_run_report(log: RunLog, findings: list) -> Report:
         "final_loss": log.losses[-1] if log.losses else None,
         "rules": list(RUN_FINDINGS),
     }
-    return Report(SCHEMA, sorted(findings, key=lambda f: -severity_rank(f.severity)), [],
-                  summary, notes)
+    return CheckReport(findings=sorted(findings, key=lambda f: -severity_rank(f.severity)),
+                       summary=summary, notes=notes)
 
 
 def write_junit(report: Report, path: str | Path, fail_on: str = "error") -> Path:
