@@ -7,7 +7,9 @@ Public API (imported on first use, so that ``import nndiag`` and the pytest plug
     lr_find: a learning-rate range test with a suggestion (suggest_lr: the rule alone).
     Monitor: record diagnostics inside a training loop into a run log (read_run reads it).
     check_run: judge a recorded run; check_training: the CI gate for training code.
-    Report, Finding, Fix, LRFindResult, RunLog: the result objects every command renders.
+    diagnose: judge measured records (the rules, their advice, root-cause links) into a Report.
+    Report, Finding, FindingId, Fix, LRFindResult, RunLog: the result objects every command
+        renders.
     UsageError, UserCodeError: errors with the CLI's exit codes (2 and 3).
 """
 
@@ -22,6 +24,8 @@ _EXPORTS = {
     "Finding": "nndiag.findings",
     "Fix": "nndiag.findings",
     "Report": "nndiag.findings",
+    "FindingId": "nndiag.findings",
+    "diagnose": "nndiag.diagnosis",
     "LRFindResult": "nndiag.lrfind",
     "lr_find": "nndiag.lrfind",
     "suggest_lr": "nndiag.lrfind",

@@ -69,7 +69,8 @@ def _run_snippet(code: str) -> None:
 
 
 def test_catalogue_holds_every_design_fix_id():
-    # DESIGN.md's ids keep their meaning; new ids may be added (transformer inits, code fixes).
+    # The documented fix ids keep their meaning; new ids may be added (transformer inits,
+    # code fixes).
     assert DESIGN_FIX_IDS <= set(CATALOG)
 
 

@@ -121,3 +121,29 @@ def test_every_probe_rule_measures_its_headline_for_try_fixes():
         if rule.context is ProbeRecord:
             assert rule.headline is not None, rule.ids
             assert isinstance(rule.headline(CONTEXTS[ProbeRecord]), dict)
+
+
+def test_diagnose_judges_advises_and_links_causes_across_contexts():
+    from nndiag.diagnosis import diagnose
+    from nndiag.findings import CheckReport, InspectReport
+    from tests.test_rules import probe_of, weight_layer
+
+    probe = probe_of([weight_layer(0, 5e3, 0.1), weight_layer(1, 10.0, 0.1),
+                      weight_layer(2, 1.0, 0.1)])
+    alone = diagnose(probe)
+    assert isinstance(alone, InspectReport) and alone.status == "warning"
+    exploding = alone.finding(FindingId.EXPLODING_GRADIENTS)
+    assert exploding.fixes and exploding.explanation  # advised
+    assert "explained_by" not in exploding.evidence
+
+    step = SanityRecord(loss_at_init=2.3, carried_steps=3, steps_checked=3,
+                        carried_parameters=["fc0.weight"], carried_ratio=1.0)
+    together = diagnose(step, probe, phases=["sanity", "init"])
+    assert isinstance(together, CheckReport) and together.status == "error"
+    cause = together.findings[0]
+    assert (cause.id, cause.evidence["phase"]) == (FindingId.ZERO_GRAD_MISSING, "sanity")
+    symptom = together.finding(FindingId.EXPLODING_GRADIENTS)
+    assert symptom.evidence["phase"] == "init" and symptom.severity == "info"
+    assert symptom.evidence["explained_by"] == [FindingId.ZERO_GRAD_MISSING]
+    with pytest.raises(ValueError):
+        diagnose(step, probe, phases=["sanity"])

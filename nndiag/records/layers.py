@@ -234,6 +234,12 @@ class ProbeRecord:
                 return record
         raise KeyError(name)
 
+    @property
+    def finite(self) -> bool:
+        """False when the loss, a layer's output or a gradient held NaN or Inf."""
+        return math.isfinite(self.loss) and all(r.output_finite and r.grad_finite
+                                                for r in self.layers)
+
     def weight_layers(self) -> list[LayerRecord]:
         """Sites of modules with trainable weights, in forward order."""
         return [r for r in self.layers if r.has_weights and r.trainable]

@@ -82,7 +82,7 @@ def _block_drift(layers: list[LayerRecord]) -> Drift:
     """
     drift = Drift(1.0, None, None, 1.0, None, None, layers)
     stds = [(record, record.std) for record in layers if record.std]
-    for span in block_spans(stds, lambda r: r.role or r.module.rsplit(".", 1)[-1]):
+    for span in block_spans(stds):
         ratio = span.last_median / span.first_median if span.first_median > 0 else 1.0
         first, last = span.first[0][0], span.last[0][0]
         if ratio > drift.growth:

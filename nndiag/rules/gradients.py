@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from nndiag.findings import Finding, FindingId, worst_severity
 from nndiag.records import LayerRecord, ProbeRecord
 from nndiag.records.layers import (
-    ATTENTION_ROLES,
     READING_GAIN,
     READING_NORMALIZED,
     READING_PLAIN,
@@ -34,7 +33,7 @@ from nndiag.records.layers import (
     ROLE_KEY,
     ROLE_QUERY,
 )
-from nndiag.rules.blocks import block_spans
+from nndiag.rules.blocks import block_spans, place_in_block
 from nndiag.rules.thresholds import FULLY_DEAD, Threshold
 
 # Judged apart from the backward signal through depth: attention query/key projections get a
@@ -165,13 +164,6 @@ def _against_init(record: LayerRecord) -> float:
     return record.grad_to_weight
 
 
-def _trend_key(record: LayerRecord) -> str:
-    """Attention layers by role, the others by their place in the block."""
-    if record.role in ATTENTION_ROLES:
-        return record.role
-    return record.block_position or record.role or "hidden"
-
-
 def block_trend(gains: list[tuple[LayerRecord, float]]) -> BlockTrend | None:
     """The worst first-block / last-block ratio of median gains, over roles (``None``: no blocks).
 
@@ -180,7 +172,7 @@ def block_trend(gains: list[tuple[LayerRecord, float]]) -> BlockTrend | None:
     by block; a group needs at least two blocks to show a trend.
     """
     worst = None
-    for span in block_spans(gains, _trend_key):
+    for span in block_spans(gains):
         ratio = span.first_median / span.last_median if span.last_median > 0 else 1.0
         if worst is None or ratio < worst.ratio:
             weakest = min(span.first, key=lambda item: item[1])[0]
@@ -237,7 +229,7 @@ def vanishing_gradients(probe: ProbeRecord, thresholds: dict[str, Threshold]) ->
         weakest[0] is profile.trend.first else None
     if depth is not None and trend is not None:
         layers = [r.name for r, _ in profile.gains if r.block == trend.first_block
-                  and _trend_key(r) == trend.role]
+                  and place_in_block(r) == trend.role]
     elif depth is not None:
         layers = [r.name for r, gain in profile.relative_gains if depth_rule.severity(gain)]
     else:

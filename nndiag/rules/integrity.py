@@ -21,10 +21,10 @@ def nan_inf_headline(probe: ProbeRecord) -> dict[str, float | None]:
 
 def nan_inf(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | None:
     """NaN or Inf in the loss, a layer's output or a gradient."""
+    if probe.finite:
+        return None
     bad_out = [r for r in probe.layers if not r.output_finite]
     bad_grad = [r for r in probe.layers if not r.grad_finite]
-    if math.isfinite(probe.loss) and not bad_out and not bad_grad:
-        return None
     evidence: dict[str, object] = {"loss": probe.loss,
                                    "nonfinite_output_layers": [r.name for r in bad_out],
                                    "nonfinite_gradient_layers": [r.name for r in bad_grad]}

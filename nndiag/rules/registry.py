@@ -152,10 +152,8 @@ def run_rules(context: Any, thresholds: dict[str, Threshold] | None = None) -> l
     merged = {**THRESHOLDS, **RUN_THRESHOLDS, **CHECKPOINT_THRESHOLDS, **(thresholds or {})}
     rules = [rule for rule in RULES if isinstance(context, rule.context)]
     findings: list[Finding] = []
-    if isinstance(context, ProbeRecord):
-        broken = _as_list(integrity.nan_inf(context, merged))
-        if broken:
-            rules = [rule for rule in rules if rule.on_nonfinite]
+    if isinstance(context, ProbeRecord) and not context.finite:
+        rules = [rule for rule in rules if rule.on_nonfinite]
     for rule in rules:
         for finding in _as_list(rule.check(context, merged)):
             findings = _merge_same_id(findings, finding)
