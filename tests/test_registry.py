@@ -110,8 +110,7 @@ def test_the_inspect_schema_names_every_finding_and_fix_an_inspection_can_carry(
         "schemas/inspect-1.schema.json").read_text())
     finding_enum = set(schema["$defs"]["finding"]["properties"]["id"]["enum"])
     fix_enum = set(schema["$defs"]["fix"]["properties"]["id"]["enum"])
-    live = set(finding_ids(ProbeRecord)) | set(finding_ids(LoadResult)) | {
-        FindingId.POOR_INITIALIZATION}  # the weights' own mechanisms, read live too
+    live = set(finding_ids(ProbeRecord)) | set(finding_ids(LoadResult))
     assert live <= finding_enum
     assert set(CATALOG) == fix_enum
 
