@@ -7,16 +7,17 @@
         monitor.step(loss)
     monitor.close()          # or use ``with nndiag.Monitor(...) as monitor:``
 
-Every step records the loss and the learning rate (kept on the device and written in batches,
-so an unsampled step costs a list append). Every ``every``-th step is sampled, with the same
-measurement core as ``nndiag inspect`` (``nndiag.capture.sites``) in its lean mode: per call
-site (modules and activations applied as functions, named alike) the activation mean and std,
-the dead fraction (ReLU family) and saturation (sigmoid/tanh family), reduced a group of
-same-shaped outputs at a time when the forward pass ends; gradient norms after accumulation
-and before clipping (read at the end of each backward pass); the true update-to-weight ratio
-``||w_after - w_before|| / ||w_before||`` from the optimizer's step hooks, valid for any
-optimizer; and the global gradient norm. The update ratio of a big tensor is measured on a
-fixed subset of at most ``update_sample`` elements, 16 evenly spaced runs of contiguous
+Every step records the loss and the learning rate (``capture.step_values``: on an accelerator
+they stay on the device and reach the host in asynchronous blocks, so an unsampled step never
+waits for the device; on the CPU each step is written at the next one). Every ``every``-th step
+is sampled, with the same measurement core as ``nndiag inspect`` (``nndiag.capture.sites``) in
+its lean mode: per call site (modules and activations applied as functions, named alike) the
+activation mean and std, the dead fraction (ReLU family) and saturation (sigmoid/tanh family),
+reduced a group of same-shaped outputs at a time when the forward pass ends; gradient norms
+after accumulation and before clipping (read at the end of each backward pass); the true update-
+to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the optimizer's step hooks, valid
+for any optimizer; and the global gradient norm. The update ratio of a big tensor is measured on
+a fixed subset of at most ``update_sample`` elements, 16 evenly spaced runs of contiguous
 elements (a 4,096-element subset is within a few percent of the whole tensor's ratio, against
 the orders of magnitude the rules judge; copying every weight twice a step is what would make
 ``every=1`` expensive); the weight norm of such a tensor is its subset's, scaled by
@@ -62,6 +63,7 @@ from torch.utils.hooks import RemovableHandle
 from nndiag.capture.layers import layer_kind
 from nndiag.capture.probe import ROOT_NAME, Owner, owner_fans, owners
 from nndiag.capture.sites import SiteRecorder
+from nndiag.capture.step_values import StepValues
 from nndiag.errors import UsageError
 from nndiag.records import ParamGroup, StepRecord, attach_parameters
 from nndiag.runlog import RunWriter
@@ -171,6 +173,11 @@ class Monitor:
             layer the gradient norm, update ratio, activation std and dead fraction of each
             sampled step, the loss and learning rate of every step, and the findings of the
             run as text when the monitor closes (needs the ``tensorboard`` package).
+        flush_every: On an accelerator, the per-step losses stay on the device and are copied
+            to the host asynchronously this many steps at a time (default 32), so that an
+            unsampled step never waits for the device; a killed run loses at most that many
+            steps. On the CPU, where reading a value never waits, each step is written at the
+            next one (a killed run loses at most one step).
 
     Attributes:
         samples: The sampled steps (``StepRecord``), in memory as well as in the log.
@@ -193,13 +200,18 @@ class Monitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  every: int = 50, log_dir: str | Path | None = None,
                  activations: bool = True, update_sample: int = 1 << 12,
-                 scaler: Any = None, tensorboard: str | Path | None = None) -> None:
+                 scaler: Any = None, tensorboard: str | Path | None = None,
+                 flush_every: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"Monitor needs an nn.Module, got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise UsageError(f"every must be a whole number of at least 1, got {every!r}")
         if update_sample < 0:
             raise UsageError(f"update_sample must be 0 or more, got {update_sample}")
+        if flush_every is not None and (isinstance(flush_every, bool) or
+                                        not isinstance(flush_every, int) or flush_every < 1):
+            raise UsageError(f"flush_every must be a whole number of at least 1, got "
+                             f"{flush_every!r}")
         if scaler is None:
             scaler = find_scaler(optimizer)
         elif not _is_grad_scaler(scaler):
@@ -231,9 +243,7 @@ class Monitor:
 
         self.step_count = 0
         self.samples: list[StepRecord] = []
-        self._pending_losses: list[Any] = []
-        self._pending_lrs: list[float | None] = []
-        self._pending_first = 0
+        self._values = StepValues(self._write_steps, flush_every)
         self._grad_handles: list[RemovableHandle] = []
         self._grad_queued = False
         self._grad_sq: torch.Tensor | None = None
@@ -432,12 +442,8 @@ class Monitor:
         """
         if self.closed:
             raise UsageError("Monitor.step called after close()")
-        if isinstance(loss, torch.Tensor):
-            self._pending_losses.append(loss.detach().reshape(-1)[0].float())
-        else:
-            self._pending_losses.append(float(loss))
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
-        self._pending_lrs.append(float(lr) if lr is not None else None)
+        self._values.append(loss, lr)
         skipped = False
         if self.scaler is not None:
             skipped = self._optimizer_steps == self._optimizer_steps_seen
@@ -446,12 +452,8 @@ class Monitor:
                 self._skipped()
         if self._sampling:
             self._finish_sample(skipped)
-        elif self._writer is not None and self.world_size == 1 and \
-                len(self._pending_losses) > 1:
-            # Write every loss but this step's (whose value an accelerator may still be
-            # computing): a killed run loses at most one step.
-            count = len(self._pending_losses) - 1
-            self._flush_losses(self._loss_tensor(count).cpu().tolist())
+        elif self.world_size == 1:  # under torch.distributed, losses are averaged when sampled
+            self._values.step_done()
         self.step_count += 1
         self._prepare(self.step_count)
 
@@ -467,21 +469,17 @@ class Monitor:
     def _device(self) -> torch.device:
         return next((p.device for p in self._trainable), torch.device("cpu"))
 
-    def _loss_tensor(self, count: int | None = None) -> torch.Tensor:
-        """The first ``count`` pending losses (all by default) as one device tensor."""
-        pending = self._pending_losses[:count]
+    def _loss_tensor(self, losses: list[Any]) -> torch.Tensor:
+        """Losses (device tensors or floats) as one device tensor."""
         return torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(v) for v in
-                            pending]).to(self._device(), torch.float32)
+                            losses]).to(self._device(), torch.float32)
 
-    def _flush_losses(self, values: list[float]) -> None:
-        """Write the first ``len(values)`` pending steps and drop them from the buffer."""
-        count = len(values)
+    def _write_steps(self, first: int, losses: list[float], lrs: list[float | None]) -> None:
+        """Write consecutive steps' loss and learning rate to the run log and TensorBoard."""
         if self._writer is not None:
-            self._writer.write_steps(self._pending_first, values, self._pending_lrs[:count])
+            self._writer.write_steps(first, losses, lrs)
         if self._tensorboard is not None:
-            self._tensorboard.write_steps(self._pending_first, values, self._pending_lrs[:count])
-        self._pending_first += count
-        del self._pending_losses[:count], self._pending_lrs[:count]
+            self._tensorboard.write_steps(first, losses, lrs)
 
     def _finish_sample(self, skipped: bool = False) -> None:
         """One device-to-host transfer (and, under DDP, three collectives) for the step.
@@ -492,8 +490,9 @@ class Monitor:
         """
         device = self._device()
         recorder = self._recorder
+        pending, lrs = self._values.take()
         with torch.no_grad():
-            losses = self._loss_tensor().double()
+            losses = self._loss_tensor(pending).double()
             if self.world_size > 1:
                 _all_reduce(losses, "sum")
                 losses /= self.world_size
@@ -513,11 +512,11 @@ class Monitor:
             if update is not None:
                 pieces += list(update)
             host = torch.cat([p.double().reshape(-1).to(device) for p in pieces]).cpu().tolist()
-        self._record(host, len(self._pending_losses), len(sites), grad_sq is not None,
+        self._record(host, lrs, len(pending), len(sites), grad_sq is not None,
                      update is not None)
 
-    def _record(self, host: list[float], n_losses: int, n_sites: int, has_grads: bool,
-                has_update: bool) -> None:
+    def _record(self, host: list[float], lrs: list[Any], n_losses: int, n_sites: int,
+                has_grads: bool, has_update: bool) -> None:
         values = iter(host)
 
         def take(count: int) -> list[float]:
@@ -551,7 +550,7 @@ class Monitor:
         grad_norm = math.sqrt(sum(grad_sq)) if grad_sq is not None else None
         record = StepRecord(self.step_count, losses[-1] if losses else None, grad_norm, layers)
         self.samples.append(record)
-        self._flush_losses(losses)
+        self._values.hand_over(losses, [None if lr is None else float(lr) for lr in lrs])
         if self._writer is not None:
             self._writer.write_sample(record)
         if self._tensorboard is not None:
@@ -563,12 +562,14 @@ class Monitor:
         """Write what is pending and remove every hook (safe to call twice)."""
         if self.closed:
             return
-        if self._pending_losses:
-            values = self._loss_tensor()
-            if self.world_size > 1:
-                torch.distributed.all_reduce(values)
-                values /= self.world_size
-            self._flush_losses(values.cpu().tolist())
+        if self.world_size > 1 and len(self._values):
+            pending, lrs = self._values.take()
+            values = self._loss_tensor(pending)
+            torch.distributed.all_reduce(values)
+            values /= self.world_size
+            self._values.hand_over(values.cpu().tolist(),
+                                   [None if lr is None else float(lr) for lr in lrs])
+        self._values.close()
         self._detach_sampling_hooks()
         for handle in self._optimizer_handles:
             handle.remove()
