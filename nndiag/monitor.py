@@ -14,13 +14,13 @@ is sampled, with the same measurement core as ``nndiag inspect`` (``nndiag.captu
 its lean mode: per call site (modules and activations applied as functions, named alike) the
 activation mean and std, the dead fraction (ReLU family) and saturation (sigmoid/tanh family),
 reduced a group of same-shaped outputs at a time when the forward pass ends; gradient norms
-after accumulation and before clipping (read at the end of each backward pass); the true update-
-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the optimizer's step hooks, valid
-for any optimizer; and the global gradient norm. The update ratio of a big tensor is measured on
-a fixed subset of at most ``update_sample`` elements, 16 evenly spaced runs of contiguous
-elements (a 4,096-element subset is within a few percent of the whole tensor's ratio, against
-the orders of magnitude the rules judge; copying every weight twice a step is what would make
-``every=1`` expensive); the weight norm of such a tensor is its subset's, scaled by
+after accumulation and before clipping (read at the end of each backward pass); the true
+update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the optimizer's step
+hooks, valid for any optimizer; and the global gradient norm. The update ratio of a big tensor
+is measured on a fixed subset of at most ``update_sample`` elements, 16 evenly spaced runs of
+contiguous elements (a 4,096-element subset is within a few percent of the whole tensor's ratio,
+against the orders of magnitude the rules judge; copying every weight twice a step is what would
+make ``every=1`` expensive); the weight norm of such a tensor is its subset's, scaled by
 sqrt(elements / subset). Statistics are reduced on the device and moved to the host once per
 sampled step.
 
