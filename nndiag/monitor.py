@@ -226,7 +226,13 @@ class Monitor:
         self.model, self.optimizer, self.every = model, optimizer, every
         self.scaler = scaler
         self.rank, self.world_size = _distributed()
-        self._recorder = SiteRecorder(model, exact=False) if activations else None
+        # A model wrapped by torch.compile is measured through the module it wraps (its names,
+        # its modules; the wrapper itself is not a site).
+        compiled = getattr(model, "_orig_mod", None)
+        if isinstance(compiled, nn.Module):
+            model = compiled
+        self._recorder = SiteRecorder(model, exact=False, compiled=compiled is not None) \
+            if activations else None
 
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._groups = []
@@ -307,7 +313,7 @@ class Monitor:
             self._grad_handles = [p.register_post_accumulate_grad_hook(self._on_grad)
                                   for p in self._trainable]
         elif not sampled and self._sampling:
-            self._detach_sampling_hooks()
+            self._detach_sampling_hooks(closing=False)
         self._sampling = sampled
         self._grad_sq, self._grad_present, self._update, self._after_norms = (None, None, None,
                                                                               None)
@@ -318,10 +324,11 @@ class Monitor:
             # whose own forward applied one.
             self._recorder.watch_all = (step // self.every) % FUNCTIONAL_RECHECK < 2
 
-    def _detach_sampling_hooks(self) -> None:
+    def _detach_sampling_hooks(self, closing: bool = True) -> None:
         if self._recorder is not None:
             self._recorder.active = False
-            self._recorder.detach()
+            if closing or not self._recorder.compiled:  # a compiled model's hooks stay, gated
+                self._recorder.detach()
         for handle in self._grad_handles:
             handle.remove()
         self._grad_handles = []

@@ -124,8 +124,9 @@ class SiteRecorder:
     """
 
     def __init__(self, model: nn.Module, *, output_grads: bool = False,
-                 exact: bool = True) -> None:
+                 exact: bool = True, compiled: bool = False) -> None:
         self.model = model
+        self.compiled = compiled
         self.output_grads = output_grads
         self.exact = exact
         self.info: dict[int, _ModuleInfo] = {}
@@ -177,9 +178,16 @@ class SiteRecorder:
 
     def attach(self) -> None:
         """Register the two global hooks (idempotent)."""
-        if not self._handles:
+        if self._handles:
+            return
+        if not self.compiled:
             self._handles = [register_module_forward_pre_hook(self._pre_hook),
                              register_module_forward_hook(self._post_hook, always_call=True)]
+            return
+        pre_hook, post_hook = _compiled_hooks(self)
+        for module in {id(m): m for m in self.modules.values()}.values():
+            self._handles += [module.register_forward_pre_hook(pre_hook),
+                              module.register_forward_hook(post_hook, always_call=True)]
 
     def detach(self) -> None:
         """Remove the hooks and leave the functional-activation mode if a pass was cut short."""
@@ -218,7 +226,7 @@ class SiteRecorder:
             self._leave_mode()
 
     def _enter_mode(self) -> None:
-        if not self._mode_entered:
+        if not self._mode_entered and not self.compiled:
             self._mode.__enter__()
             self._mode_entered = True
 
@@ -488,6 +496,31 @@ def storage_id(tensor: torch.Tensor) -> int:
         return tensor.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         return id(tensor)
+
+
+def _compiled_hooks(recorder: SiteRecorder) -> tuple[Callable[..., None], Callable[..., None]]:
+    """Hooks for a model run by ``torch.compile``: a gate dynamo traces, the work run eagerly.
+
+    Dynamo does not guard on module hooks being added or removed (a graph traced without them
+    would never see them), and global hooks also fire on the compiled wrapper, outside its
+    graph. So a compiled model gets per-module hooks on the modules it wraps, registered for
+    the monitor's lifetime, that read ``recorder.active``, which dynamo guards: one graph for
+    unsampled steps, with no trace of the hooks and no graph break, and one for sampled steps,
+    whose measuring calls run outside the graph (``torch.compiler.disable``). Switching
+    between them recompiles nothing once each has run.
+    """
+    record_pre = torch.compiler.disable(recorder._pre_hook, recursive=True)
+    record_post = torch.compiler.disable(recorder._post_hook, recursive=True)
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if recorder.active:
+            record_pre(module, args)
+
+    def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if recorder.active:
+            record_post(module, args, output)
+
+    return pre_hook, post_hook
 
 
 class _FunctionalActivations(TorchFunctionMode):
