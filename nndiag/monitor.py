@@ -39,12 +39,14 @@ without gradient norms or update ratios, so that the normal overflows of loss sc
 reported as an ``info`` finding (``nndiag.amp``), not as ``nan_inf``.
 
 Under ``torch.distributed`` every rank measures its own batch and rank 0 writes one log. On a
-sampled step, three collectives: the losses, and the activation moments, are summed over ranks
-(means and stds are those of the union of the ranks' batches); largest values and "unit fired"
-masks take the maximum (a unit is dead only if it fired on no rank). Gradient norms, weights and
-update ratios are rank 0's, read at the optimizer step, once DDP has averaged the gradients
-(so after any clipping the loop does), not at the end of backward, where each rank still holds
-its own.
+sampled step one packed all-reduce sums everything over ranks: the losses (averaged), the
+activation sums and counts (means and stds are those of the union of the ranks' batches),
+whether each unit fired (a unit is dead only if it fired on no rank), and every squared norm.
+Norms are taken on the elements a rank holds (an FSDP2 ``DTensor``'s local shard; DDP's
+replica), each rank's share weighted by how many ranks hold those elements (``capture.shards``),
+so the sums are the whole parameters' norms, equal to a single process's on the global batch.
+Gradients are read at the optimizer step, once DDP or FSDP2 has averaged them (so after any
+clipping the loop does), not at the end of backward, where each rank still holds its own.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nndiag.capture.layers import layer_kind
 from nndiag.capture.probe import ROOT_NAME, Owner, owner_fans, owners
+from nndiag.capture.shards import local, sum_weight
 from nndiag.capture.sites import SiteRecorder
 from nndiag.capture.step_values import StepValues
 from nndiag.errors import UsageError
@@ -255,17 +258,24 @@ class Monitor:
         self._grad_sq: torch.Tensor | None = None
         self._grad_present: list[bool] | None = None
         self._before: list[torch.Tensor] | None = None
-        self._before_norms: torch.Tensor | None = None
-        self._update_layout = [_subset_layout(p.numel(), update_sample) for p in self._weights]
-        # Scales a subset's norm to the whole tensor's (1 for tensors read whole).
-        self._norm_scale = torch.tensor(
-            [math.sqrt(p.numel() / (rows * width)) if rows else 1.0
+        self._before_sq: torch.Tensor | None = None
+        # Norms are taken on the elements this rank holds (a sharded parameter's local shard)
+        # and kept squared, so that ranks sum them (``capture.shards``).
+        self._update_layout = [_subset_layout(local(p).numel(), update_sample)
+                               for p in self._weights]
+        # Scales a subset's squared norm to the whole (local) tensor's (1 when read whole).
+        self._sq_scale = torch.tensor(
+            [local(p).numel() / (rows * width) if rows else 1.0
              for p, (rows, _, width) in zip(self._weights, self._update_layout, strict=True)])
-        self._after_norms: torch.Tensor | None = None
+        self._weight_sum_weights = torch.tensor(
+            [sum_weight(p, self.world_size) for p in self._weights], dtype=torch.float64)
+        self._grad_sum_weights = torch.tensor(
+            [sum_weight(p, self.world_size) for p in self._trainable], dtype=torch.float64)
+        self._after_sq: torch.Tensor | None = None
         self._views: list[torch.Tensor] = []
         self._view_pointers: list[int] | None = None
         # A non-contiguous weight's flat view is a copy: it must be taken anew every time.
-        self._views_cacheable = all(p.is_contiguous() for p in self._weights)
+        self._views_cacheable = all(local(p).is_contiguous() for p in self._weights)
         self._update: tuple[torch.Tensor, torch.Tensor] | None = None
         self._optimizer_handles: list[RemovableHandle] = []
         self._sampling = False
@@ -315,8 +325,8 @@ class Monitor:
         elif not sampled and self._sampling:
             self._detach_sampling_hooks(closing=False)
         self._sampling = sampled
-        self._grad_sq, self._grad_present, self._update, self._after_norms = (None, None, None,
-                                                                              None)
+        self._grad_sq, self._grad_present, self._update, self._after_sq = (None, None, None,
+                                                                           None)
         if self._recorder is not None:
             self._recorder.reset()
             # Activations applied as functions are looked for everywhere on the first sampled
@@ -345,7 +355,7 @@ class Monitor:
         self._grad_queued = False
         with torch.no_grad():
             self._grad_present = [p.grad is not None for p in self._trainable]
-            grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device)
+            grads = [local(p.grad) if p.grad is not None else torch.zeros((), device=p.device)
                      for p in self._trainable]
             grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
                 if grads else None
@@ -378,10 +388,11 @@ class Monitor:
         The views are made once and reused while every weight keeps its storage (an
         optimizer updates in place; a ``load_state_dict`` into new tensors rebuilds them).
         """
-        pointers = [p.data_ptr() for p in self._weights]
+        weights = [local(p) for p in self._weights]
+        pointers = [p.data_ptr() for p in weights]
         if pointers != self._view_pointers or not self._views_cacheable:
             views = []
-            for p, (rows, pitch, width) in zip(self._weights, self._update_layout, strict=True):
+            for p, (rows, pitch, width) in zip(weights, self._update_layout, strict=True):
                 flat = p.detach().reshape(-1)
                 views.append(flat[: rows * pitch].view(rows, pitch)[:, :width] if rows else flat)
             self._views, self._view_pointers = views, pointers
@@ -393,7 +404,7 @@ class Monitor:
         if self._sampling and self._weights:
             with torch.no_grad():
                 views = self._update_views()
-                self._before_norms = torch.stack(torch._foreach_norm(views)).float()
+                self._before_sq = torch.stack(torch._foreach_norm(views)).float().square()
                 if self._before is None:
                     self._before = [v.clone() for v in views]
                 else:
@@ -405,11 +416,11 @@ class Monitor:
             return
         with torch.no_grad():
             views = self._update_views()
-            after = torch.stack(torch._foreach_norm(views)).float()
-            self._after_norms = after * self._norm_scale.to(after.device)
+            after = torch.stack(torch._foreach_norm(views)).float().square()
+            self._after_sq = after * self._sq_scale.to(after.device)
             torch._foreach_sub_(self._before, views)
-            self._update = (torch.stack(torch._foreach_norm(self._before)).float(),
-                            self._before_norms)
+            self._update = (torch.stack(torch._foreach_norm(self._before)).float().square(),
+                            self._before_sq)
         if self.every > 1:  # a copy of the weights is only kept while sampling every step
             self._before = None
 
@@ -489,38 +500,68 @@ class Monitor:
             self._tensorboard.write_steps(first, losses, lrs)
 
     def _finish_sample(self, skipped: bool = False) -> None:
-        """One device-to-host transfer (and, under DDP, three collectives) for the step.
+        """One device-to-host transfer (and, under ``torch.distributed``, one sum) for the step.
 
         Raw per-tensor numbers go to the host; grouping them per layer is cheaper there than
-        a kernel per statistic on the device. A step the scaler skipped is recorded without
-        its (non-finite) gradients: nothing was applied.
+        a kernel per statistic on the device. Norms travel squared: over ranks, the losses,
+        the activation sums and every squared norm (each rank's share weighted as
+        ``capture.shards`` says) are summed in one packed all-reduce. A step the scaler
+        skipped is recorded without its (non-finite) gradients: nothing was applied.
         """
         device = self._device()
         recorder = self._recorder
         pending, lrs = self._values.take()
         with torch.no_grad():
             losses = self._loss_tensor(pending).double()
-            if self.world_size > 1:
-                _all_reduce(losses, "sum")
-                losses /= self.world_size
-            sites = recorder.collect(_all_reduce if self.world_size > 1 else None) \
-                if recorder is not None else torch.zeros(0, dtype=torch.float64, device=device)
-            if self._after_norms is not None:  # measured at the optimizer step already
-                weights = self._after_norms
+            if self._after_sq is not None:  # measured at the optimizer step already
+                weight_sq = self._after_sq
             elif self._weights:
-                weights = torch.stack(torch._foreach_norm([p.detach() for p in self._weights]))
+                weight_sq = torch.stack(torch._foreach_norm(
+                    [local(p).detach() for p in self._weights])).float().square()
             else:
-                weights = torch.zeros(0, device=device)
-            pieces = [losses, sites, weights]
+                weight_sq = torch.zeros(0, device=device)
             grad_sq = None if skipped else self._grad_sq
+            update = self._update
+            if self.world_size > 1:
+                payload = recorder.payload() if recorder is not None else None
+                losses, payload, weight_sq, grad_sq, update = self._sum_over_ranks(
+                    losses, payload, weight_sq, grad_sq, update)
+                sites = recorder.collect(payload) if recorder is not None else None
+            else:
+                sites = recorder.collect() if recorder is not None else None
+            if sites is None:
+                sites = torch.zeros(0, dtype=torch.float64, device=device)
+            pieces = [losses, sites, weight_sq]
             if grad_sq is not None:
                 pieces.append(grad_sq)
-            update = self._update
             if update is not None:
                 pieces += list(update)
             host = torch.cat([p.double().reshape(-1).to(device) for p in pieces]).cpu().tolist()
         self._record(host, lrs, len(pending), len(sites), grad_sq is not None,
                      update is not None)
+
+    def _sum_over_ranks(self, losses: torch.Tensor, payload: torch.Tensor | None,
+                        weight_sq: torch.Tensor, grad_sq: torch.Tensor | None,
+                        update: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Any, ...]:
+        """Every rank's numbers summed in one all-reduce: losses averaged, norms whole."""
+        device = losses.device
+        weights = self._weight_sum_weights.to(device)
+        parts = [losses / self.world_size,
+                 payload.to(device) if payload is not None else losses.new_zeros(0),
+                 weight_sq.double() * weights]
+        if grad_sq is not None:
+            parts.append(grad_sq.double() * self._grad_sum_weights.to(device))
+        if update is not None:
+            parts += [update[0].double() * weights, update[1].double() * weights]
+        sizes = [part.numel() for part in parts]
+        summed = list(_all_reduce(torch.cat(parts), "sum").split(sizes))
+        losses, payload_sum, weight_sq = summed[0], summed[1], summed[2]
+        rest = summed[3:]
+        if grad_sq is not None:
+            grad_sq, rest = rest[0], rest[1:]
+        if update is not None:
+            update = (rest[0], rest[1])
+        return losses, (payload_sum if payload is not None else None), weight_sq, grad_sq, update
 
     def _record(self, host: list[float], lrs: list[Any], n_losses: int, n_sites: int,
                 has_grads: bool, has_update: bool) -> None:
@@ -531,9 +572,10 @@ class Monitor:
 
         losses = take(n_losses)
         layers = self._recorder.records(take(n_sites)) if self._recorder is not None else []
-        weight_norms = take(len(self._weights))
+        weight_sq = take(len(self._weights))
         grad_sq = take(len(self._trainable)) if has_grads else None
-        deltas, before = ((take(len(self._weights)), take(len(self._weights))) if has_update
+        deltas, before = (([math.sqrt(v) for v in take(len(self._weights))],
+                           [math.sqrt(v) for v in take(len(self._weights))]) if has_update
                           else (None, None))
         present = self._grad_present
         groups, offset = [], 0
@@ -548,7 +590,7 @@ class Monitor:
                     if grad_sq is not None else None)
             groups.append(ParamGroup(
                 group.name, group.kind, group.numel, True,
-                math.sqrt(sum(weight_norms[i] ** 2 for i in own)), group.weight_numel,
+                math.sqrt(sum(weight_sq[i] for i in own)), group.weight_numel,
                 grad_norm=grad, used=all(got), any_used=any(got) or present is None,
                 fan_in=group.fan_in, fan_out=group.fan_out, update_ratio=update,
                 vector_only=group.vector_only, reparametrized=group.reparametrized))

@@ -79,7 +79,6 @@ from nndiag.stats.activations import (
 ROOT_NAME = "(model)"
 
 _no_torch_function = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
-AllReduce = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -395,7 +394,28 @@ class SiteRecorder:
 
     # ------------------------------------------------------------------ results
 
-    def collect(self, all_reduce: AllReduce | None = None) -> torch.Tensor:
+    def payload(self) -> torch.Tensor:
+        """What ranks sum under ``torch.distributed`` (lean mode), as one float64 tensor.
+
+        The calls' scalars (sums and sums of squares), their element counts, and per unit of
+        each ReLU-family site whether it fired (a unit is dead only if it fired on no rank).
+        The caller sums it over ranks with its own numbers, in one collective, and passes the
+        sum to ``collect``.
+
+        Raises:
+            ValueError: In exact mode (the probe runs on one process).
+        """
+        if self.exact:
+            raise ValueError("only the lean mode reduces over ranks")
+        if not self._call_sites:
+            return torch.zeros(0, dtype=torch.float64)
+        with _no_torch_function():
+            scalars = torch.stack(self._scalars).double()
+            counts = torch.tensor(self._numels, dtype=torch.float64, device=scalars.device)
+            fired = [((p > 0) | p.isnan()).double() for _, p in self._site_peaks()]
+            return torch.cat([scalars, counts.reshape(-1), *fired])
+
+    def collect(self, summed: torch.Tensor | None = None) -> torch.Tensor:
         """Every measurement as one flat float64 device tensor (``records`` reads it back).
 
         Per-site pooling is done on the host, in ``records``; on the device only what must
@@ -403,33 +423,27 @@ class SiteRecorder:
         for the probe, the gradient reaching each output.
 
         Args:
-            all_reduce: Under ``torch.distributed`` (lean mode), ``f(tensor, op)`` with ``op``
-                ``"sum"`` or ``"max"``, reducing over ranks: sums and counts are summed, unit
-                peaks maxed (a unit is dead only if it fired on no rank). Ranks must run the
-                same layers.
+            summed: Under ``torch.distributed``, ``payload()`` summed over ranks (ranks must
+                run the same layers).
 
         Returns:
-            The calls' scalars, [the calls' element counts, when reduced,] then per site the
-            dead fraction (NaN when not a ReLU) and the mean square of the gradient reaching
-            the output (NaN without ``output_grads``).
+            The calls' scalars, [the calls' element counts, when summed over ranks,] then per
+            site the dead fraction (NaN when not a ReLU) and the mean square of the gradient
+            reaching the output (NaN without ``output_grads``).
         """
         count = len(self.sites)
         if not self._call_sites:
             return torch.zeros(0, dtype=torch.float64)
         with _no_torch_function():
-            pieces = [torch.stack(self._scalars).double()]
-            device = pieces[0].device
             peaks = self._site_peaks()
-            if all_reduce is not None:
-                if self.exact:
-                    raise ValueError("only the lean mode reduces over ranks")
-                counts = torch.tensor(self._numels, dtype=torch.float64, device=device)
-                summed = all_reduce(torch.cat([pieces[0], counts.reshape(-1)]), "sum")
-                pieces = [summed]
-                if peaks:
-                    maxed = all_reduce(torch.cat([p for _, p in peaks]).double(), "max")
-                    parts = maxed.split([p.numel() for _, p in peaks])
-                    peaks = [(i, part) for (i, _), part in zip(peaks, parts, strict=True)]
+            if summed is None:
+                pieces = [torch.stack(self._scalars).double()]
+            else:  # fired counts: a unit that fired on no rank sums to 0, "never above 0"
+                head = len(self._scalars) + 2 * len(self._numels)
+                pieces = [summed[:head]]
+                parts = summed[head:].split([p.numel() for _, p in peaks])
+                peaks = [(i, part) for (i, _), part in zip(peaks, parts, strict=True)]
+            device = pieces[0].device
             dead = torch.full((count,), math.nan, dtype=torch.float64, device=device)
             for members in _by_length(peaks).values():
                 fractions = dead_fractions(torch.stack([p for _, p in members]))
