@@ -1,8 +1,12 @@
-"""Optimizers by name or spec: ``sgd``, ``adam``, ``adamw``, ``rmsprop`` or ``f(params, lr)``."""
+"""Optimizers by name or spec, and the optimizer and ``GradScaler`` inside a framework's wrapper.
+
+Names: ``sgd``, ``adam``, ``adamw``, ``rmsprop``; a spec names ``f(params, lr)`` or ``f(model)``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -93,3 +97,38 @@ def optimizer_factory(name_or_spec: str, *, momentum: float | None = None,
         return optimizer
 
     return build
+
+
+def _wrapper_chain(optimizer: Any) -> Iterator[Any]:
+    """An optimizer, then what it wraps (``.optimizer``), innermost last; at most 8 levels down."""
+    for _ in range(9):
+        if optimizer is None:
+            return
+        yield optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is optimizer:
+            return
+        optimizer = inner
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper (anything with an ``.optimizer``)."""
+    found = optimizer
+    for inner in itertools.islice(_wrapper_chain(optimizer), 1, None):
+        if not hasattr(inner, "param_groups"):
+            break
+        found = inner
+    return found
+
+
+def is_grad_scaler(scaler: Any) -> bool:
+    """True for an object with a ``GradScaler``'s methods (``scale``, ``unscale_``...)."""
+    return callable(getattr(scaler, "scale", None)) and callable(getattr(scaler, "unscale_",
+                                                                         None)) and \
+        callable(getattr(scaler, "get_scale", None))
+
+
+def find_scaler(optimizer: Any) -> Any:
+    """The ``GradScaler`` an optimizer wrapper carries (Accelerate's ``.scaler``), if any."""
+    scalers = (getattr(wrapper, "scaler", None) for wrapper in _wrapper_chain(optimizer))
+    return next((scaler for scaler in scalers if is_grad_scaler(scaler)), None)

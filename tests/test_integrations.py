@@ -324,7 +324,7 @@ def test_grad_scaler_found_on_a_wrapper_and_read_after_unscale():
     scaler.unscale_(optimizer)
     monitor.read_gradients()  # a no-op outside DDP
     reference = float(torch.stack([p.grad.norm() for p in model.parameters()]).norm())
-    monitor._read_grads()  # read again after unscale_: must not divide a second time
+    monitor._capture._read_grads()  # read again after unscale_: must not divide a second time
     scaler.step(optimizer)
     scaler.update()
     monitor.step(loss)

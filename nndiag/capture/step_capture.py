@@ -1,0 +1,397 @@
+"""What a recorded training step measures: activations, gradients, weights and updates.
+
+``StepCapture`` owns every hook ``Monitor`` puts on the model and its optimizer. Before each
+step ``prepare(step, sampled)`` attaches or detaches the sampling hooks; after a sampled step
+``finish`` reduces everything on the device (and over ranks, in one all-reduce), moves it to
+the host in one transfer with the caller's losses, and returns the ``StepRecord``:
+
+- activations per call site (``capture.sites``, lean mode);
+- gradient norms after accumulation and before clipping, read when backward ends (at the
+  optimizer step under ``torch.distributed``, once the gradients are averaged), unscaled when
+  a ``GradScaler`` still scales them;
+- the true update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the
+  optimizer's step hooks, on a fixed subset of big tensors (``_subset_layout``);
+- weight norms, taken on the elements a rank holds (``capture.shards``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from nndiag.capture.layers import layer_kind
+from nndiag.capture.probe import ROOT_NAME, Owner, owner_fans, owners
+from nndiag.capture.shards import local, sum_weight
+from nndiag.capture.sites import SiteRecorder
+from nndiag.records import ParamGroup, StepRecord, attach_parameters
+from nndiag.stats.weights import update_ratio
+
+# Activations applied as functions are looked for in the whole forward pass only on the first
+# two and then every this many sampled steps; in between, only inside the modules that
+# applied one. Watching costs a Python call per torch function (~6% of a small MLP's step,
+# more in attention, which calls dozens).
+FUNCTIONAL_RECHECK = 100
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over every rank, in place."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+# The update-ratio subset of a big tensor: this many evenly spaced runs of contiguous elements
+# (contiguous runs read a few cache lines; a plain stride would touch every line of the tensor).
+_SUBSET_RUNS = 16
+
+
+def _subset_layout(numel: int, budget: int) -> tuple[int, int, int]:
+    """``(runs, pitch, width)``: ``runs`` runs of ``width`` elements every ``pitch`` elements.
+
+    ``(0, 0, 0)`` means the whole tensor (small enough, or ``budget`` 0).
+    """
+    if not budget or numel <= budget:
+        return 0, 0, 0
+    runs = min(_SUBSET_RUNS, budget)
+    return runs, numel // runs, max(1, budget // runs)
+
+
+class _WeightGroup:
+    """One module's trainable weights as the recorder tracks them."""
+
+    def __init__(self, owner: Owner) -> None:
+        self.name, self.kind = owner.name, layer_kind(owner.module)
+        self.params = [p for _, p in owner.params if p.requires_grad]
+        self.weights = owner.weights(trainable_only=True)
+        self.numel = sum(p.numel() for p in self.params)
+        self.weight_numel = sum(w.numel() for w in self.weights)
+        self.fan_in, self.fan_out = owner_fans(owner)
+        self.vector_only, self.reparametrized = owner.vector_only(), owner.reparametrized
+
+
+class StepCapture:
+    """The hooks and measurements of recorded training steps (see module docstring).
+
+    Args:
+        model: The model (a ``torch.compile`` wrapper is measured through the module it wraps).
+        optimizer: Its torch optimizer, unwrapped, or ``None`` (no update ratios).
+        scaler: An enabled ``GradScaler``, or ``None``.
+        every: Sample every ``every``-th step (decides when functional activations are
+            looked for everywhere).
+        world_size: Ranks under ``torch.distributed`` (1 otherwise).
+        activations: Record activation statistics on sampled steps.
+        update_sample: Most elements per weight tensor the update ratio is measured on.
+
+    Attributes:
+        weight_layers: ``(name, kind)`` of every module with trainable weights.
+        trainable: The trainable parameters.
+        optimizer_steps: Optimizer steps that ran (the post-step hook): a ``GradScaler``
+            skipped the others.
+        sampling: The current step is sampled.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any, scaler: Any, *, every: int,
+                 world_size: int, activations: bool, update_sample: int) -> None:
+        self.optimizer, self.scaler, self.every = optimizer, scaler, every
+        self.world_size = world_size
+        compiled = getattr(model, "_orig_mod", None)
+        if isinstance(compiled, nn.Module):
+            model = compiled
+        self._recorder = SiteRecorder(model, exact=False, compiled=compiled is not None) \
+            if activations else None
+
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self._groups = [_WeightGroup(owner) for owner in owners(model)
+                        if owner.weights(trainable_only=True)]
+        self.weight_layers = [(g.name, g.kind) for g in self._groups]
+        self._weights = [w for g in self._groups for w in g.weights]
+        trainable_index = {id(p): i for i, p in enumerate(self.trainable)}
+        # Where each weight sits among the trainable parameters (whose gradients are read).
+        self._weight_positions = [trainable_index[id(p)] for p in self._weights]
+        self._group_positions = [[trainable_index[id(p)] for p in g.params]
+                                 for g in self._groups]
+
+        self._grad_handles: list[RemovableHandle] = []
+        self._grad_queued = False
+        self._grad_sq: torch.Tensor | None = None
+        self._grad_present: list[bool] | None = None
+        self._before: list[torch.Tensor] | None = None
+        self._before_sq: torch.Tensor | None = None
+        # Norms are taken on the elements this rank holds (a sharded parameter's local shard)
+        # and kept squared, so that ranks sum them (``capture.shards``).
+        self._update_layout = [_subset_layout(local(p).numel(), update_sample)
+                               for p in self._weights]
+        # Scales a subset's squared norm to the whole (local) tensor's (1 when read whole).
+        self._sq_scale = torch.tensor(
+            [local(p).numel() / (rows * width) if rows else 1.0
+             for p, (rows, _, width) in zip(self._weights, self._update_layout, strict=True)])
+        self._weight_sum_weights = torch.tensor(
+            [sum_weight(p, world_size) for p in self._weights], dtype=torch.float64)
+        self._grad_sum_weights = torch.tensor(
+            [sum_weight(p, world_size) for p in self.trainable], dtype=torch.float64)
+        self._after_sq: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
+        self._view_pointers: list[int] | None = None
+        # A non-contiguous weight's flat view is a copy: it must be taken anew every time.
+        self._views_cacheable = all(local(p).is_contiguous() for p in self._weights)
+        self._update: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sampling = False
+        self.optimizer_steps = 0
+        # Under torch.distributed the averaged gradient exists only once DDP's reducer (or
+        # FSDP's reduce-scatter) has finished, after the end of backward: read it at the
+        # optimizer step instead.
+        self._reads_grads_at_step = world_size > 1 and optimizer is not None
+        self._optimizer_handles: list[RemovableHandle] = []
+        if optimizer is not None:
+            self._optimizer_handles = [optimizer.register_step_pre_hook(self._before_step),
+                                       optimizer.register_step_post_hook(self._after_step)]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the trainable parameters live (the CPU without any)."""
+        return next((p.device for p in self.trainable), torch.device("cpu"))
+
+    def close(self) -> None:
+        """Remove every hook (safe to call twice)."""
+        self._detach_sampling_hooks()
+        for handle in self._optimizer_handles:
+            handle.remove()
+        self._optimizer_handles = []
+
+    def prepare(self, step: int) -> None:
+        """Before ``step``: attach the sampling hooks if it is sampled, else detach them."""
+        sampled = step % self.every == 0
+        if sampled and not self.sampling:
+            if self._recorder is not None:
+                self._recorder.attach()
+                self._recorder.active = True
+            self._grad_handles = [p.register_post_accumulate_grad_hook(self._on_grad)
+                                  for p in self.trainable]
+        elif not sampled and self.sampling:
+            self._detach_sampling_hooks(closing=False)
+        self.sampling = sampled
+        self._grad_sq, self._grad_present, self._update, self._after_sq = (None, None, None,
+                                                                           None)
+        if self._recorder is not None:
+            self._recorder.reset()
+            # Activations applied as functions are looked for everywhere on the first sampled
+            # steps and every FUNCTIONAL_RECHECK-th one; in between, only inside the modules
+            # whose own forward applied one.
+            self._recorder.watch_all = (step // self.every) % FUNCTIONAL_RECHECK < 2
+
+    def _detach_sampling_hooks(self, closing: bool = True) -> None:
+        if self._recorder is not None:
+            self._recorder.active = False
+            if closing or not self._recorder.compiled:  # a compiled model's hooks stay, gated
+                self._recorder.detach()
+        for handle in self._grad_handles:
+            handle.remove()
+        self._grad_handles = []
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if self._reads_grads_at_step:
+            return
+        if not self._grad_queued:
+            self._grad_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._read_grads)
+
+    def _read_grads(self) -> None:
+        """End of a backward pass: the accumulated, not yet clipped gradients."""
+        self._grad_queued = False
+        with torch.no_grad():
+            self._grad_present = [p.grad is not None for p in self.trainable]
+            grads = [local(p.grad) if p.grad is not None else torch.zeros((), device=p.device)
+                     for p in self.trainable]
+            grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
+                if grads else None
+            if grad_sq is not None and self.scaler is not None:
+                scale = self._loss_scale()
+                if scale is not None:  # still scaled: divide by the scale they were made with
+                    grad_sq = grad_sq / scale.to(grad_sq.device, torch.float32).square()
+            self._grad_sq = grad_sq
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The loss scale the gradients are multiplied by now (``None``: already unscaled).
+
+        The scale is read as the device tensor (no synchronisation), at the time of the read:
+        ``GradScaler.update`` changes it in place afterwards.
+        """
+        scaler = self.scaler
+        states = getattr(scaler, "_per_optimizer_states", None)
+        state = states.get(id(self.optimizer)) if isinstance(states, dict) else None
+        stage = getattr(state.get("stage"), "name", None) if isinstance(state, dict) else None
+        if stage in ("UNSCALED", "STEPPED"):
+            return None
+        scale = getattr(scaler, "_scale", None)
+        if isinstance(scale, torch.Tensor):
+            return scale
+        return torch.tensor(float(scaler.get_scale()))
+
+    def _update_views(self) -> list[torch.Tensor]:
+        """The weight elements the update ratio is measured on (a subset of big tensors).
+
+        The views are made once and reused while every weight keeps its storage (an
+        optimizer updates in place; a ``load_state_dict`` into new tensors rebuilds them).
+        """
+        weights = [local(p) for p in self._weights]
+        pointers = [p.data_ptr() for p in weights]
+        if pointers != self._view_pointers or not self._views_cacheable:
+            views = []
+            for p, (rows, pitch, width) in zip(weights, self._update_layout, strict=True):
+                flat = p.detach().reshape(-1)
+                views.append(flat[: rows * pitch].view(rows, pitch)[:, :width] if rows else flat)
+            self._views, self._view_pointers = views, pointers
+        return self._views
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.sampling and self._reads_grads_at_step:
+            self._read_grads()
+        if self.sampling and self._weights:
+            with torch.no_grad():
+                views = self._update_views()
+                self._before_sq = torch.stack(torch._foreach_norm(views)).float().square()
+                if self._before is None:
+                    self._before = [v.clone() for v in views]
+                else:
+                    torch._foreach_copy_(self._before, views)
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.optimizer_steps += 1
+        if self._before is None or not self.sampling:
+            return
+        with torch.no_grad():
+            views = self._update_views()
+            after = torch.stack(torch._foreach_norm(views)).float().square()
+            self._after_sq = after * self._sq_scale.to(after.device)
+            torch._foreach_sub_(self._before, views)
+            self._update = (torch.stack(torch._foreach_norm(self._before)).float().square(),
+                            self._before_sq)
+        if self.every > 1:  # a copy of the weights is only kept while sampling every step
+            self._before = None
+
+    def read_gradients(self) -> None:
+        """Read this step's gradients now, if this step is sampled and reads them at the step.
+
+        For frameworks that run backward inside ``optimizer.step(closure)`` (Lightning): under
+        ``torch.distributed`` the gradients are read at the optimizer's step pre-hook, which
+        then runs before the closure's backward; a framework hook between the backward and the
+        update (``on_before_optimizer_step``) calls this to read the synchronised gradients.
+        Elsewhere a no-op: the gradients are read when backward ends.
+        """
+        if self.sampling and self._reads_grads_at_step:
+            self._read_grads()
+
+    def begin_step(self) -> None:
+        """The next training step starts now: forget activations measured since ``step``.
+
+        For framework callbacks: an evaluation pass run between two training steps (with the
+        next step's hooks attached) is not part of the step. Optional in your own loop.
+        """
+        if self.sampling and self._recorder is not None:
+            self._recorder.reset()
+
+    def finish(self, step: int, losses: torch.Tensor, skipped: bool = False
+               ) -> tuple[list[float], StepRecord]:
+        """One device-to-host transfer (and, under ``torch.distributed``, one sum) for the step.
+
+        Returns the losses (averaged over ranks) and the step's record.
+
+        Raw per-tensor numbers go to the host; grouping them per layer is cheaper there than
+        a kernel per statistic on the device. Norms travel squared: over ranks, the losses,
+        the activation sums and every squared norm (each rank's share weighted as
+        ``capture.shards`` says) are summed in one packed all-reduce. A step the scaler
+        skipped is recorded without its (non-finite) gradients: nothing was applied.
+        """
+        device = self.device
+        recorder = self._recorder
+        with torch.no_grad():
+            losses = losses.to(device, torch.float64)
+            if self._after_sq is not None:  # measured at the optimizer step already
+                weight_sq = self._after_sq
+            elif self._weights:
+                weight_sq = torch.stack(torch._foreach_norm(
+                    [local(p).detach() for p in self._weights])).float().square()
+            else:
+                weight_sq = torch.zeros(0, device=device)
+            grad_sq = None if skipped else self._grad_sq
+            update = self._update
+            if self.world_size > 1:
+                payload = recorder.payload() if recorder is not None else None
+                losses, payload, weight_sq, grad_sq, update = self._sum_over_ranks(
+                    losses, payload, weight_sq, grad_sq, update)
+                sites = recorder.collect(payload) if recorder is not None else None
+            else:
+                sites = recorder.collect() if recorder is not None else None
+            if sites is None:
+                sites = torch.zeros(0, dtype=torch.float64, device=device)
+            pieces = [losses, sites, weight_sq]
+            if grad_sq is not None:
+                pieces.append(grad_sq)
+            if update is not None:
+                pieces += list(update)
+            host = torch.cat([p.double().reshape(-1).to(device) for p in pieces]).cpu().tolist()
+        return self._record(step, host, len(losses), len(sites), grad_sq is not None,
+                            update is not None)
+
+    def _sum_over_ranks(self, losses: torch.Tensor, payload: torch.Tensor | None,
+                        weight_sq: torch.Tensor, grad_sq: torch.Tensor | None,
+                        update: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Any, ...]:
+        """Every rank's numbers summed in one all-reduce: losses averaged, norms whole."""
+        device = losses.device
+        weights = self._weight_sum_weights.to(device)
+        parts = [losses / self.world_size,
+                 payload.to(device) if payload is not None else losses.new_zeros(0),
+                 weight_sq.double() * weights]
+        if grad_sq is not None:
+            parts.append(grad_sq.double() * self._grad_sum_weights.to(device))
+        if update is not None:
+            parts += [update[0].double() * weights, update[1].double() * weights]
+        sizes = [part.numel() for part in parts]
+        summed = list(all_reduce_sum(torch.cat(parts)).split(sizes))
+        losses, payload_sum, weight_sq = summed[0], summed[1], summed[2]
+        rest = summed[3:]
+        if grad_sq is not None:
+            grad_sq, rest = rest[0], rest[1:]
+        if update is not None:
+            update = (rest[0], rest[1])
+        return losses, (payload_sum if payload is not None else None), weight_sq, grad_sq, update
+
+    def _record(self, step: int, host: list[float], n_losses: int, n_sites: int,
+                has_grads: bool, has_update: bool) -> tuple[list[float], StepRecord]:
+        """The host numbers of a sampled step as its losses and its ``StepRecord``."""
+        values = iter(host)
+
+        def take(count: int) -> list[float]:
+            return [next(values) for _ in range(count)]
+
+        losses = take(n_losses)
+        layers = self._recorder.records(take(n_sites)) if self._recorder is not None else []
+        weight_sq = take(len(self._weights))
+        grad_sq = take(len(self.trainable)) if has_grads else None
+        deltas, before = (([math.sqrt(v) for v in take(len(self._weights))],
+                           [math.sqrt(v) for v in take(len(self._weights))]) if has_update
+                          else (None, None))
+        present = self._grad_present
+        groups, offset = [], 0
+        for group, positions in zip(self._groups, self._group_positions, strict=True):
+            own = range(offset, offset + len(group.weights))
+            offset += len(group.weights)
+            got = [present[j] for j in positions] if present is not None else []
+            update = None
+            if deltas is not None and before is not None:
+                update = update_ratio([deltas[i] for i in own], [before[i] for i in own])
+            grad = (math.sqrt(sum(grad_sq[self._weight_positions[i]] for i in own))
+                    if grad_sq is not None else None)
+            groups.append(ParamGroup(
+                group.name, group.kind, group.numel, True,
+                math.sqrt(sum(weight_sq[i] for i in own)), group.weight_numel,
+                grad_norm=grad, used=all(got), any_used=any(got) or present is None,
+                fan_in=group.fan_in, fan_out=group.fan_out, update_ratio=update,
+                vector_only=group.vector_only, reparametrized=group.reparametrized))
+        attach_parameters(layers, groups, ROOT_NAME,
+                          self._recorder.data_flow() if self._recorder is not None else None)
+        grad_norm = math.sqrt(sum(grad_sq)) if grad_sq is not None else None
+        return losses, StepRecord(step, losses[-1] if losses else None, grad_norm, layers)
