@@ -11,11 +11,13 @@ any mix of placements, in one collective for every statistic of a step.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     if not torch.distributed.is_available():
         return None
