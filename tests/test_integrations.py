@@ -332,4 +332,5 @@ def test_grad_scaler_found_on_a_wrapper_and_read_after_unscale():
     assert monitor.samples[0].grad_norm == pytest.approx(reference, rel=1e-4)
     assert monitor.skipped_steps == []
     disabled = torch.amp.GradScaler("cpu", enabled=False)
-    assert Monitor(model, optimizer, scaler=disabled).scaler is None
+    with Monitor(model, optimizer, scaler=disabled) as unscaled:
+        assert unscaled.scaler is None
