@@ -7,7 +7,9 @@ the same statistics (``nndiag.stats.activations``):
 - Two global module hooks (``register_module_forward_pre_hook`` / ``..._forward_hook``) keep
   the stack of running modules and name every call of a measured module (``act``, ``act#2``).
   Registering two global hooks costs less than hundreds of per-module ones; they ignore
-  modules outside the model and do nothing unless the recorder is ``active``.
+  modules outside the model and do nothing unless the recorder is ``active``. A model run by
+  ``torch.compile`` gets per-module hooks instead, registered for good and gated by
+  ``active`` (``_compiled_hooks``), and no functional-activation mode.
 - A ``TorchFunctionMode``, entered when the model's outermost module starts and left when it
   returns (or raises), sees activations applied as functions (``F.relu`` inside ``forward``)
   and names them ``<module>/<activation>``.
