@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag.runlog import read_run
+from tests.test_integrations import _data, _lit_module, _mlp
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
@@ -30,42 +31,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-
-
-def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
 def _lightning(out: Path) -> list[float]:
-    import pytorch_lightning as pl
-
     from nndiag.integrations.lightning import NndiagCallback
 
-    class Lit(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _net()
-            self.grad_norms: list[float] = []
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def on_before_optimizer_step(self, optimizer):
-            # The averaged gradient, read by hand where Lightning steps.
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            self.grad_norms.append(float(torch.stack([g.norm() for g in grads]).norm()))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05)
-
+    pl, module = _lit_module(killed=False)
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    module = Lit()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=out,
@@ -83,7 +54,7 @@ def _transformers(out: Path) -> list[float]:
     class Classifier(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.net = _net()
+            self.net = _mlp()
 
         def forward(self, inputs=None, labels=None):
             logits = self.net(inputs)

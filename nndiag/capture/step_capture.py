@@ -273,23 +273,15 @@ class StepCapture:
             self._before = None
 
     def read_gradients(self) -> None:
-        """Read this step's gradients now, if this step is sampled and reads them at the step.
+        """Read this step's gradients now, if it is sampled and reads them at the step.
 
-        For frameworks that run backward inside ``optimizer.step(closure)`` (Lightning): under
-        ``torch.distributed`` the gradients are read at the optimizer's step pre-hook, which
-        then runs before the closure's backward; a framework hook between the backward and the
-        update (``on_before_optimizer_step``) calls this to read the synchronised gradients.
-        Elsewhere a no-op: the gradients are read when backward ends.
+        See ``Monitor.read_gradients``.
         """
         if self.sampling and self._reads_grads_at_step:
             self._read_grads()
 
     def begin_step(self) -> None:
-        """The next training step starts now: forget activations measured since ``step``.
-
-        For framework callbacks: an evaluation pass run between two training steps (with the
-        next step's hooks attached) is not part of the step. Optional in your own loop.
-        """
+        """Forget activations measured since the last step (see ``Monitor.begin_step``)."""
         if self.sampling and self._recorder is not None:
             self._recorder.reset()
 

@@ -49,10 +49,12 @@ class _Copy:
     losses: list[Any]
     lrs: list[Any]
 
-    def values(self, column: list[Any]) -> list[float | None]:
-        """Each step's value: from the copy (an index into ``host``) or kept on the host."""
+    def columns(self) -> tuple[list[float | None], list[float | None]]:
+        """Each step's loss and learning rate, read from the copy or kept on the host."""
         copied = self.host.tolist()
-        return [copied[v[1]] if isinstance(v, tuple) else v for v in column]
+        losses, lrs = ([copied[v[1]] if isinstance(v, tuple) else v for v in column]
+                       for column in (self.losses, self.lrs))
+        return losses, lrs
 
 
 class StepValues:
@@ -162,7 +164,7 @@ class StepValues:
                 elif not copy.event.query():
                     return
             self._copies.popleft()
-            self._write(copy.first, copy.values(copy.losses), copy.values(copy.lrs))
+            self._write(copy.first, *copy.columns())
 
     def _hand_over(self, count: int, losses: list[float], lrs: list[float | None]) -> None:
         self._write(self.first, losses, lrs)
