@@ -51,7 +51,10 @@ clipping the loop does), not at the end of backward, where each rank still holds
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +82,30 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Flush and close."""
+
+
+def _abandon(capture: StepCapture, sinks: list[Sink]) -> None:
+    """A monitor dropped without ``close()``: remove its hooks and close its files.
+
+    Runs when the monitor is garbage-collected (a notebook cell that raised between steps,
+    then rebound the name): hooks left on the model would slow every later step of it and
+    keep measurements piling up. What was still pending is lost, as in a killed run.
+    """
+    capture.close()
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception:  # noqa: BLE001, S110 - a finalizer must not raise
+            pass
+
+
+def _close_quietly(sink: Sink) -> None:
+    """Close a sink; a failure to flush is a warning, never an error out of training."""
+    try:
+        sink.close()
+    except OSError as exc:
+        warnings.warn(f"nndiag: closing {type(sink).__name__} failed ({exc.strerror or exc})",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _distributed() -> tuple[int, int]:
@@ -193,6 +220,9 @@ class Monitor:
         if log_dir is not None and self.rank == 0:
             self._writer = RunWriter(log_dir, self._meta)
         self._sinks: list[Sink] = [s for s in (self._writer, self._tensorboard) if s is not None]
+        # Neither the hooks nor the sinks hold the monitor: dropped, it is collected and this
+        # removes what it attached.
+        self._finalizer = weakref.finalize(self, _abandon, self._capture, list(self._sinks))
         self._capture.prepare(0)
 
     def read_gradients(self) -> None:
@@ -258,10 +288,28 @@ class Monitor:
         return torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(v) for v in
                             losses]).to(self._capture.device, torch.float32)
 
+    def _to_sinks(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every sink; one that cannot write warns once and is dropped.
+
+        Recording must never break training: a full disk or a file-size limit stops that
+        sink (the run log has its own warning), and the loop goes on.
+        """
+        for sink in list(self._sinks):
+            try:
+                getattr(sink, method)(*args)
+            except OSError as exc:
+                self._sinks.remove(sink)
+                if sink is self._tensorboard:
+                    self._tensorboard = None
+                with contextlib.suppress(OSError):  # the failure is warned about once, here
+                    sink.close()
+                warnings.warn(f"nndiag: writing to {type(sink).__name__} failed "
+                              f"({exc.strerror or exc}); it stopped, training goes on",
+                              RuntimeWarning, stacklevel=4)
+
     def _write_steps(self, first: int, losses: list[float], lrs: list[float | None]) -> None:
         """Write consecutive steps' loss and learning rate to every sink."""
-        for sink in self._sinks:
-            sink.write_steps(first, losses, lrs)
+        self._to_sinks("write_steps", first, losses, lrs)
 
     def _finish_sample(self, skipped: bool) -> None:
         """The sampled step's record, with every pending loss, to memory and the sinks."""
@@ -270,8 +318,7 @@ class Monitor:
                                               skipped)
         self.samples.append(record)
         self._values.hand_over(losses, [None if lr is None else float(lr) for lr in lrs])
-        for sink in self._sinks:
-            sink.write_sample(record)
+        self._to_sinks("write_sample", record)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -283,6 +330,7 @@ class Monitor:
         """
         if self.closed:
             return
+        self._finalizer.detach()
         if self.world_size > 1 and len(self._values):
             pending, lrs = self._values.take()
             values = self._loss_tensor(pending)
@@ -324,7 +372,7 @@ class Monitor:
             warnings.warn(f"nndiag: the findings could not be written to TensorBoard ({exc})",
                           RuntimeWarning, stacklevel=3)
         finally:
-            tensorboard.close()
+            _close_quietly(tensorboard)
 
     def __enter__(self) -> Monitor:
         return self

@@ -8,6 +8,7 @@ Imports ``transformers``; ``import nndiag`` does not.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,11 @@ class NndiagCallback(TrainerCallback):
                                                            run_dir))
         self.report = None
         self._losses, self._logged_loss, self._pending = [], None, False
-        self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        # always_call: a forward that raises (out of memory, a bad batch) ends the recording
+        # with it. Transformers has no callback for an exception, and hooks left on the
+        # model would slow its later use.
+        self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True,
+                                                 always_call=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the monitor, judge the run and print (or raise on) its findings."""
@@ -137,6 +142,9 @@ class NndiagCallback(TrainerCallback):
     def _on_forward(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any],
                     output: Any) -> None:
         """Keep the loss of each training forward pass (on the device)."""
+        if sys.exc_info()[1] is not None:  # the pass raised: stop recording, remove the hooks
+            self._close()
+            return
         if not module.training or not torch.is_grad_enabled():
             return
         loss = _loss_of(output)
