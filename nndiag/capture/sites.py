@@ -312,11 +312,10 @@ class SiteRecorder:
             saturation = activation if activation in SATURATING else None
             pre = pre if saturation is not None and pre is not None and pre.numel() else None
             base = len(self._call_sites) * len(CALL_FIELDS)
-            for field_index, value in output_moments(tensor, saturation=saturation,
-                                                     bounds=bounds, pre_activation=pre,
-                                                     exact=self.exact):
-                self._scalars.append(value)
-                self._positions.append(base + field_index)
+            moments = output_moments(tensor, saturation=saturation, bounds=bounds,
+                                     pre_activation=pre, exact=self.exact)
+            self._scalars += [value for _, value in moments]
+            self._positions += [base + field_index for field_index, _ in moments]
             self._numels.append((numel, pre.numel() if pre is not None else 0))
             self._call_sites.append(site.index)
             if activation in RELU_FAMILY:

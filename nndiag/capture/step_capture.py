@@ -16,6 +16,7 @@ the host in one transfer with the caller's losses, and returns the ``StepRecord`
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -46,6 +47,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 # The update-ratio subset of a big tensor: this many evenly spaced runs of contiguous elements
 # (contiguous runs read a few cache lines; a plain stride would touch every line of the tensor).
 _SUBSET_RUNS = 16
+
+
+# Modules whose weight rows are looked up: a batch updates the rows of the tokens it holds
+# (with Adam, rows seen lately keep moving), so a fixed subset may hold none of them.
+ROW_SAMPLED_KINDS = frozenset({"Embedding", "EmbeddingBag"})
 
 
 def _subset_layout(numel: int, budget: int) -> tuple[int, int, int]:
@@ -116,10 +122,11 @@ class StepCapture:
 
         self._grad_handles: list[RemovableHandle] = []
         self._grad_queued = False
+        self._grad_norms: dict[int, torch.Tensor] = {}
         self._grad_sq: torch.Tensor | None = None
         self._grad_present: list[bool] | None = None
+        # The update subsets before the step, stacked per group of same-shaped subsets.
         self._before: list[torch.Tensor] | None = None
-        self._before_sq: torch.Tensor | None = None
         # Norms are taken on the elements this rank holds (a sharded parameter's local shard)
         # and kept squared, so that ranks sum them (``capture.shards``).
         self._update_layout = [_subset_layout(local(p).numel(), update_sample)
@@ -132,9 +139,22 @@ class StepCapture:
             [sum_weight(p, world_size) for p in self._weights], dtype=torch.float64)
         self._grad_sum_weights = torch.tensor(
             [sum_weight(p, world_size) for p in self.trainable], dtype=torch.float64)
+        # Embedding tables: the update is measured on rows spread evenly over those whose
+        # gradient is non-zero this step (``_sample_rows``), as many as the budget holds.
+        self._row_sampled = [
+            (i, max(_SUBSET_RUNS, update_sample // local(p).shape[1]))
+            for i, (p, group) in enumerate((w, g) for g in self._groups for w in g.weights)
+            if update_sample and group.kind in ROW_SAMPLED_KINDS and p.dim() == 2
+            and local(p).shape[1]]
+        self._rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._after_sq: torch.Tensor | None = None
         self._views: list[torch.Tensor] = []
         self._view_pointers: list[int] | None = None
+        # Weights whose subsets have one shape (every big tensor's is runs x width), and where
+        # each weight's value lands in their concatenation: a few stacked reductions a step
+        # instead of several kernels per weight.
+        self._shape_groups: list[list[int]] = []
+        self._group_order = torch.zeros(0, dtype=torch.long)
         # A non-contiguous weight's flat view is a copy: it must be taken anew every time.
         self._views_cacheable = all(local(p).is_contiguous() for p in self._weights)
         self._update: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -168,8 +188,9 @@ class StepCapture:
             if self._recorder is not None:
                 self._recorder.attach()
                 self._recorder.active = True
-            self._grad_handles = [p.register_post_accumulate_grad_hook(self._on_grad)
-                                  for p in self.trainable]
+            self._grad_handles = [p.register_post_accumulate_grad_hook(
+                functools.partial(self._on_grad, index))
+                for index, p in enumerate(self.trainable)]
         elif not sampled and self.sampling:
             self._detach_sampling_hooks(closing=False)
         self.sampling = sampled
@@ -191,22 +212,35 @@ class StepCapture:
             handle.remove()
         self._grad_handles = []
 
-    def _on_grad(self, param: torch.Tensor) -> None:
+    def _on_grad(self, index: int, param: torch.Tensor) -> None:
+        """A gradient was accumulated: take its norm now, while it is still in the cache."""
         if self._reads_grads_at_step:
             return
+        grad = param.grad
+        if grad is not None:
+            with torch.no_grad():
+                self._grad_norms[index] = torch.linalg.vector_norm(local(grad),
+                                                                   dtype=torch.float32)
         if not self._grad_queued:
             self._grad_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._read_grads)
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
-    def _read_grads(self) -> None:
-        """End of a backward pass: the accumulated, not yet clipped gradients."""
+    def _end_of_backward(self) -> None:
+        """The norms taken as the gradients arrived, for the gradients there are now."""
         self._grad_queued = False
+        norms, self._grad_norms = self._grad_norms, {}
+        self._read_grads(norms)
+
+    def _read_grads(self, norms: dict[int, torch.Tensor] | None = None) -> None:
+        """The accumulated, not yet clipped gradients' squared norms (``norms``: known ones)."""
+        norms = norms or {}
         with torch.no_grad():
             self._grad_present = [p.grad is not None for p in self.trainable]
-            grads = [local(p.grad) if p.grad is not None else torch.zeros((), device=p.device)
-                     for p in self.trainable]
-            grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
-                if grads else None
+            grads = [norms[i] if i in norms else
+                     torch.linalg.vector_norm(local(p.grad), dtype=torch.float32)
+                     if p.grad is not None else torch.zeros((), device=p.device)
+                     for i, p in enumerate(self.trainable)]
+            grad_sq = torch.stack(grads).square() if grads else None
             if grad_sq is not None and self.scaler is not None:
                 scale = self._loss_scale()
                 if scale is not None:  # still scaled: divide by the scale they were made with
@@ -243,34 +277,85 @@ class StepCapture:
             for p, (rows, pitch, width) in zip(weights, self._update_layout, strict=True):
                 flat = p.detach().reshape(-1)
                 views.append(flat[: rows * pitch].view(rows, pitch)[:, :width] if rows else flat)
+            keys = [(v.shape, v.dtype) for v in views]
+            if keys != [(v.shape, v.dtype) for v in self._views]:
+                groups: dict[tuple[torch.Size, torch.dtype], list[int]] = {}
+                for i, key in enumerate(keys):
+                    groups.setdefault(key, []).append(i)
+                self._shape_groups = list(groups.values())
+                order = [i for group in self._shape_groups for i in group]
+                self._group_order = torch.empty(len(order), dtype=torch.long)
+                self._group_order[order] = torch.arange(len(order))
             self._views, self._view_pointers = views, pointers
         return self._views
+
+    def _stacked_subsets(self) -> list[torch.Tensor]:
+        """The update subsets now, copied into one stacked tensor per shape group."""
+        views = self._update_views()
+        return [torch.stack([views[i] for i in group]) for group in self._shape_groups]
+
+    def _squared_norms(self, stacks: list[torch.Tensor]) -> torch.Tensor:
+        """Per weight (in weight order), the float32 squared norm of its subset in ``stacks``."""
+        norms = torch.cat([torch.linalg.vector_norm(stack, dim=tuple(range(1, stack.dim())),
+                                                    dtype=torch.float32) for stack in stacks])
+        return norms.square().index_select(0, self._group_order.to(norms.device))
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.sampling and self._reads_grads_at_step:
             self._read_grads()
         if self.sampling and self._weights:
             with torch.no_grad():
-                views = self._update_views()
-                self._before_sq = torch.stack(torch._foreach_norm(views)).float().square()
-                if self._before is None:
-                    self._before = [v.clone() for v in views]
-                else:
-                    torch._foreach_copy_(self._before, views)
+                self._before = self._stacked_subsets()
+                self._rows = self._sample_rows()
+
+    def _sample_rows(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For each embedding table: ``(weight index, rows, rows before the step, scale)``.
+
+        The rows are spread evenly over the rows whose gradient is non-zero (repeated when
+        there are fewer than asked for), chosen on the device: no synchronisation, no random
+        numbers. ``scale`` (rows with a gradient / rows taken) turns the rows' squared update
+        into the whole table's.
+        """
+        sampled = []
+        for index, count in self._row_sampled:
+            weight = local(self._weights[index]).detach()
+            grad = self._weights[index].grad
+            if grad is None:
+                continue
+            moved = local(grad).abs().amax(dim=1) > 0
+            moved_count = moved.sum()
+            order = torch.argsort(moved.to(torch.int8), descending=True, stable=True)
+            spread = torch.arange(count, device=weight.device) * moved_count // count
+            rows = order.index_select(0, spread)
+            sampled.append((index, rows, weight.index_select(0, rows),
+                            moved_count.float() / count))
+        return sampled
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.optimizer_steps += 1
-        if self._before is None or not self.sampling:
+        before = self._before
+        if before is None or not self.sampling:
             return
+        self._before = None
         with torch.no_grad():
-            views = self._update_views()
-            after = torch.stack(torch._foreach_norm(views)).float().square()
-            self._after_sq = after * self._sq_scale.to(after.device)
-            torch._foreach_sub_(self._before, views)
-            self._update = (torch.stack(torch._foreach_norm(self._before)).float().square(),
-                            self._before_sq)
-        if self.every > 1:  # a copy of the weights is only kept while sampling every step
-            self._before = None
+            after = self._stacked_subsets()
+            after_sq = self._squared_norms(after)
+            self._after_sq = after_sq * self._sq_scale.to(after_sq.device)
+            deltas = [a - b for a, b in zip(after, before, strict=True)]
+            # Both scaled to the whole tensors', so that tensors measured on subsets of
+            # different sizes add up in a layer's ratio.
+            scale = self._sq_scale.to(after_sq.device)
+            delta_sq = self._squared_norms(deltas) * scale
+            if self._rows:
+                indices = torch.tensor([i for i, *_ in self._rows], device=delta_sq.device)
+                estimates = torch.stack([
+                    torch.linalg.vector_norm(
+                        local(self._weights[i]).detach().index_select(0, rows) - rows_before,
+                        dtype=torch.float32).square() * rows_scale
+                    for i, rows, rows_before, rows_scale in self._rows])
+                delta_sq = delta_sq.index_copy(0, indices, estimates)
+                self._rows = []
+            self._update = (delta_sq, self._squared_norms(before) * scale)
 
     def read_gradients(self) -> None:
         """Read this step's gradients now, if it is sampled and reads them at the step.

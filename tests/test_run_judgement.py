@@ -1,0 +1,49 @@
+"""Judgement of recorded runs against noise: healthy runs stay quiet, measures fit the layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nndiag.monitor import Monitor
+
+
+class _Bag(nn.Module):
+    """Token embedding, mean-pooled, then a classifier: a batch updates few table rows."""
+
+    def __init__(self, vocab: int = 3000, dim: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).mean(1))
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.AdamW(p, lr=5e-4, weight_decay=0.0),
+    lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
+], ids=["adamw", "sgd_momentum"])
+def test_an_embedding_update_ratio_is_measured_on_rows_that_moved(make_optimizer):
+    torch.manual_seed(0)
+    model = _Bag()
+    optimizer = make_optimizer(model.parameters())
+    monitor = Monitor(model, optimizer, every=2)
+    g = torch.Generator().manual_seed(1)
+    whole = {}
+    for step in range(6):
+        tokens = torch.randint(0, 40, (4, 6), generator=g) * 70  # ~24 of 3,000 rows a batch
+        before = model.embed.weight.detach().clone()
+        loss = F.cross_entropy(model(tokens), torch.randint(0, 2, (4,), generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss)
+        whole[step] = ((model.embed.weight.detach() - before).norm() / before.norm()).item()
+    monitor.close()
+    for sample in monitor.samples:
+        (embed,) = [layer for layer in sample.layers if layer.name == "embed"]
+        assert embed.update_ratio is not None and embed.update_ratio > 0
+        assert whole[sample.step] / 2 <= embed.update_ratio <= whole[sample.step] * 2
