@@ -52,7 +52,7 @@ def record_deep_run(directory: Path, depth: int = 50, steps: int = 16) -> Path:
 
 def _report(run: Path, out: Path) -> str:
     result = CliRunner().invoke(app, ["report", str(run), "--out", str(out)])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code in (0, 1), result.stderr  # 1: an error finding (the page is written)
     assert result.stdout.splitlines()[0] == str(out / "index.html")
     return (out / "index.html").read_text(encoding="utf-8")
 

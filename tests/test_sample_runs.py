@@ -77,9 +77,21 @@ def test_junit_xml_is_parsed_back(tmp_path):
 def test_report_writes_every_figure(tmp_path):
     result = CliRunner().invoke(app, ["report", str(RUNS / "dying_relu"), "--out",
                                       str(tmp_path)])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 1, result.stderr  # an error finding, as `check` exits
     for name in FIGURES:
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+@pytest.mark.parametrize(("name", "fail_on", "code"), [
+    ("healthy", "error", 0), ("healthy", "warning", 0), ("dying_relu", "error", 1),
+    ("oscillating", "error", 0), ("oscillating", "warning", 1)])
+def test_report_exits_like_check(tmp_path, name, fail_on, code):
+    result = CliRunner().invoke(app, ["report", str(RUNS / name), "--out", str(tmp_path),
+                                      "--fail-on", fail_on])
+    assert result.exit_code == code, result.stderr
+    assert (tmp_path / "index.html").exists()
+    checked = CliRunner().invoke(app, ["check", str(RUNS / name), "--fail-on", fail_on])
+    assert checked.exit_code == code
 
 
 def test_check_of_a_missing_or_foreign_directory_is_exit_2(tmp_path):

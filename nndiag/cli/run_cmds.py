@@ -110,6 +110,9 @@ def report(
     out_dir: Path | None = typer.Option(None, "--out", metavar="DIR",
                                         help="Where to write the report (default: "
                                              "RUN_DIR/report)."),
+    fail_on: FailOn = typer.Option(FailOn.error, "--fail-on",
+                                   help="Exit 1 when a finding is at or above this severity "
+                                        "(the report is written either way)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
     """Write a recorded run as one self-contained HTML page, DIR/index.html, and its figures.
@@ -132,7 +135,7 @@ def report(
         target = out_dir or (run_dir / "report")
         for path in write_run_report(log, judged, target):
             out.stdout.print(str(path), highlight=False)
-        code = 0
+        code = 1 if judged.fails(fail_on.value) else 0
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)
     raise typer.Exit(code)
