@@ -47,3 +47,26 @@ def test_an_embedding_update_ratio_is_measured_on_rows_that_moved(make_optimizer
         (embed,) = [layer for layer in sample.layers if layer.name == "embed"]
         assert embed.update_ratio is not None and embed.update_ratio > 0
         assert whole[sample.step] / 2 <= embed.update_ratio <= whole[sample.step] * 2
+
+
+class _TinyLM(nn.Module):
+    """A pre-LN encoder layer over an ``nn.Embedding`` named plainly (PyTorch's default init)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
+                                                norm_first=True)
+        self.head = nn.Linear(32, 50)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.emb(tokens)))
+
+
+def test_a_live_embedding_is_judged_as_one_whatever_its_name():
+    from nndiag.inspection import inspect_model
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        report = inspect_model(_TinyLM(), torch.randint(0, 50, (4, 12)))
+        assert report.finding("poor_initialization") is None, report.findings

@@ -66,6 +66,8 @@ class Checkpoint:
         extras: What else the file holds (optimizer state, epoch...), described in words.
         module: The module itself for TorchScript archives and pickled modules.
         files: The files read (several for a sharded directory).
+        embeddings: Modules known to be lookup tables (a live model's ``nn.Embedding``s);
+            in a file, a 2-D weight is taken for one by its name.
     """
 
     path: Path
@@ -75,6 +77,7 @@ class Checkpoint:
     extras: dict[str, str] = field(default_factory=dict)
     module: nn.Module | None = None
     files: list[Path] = field(default_factory=list)
+    embeddings: frozenset[str] = frozenset()
 
     @property
     def total_bytes(self) -> int:
@@ -103,7 +106,10 @@ def model_checkpoint(model: nn.Module) -> Checkpoint:
     entries = [in_memory(name, tensor.detach())
                for name, tensor in model.state_dict(keep_vars=True).items()
                if isinstance(tensor, torch.Tensor)]
-    return Checkpoint(Path(f"({type(model).__name__})"), "live_model", entries)
+    embeddings = frozenset(name for name, module in model.named_modules()
+                           if isinstance(module, nn.Embedding | nn.EmbeddingBag))
+    return Checkpoint(Path(f"({type(model).__name__})"), "live_model", entries,
+                      embeddings=embeddings)
 
 
 def load_checkpoint(path: str | Path, *, unsafe_load: bool = False) -> Checkpoint:

@@ -98,8 +98,10 @@ def _is_expert_stack(module: str, param: str, shape: tuple[int, ...]) -> bool:
             and module.rsplit(".", 1)[-1] == "experts")
 
 
-def _kind(module: str, tensors: dict[str, TensorStats]) -> str:
+def _kind(module: str, tensors: dict[str, TensorStats], embedding: bool = False) -> str:
     weight = tensors.get("weight")
+    if embedding and weight is not None:
+        return "embedding"
     if module.endswith("relative_attention_bias") and weight is not None:
         return "embedding"
     if "running_var" in tensors:
@@ -158,7 +160,8 @@ def measure_checkpoint(checkpoint: Checkpoint,
         if progress is not None:
             progress(done, total)
 
-    modules = [_module_record(name, grouped[name], batch_norm_vectors.get(name, {}))
+    modules = [_module_record(name, grouped[name], batch_norm_vectors.get(name, {}),
+                              name in checkpoint.embeddings)
                for name in order]
     for module in modules:
         module.fused_rms = fused.get(module.name)
@@ -227,8 +230,8 @@ def read_config(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def _module_record(name: str, tensors: dict[str, TensorStats],
-                   vectors: dict[str, torch.Tensor]) -> ModuleWeights:
-    kind = _kind(name, tensors)
+                   vectors: dict[str, torch.Tensor], embedding: bool = False) -> ModuleWeights:
+    kind = _kind(name, tensors, embedding)
     record = ModuleWeights(name, kind, sum(t.numel for t in tensors.values()),
                            list(tensors.values()))
     weight = tensors.get("weight")
