@@ -7,7 +7,6 @@ headline numbers in its ``verified`` field.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ from nndiag.advice import RE_INITIALIZING
 from nndiag.batches import Batch, iter_tensors
 from nndiag.capture.layers import SATURATING, has_init_expectation, module_activation
 from nndiag.capture.probe import ROOT_NAME, ProbeConfig, run_probe
+from nndiag.capture.state import copy_model
 from nndiag.findings import Finding
 from nndiag.records import ProbeRecord
 from nndiag.rules import HEADLINES, run_probe_rules
@@ -173,7 +173,7 @@ def verify_fixes(model: nn.Module, batches: Sequence[Batch], probe: ProbeRecord,
                 results[fix.id] = ("the weights are pretrained: re-initializing them would "
                                    "throw away what they learned")
             if fix.id not in results:
-                patched = copy.deepcopy(model)
+                patched = copy_model(model)
                 # A re-initialization draws from the seeded generator, not the caller's RNG:
                 # the same model gets the same verdict whatever ran before.
                 with torch.random.fork_rng(devices=[]):

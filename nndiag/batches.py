@@ -4,13 +4,15 @@ Everything nndiag does with a batch lives here. A batch is ``(inputs, targets)``
 a tensor, a tuple (passed as ``model(*inputs)``) or a dict (passed as ``model(**inputs)``):
 
 - ``iter_batches`` and ``unpack_batch`` take data apart into ``Batch`` objects;
-  ``check_finite_batch`` refuses NaN and Inf;
+  ``check_batch`` refuses a batch nested absurdly deep or without a sample,
+  ``check_finite_batch`` one holding NaN or Inf;
 - ``raw_batches``, ``take_samples``, ``slice_batch``, ``shuffle_targets`` work on batches as
   the user's training step receives them (their own structure, tensors, tuples, namedtuples,
   dicts), cut or reordered along the batch dimension;
 - ``BatchSource`` replays the user's data as restartable streams (lr-find's stages);
 - ``synthetic_batches`` makes random inputs of a given shape (``--input-shape``);
-- ``iter_tensors``, ``move_to`` and ``describe_value`` walk nested structures.
+- ``iter_tensors``, ``move_to`` and ``describe_value`` walk nested structures (at most
+  ``MAX_NESTING`` levels deep: ``check_batch`` refuses deeper batches where they come in).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ _INT_DTYPES = {"long": torch.long, "int64": torch.long, "int": torch.int, "int32
 # How torch's allocators word a failed allocation (CPU, CUDA, a size past int64).
 _ALLOCATION_FAILURES = ("not enough memory", "can't allocate memory", "out of memory",
                         "size calculation overflowed")
+# Deepest nesting of tuples, lists and dicts accepted in a batch: real batches nest a few levels
+# (Hugging Face's past_key_values: three); the walks over a batch stay well within Python's
+# recursion limit.
+MAX_NESTING = 64
+# Levels of a nested value that error messages spell out.
+_DESCRIBE_DEPTH = 6
 _FLOAT_DTYPES = {"float": torch.float32, "float32": torch.float32, "float64": torch.float64,
                  "double": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -68,31 +76,38 @@ def iter_batches(data: Any, limit: int) -> list[Batch]:
             f"(inputs, targets), got {type(data).__name__}"
         )
     batches: list[Batch] = []
-    try:
-        with user_code():
-            for item in data:
-                batches.append(unpack_batch(item))
-                if len(batches) >= limit:
-                    break
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise UserCodeError(f"--data: iterating the data raised {describe_exception(exc)}") from exc
+    iterator = _user_iteration(lambda: iter(data))
+    while len(batches) < limit:
+        item = _user_iteration(lambda: next(iterator, _END))
+        if item is _END:
+            break
+        batches.append(unpack_batch(item))
     if not batches:
         raise UsageError("--data: the data yielded no batch")
     return batches
 
 
-def unpack_batch(batch: Any) -> Batch:
+def _user_iteration(step: Any) -> Any:
+    """Run one step of iterating the user's data; what it raises is the user's code raising."""
+    try:
+        with user_code():
+            return step()
+    except Exception as exc:
+        raise UserCodeError(f"--data: iterating the data raised {describe_exception(exc)}") from exc
+
+
+def unpack_batch(batch: Any, option: str = "--data") -> Batch:
     """Split a batch into inputs and targets.
 
     ``(inputs, targets)`` and ``[inputs, targets]`` give both; a bare tensor or dict is
-    inputs only; a 1-tuple is inputs only.
+    inputs only; a 1-tuple is inputs only. ``option`` names the data in errors.
 
     Raises:
-        UsageError: The batch holds no tensor.
+        UsageError: The batch holds no tensor, no sample, or is nested deeper than
+            ``MAX_NESTING`` levels.
 
     """
+    check_nesting(batch, option)
     if isinstance(batch, torch.Tensor | Mapping):
         result = Batch(batch)
     elif isinstance(batch, tuple | list) and len(batch) == 2:
@@ -101,14 +116,71 @@ def unpack_batch(batch: Any) -> Batch:
         result = Batch(batch[0])
     else:
         raise UsageError(
-            f"--data: a batch must be (inputs, targets), a tensor or a dict of tensors; "
+            f"{option}: a batch must be (inputs, targets), a tensor or a dict of tensors; "
             f"got {describe_value(batch)}"
         )
     if not _has_tensor(result.inputs):
         raise UsageError(
-            f"--data: the batch inputs hold no tensor: {describe_value(result.inputs)}"
+            f"{option}: the batch inputs hold no tensor: {describe_value(result.inputs)}"
         )
+    check_not_empty(result.inputs, option)
     return result
+
+
+def check_nesting(batch: Any, option: str = "--data") -> None:
+    """Refuse a batch whose tuples, lists and dicts nest deeper than ``MAX_NESTING`` levels.
+
+    Iterative, so an absurdly deep (or self-containing) batch is refused with a message
+    instead of exhausting the interpreter's recursion limit in nndiag's walks over it.
+
+    Raises:
+        UsageError: Naming the option and the limit.
+
+    """
+    stack = [(batch, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children = list(value.values())
+        elif isinstance(value, tuple | list):
+            children = list(value)
+        else:
+            continue
+        if depth > MAX_NESTING:
+            raise UsageError(f"{option}: the batch nests tuples, lists or dicts more than "
+                             f"{MAX_NESTING} levels deep; pass tensors in a flat structure")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def is_empty(value: Any) -> bool:
+    """True when ``value`` holds tensors with a batch dimension and every one has no element."""
+    sizes = [t.numel() for t in iter_tensors(value) if t.dim()]
+    return bool(sizes) and not any(sizes)
+
+
+def check_not_empty(value: Any, option: str = "--data") -> None:
+    """Refuse a batch without a single sample (a batch dimension of 0 in every tensor).
+
+    Its loss would be the mean of nothing, NaN: the data is at fault, not the model.
+
+    Raises:
+        UsageError: Naming the option and the batch's shapes.
+
+    """
+    if is_empty(value):
+        raise UsageError(f"{option}: the batch is empty, it holds no sample "
+                         f"({describe_value(value)}); check the dataset and the batch size")
+
+
+def check_batch(batch: Any, option: str = "--data") -> None:
+    """Refuse a batch as the user's data yields it that nndiag cannot use (any structure).
+
+    Raises:
+        UsageError: Nested deeper than ``MAX_NESTING`` levels, or without a sample.
+
+    """
+    check_nesting(batch, option)
+    check_not_empty(batch, option)
 
 
 def check_finite_batch(batch: Batch, option: str = "--data", *, allow_inf: bool = False,
@@ -143,31 +215,45 @@ def move_to(obj: Any, device: torch.device) -> Any:
 
 
 def iter_tensors(obj: Any) -> Iterable[torch.Tensor]:
-    """Yield every tensor inside nested tuples, lists, dicts and dataclass-like outputs."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from iter_tensors(value)
-    elif isinstance(obj, tuple | list):
-        for value in obj:
-            yield from iter_tensors(value)
-    elif hasattr(obj, "data") and isinstance(obj.data, torch.Tensor):  # PackedSequence
-        yield obj.data
+    """Yield every tensor inside nested tuples, lists, dicts and dataclass-like outputs, in order.
+
+    Raises:
+        UsageError: The value nests deeper than ``MAX_NESTING`` levels (or contains itself).
+
+    """
+    stack = [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, Mapping | tuple | list):
+            if depth >= MAX_NESTING:
+                raise UsageError(f"a value nests tuples, lists or dicts more than "
+                                 f"{MAX_NESTING} levels deep")
+            items = value.values() if isinstance(value, Mapping) else value
+            stack.extend((item, depth + 1) for item in reversed(list(items)))
+        elif hasattr(value, "data") and isinstance(value.data, torch.Tensor):  # PackedSequence
+            yield value.data
 
 
 def _has_tensor(obj: Any) -> bool:
     return next(iter(iter_tensors(obj)), None) is not None
 
 
-def describe_value(obj: Any) -> str:
-    """Describe a value by its tensor shapes and dtypes, for error messages."""
+def describe_value(obj: Any, _depth: int = 0) -> str:
+    """Describe a value by its tensor shapes and dtypes, for error messages.
+
+    Only the outer ``_DESCRIBE_DEPTH`` levels of a nested value are spelled out.
+    """
     if isinstance(obj, torch.Tensor):
         return f"tensor {tuple(obj.shape)} {str(obj.dtype).removeprefix('torch.')}"
+    if isinstance(obj, Mapping | tuple | list) and _depth >= _DESCRIBE_DEPTH:
+        return "{...}" if isinstance(obj, Mapping) else "(...)"
     if isinstance(obj, Mapping):
-        return "{" + ", ".join(f"{k}: {describe_value(v)}" for k, v in obj.items()) + "}"
+        return "{" + ", ".join(f"{k}: {describe_value(v, _depth + 1)}"
+                               for k, v in obj.items()) + "}"
     if isinstance(obj, tuple | list):
-        return "(" + ", ".join(describe_value(v) for v in obj) + ")"
+        return "(" + ", ".join(describe_value(v, _depth + 1) for v in obj) + ")"
     return type(obj).__name__
 
 
@@ -194,19 +280,19 @@ def iter_tensors_with_batch(obj: Any) -> Any:
 def raw_batches(data: Any, limit: int) -> list[Any]:
     """Up to ``limit`` batches as the data yields them, in one pass (no unpacking)."""
     if isinstance(data, torch.Tensor | Mapping | tuple):
+        check_batch(data)
         return [data]
-    batches: list[Any] = []
-    try:
-        for item in data:
-            batches.append(item)
-            if len(batches) >= limit:
-                break
-    except TypeError as exc:
+    if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
         raise UsageError(f"--data: expected batches (a DataLoader, a list of batches) or one "
-                         f"batch, got {type(data).__name__}") from exc
-    except Exception as exc:
-        raise UserCodeError(f"--data: iterating the data raised {describe_exception(exc)}"
-                            ) from exc
+                         f"batch, got {type(data).__name__}")
+    batches: list[Any] = []
+    iterator = _user_iteration(lambda: iter(data))
+    while len(batches) < limit:
+        item = _user_iteration(lambda: next(iterator, _END))
+        if item is _END:
+            break
+        check_batch(item)
+        batches.append(item)
     if not batches:
         raise UsageError("--data: the data yielded no batch")
     return batches

@@ -55,8 +55,27 @@ class UserExit(UserCodeError):
         super().__init__(f"the user's code called sys.exit({'' if code is None else repr(code)})")
 
 
+class UserAbort(UserCodeError):
+    """The user's code raised a ``BaseException`` that is not an ``Exception``.
+
+    ``GeneratorExit``, ``asyncio.CancelledError`` or a ``BaseExceptionGroup`` raised by the
+    user's code would otherwise go past every handler and end nndiag with a traceback.
+    ``KeyboardInterrupt`` is never converted: it still stops nndiag.
+
+    Attributes:
+        original: The exception the user's code raised.
+
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        self.original = original
+        super().__init__(f"the user's code raised {describe_exception(original)}")
+
+
 def describe_exception(exc: BaseException) -> str:
     """Return a one-line ``Type: message`` description of an exception."""
+    if isinstance(exc, UserAbort):
+        return describe_exception(exc.original)
     if isinstance(exc, UserExit | SystemExit):
         return f"SystemExit({'' if exc.code is None else repr(exc.code)}) (sys.exit was called)"
     text = str(exc).strip().splitlines()
@@ -126,14 +145,21 @@ def user_code() -> Iterator[None]:
     Every place nndiag enters user code goes through here (importing a spec, calling a
     factory, the model's forward, iterating the data, a loss or optimizer factory of the
     user's), so ``sys.exit()`` in that code is exit code 3 with a message instead of ending
-    nndiag silently with the user's code. Its standard output is the CLI's business: the
-    command layer sends it to stderr (``nndiag.cli.output``).
+    nndiag silently with the user's code. Other exceptions that are not an ``Exception``
+    (``GeneratorExit``...) become ``UserAbort``; ``KeyboardInterrupt`` goes through. Its
+    standard output is the CLI's business: the command layer sends it to stderr
+    (``nndiag.cli.output``).
 
     Raises:
         UserExit: The code raised ``SystemExit``.
+        UserAbort: The code raised another ``BaseException`` but ``KeyboardInterrupt``.
 
     """
     try:
         yield
     except SystemExit as exc:
         raise UserExit(exc.code) from exc
+    except (KeyboardInterrupt, Exception):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - GeneratorExit and kin: the user's code raised
+        raise UserAbort(exc) from exc

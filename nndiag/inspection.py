@@ -13,6 +13,7 @@ from nndiag.advice.checkpoint import architecture_summary, checkpoint_notes
 from nndiag.autofix import verify_fixes
 from nndiag.batches import iter_batches, synthetic_batches
 from nndiag.capture.probe import ProbeConfig, run_probe
+from nndiag.capture.state import materialized
 from nndiag.checkpoints import (
     Checkpoint,
     LoadResult,
@@ -58,7 +59,8 @@ def inspect_model(
     """Measure a model on a few batches, diagnose it and recommend fixes.
 
     The model is left exactly as found (weights, buffers, modes, ``requires_grad``,
-    ``.grad``, hooks and RNG state).
+    ``.grad``, hooks and RNG state). A model whose lazy modules have not run yet is measured
+    as a copy materialized on the first batch; it stays lazy.
 
     Args:
         model: Any ``nn.Module``.
@@ -90,12 +92,12 @@ def inspect_model(
         ('error', ['vanishing_gradients'])
 
     """
-    probe, probe_batches, config = probe_model(
+    probe, probe_batches, config, measured = probe_model(
         model, data, input_shape=input_shape, input_dtype=input_dtype, input_max=input_max,
         loss=loss, batches=batches, seed=seed, pretrained=pretrained)
     report = diagnose(probe, thresholds=thresholds)
     if try_fixes:
-        verify_fixes(model, probe_batches, probe, report.findings, config,
+        verify_fixes(measured, probe_batches, probe, report.findings, config,
                      thresholds or THRESHOLDS)
     return build_report(probe, report.findings)
 
@@ -111,11 +113,12 @@ def probe_model(
     batches: int = 1,
     seed: int = 0,
     pretrained: bool | None = None,
-) -> tuple[ProbeRecord, list[Any], ProbeConfig]:
+) -> tuple[ProbeRecord, list[Any], ProbeConfig, nn.Module]:
     """Measure a model as ``inspect_model`` does, without judging it (arguments as there).
 
     Returns:
-        The probe (its ``weights`` read too), the batches it ran on and its configuration.
+        The probe (its ``weights`` read too), the batches it ran on, its configuration and the
+        model it measured: ``model`` itself, or its materialized copy if ``model`` is lazy.
     """
     require_usable_model(model)
     validate_seed(seed, "--seed")
@@ -130,10 +133,11 @@ def probe_model(
         probe_batches = synthetic_batches(model, input_shape, dtype=input_dtype,
                                           input_max=input_max, count=batches, seed=seed)
     config = ProbeConfig(loss=as_loss(loss), seed=seed)
+    model = materialized(model, lambda: probe_batches[0].inputs)
     probe = run_probe(model, probe_batches, config)
     probe.pretrained = looks_pretrained(model) if pretrained is None else pretrained
     probe.weights = measure_checkpoint(model_checkpoint(model))
-    return probe, probe_batches, config
+    return probe, probe_batches, config, model
 
 
 def probe_notes(probe: ProbeRecord) -> list[str]:

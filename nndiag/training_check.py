@@ -40,7 +40,6 @@ batches). Their public names used before the split are re-exported here.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 
 from nndiag.batches import iter_tensors_with_batch, raw_batches, take_samples, unpack_batch
+from nndiag.capture.state import copy_model, materialized
 from nndiag.diagnosis import diagnose
 from nndiag.errors import UsageError, UserCodeError
 from nndiag.findings import FindingId, Report
@@ -105,8 +105,9 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
     """Gate training code: inspection at init, sanity checks through the step, a short run.
 
     Args:
-        model: The model (left unchanged: every check works on a copy). For
-            ``train_step="lightning"``, a LightningModule.
+        model: The model (left unchanged: every check works on a copy; a model whose lazy
+            modules have not run yet is materialized on a copy, on the first batch's inputs).
+            For ``train_step="lightning"``, a LightningModule.
         data: Training batches (cycled) or one batch, as the step receives them.
         loss: ``None`` (from the targets), a name, a spec or ``f(outputs, targets)``: the loss
             of nndiag's own step, and of the inspection at init.
@@ -159,11 +160,12 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
     notes: list[str] = []
 
     with _seeded(seed, model):
+        model = _materialized(model, pool[0], stepper)
         init = _probe_at_init(model, pool[0], loss_spec, seed, stepper, notes)
         record = run_sanity(model, pool, stepper, overfit_steps, init, seed, notes)
         with tempfile.TemporaryDirectory() as temp:
             run_dir = Path(log_dir) if log_dir is not None else Path(temp) / "run"
-            _train(copy.deepcopy(model), data, stepper, steps, run_dir)
+            _train(copy_model(model), data, stepper, steps, run_dir)
             log = read_run(run_dir)
     # Each phase judges its own evidence (a probe at init, the sanity checks, the recorded
     # run): a finding id may come from two phases, and both are kept, tagged with their phase.
@@ -182,12 +184,30 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
     return report
 
 
+def _materialized(model: nn.Module, raw: Any, stepper: Stepper) -> nn.Module:
+    """``model``, or if its lazy modules have not run yet a copy materialized on the first batch.
+
+    Every phase then copies the same materialized weights. The copy is materialized by calling
+    the model on the batch's inputs, as nndiag's own step does; a step of the user's that feeds
+    the model otherwise cannot be used for that.
+    """
+    try:
+        return materialized(model, lambda: unpack_batch(raw).inputs)
+    except (UsageError, UserCodeError) as exc:
+        if stepper.kind == "standard":
+            raise
+        raise UsageError(f"the model has lazy modules that have not run yet: nndiag "
+                         f"materializes them on a copy by calling the model on the first "
+                         f"batch's inputs, and that failed ({exc}); run the model once on a "
+                         "batch before the check") from exc
+
+
 def _probe_at_init(model: nn.Module, raw: Any, loss: Loss, seed: int, stepper: Stepper,
                    notes: list[str]) -> ProbeRecord | None:
     """The probe at init; skipped (with a note) when the user's step feeds the model otherwise."""
     try:
         first = unpack_batch(raw)
-        probe, _, _ = probe_model(copy.deepcopy(model), (first.inputs, first.targets),
+        probe, _, _, _ = probe_model(copy_model(model), (first.inputs, first.targets),
                                   loss=loss, seed=seed)
         return probe
     except (UsageError, UserCodeError) as exc:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.nn.utils import parametrize
 
-from nndiag.batches import Batch, check_finite_batch, iter_tensors, move_to
+from nndiag.batches import Batch, check_finite_batch, check_not_empty, iter_tensors, move_to
 from nndiag.capture.layers import (
     TRANSPOSED_KINDS,
     has_init_expectation,
@@ -29,7 +29,7 @@ from nndiag.capture.layers import (
     weight_of,
 )
 from nndiag.capture.sites import ROOT_NAME, SiteRecorder
-from nndiag.capture.state import preserved_state
+from nndiag.capture.state import materialized, preserved_state
 from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.losses import Loss, compute_loss
 from nndiag.records import ParamGroup, ProbeRecord, attach_parameters
@@ -153,7 +153,7 @@ def _skipped_in_training(model: nn.Module, batch: Batch, device: torch.device,
     ran: set[int] = set()
     handle = register_module_forward_pre_hook(lambda module, args: ran.add(id(module)))
     try:
-        with preserved_state(model), torch.no_grad():
+        with preserved_state(model, weights=True), torch.no_grad():
             model.eval()
             call_model(model, move_to(batch.inputs, device))
     except Exception:  # noqa: BLE001 - a model that cannot run in eval mode: nothing learned
@@ -168,7 +168,9 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
     """Measure a model on a few batches; the model is left exactly as found.
 
     The model runs in training mode (as it would while training), its gradients are taken
-    with ``torch.autograd.grad`` and its buffers, modes and RNG are restored afterwards.
+    with ``torch.autograd.grad`` and its weights, buffers, modes and RNG are restored
+    afterwards (``preserved_state``). A model whose lazy modules have not run yet is measured
+    as a copy materialized on the first batch (``materialized``).
 
     Args:
         model: Any ``nn.Module``.
@@ -179,8 +181,8 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
         The measurements as plain numbers.
 
     Raises:
-        UsageError: Inputs with NaN/Inf, a batch the model's layers reject, targets that do
-            not fit the loss, or a model with nothing trainable.
+        UsageError: Inputs with NaN/Inf or without a sample, a batch the model's layers
+            reject, targets that do not fit the loss, or a model with nothing trainable.
         UserCodeError: The model or the user's loss raised.
 
     """
@@ -188,7 +190,9 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
     if not batches:
         raise UsageError("no batch to probe the model with")
     for batch in batches:
+        check_not_empty(batch.inputs)
         check_finite_batch(batch)
+    model = materialized(model, lambda: batches[0].inputs)
     device = _model_device(model)
     held = owners(model)
     trainable = [(o, pname, p) for o in held for pname, p in o.params if p.requires_grad]
@@ -204,7 +208,8 @@ def run_probe(model: nn.Module, batches: Sequence[Batch],
     used = [False] * len(trainable)
     loss_name, num_classes = config.loss.name, None
 
-    with preserved_state(model):
+    # The forward pass may rescale the model's own weights in place: they are restored too.
+    with preserved_state(model, weights=True):
         model.train()
         for batch in batches:
             inputs = move_to(batch.inputs, device)

@@ -16,7 +16,6 @@ judge:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +32,7 @@ from nndiag.batches import (
     slice_batch,
     unpack_batch,
 )
+from nndiag.capture.state import copy_model
 from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.gate.observers import LossInputs, StepWatch, mode_dependent
 from nndiag.gate.steps import Stepper, model_device
@@ -80,7 +80,7 @@ def run_sanity(model: nn.Module, pool: list[Any], stepper: Stepper, overfit_step
     if summed and size and record.expected_loss is not None and stepper.kind != "standard":
         record.expected_loss *= size  # a summed loss starts at the sum of chance losses
     small = slice_batch(first, 0, OVERFIT_SAMPLES, size) if size else first
-    fitted = copy.deepcopy(model)
+    fitted = copy_model(model)
     opt = stepper.build_optimizer(fitted)
     step = stepper.new_step()
     losses = []
@@ -97,7 +97,7 @@ def run_sanity(model: nn.Module, pool: list[Any], stepper: Stepper, overfit_step
         _labels(model, pool, stepper, seed, record, per_update)
     try:
         batch = unpack_batch(first)
-        record.mixing_ratio, record.mixing_method = _mixing(copy.deepcopy(model), batch)
+        record.mixing_ratio, record.mixing_method = _mixing(copy_model(model), batch)
     except Exception as exc:  # the step may feed the model otherwise than (inputs, targets)
         if stepper.kind == "standard":
             raise
@@ -109,7 +109,7 @@ def run_sanity(model: nn.Module, pool: list[Any], stepper: Stepper, overfit_step
 def _watch_calls(model: nn.Module, pool: list[Any], stepper: Stepper, record: SanityRecord,
                  notes: list[str]) -> float:
     """Call the step on a copy under watch; fill the record; return the first call's loss."""
-    watched = copy.deepcopy(model)
+    watched = copy_model(model)
     opt = stepper.build_optimizer(watched)
     step = stepper.new_step()
     before = {n: p.detach().clone() for n, p in watched.named_parameters() if p.requires_grad}
@@ -169,7 +169,7 @@ def _mode_changes_output(model: nn.Module, raw: Any, eval_names: set[str]) -> bo
         inputs = move_to(unpack_batch(raw).inputs, model_device(model))
         outputs = []
         for as_ran in (True, False):
-            probe = copy.deepcopy(model)
+            probe = copy_model(model)
             for name, module in probe.named_modules():
                 module.training = not (as_ran and name in eval_names)
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -208,7 +208,7 @@ def _reduction(model: nn.Module, raw: Any, size: int, full: float, stepper: Step
     losses = []
     for start, stop in ((0, half), (half, size)):
         part = slice_batch(raw, start, stop, size)
-        copy_ = copy.deepcopy(model)
+        copy_ = copy_model(model)
         try:
             losses.append(stepper.run(stepper.new_step(), copy_, part,
                                       stepper.build_optimizer(copy_)))
@@ -240,7 +240,7 @@ def _labels(model: nn.Module, pool: list[Any], stepper: Stepper, seed: int,
         return
     scores = {"init": _score(model, held, stepper, seed)}
     for label, batches in (("paired", train), ("shuffled", shuffled)):
-        trained = copy.deepcopy(model)
+        trained = copy_model(model)
         opt = stepper.build_optimizer(trained)
         step = stepper.new_step()
         torch.manual_seed(seed)
@@ -253,7 +253,7 @@ def _labels(model: nn.Module, pool: list[Any], stepper: Stepper, seed: int,
 
 def _score(model: nn.Module, batch: Any, stepper: Stepper, seed: int) -> float:
     """The step's loss on a batch, computed before its update, on a copy that is thrown away."""
-    probe = copy.deepcopy(model)
+    probe = copy_model(model)
     torch.manual_seed(seed)
     return stepper.run(stepper.new_step(), probe, batch, stepper.build_optimizer(probe))
 

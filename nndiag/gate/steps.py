@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nndiag.batches import Batch, move_to, unpack_batch
-from nndiag.errors import UsageError, UserCodeError, describe_exception
+from nndiag.batches import Batch, check_batch, move_to, unpack_batch
+from nndiag.errors import UsageError, UserCodeError, describe_exception, user_code
 from nndiag.losses import Loss, compute_loss
 from nndiag.optimizers import optimizer_factory
 from nndiag.specs import call_model, load_object
@@ -57,7 +57,8 @@ def load_train_step(spec: str) -> TrainStep | str:
     obj = load_object(spec, "--train-step")
     if isinstance(obj, type) or (callable(obj) and _positional_count(obj) == 0):
         try:
-            obj = obj()
+            with user_code():
+                obj = obj()
         except Exception as exc:
             raise UserCodeError(f"--train-step {spec!r}: building the step raised "
                                 f"{describe_exception(exc)}") from exc
@@ -102,15 +103,20 @@ class Stepper:
             optimizer: torch.optim.Optimizer) -> float:
         """Call the step once and return its loss as a number.
 
+        Anything the step raises is the user's code raising, ``GeneratorExit`` and
+        ``sys.exit()`` too; only ``KeyboardInterrupt`` goes through, to stop the check.
+
         Raises:
             UserCodeError: The step raised.
-            UsageError: It returned something that is not a loss.
+            UsageError: A batch nndiag cannot use (without a sample, nested absurdly deep),
+                or the step returned something that is not a loss.
         """
+        check_batch(batch)
         try:
             value = step(model, batch, optimizer)
-        except (UsageError, UserCodeError):
+        except (UsageError, UserCodeError, KeyboardInterrupt):
             raise
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - GeneratorExit, SystemExit: the user's code
             raise UserCodeError(f"{self.name} raised {describe_exception(exc)}") from exc
         return _loss_number(value, self.name)
 
@@ -145,7 +151,8 @@ def optimizer_builder(optimizer: Any, rate: float
 
     def build(model: nn.Module) -> torch.optim.Optimizer:
         try:
-            made = fn(_trainable(model), rate) if takes_lr else fn(model)
+            with user_code():
+                made = fn(_trainable(model), rate) if takes_lr else fn(model)
         except Exception as exc:
             raise UserCodeError(f"--optimizer {label!r} raised {describe_exception(exc)}"
                                 ) from exc
@@ -235,10 +242,12 @@ def lightning_stepper(model: nn.Module) -> Stepper:
 
     def build(copy_: nn.Module) -> torch.optim.Optimizer:
         try:
-            optimizer = _first_optimizer(copy_.configure_optimizers())  # type: ignore[operator]
+            with user_code():
+                configured = copy_.configure_optimizers()  # type: ignore[operator]
         except Exception as exc:
             raise UserCodeError(f"configure_optimizers raised {describe_exception(exc)}"
                                 ) from exc
+        optimizer = _first_optimizer(configured)
         if optimizer is None:
             raise UsageError("--train-step lightning: configure_optimizers returned no "
                              "torch.optim.Optimizer")

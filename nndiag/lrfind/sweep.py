@@ -157,7 +157,7 @@ class _Context:
             with preserved_state(self.model):
                 source = self.source if self.val_data is None else _source(self.val_data)
                 with _same_data_order(source.data):
-                    batches = _first_batches(source)
+                    batches = _first_batches(source, self.eval_option)
                 if not batches:
                     raise UsageError(f"{self.eval_option}: the data yielded no batch")
                 if self.val_data is not None:  # checked before the sweep: fail early
@@ -174,7 +174,8 @@ class _Context:
         from nndiag.errors import UsageError
 
         for batch in val_batches:
-            check_finite_batch(unpack_batch(batch), "--val-data", allow_inf=True, targets=True)
+            check_finite_batch(unpack_batch(batch, "--val-data"), "--val-data", allow_inf=True,
+                               targets=True)
 
         with _same_data_order(self.source.data):
             first = next(self.source.stream(), None)
@@ -182,7 +183,7 @@ class _Context:
             raise UsageError("--data: the data yielded no batch")
         trained_with = unpack_batch(first).targets is not None
         for batch in val_batches:
-            if (unpack_batch(batch).targets is not None) != trained_with:
+            if (unpack_batch(batch, "--val-data").targets is not None) != trained_with:
                 has, lacks = ("--data", "--val-data") if trained_with else \
                     ("--val-data", "--data")
                 raise UsageError(f"--val-data: the {has} batches carry targets and the {lacks} "
@@ -202,7 +203,7 @@ class _Context:
         from nndiag.losses import compute_loss
         from nndiag.specs import call_model, explain_model_failure
 
-        unpacked = unpack_batch(batch)
+        unpacked = unpack_batch(batch, option)
         inputs = move_to(unpacked.inputs, self.device)
         try:
             outputs = call_model(self.model, inputs)
@@ -310,7 +311,8 @@ def lr_find(
 
     The model, its buffers, train/eval flags, ``.grad``, the optimizer's state (when an
     optimizer instance is passed), the torch, Python and NumPy RNG states and a DataLoader's own
-    generator are restored bitwise afterwards.
+    generator are restored bitwise afterwards. A model whose lazy modules have not run yet is
+    swept as a copy, materialized on the first batch (it stays lazy).
 
     Args:
         model: Any ``nn.Module``.
@@ -375,6 +377,7 @@ def lr_find(
     validate_seed(seed, "--seed")
     require_usable_model(model, trainable=True)
     user_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+    model, data = _materialized(model, data, user_optimizer)
     if user_optimizer is None:
         factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
             optimizer_factory(str(optimizer), momentum=momentum, weight_decay=weight_decay)
@@ -438,6 +441,45 @@ def lr_find(
         curve_lr=suggestion.lr, trials=trial_records)
 
 
+def _materialized(model: Any, data: Any, user_optimizer: Any) -> tuple[Any, Any]:
+    """The model to sweep, and its data: a copy materialized on the first batch if it is lazy.
+
+    The sweep then trains that copy (the caller's lazy model stays as it is). A one-shot
+    iterator's first batch, read to materialize, is put back in front of it.
+
+    Raises:
+        UsageError: An optimizer instance was passed with a lazy model (its parameters do not
+            exist yet), or as ``nndiag.capture.state.materialized``.
+        UserCodeError: As ``nndiag.capture.state.materialized``.
+    """
+    import itertools
+
+    from nndiag.batches import unpack_batch
+    from nndiag.capture.state import has_uninitialized, materialized
+    from nndiag.errors import UsageError
+
+    if not has_uninitialized(model):
+        return model, data
+    if user_optimizer is not None:
+        raise UsageError("the model's lazy modules have not run yet, so the optimizer passed "
+                         "holds parameters that do not exist yet: run the model once on a "
+                         "batch, then build the optimizer")
+    sources: list[BatchSource] = []
+
+    def first_inputs() -> Any:
+        with _same_data_order(data):
+            sources.append(_source(data))
+            first = next(sources[0].stream(), None)
+        if first is None:
+            raise UsageError("--data: the data yielded no batch")
+        return unpack_batch(first).inputs
+
+    copied = materialized(model, first_inputs)  # the RNG a DataLoader draws from: restored
+    if sources and sources[0].iterator is not None:
+        data = itertools.chain(sources[0].seen, data)
+    return copied, data
+
+
 def _scatter(eval_batches: list[Any], noise: float | None, accumulate: int) -> float:
     """``eval_scatter`` for trials scored on ``eval_batches`` after steps of ``accumulate``."""
     samples = sum(_batch_samples(b) for b in eval_batches)
@@ -465,20 +507,20 @@ def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = No
     """
     from nndiag.capture.state import preserved_state
 
-    with preserved_state(model):
+    with preserved_state(model, weights=True):
         ctx = _context(model, data, loss, seed, accumulate, lambda: None, val_data)
         eval_batches = ctx.eval_batches()
         start = ctx.eval_loss(eval_batches)
     return start, _scatter(eval_batches, noise, accumulate)
 
 
-def _batch_samples(batch: Any) -> int:
+def _batch_samples(batch: Any, option: str = "--data") -> int:
     """Samples in a batch: the first dimension of its first input tensor (1 if none)."""
     import torch
 
     from nndiag.batches import unpack_batch
 
-    inputs = unpack_batch(batch).inputs
+    inputs = unpack_batch(batch, option).inputs
     values = inputs.values() if isinstance(inputs, dict) else \
         inputs if isinstance(inputs, tuple | list) else (inputs,)
     for value in values:
@@ -487,7 +529,7 @@ def _batch_samples(batch: Any) -> int:
     return 1
 
 
-def _first_batches(source: BatchSource) -> list[Any]:
+def _first_batches(source: BatchSource, option: str) -> list[Any]:
     """The first distinct batches of the data: ``EVAL_SAMPLES`` samples or ``EVAL_MAX_BATCHES``."""
     out: list[Any] = []
     samples = 0
@@ -495,7 +537,7 @@ def _first_batches(source: BatchSource) -> list[Any]:
         if any(batch is b for b in out):
             break
         out.append(batch)
-        samples += _batch_samples(batch)
+        samples += _batch_samples(batch, option)
         if samples >= EVAL_SAMPLES or len(out) >= EVAL_MAX_BATCHES:
             break
     return out
