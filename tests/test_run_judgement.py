@@ -70,3 +70,48 @@ def test_a_live_embedding_is_judged_as_one_whatever_its_name():
         torch.manual_seed(seed)
         report = inspect_model(_TinyLM(), torch.randint(0, 50, (4, 12)))
         assert report.finding("poor_initialization") is None, report.findings
+
+
+def _conv_bn() -> nn.Module:
+    """Conv layers with their default bias, each followed by BatchNorm (which cancels it)."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def _prototype_images(batches: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    prototypes = torch.randn(10, 3, 16, 16, generator=g)
+    data = []
+    for _ in range(batches):
+        y = torch.randint(0, 10, (32,), generator=g)
+        data.append((prototypes[y] + 0.5 * torch.randn(32, 3, 16, 16, generator=g), y))
+    return data
+
+
+@pytest.mark.parametrize("seed", [8, 10])  # initializations where a bias rounded to no change
+def test_a_bias_cancelled_by_batchnorm_is_not_a_parameter_the_optimizer_missed(seed):
+    from nndiag.training_check import check_training
+
+    torch.manual_seed(seed)
+    report = check_training(
+        _conv_bn(), _prototype_images(), steps=4, overfit_steps=10, lr=0.05,
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9))
+    finding = report.finding("parameters_not_updated")
+    assert finding is not None and finding.severity == "info", report.findings
+    assert finding.layers == ["0.bias"]
+    assert finding.evidence["relative_gradients"]["0.bias"] < 1e-4
+    assert "BatchNorm" in finding.explanation
+
+
+def test_a_parameter_left_out_of_the_optimizer_is_still_an_error():
+    from nndiag.training_check import check_training
+
+    torch.manual_seed(8)
+    report = check_training(
+        _conv_bn(), _prototype_images(), steps=4, overfit_steps=10, lr=0.05,
+        optimizer=lambda model: torch.optim.SGD(list(model.parameters())[2:], lr=0.05))
+    finding = report.finding("parameters_not_updated")
+    assert finding is not None and finding.severity == "error"
+    assert finding.layers == ["0.weight"]  # 0.bias: negligible, in the evidence only
+    assert "0.bias" in finding.evidence["negligible_gradients"]

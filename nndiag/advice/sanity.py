@@ -38,6 +38,13 @@ def loss_at_init_unexpected(finding: Finding, record: SanityRecord) -> tuple[str
 def parameters_not_updated(finding: Finding, record: SanityRecord) -> tuple[str, list[Fix]]:
     """Parameters with a gradient that the optimizer step left as they were."""
     reason = finding.evidence.get("reason")
+    if reason == "negligible_gradient":
+        return ("These parameters' gradients are a rounding error of the others' (shown as a "
+                "share of the median parameter's gradient RMS), so a step cannot move them in "
+                "float32. That follows from the architecture, not from the training code: a "
+                "bias followed by BatchNorm, LayerNorm or GroupNorm is cancelled by the "
+                "normalization's re-centring, so the loss does not depend on it. Harmless; "
+                "bias=False on that layer saves the parameter."), []
     if reason == "no_step":
         return (f"backward() produced gradients, but in {record.step_calls} calls of the "
                 "training step optimizer.step() was never called on the optimizer the step was "

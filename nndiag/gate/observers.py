@@ -112,6 +112,8 @@ class StepWatch:
         self.consumed: list[torch.Tensor | None] = [None] * count
         self.checked = [True] * count
         self.had_grad = [False] * count
+        # Per parameter, the largest mean square of a gradient that arrived (its scale).
+        self.grad_ms = [0.0] * count
         self.grad_at_step = [False] * count
         self.carried: set[int] = set()
         self.carried_steps = 0
@@ -165,6 +167,8 @@ class StepWatch:
         with torch.no_grad():
             if grad is not None and bool((grad != 0).any()):
                 self.had_grad[index] = True
+                self.grad_ms[index] = max(self.grad_ms[index],
+                                          float(grad.double().square().mean()))
             if self.checked[index]:
                 return
             self.checked[index] = True

@@ -37,7 +37,7 @@ from nndiag.errors import UsageError, UserCodeError, describe_exception
 from nndiag.gate.observers import LossInputs, StepWatch, mode_dependent
 from nndiag.gate.steps import Stepper, model_device
 from nndiag.records import ProbeRecord, SanityRecord
-from nndiag.rules.sanity import SUM_REDUCTION_RATIO, cannot_overfit
+from nndiag.rules.sanity import NEGLIGIBLE_GRADIENT, SUM_REDUCTION_RATIO, cannot_overfit
 from nndiag.specs import call_model, primary_output
 
 OVERFIT_SAMPLES = 16
@@ -143,6 +143,15 @@ def _watch_calls(model: nn.Module, pool: list[Any], stepper: Stepper, record: Sa
     moved = {n for n, p in watched.named_parameters() if n in before
              and not torch.equal(p.detach(), before[n])}
     unchanged = [i for i, n in enumerate(names) if watch.had_grad[i] and n not in moved]
+    # A gradient float32 rounding can leave behind (a bias whose output a normalization
+    # re-centres gets ~1e-8 of a real one) is not a gradient the optimizer failed to apply.
+    scales = sorted(math.sqrt(watch.grad_ms[i]) for i, had in enumerate(watch.had_grad) if had)
+    typical = scales[len(scales) // 2] if scales else 0.0
+    negligible = {i for i in unchanged
+                  if math.sqrt(watch.grad_ms[i]) < NEGLIGIBLE_GRADIENT * typical}
+    record.negligible_gradients = {names[i]: math.sqrt(watch.grad_ms[i]) / typical
+                                   for i in sorted(negligible)}
+    unchanged = [i for i in unchanged if i not in negligible]
     record.not_updated = [names[i] for i in unchanged]
     if unchanged:
         if not watch.steps:

@@ -71,6 +71,7 @@ class SanityRecord:
     carried_parameters: list[str] = field(default_factory=list)
     carried_ratio: float | None = None
     not_updated_reason: str | None = None
+    negligible_gradients: dict[str, float] = field(default_factory=dict)
     loss_calls: list[dict[str, Any]] = field(default_factory=list)
     eval_modules: list[str] = field(default_factory=list)
     eval_kinds: list[str] = field(default_factory=list)

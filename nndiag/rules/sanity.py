@@ -33,6 +33,11 @@ from nndiag.records.sanity import SanityRecord
 # Loss at init outside [expected / HIGH, expected * HIGH] is a warning, beyond VERY_HIGH an error.
 INIT_LOSS_HIGH = 1.5
 INIT_LOSS_VERY_HIGH = 3.0
+# An unchanged parameter whose gradient's RMS is below this share of the median parameter's
+# was not failed by the optimizer: its gradient vanishes by construction (a bias followed by a
+# normalization, which removes any constant shift: ~1e-6 of the others' in float32), and the
+# step's change rounds away. A parameter the optimizer misses gets a gradient like any other's.
+NEGLIGIBLE_GRADIENT = 1e-4
 # One small batch is "overfit" when its loss falls below this share of its starting value.
 OVERFIT_FRACTION = 0.2
 # A batch whose loss fell by this share of its starting gap over the last third of the steps
@@ -77,7 +82,23 @@ def loss_at_init(record: SanityRecord) -> Finding | None:
 
 
 def parameters_not_updated(record: SanityRecord) -> Finding | None:
-    """Trainable parameters with a gradient that an optimizer step did not change."""
+    """Trainable parameters with a gradient that an optimizer step did not change.
+
+    Parameters whose gradient is negligible by construction (``NEGLIGIBLE_GRADIENT``) are an
+    ``info`` when nothing else is unchanged, and listed in the evidence otherwise.
+    """
+    negligible = record.negligible_gradients
+    if not record.not_updated and negligible:
+        names = list(negligible)
+        worst = max(negligible.values())
+        return Finding(FindingId.PARAMETERS_NOT_UPDATED, "info", names,
+                       f"{len(names)} parameter(s) with a vanishing gradient stayed as they were "
+                       f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: gradient "
+                       f"RMS at most {worst:.1e} of the median parameter's)",
+                       evidence={"parameters": names, "reason": "negligible_gradient",
+                                 "relative_gradients": dict(negligible),
+                                 "optimizer_steps": record.optimizer_steps,
+                                 "step_calls": record.step_calls})
     if not record.not_updated:
         return None
     names = record.not_updated
@@ -89,7 +110,8 @@ def parameters_not_updated(record: SanityRecord) -> Finding | None:
                    f"{why.get(record.not_updated_reason or '', '')}",
                    evidence={"parameters": names, "reason": record.not_updated_reason,
                              "optimizer_steps": record.optimizer_steps,
-                             "step_calls": record.step_calls})
+                             "step_calls": record.step_calls,
+                             "negligible_gradients": dict(negligible)})
 
 
 def cannot_overfit(record: SanityRecord) -> Finding | None:
