@@ -176,7 +176,10 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
     if log_dir is None:
         report.summary["run"] = None
     report.summary.update({
-        "mode": "training", "lr": None if stepper.kind == LIGHTNING else rate,
+        # The rate the optimizer ran at (an optimizer spec may set its own), else the asked.
+        "mode": "training",
+        "lr": next((lr for lr in log.lrs if lr is not None),
+                   None if stepper.kind == LIGHTNING else rate),
         "train_step": None if stepper.kind == "standard" else stepper.name,
         "loss_at_init": record.loss_at_init, "expected_loss_at_init": record.expected_loss,
         "rules": [*SANITY_FINDINGS, *INIT_FINDINGS, *RUN_FINDINGS]})

@@ -115,3 +115,13 @@ def test_a_parameter_left_out_of_the_optimizer_is_still_an_error():
     assert finding is not None and finding.severity == "error"
     assert finding.layers == ["0.weight"]  # 0.bias: negligible, in the evidence only
     assert "0.bias" in finding.evidence["negligible_gradients"]
+
+
+def test_the_gate_reports_the_learning_rate_the_optimizer_ran_at():
+    from nndiag.training_check import check_training
+
+    torch.manual_seed(0)
+    report = check_training(
+        _conv_bn(), _prototype_images(2), steps=2, overfit_steps=4,
+        optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    assert report.summary["lr"] == pytest.approx(0.05)
