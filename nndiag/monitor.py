@@ -259,7 +259,9 @@ class Monitor:
         """
         if self.closed:
             raise UsageError("Monitor.step called after close()")
-        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
+        lr = self._capture.take_step_lr()
+        if lr is None and self.optimizer is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
         self._values.append(loss, lr)
         skipped = False
         if self.scaler is not None:

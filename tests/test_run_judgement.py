@@ -125,3 +125,25 @@ def test_the_gate_reports_the_learning_rate_the_optimizer_ran_at():
         _conv_bn(), _prototype_images(2), steps=2, overfit_steps=4,
         optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     assert report.summary["lr"] == pytest.approx(0.05)
+
+
+def test_each_step_is_recorded_with_the_learning_rate_it_ran_at(tmp_path):
+    from nndiag.runlog import read_run
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / 4)
+    monitor = Monitor(model, optimizer, every=2, log_dir=tmp_path / "run")
+    used = []
+    for _ in range(6):
+        loss = model(torch.randn(3, 4)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        warmup.step()  # before monitor.step, as the Hugging Face Trainer does
+        monitor.step(loss)
+    monitor.close()
+    assert used[0] == 0.0
+    assert read_run(tmp_path / "run").lrs == pytest.approx(used)

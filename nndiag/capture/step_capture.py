@@ -160,6 +160,7 @@ class StepCapture:
         self._update: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sampling = False
         self.optimizer_steps = 0
+        self._step_lr: Any = None
         # Under torch.distributed the averaged gradient exists only once DDP's reducer (or
         # FSDP's reduce-scatter) has finished, after the end of backward: read it at the
         # optimizer step instead.
@@ -300,7 +301,16 @@ class StepCapture:
                                                     dtype=torch.float32) for stack in stacks])
         return norms.square().index_select(0, self._group_order.to(norms.device))
 
+    def take_step_lr(self) -> Any:
+        """The learning rate the last optimizer step ran at (``None``: no step since then).
+
+        Read before the step ran: a scheduler stepped after it has changed the group's.
+        """
+        lr, self._step_lr = self._step_lr, None
+        return lr
+
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._step_lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else None
         if self.sampling and self._reads_grads_at_step:
             self._read_grads()
         if self.sampling and self._weights:
