@@ -11,10 +11,12 @@ judged on (``nndiag.advice``) and links root causes to their symptoms
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from nndiag.advice import advise
+from nndiag.advice.catalog import fit_learning_rate_fix
 from nndiag.advice.causes import link_causes
 from nndiag.findings import (
     CheckpointReport,
@@ -73,6 +75,7 @@ def diagnose(*contexts: Any, thresholds: dict[str, Threshold] | None = None,
             for finding in found:
                 finding.evidence["phase"] = phases[index]
         findings += found
+    _fit_learning_rate_fixes(findings, contexts)
     report_type = next((cls for kind, cls in _REPORTS.items()
                         if isinstance(contexts[0], kind)), None)
     linked = link_causes(findings)
@@ -81,3 +84,16 @@ def diagnose(*contexts: Any, thresholds: dict[str, Threshold] | None = None,
             raise TypeError(f"nothing diagnoses a {type(contexts[0]).__name__}")
         return Report(LRFindResult.schema, linked)
     return report_type(findings=linked)
+
+
+def _fit_learning_rate_fixes(findings: list[Finding], contexts: Sequence[Any]) -> None:
+    """Write learning-rate fixes for the optimizer and rate a recorded run used, if any."""
+    log = next((c for c in contexts if isinstance(c, RunLog)), None)
+    if log is None:
+        return
+    rates = [lr for lr in log.lrs if lr is not None and math.isfinite(lr)]
+    optimizer = log.meta.get("optimizer")
+    lr = max(rates) if rates else None
+    for finding in findings:
+        finding.fixes = [fit_learning_rate_fix(fix, optimizer if isinstance(optimizer, str)
+                                               else None, lr) for fix in finding.fixes]

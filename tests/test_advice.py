@@ -192,3 +192,49 @@ def test_unknown_finding_is_left_as_is_and_unknown_context_is_an_error():
     assert context_kind(SanityRecord(loss_at_init=1.0)) == SANITY
     with pytest.raises(TypeError):
         advise(finding, object())
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam", "Lion", None])
+@pytest.mark.parametrize("fix_id", ["lower_learning_rate", "raise_learning_rate"])
+def test_learning_rate_fixes_are_written_for_the_runs_optimizer(fix_id, optimizer):
+    from nndiag.advice.catalog import fit_learning_rate_fix
+
+    fix = fit_learning_rate_fix(make_fix(fix_id), optimizer, 0.05)
+    new = "0.005" if fix_id == "lower_learning_rate" else "0.5"
+    if optimizer in ("SGD", "Adam"):
+        assert f"torch.optim.{optimizer}(model.parameters(), lr={new})" in fix.code
+        assert "AdamW" not in fix.code
+    else:
+        assert f'group["lr"] = {new}' in fix.code
+    _run_snippet(fix.code)
+
+
+def test_a_run_of_sgd_gets_sgd_snippets_and_no_rate_advice_for_nan_before_any_update(tmp_path):
+    from nndiag.diagnosis import diagnose
+    from nndiag.monitor import Monitor
+    from nndiag.runlog import read_run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with Monitor(model, optimizer, every=5, log_dir=tmp_path / "run") as monitor:
+        for step in range(30):  # swings hard from step 15: oscillating, with rate advice
+            x = torch.randn(16, 4) * (20.0 if step >= 15 and step % 2 else 1.0)
+            loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 2, (16,)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    report = diagnose(read_run(tmp_path / "run"))
+    codes = [fix.code for f in report.findings for fix in f.fixes if fix.id in
+             ("lower_learning_rate", "raise_learning_rate")]
+    assert codes and all("torch.optim.SGD(model.parameters(), lr=" in c for c in codes)
+
+    first = tmp_path / "nan_at_first_step"
+    with Monitor(model, optimizer, every=5, log_dir=first) as monitor:
+        for _ in range(12):
+            monitor.step(torch.tensor(float("nan")))
+    (finding,) = [f for f in diagnose(read_run(first)).findings if f.id == "nan_inf"]
+    assert "before any update" in finding.explanation
+    assert all(fix.id not in ("lower_learning_rate", "raise_learning_rate")
+               for fix in finding.fixes)

@@ -10,6 +10,7 @@ re-measure (see ``nndiag.autofix``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,10 +130,14 @@ for m in list(model.modules()):
         automatic=True),
     "lower_learning_rate": FixTemplate(
         summary="lower the learning rate (try 10x lower, or run `nndiag lr-find`)",
-        code="optimizer = torch.optim.AdamW(model.parameters(), lr=lr / 10)"),
+        code="""
+for group in optimizer.param_groups:  # your optimizer, its other settings kept
+    group["lr"] = group["lr"] / 10"""),
     "raise_learning_rate": FixTemplate(
         summary="raise the learning rate",
-        code="optimizer = torch.optim.AdamW(model.parameters(), lr=lr * 10)"),
+        code="""
+for group in optimizer.param_groups:  # your optimizer, its other settings kept
+    group["lr"] = group["lr"] * 10"""),
     "normalize_inputs": FixTemplate(
         summary="standardize the inputs (measured mean {mean:.3g}, std {std:.3g}) to mean 0 "
                 "and std 1",
@@ -340,6 +345,32 @@ def make_fix(fix_id: str, variant: str | None = None, **values: Any) -> Fix:
     wording = entry.variants[variant] if variant is not None else entry
     return Fix(fix_id, wording.summary.format(**values), wording.code.format(**values).strip("\n"),
                automatic=entry.automatic)
+
+
+# Learning-rate fixes and the factor each applies.
+LR_FACTORS = {"lower_learning_rate": 0.1, "raise_learning_rate": 10.0}
+# torch.optim's optimizers built as Class(params, lr=...) (named here: advice imports no torch).
+TORCH_OPTIMIZERS = frozenset({"SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta",
+                              "Adafactor", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop"})
+
+
+def fit_learning_rate_fix(fix: Fix, optimizer: str | None, lr: float | None) -> Fix:
+    """A learning-rate fix written for the run's own optimizer class and rate.
+
+    A ``torch.optim`` class is rebuilt with the new rate (the user keeps their other
+    arguments); any other optimizer gets its parameter groups' rate set.
+    """
+    factor = LR_FACTORS.get(fix.id)
+    if factor is None or lr is None or not math.isfinite(lr) or lr <= 0:
+        return fix
+    new = f"{lr * factor:.3g}"
+    if optimizer in TORCH_OPTIMIZERS:
+        code = (f"optimizer = torch.optim.{optimizer}(model.parameters(), lr={new})"
+                f"  # was lr={lr:.3g}; keep your other arguments")
+    else:
+        code = (f"for group in optimizer.param_groups:  # {optimizer or 'your optimizer'} "
+                f"at {lr:.3g}\n    group[\"lr\"] = {new}")
+    return Fix(fix.id, fix.summary, code, automatic=fix.automatic)
 
 
 # ----------------------------------------------------------------------------- placeholder values

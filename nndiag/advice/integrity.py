@@ -24,7 +24,8 @@ def nan_inf(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
         else:
             parts.append("Values before it are moderate: look for a log, division, sqrt or "
                          "exp of an out-of-range value in that layer.")
-    fixes = [make_fix("gradient_clipping"), make_fix("lower_learning_rate")]
+    # The probe runs the model as given, before any update: no learning rate is involved.
+    fixes = [make_fix("gradient_clipping")]
     if inputs_off_scale(probe):
         fixes.append(normalize_inputs_fix(probe))
     return " ".join(parts), fixes

@@ -27,6 +27,12 @@ def _when(finding: Finding) -> str:
 def nan_inf(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
     """The step NaN/Inf appeared, and the usual causes."""
     ev = finding.evidence
+    if not ev.get("first_step"):  # the first step: no update has run yet
+        return (f"NaN/Inf reached {ev['where']} at the first step, before any update: the "
+                "learning rate plays no part. The data or the model as initialized produces "
+                "it: look for NaN in the inputs or targets, an overflow in the loss, or a log, "
+                "division or sqrt of an out-of-range value (`nndiag inspect` on the model "
+                "and a batch names the first layer)."), [make_fix("gradient_clipping")]
     return (f"NaN/Inf reached {ev['where']} at step {ev.get('first_step')}; every step after "
             "it is lost. The steps before it usually show the loss or the gradient norm "
             "climbing: a learning rate too high for this model, or an overflow in the loss."), [
