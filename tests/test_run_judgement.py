@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,26 @@ def test_each_step_is_recorded_with_the_learning_rate_it_ran_at(tmp_path):
     monitor.close()
     assert used[0] == 0.0
     assert read_run(tmp_path / "run").lrs == pytest.approx(used)
+
+
+def test_explanations_never_contradict_their_headline():
+    from dataclasses import replace
+
+    from nndiag.advice.common import init_story
+    from nndiag.diagnosis import diagnose
+    from nndiag.records import LayerRecord
+    from nndiag.runlog import RunLog
+
+    layer = LayerRecord(name="0", module="0", kind="Linear", index=0, activation=None,
+                        functional=False, shape=[4, 8])
+    shrinking = [replace(layer, name=str(i), init_reference="he", init_scale=0.41)
+                 for i in range(3)]
+    assert "0.41^3" in init_story(shrinking, explains="shrinkage")[0]
+    assert init_story(shrinking, explains="growth") == ("", pytest.approx(0.41))
+
+    # A loss that climbs from its first steps never went "down to" anything.
+    climbing = [2.3 + 0.01 * step for step in range(200)]
+    log = RunLog(Path("run"), {"schema": None}, list(range(200)), climbing, [0.1] * 200)
+    (finding,) = [f for f in diagnose(log).findings if f.id == "loss_diverging"]
+    assert "down to" not in finding.explanation
+    assert "never fell below its start" in finding.explanation

@@ -52,7 +52,7 @@ def poor_initialization(finding: Finding, probe: ProbeRecord) -> tuple[str, list
              f"{end.label}: {fmt(ev['factor'])}x over {steps} layers, about {per_layer:.2g}x "
              "per layer. A well-initialized network keeps it within a small factor at every "
              "depth."]
-    story, _ = init_story(span)
+    story, _ = init_story(span, explains="growth" if ev["factor"] > 1 else "shrinkage")
     if story:
         parts.append(story)
     kinds = probe_kinds(probe)

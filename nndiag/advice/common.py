@@ -168,7 +168,8 @@ def _median(values: list[float]) -> float | None:
     return values[len(values) // 2] if values else None
 
 
-def init_story(records: list[LayerRecord]) -> tuple[str, float | None]:
+def init_story(records: list[LayerRecord], explains: str | None = None
+               ) -> tuple[str, float | None]:
     """A sentence on the weight scale against He and the per-layer factor it implies.
 
     Only plain weights on the signal's path count: a normalization re-scales the output of the
@@ -176,15 +177,20 @@ def init_story(records: list[LayerRecord]) -> tuple[str, float | None]:
 
     Args:
         records: The weight layers on the path being explained.
+        explains: ``"growth"`` or ``"shrinkage"``: the sentence is only told when the weight
+            scale does that (a shrinking factor never explains an exploding gradient).
 
     Returns:
-        The sentence (empty when the median scale is within [0.8, 1.25] of He or unknown)
-        and the median scale of the He-referenced layers (``None`` without any).
+        The sentence (empty when the median scale is within [0.8, 1.25] of He, unknown, or
+        pulls the other way than ``explains``) and the median scale of the He-referenced
+        layers (``None`` without any).
     """
     he_layers = [r for r in records if r.init_reference == "he" and r.init_scale is not None
                  and r.weight_reading in (READING_PLAIN, None) and not r.pooled]
     scale = _median([r.init_scale for r in he_layers if r.init_scale is not None])
     if not he_layers or scale is None or 0.8 <= scale <= 1.25:
+        return "", scale
+    if (explains == "growth" and scale < 1) or (explains == "shrinkage" and scale > 1):
         return "", scale
     product = scale ** len(he_layers)
     return (f"Its {len(he_layers)} ReLU-feeding layers have weights at {scale:.2g}x the He "

@@ -70,7 +70,7 @@ def vanishing(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
                      + (f", so {n} of them multiply it by at most "
                         f"{MAX_DERIVATIVE[kind] ** n:.1e}." if MAX_DERIVATIVE[kind] < 1 else
                         " and much less once saturated."))
-    story, scale = init_story([r for r in path if r.has_weights])
+    story, scale = init_story([r for r in path if r.has_weights], explains="shrinkage")
     if story:
         parts.append(story)
     if not has_norm(probe):
@@ -106,7 +106,7 @@ def exploding(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
         parts.append(f"At {probe.layer(ev['max_grad_to_weight_layer']).label} the gradient is "
                      f"{fmt(ev['max_grad_to_weight'])}x the size of the weights, so a single "
                      "SGD step would overwrite them.")
-    story, scale = init_story(probe.weight_layers())
+    story, scale = init_story(probe.weight_layers(), explains="growth")
     if story:
         parts.append(story)
     biggest = max((r for r in probe.layers if r.std is not None), key=lambda r: r.std or 0.0,

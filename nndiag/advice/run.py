@@ -40,12 +40,19 @@ def nan_inf(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
 
 
 def loss_diverging(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
-    """A loss that fell and then climbed back."""
+    """A loss that climbs: from its start, or back after a fall."""
     ev = finding.evidence
-    return (f"The running median of the loss went from {ev['start']:.4g} down to "
-            f"{ev['best']:.4g} (step {ev['best_step']}) and ends at {ev['end']:.4g}."
-            f"{_when(finding)} A loss that climbs back is the signature of a learning rate that "
-            "became too high for the sharper region training reached."), [
+    if ev["best"] < ev["start"] - max(ev.get("noise") or 0.0, 1e-12):
+        course = (f"The running median of the loss went from {ev['start']:.4g} down to "
+                  f"{ev['best']:.4g} (step {ev['best_step']}) and ends at {ev['end']:.4g}.")
+        why = ("A loss that climbs back is the signature of a learning rate that became too "
+               "high for the sharper region training reached.")
+    else:
+        course = (f"The running median of the loss never fell below its start "
+                  f"({ev['start']:.4g}) and ends at {ev['end']:.4g}.")
+        why = ("A loss that climbs from the first steps is the signature of a learning rate "
+               "too high for the model as initialized, or of updates that push the wrong way.")
+    return (f"{course}{_when(finding)} {why}"), [
                 make_fix("lower_learning_rate"), make_fix("lr_warmup"),
                 make_fix("gradient_clipping")]
 
