@@ -50,6 +50,7 @@ class FindingId(str, Enum):
     LABELS_MISALIGNED = "labels_misaligned"
     POST_LN_DEEP_STACK = "post_ln_deep_stack"
     AMP_SKIPPED_STEPS = "amp_skipped_steps"
+    INPUTS_NOT_NORMALIZED = "inputs_not_normalized"
 
     def __str__(self) -> str:
         return self.value

@@ -84,7 +84,7 @@ __all__ = [
 
 SANITY_FINDINGS = finding_ids(SanityRecord)
 INIT_FINDINGS = (FindingId.UNUSED_PARAMETERS, FindingId.POOR_INITIALIZATION,
-                 FindingId.SATURATED_ACTIVATIONS)
+                 FindingId.SATURATED_ACTIVATIONS, FindingId.INPUTS_NOT_NORMALIZED)
 DEFAULT_LR = {"sgd": 1e-2, "rmsprop": 1e-3, "adam": 1e-3, "adamw": 1e-3}
 
 

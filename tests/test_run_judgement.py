@@ -172,3 +172,50 @@ def test_explanations_never_contradict_their_headline():
     (finding,) = [f for f in diagnose(log).findings if f.id == "loss_diverging"]
     assert "down to" not in finding.explanation
     assert "never fell below its start" in finding.explanation
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 5))
+
+
+@pytest.mark.parametrize(("scale", "offset", "expected"), [
+    (96.0, 0.0, "warning"), (1e-3, 0.0, "warning"), (1.0, 300.0, "warning"),
+    (0.29, 0.5, None), (1.0, 0.0, None)])  # last two: images in [0, 1], standardized data
+def test_inputs_far_from_unit_scale_are_named(scale, offset, expected):
+    from nndiag.inspection import inspect_model
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 20) * scale + offset
+    report = inspect_model(_mlp(), (x, torch.randint(0, 5, (64,))))
+    finding = report.finding("inputs_not_normalized")
+    assert (finding.severity if finding else None) == expected
+    if finding is not None:
+        assert finding.fixes[0].id == "normalize_inputs"
+        assert f"{x.std().item():.3g}" in finding.summary
+
+
+def test_a_model_that_normalizes_its_input_or_takes_tokens_is_not_judged():
+    from nndiag.inspection import inspect_model
+
+    torch.manual_seed(0)
+    normalized = nn.Sequential(nn.BatchNorm1d(20), _mlp())
+    report = inspect_model(normalized, (torch.randn(64, 20) * 96, torch.randint(0, 5, (64,))))
+    assert report.finding("inputs_not_normalized") is None
+    report = inspect_model(_Bag(), (torch.randint(0, 3000, (8, 6)), torch.randint(0, 2, (8,))))
+    assert report.finding("inputs_not_normalized") is None
+
+
+def test_the_gate_names_unnormalized_inputs_first():
+    from nndiag.training_check import check_training
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 20, generator=g) * 96, torch.randint(0, 5, (32,), generator=g))
+            for _ in range(3)]
+    report = check_training(_mlp(), data, steps=4, overfit_steps=10)
+    finding = report.finding("inputs_not_normalized")
+    assert finding is not None and finding.fixes[0].id == "normalize_inputs"
+    for other in report.findings:  # every symptom it explains leads with the same fix
+        if other.evidence.get("explained_by") == "inputs_not_normalized":
+            assert other.fixes[0].id == "normalize_inputs"

@@ -60,6 +60,11 @@ LINKS: tuple[CauseLink, ...] = (
                                          F.CANNOT_OVERFIT_BATCH, F.LABELS_MISALIGNED)),
     CauseLink(F.BATCH_MIXING, (F.CANNOT_OVERFIT_BATCH, F.LOSS_NOT_DECREASING,
                                F.LABELS_MISALIGNED)),
+    # Inputs far from unit scale push every layer after the first off its initialized scale.
+    CauseLink(F.INPUTS_NOT_NORMALIZED, (F.EXPLODING_GRADIENTS, F.VANISHING_GRADIENTS,
+                                        F.DEAD_RELU, F.SATURATED_ACTIVATIONS,
+                                        F.POOR_INITIALIZATION, F.LOSS_AT_INIT_UNEXPECTED),
+              drops=LR_FIXES | WEIGHT_REINIT, leads=True),
     # Gains near zero shrink the signal and the gradient at every normalization.
     CauseLink(F.POOR_INITIALIZATION, (F.VANISHING_GRADIENTS, F.EXPLODING_GRADIENTS),
               mechanism="norm_gains", drops=WEIGHT_REINIT, leads=True, quiets=False),

@@ -43,7 +43,21 @@ def unused_parameters(finding: Finding, probe: ProbeRecord) -> tuple[str, list[F
             "output."), []
 
 
+def inputs_not_normalized(finding: Finding, probe: ProbeRecord) -> tuple[str, list[Fix]]:
+    """What unnormalized inputs do to the first layer and everything after it."""
+    ev = finding.evidence
+    return (f"The inputs have mean {fmt(ev['input_mean'])} and std {fmt(ev['input_std'])}. "
+            "Default initializations (PyTorch's, He, Xavier) are scaled for inputs of about "
+            "unit size: the first layer's pre-activations are multiplied by the inputs' scale, "
+            "and the gradient of its weights with them, so every later layer starts off "
+            "scale and the first layer's updates are out of proportion with the others'. "
+            "Standardize the inputs with the training set's statistics (per feature or per "
+            "channel); re-initializing the weights or changing the learning rate only "
+            "compensates for the symptom."), [normalize_inputs_fix(probe)]
+
+
 ADVISORS: dict[tuple[str, str], Advisor] = {
+    (PROBE, FindingId.INPUTS_NOT_NORMALIZED): inputs_not_normalized,
     (PROBE, FindingId.NAN_INF): nan_inf,
     (PROBE, FindingId.UNUSED_PARAMETERS): unused_parameters,
 }

@@ -7,6 +7,7 @@ import re
 
 from nndiag.findings import Finding, FindingId
 from nndiag.records import ProbeRecord
+from nndiag.records.layers import ROLE_NORM
 from nndiag.rules.thresholds import Threshold
 
 
@@ -40,6 +41,38 @@ def nan_inf(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | N
         summary = f"the loss is {probe.loss} although every layer's output is finite"
     layers = [r.name for r in bad_out] or [r.name for r in bad_grad]
     return Finding(FindingId.NAN_INF, "error", layers, summary, evidence=evidence)
+
+
+def input_scale(probe: ProbeRecord) -> float | None:
+    """How far the float inputs' RMS is from 1 (a factor >= 1; ``None`` for integer inputs)."""
+    if probe.input_std is None or probe.input_mean is None:
+        return None
+    rms = math.hypot(probe.input_mean, probe.input_std)
+    if not math.isfinite(rms):
+        return None
+    return max(rms, 1 / rms) if rms > 0 else math.inf
+
+
+def input_scale_headline(probe: ProbeRecord) -> dict[str, float | None]:
+    """The inputs' distance from unit scale."""
+    return {"input_scale": input_scale(probe)}
+
+
+def inputs_not_normalized(probe: ProbeRecord, thresholds: dict[str, Threshold]
+                          ) -> Finding | None:
+    """Floating-point inputs far from unit scale, with no normalization as the first layer."""
+    scale = input_scale(probe)
+    severity = thresholds["input_scale"].severity(scale)
+    if severity is None or scale is None:
+        return None
+    first = probe.layers[0] if probe.layers else None
+    if first is not None and first.role == ROLE_NORM:
+        return None  # the model standardizes its own input
+    mean, std = probe.input_mean, probe.input_std
+    return Finding(FindingId.INPUTS_NOT_NORMALIZED, severity, [],
+                   f"the inputs are not normalized: mean {mean:.3g}, std {std:.3g} "
+                   f"({scale:.3g}x from unit scale)",
+                   evidence={"input_mean": mean, "input_std": std, "input_scale": scale})
 
 
 # Parameters used only in another training mode, unused by design in a plain forward pass: the

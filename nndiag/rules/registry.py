@@ -72,6 +72,8 @@ RULES: tuple[Rule, ...] = (
     # A live probe: forward and backward on a few batches.
     Rule((F.NAN_INF,), ProbeRecord, integrity.nan_inf, on_nonfinite=True,
          headline=integrity.nan_inf_headline),
+    Rule((F.INPUTS_NOT_NORMALIZED,), ProbeRecord, integrity.inputs_not_normalized,
+         headline=integrity.input_scale_headline),
     Rule((F.POST_LN_DEEP_STACK,), ProbeRecord, architecture.post_ln_deep_stack,
          headline=architecture.post_ln_headline),
     Rule((F.VANISHING_GRADIENTS,), ProbeRecord, gradients.vanishing_gradients,

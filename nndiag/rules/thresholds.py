@@ -58,6 +58,14 @@ THRESHOLDS: dict[str, Threshold] = {
         "Xavier ReLU net: ~2e-7). Dividing by the loss keeps a converged model, whose "
         "gradients are small because its loss is, from being flagged. Healthy zoo: >= 1e-2.",
     ),
+    "input_scale": Threshold(
+        10.0, 1e4, True,
+        "How far the floating-point inputs' scale is from 1: their RMS (sqrt(mean^2 + std^2)) "
+        "or its inverse, whichever is larger. Default initializations assume inputs of about "
+        "unit scale: pixels in [0, 255] (RMS ~120) or raw physical units multiply every "
+        "pre-activation of the first layer; standardized data and images in [0, 1] (RMS "
+        "~0.5) sit near 1. Not judged when the model normalizes its input itself.",
+    ),
     "exploding_depth_gain": Threshold(
         1e3, 1e6, True,
         "Gradient norm at a layer's output over the gradient norm at the model output: the "
