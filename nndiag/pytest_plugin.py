@@ -35,8 +35,10 @@ def format_failure(report: Any, fail_on: str) -> str:
         lines.append(f"\n[{finding.severity}] {finding.id}: {finding.summary}")
         if finding.explanation:
             lines.append(f"    {finding.explanation}")
-        for fix in finding.fixes:
+        for index, fix in enumerate(finding.fixes):
             lines.append(f"    fix {fix.id}: {fix.summary}")
+            if index == 0 and fix.code:  # the first fix's code, ready to paste
+                lines += [f"        {line}" for line in fix.code.splitlines()]
     return "\n".join(lines)
 
 

@@ -180,7 +180,7 @@ def check_training(model: nn.Module, data: Any, *, loss: Any = None, optimizer: 
         "mode": "training",
         "lr": next((lr for lr in log.lrs if lr is not None),
                    None if stepper.kind == LIGHTNING else rate),
-        "train_step": None if stepper.kind == "standard" else stepper.name,
+        "train_step": None if stepper.kind == "standard" else stepper.name, "seed": seed,
         "loss_at_init": record.loss_at_init, "expected_loss_at_init": record.expected_loss,
         "rules": [*SANITY_FINDINGS, *INIT_FINDINGS, *RUN_FINDINGS]})
     report.notes = (probe_notes(init) if init is not None else []) + notes + report.notes

@@ -78,7 +78,8 @@ def test_plugin_checks_the_projects_own_training_step(pytester):
     pytester.makepyfile(test_step=STEP_PROJECT)
     result = pytester.runpytest_subprocess("-q")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*[[]error[]] zero_grad_missing*", "*fix zero_grad:*"])
+    result.stdout.fnmatch_lines(["*[[]error[]] zero_grad_missing*", "*fix zero_grad:*",
+                                 "*optimizer.zero_grad()*every step, before backward()*"])
     assert "Traceback" not in result.stdout.str()
 
 

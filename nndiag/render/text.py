@@ -353,7 +353,7 @@ def render_check(report: Report, console: Console) -> None:
     if training:
         console.print(Text(f"loss at init {fmt(s.get('loss_at_init'))} (uninformed model: "
                            f"{fmt(s.get('expected_loss_at_init'))}); learning rate "
-                           f"{fmt(s.get('lr'))}", style="dim"))
+                           f"{fmt(s.get('lr'))}; seed {s.get('seed')}", style="dim"))
     _status_and_findings(report, console)
     for note in report.notes:
         console.print(Text(f"note: {note}", style="yellow"))
