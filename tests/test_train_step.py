@@ -223,7 +223,8 @@ def test_lightning_module_training_step_and_configure_optimizers():
     healthy = check_training(ts.lit_classifier(), ts.batches(), train_step="lightning",
                              steps=20)
     assert healthy.status == "ok", [(f.id, f.summary) for f in healthy.findings]
-    assert healthy.summary["optimizer"] == "AdamW" and healthy.summary["lr"] is None
+    assert healthy.summary["optimizer"] == "AdamW"
+    assert healthy.summary["lr"] == pytest.approx(1e-3)  # from configure_optimizers
     broken = check_training(ts.lit_softmax_classifier(), ts.batches(), train_step="lightning",
                             steps=20, overfit_steps=30)
     assert broken.finding("softmax_before_loss").severity == "error"
