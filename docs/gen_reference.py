@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import html
 import importlib
 import inspect
 import json
@@ -173,6 +174,7 @@ def _comments_above(module_name: str) -> dict[str, str]:
     module = importlib.import_module(module_name)
     lines = inspect.getsource(module).splitlines()
     comments: dict[str, str] = {}
+    previous = ""
     for node in ast.parse("\n".join(lines)).body:
         targets = [node.target] if isinstance(node, ast.AnnAssign) else \
             getattr(node, "targets", [])
@@ -182,7 +184,11 @@ def _comments_above(module_name: str) -> dict[str, str]:
                 while line >= 0 and lines[line].lstrip().startswith("#"):
                     above.insert(0, lines[line].lstrip()[1:].strip())
                     line -= 1
-                comments[target.id] = " ".join(above)
+                comment = " ".join(above)
+                if comment.startswith("...") and previous.endswith("..."):  # one sentence
+                    comment = previous[:-3].rstrip() + comment[3:]
+                comments[target.id] = comment
+                previous = comment or previous
     return comments
 
 
@@ -221,10 +227,11 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def _code(text: str) -> str:
-    """An inline code span that holds any text."""
-    fence = "``" if "`" in text else "`"
-    return f"{fence}{text}{fence}"
+def _code(text: str, wrap: bool = True) -> str:
+    """Inline code for a table cell: any text, pipes included (``wrap=False``: one line)."""
+    shown = html.escape(text).replace("|", "&#124;")
+    attributes = "" if wrap else ' class="nowrap"'
+    return f"<code{attributes}>{shown}</code>"
 
 
 def _breakable(name: str) -> str:
@@ -459,7 +466,7 @@ def _help_markdown(text: str) -> list[str]:
     for paragraph in inspect.cleandoc(text).split("\n\n"):
         first, *rest = paragraph.splitlines()
         if rest and first.endswith(":") and all(r.startswith(" ") for r in rest):
-            lines += [f"**{first}**", "", "```bash", textwrap.dedent("\n".join(rest)), "```", ""]
+            lines += [f"**{first}**", "", "```text", textwrap.dedent("\n".join(rest)), "```", ""]
         else:
             lines += [_rst_to_md(" ".join(paragraph.split())), ""]
     return lines
@@ -471,17 +478,17 @@ def _param_rows(command: Any, ctx: Any) -> list[list[str]]:
     for param in command.params:
         shown = param.metavar or param.display_type(ctx).strip("<>")
         if param.param_type_name == "argument":
-            name, value = _code(param.metavar or param.name.upper()), "argument"
+            name, value = _code(param.metavar or param.name.upper(), wrap=False), "argument"
             default = "optional" if not param.required else "required"
         else:
-            name = ", ".join(_code(o) for o in [*param.opts, *param.secondary_opts])
+            name = ", ".join(_code(o, wrap=False) for o in [*param.opts, *param.secondary_opts])
             value = "flag" if param.is_flag else _code(shown)
             default_value = getattr(param.default, "value", param.default)
             default = ("required" if param.required
                        else "-" if default_value is None or default_value is False
                        else _code(param.opts[0]) if default_value is True and param.is_flag
                        else _code(str(default_value)))
-        rows.append([name, value.replace("|", "\\|"), default, _cell(param.help or "")])
+        rows.append([name, value, default, _cell(param.help or "")])
     return rows
 
 

@@ -145,9 +145,9 @@ def test_every_command_and_option_is_in_the_cli_reference():
             opts = [param.metavar or param.name.upper()] if param.param_type_name == "argument" \
                 else [*param.opts, *param.secondary_opts]
             for opt in opts:
-                assert f"`{opt}`" in section, (name, opt)
+                assert f">{opt}</code>" in section, (name, opt)
             assert (param.help or "").split()[0] in section, (name, param.name)
-    assert all(f"`{n}`" in page for n in names)
+    assert all(f">{n}</code>" in page for n in names)
 
 
 # ---------------------------------------------------------------------------- JSON contracts
