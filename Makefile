@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 DEMO_OUT := out/demo
 
-.PHONY: setup test lint demo bench clean chromium
+.PHONY: setup test lint demo bench clean chromium docs docs-serve
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,20 @@ lint: setup
 chromium:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
-test: setup lint chromium
+test: setup lint chromium docs
 	$(BIN)/python -m pytest
+
+# The documentation site (mkdocs.yml, sources in docs/): `make docs` builds it into site/, strictly
+# (a broken link or reference fails); `make docs-serve` serves it at http://127.0.0.1:8000 while
+# you edit. The reference pages are generated from the code by docs/gen_reference.py.
+# NO_MKDOCS_2_WARNING silences the theme's notice about a future MkDocs it does not support.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1
+
+docs: setup
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: setup
+	$(DOCS_ENV) $(BIN)/mkdocs serve
 
 # The main job on built-in models: a network that cannot train (20 stacked sigmoids), with
 # every automatic fix applied to a copy and re-measured, a healthy ResNet for contrast, a
@@ -54,4 +66,4 @@ bench: setup
 	$(BIN)/python benchmarks/check_gate_time.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) out site .pytest_cache .ruff_cache *.egg-info

@@ -1,7 +1,7 @@
 """JSON rendering of reports.
 
 JSON has no NaN or Infinity: non-finite numbers are written as the strings ``"nan"``,
-``"inf"`` and ``"-inf"`` so that a NaN diagnosis survives the trip (README, "JSON contract").
+``"inf"`` and ``"-inf"`` so that a NaN diagnosis survives the trip (docs/reference/json.md).
 """
 
 from __future__ import annotations
