@@ -342,7 +342,7 @@ def read_safetensors_header(path: Path) -> tuple[list[StoredTensor], dict[str, s
             raise UsageError(f"{str(path)!r}: safetensors header of {header_len} bytes does not "
                              f"fit in a {size}-byte file (truncated or corrupt)")
         raw = handle.read(header_len)
-    header = parse_json(raw, f"{str(path)!r}: corrupt safetensors header")
+    header = _parse_json(raw, f"{str(path)!r}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise UsageError(f"{str(path)!r}: corrupt safetensors header (not an object)")
     metadata = header.pop("__metadata__", {})
@@ -417,7 +417,7 @@ def _refuse_shared_bytes(path: Path, tensors: list[StoredTensor]) -> None:
         previous = tensor
 
 
-def parse_json(raw: bytes, context: str) -> Any:
+def _parse_json(raw: bytes, context: str) -> Any:
     """Parse JSON from an untrusted file.
 
     Args:
@@ -457,7 +457,7 @@ def read_json_file(path: Path, what: str) -> Any:
         raise UsageError(f"{str(path)!r}: the {what} is larger than "
                          f"{MAX_JSON_SIDE_FILE // 2**20} MB, far more than one needs; refusing "
                          "to read it")
-    return parse_json(raw, f"{str(path)!r} is not a valid {what}")
+    return _parse_json(raw, f"{str(path)!r} is not a valid {what}")
 
 
 def _safetensors_entries(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
@@ -596,7 +596,7 @@ def _describe_config(config: Path) -> dict[str, str]:
     try:
         data = read_json_file(config, "config.json")
     except UsageError as exc:
-        return {"config": f"not read: {exc}"}
+        return {"config": str(exc)}
     if not isinstance(data, dict):
         return {"config": "config.json"}
     keys = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size")
