@@ -20,6 +20,7 @@ A record shorter or longer than its storage is a corrupt checkpoint, as it is fo
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import struct
@@ -41,16 +42,24 @@ from nndiag.errors import UsageError, describe_exception
 
 UNSAFE_HINT = ("If you trust the file, pass --unsafe-load (loading it runs code from the file: "
                "never do that with a file from an unknown source).")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+# Safetensors dtypes: bits per value and the torch dtype that holds them (``None``: torch has
+# none). F4 values are packed two to a byte: torch's ``float4_e2m1fn_x2`` holds a pair, so its
+# last dimension is half the header's.
+_SAFETENSORS_DTYPES: dict[str, tuple[int, str | None]] = {
+    "BOOL": (8, "bool"), "U8": (8, "uint8"), "I8": (8, "int8"), "U16": (16, "uint16"),
+    "I16": (16, "int16"), "U32": (32, "uint32"), "I32": (32, "int32"), "U64": (64, "uint64"),
+    "I64": (64, "int64"), "F16": (16, "float16"), "BF16": (16, "bfloat16"),
+    "F32": (32, "float32"), "F64": (64, "float64"), "C64": (64, "complex64"),
+    "F8_E4M3": (8, "float8_e4m3fn"), "F8_E5M2": (8, "float8_e5m2"),
+    "F8_E4M3FNUZ": (8, "float8_e4m3fnuz"), "F8_E5M2FNUZ": (8, "float8_e5m2fnuz"),
+    "F8_E8M0": (8, "float8_e8m0fnu"), "F4": (4, "float4_e2m1fn_x2"),
+    "F6_E2M3": (6, None), "F6_E3M2": (6, None),
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# torch's sizes, strides and element counts are signed 64-bit integers.
+_MAX_TORCH_INDEX = 2**63 - 1
+# The largest shard index or config.json read: real ones are kilobytes to a few megabytes.
+MAX_JSON_SIDE_FILE = 64 * 1024 * 1024
 
 
 @dataclass
@@ -299,11 +308,35 @@ def _load_torchscript(path: Path) -> Checkpoint:
     return _module_checkpoint(path, module, "torchscript")
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; return it and the offset where tensor data starts.
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as a safetensors header declares it (checked against the file).
+
+    Attributes:
+        name: The tensor's key.
+        dtype: The header's dtype name (``BF16``, ``F4``...).
+        shape: The header's shape (for ``F4``, in 4-bit values).
+        begin: First byte, relative to the end of the header.
+        end: One past the last byte, relative to the end of the header.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_safetensors_header(path: Path) -> tuple[list[StoredTensor], dict[str, str], int]:
+    """Parse and check a safetensors header.
+
+    Returns:
+        The tensors it declares, its ``__metadata__`` (values as strings) and the offset where
+        tensor data starts.
 
     Raises:
-        UsageError: A malformed or truncated header, or offsets beyond the file.
+        UsageError: A malformed or truncated header, an unknown dtype, sizes that do not
+            match the shapes, offsets beyond the file, or tensors sharing bytes.
     """
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -315,51 +348,152 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             raise UsageError(f"{str(path)!r}: safetensors header of {header_len} bytes does not "
                              f"fit in a {size}-byte file (truncated or corrupt)")
         raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{str(path)!r}: corrupt safetensors header "
-                         f"({describe_exception(exc)})") from exc
+    header = _parse_json(raw, f"{str(path)!r}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise UsageError(f"{str(path)!r}: corrupt safetensors header (not an object)")
-    if not isinstance(header.get("__metadata__", {}), dict):
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict):
         raise UsageError(f"{str(path)!r}: corrupt safetensors header (__metadata__ is not an "
                          "object)")
     data_start = 8 + header_len
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(v) for v in info["data_offsets"])
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(v) for v in info["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UsageError(f"{str(path)!r}: corrupt safetensors entry {name!r} "
-                             f"({describe_exception(exc)})") from exc
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        count = 1
-        for dim in shape:
-            count *= dim
-        if begin < 0 or end < begin or end - begin != count * itemsize or \
-                data_start + end > size:
-            raise UsageError(f"{str(path)!r}: tensor {name!r} lies outside the file or has the "
-                             "wrong size (truncated or corrupt)")
-    return header, data_start
+    tensors = [_stored_tensor(path, name, info) for name, info in header.items()]
+    for tensor in tensors:
+        if data_start + tensor.end > size:
+            raise UsageError(f"{str(path)!r}: tensor {tensor.name!r} lies outside the file "
+                             "(truncated or corrupt)")
+    _refuse_shared_bytes(path, tensors)
+    return tensors, {k: str(v) for k, v in metadata.items()}, data_start
+
+
+def _stored_tensor(path: Path, name: str, info: Any) -> StoredTensor:
+    """One header entry, checked as the safetensors format defines it.
+
+    Raises:
+        UsageError: Not an object, an unknown dtype, dims or offsets that are not
+            non-negative integers torch can index, or a byte range of the wrong size.
+    """
+    def corrupt_entry(reason: str) -> UsageError:
+        return UsageError(f"{str(path)!r}: corrupt safetensors entry {name!r} ({reason})")
+
+    if not isinstance(info, dict):
+        raise corrupt_entry("not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise corrupt_entry(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_index(v) for v in shape):
+        raise corrupt_entry(f"the shape must be a list of integers from 0 to 2^63 - 1, got "
+                            f"{_clipped(shape)}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or \
+            not all(_is_index(v) for v in offsets) or offsets[0] > offsets[1]:
+        raise corrupt_entry(f"data_offsets must be two integers from 0 to 2^63 - 1, in "
+                            f"order, got {_clipped(offsets)}")
+    if math.prod(max(dim, 1) for dim in shape) > _MAX_TORCH_INDEX:
+        raise corrupt_entry(f"a shape of more than 2^63 elements: {_clipped(shape)}")
+    bits = math.prod(shape) * _SAFETENSORS_DTYPES[dtype][0]
+    begin, end = offsets
+    if bits % 8 or end - begin != bits // 8:
+        raise UsageError(f"{str(path)!r}: tensor {name!r} has the wrong size for its shape "
+                         f"and dtype ({end - begin} bytes for {_clipped(shape)} {dtype}; "
+                         "truncated or corrupt)")
+    return StoredTensor(name, dtype, tuple(shape), begin, end)
+
+
+def _is_index(value: Any) -> bool:
+    """A JSON integer torch can use as a size or offset (booleans and floats are not)."""
+    return type(value) is int and 0 <= value <= _MAX_TORCH_INDEX
+
+
+def _clipped(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _refuse_shared_bytes(path: Path, tensors: list[StoredTensor]) -> None:
+    """Refuse tensors whose byte ranges overlap: each byte of the data holds one tensor.
+
+    Raises:
+        UsageError: Two tensors share bytes (the ``safetensors`` package refuses such a file).
+    """
+    previous: StoredTensor | None = None
+    for tensor in sorted((t for t in tensors if t.end > t.begin), key=lambda t: t.begin):
+        if previous is not None and tensor.begin < previous.end:
+            raise UsageError(f"{str(path)!r}: tensors {previous.name!r} and {tensor.name!r} "
+                             "share bytes, which the safetensors format does not allow "
+                             "(corrupt or crafted file)")
+        previous = tensor
+
+
+def _parse_json(raw: bytes, context: str) -> Any:
+    """Parse JSON from an untrusted file.
+
+    Args:
+        raw: The file's bytes.
+        context: What the error message starts with (the file and what it is).
+
+    Raises:
+        UsageError: Not JSON, not UTF-8, or nested too deeply to parse.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise UsageError(f"{context} (JSON nested too deeply to read)") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise UsageError(f"{context} ({describe_exception(exc)})") from exc
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """Read a JSON side file of a checkpoint (a shard index, ``config.json``).
+
+    At most ``MAX_JSON_SIDE_FILE`` bytes are read: a larger file is refused, not loaded.
+
+    Args:
+        path: The file.
+        what: What the file is, for messages (``shard index``).
+
+    Raises:
+        UsageError: Unreadable, larger than the bound, or not JSON.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_JSON_SIDE_FILE + 1)
+    except OSError as exc:
+        raise UsageError(f"{str(path)!r}: the {what} could not be read "
+                         f"({describe_exception(exc)})") from exc
+    if len(raw) > MAX_JSON_SIDE_FILE:
+        raise UsageError(f"{str(path)!r}: the {what} is larger than "
+                         f"{MAX_JSON_SIDE_FILE // 2**20} MB, far more than one needs; refusing "
+                         "to read it")
+    return _parse_json(raw, f"{str(path)!r} is not a valid {what}")
 
 
 def _safetensors_entries(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
-    header, data_start = read_safetensors_header(path)
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
+    tensors, metadata, data_start = read_safetensors_header(path)
+    entries, unread = [], []
+    for tensor in tensors:
+        bits, attribute = _SAFETENSORS_DTYPES[tensor.dtype]
+        dtype = getattr(torch, attribute, None) if attribute else None
+        shape = tensor.shape
+        if dtype is not None and bits < 8:  # packed pairs: the last dimension halves
+            shape = shape[:-1] + (shape[-1] // 2,) if shape and shape[-1] % 2 == 0 else None
+        if dtype is None or shape is None:
+            unread.append(f"{tensor.name} ({tensor.dtype} {list(tensor.shape)})")
             continue
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        shape = tuple(int(v) for v in info["shape"])
-        begin = int(info["data_offsets"][0])
-        stride = tuple(torch.empty(shape, device="meta").stride()) if shape else ()
-        entries.append(_entry_at(path, name, data_start + begin, dtype, shape, stride))
-    metadata = header.get("__metadata__") or {}
-    return entries, {f"metadata.{k}": str(v) for k, v in metadata.items()}
+        entries.append(_entry_at(path, tensor.name, data_start + tensor.begin, dtype, shape,
+                                 _contiguous_stride(shape)))
+    extras = {f"metadata.{k}": v for k, v in metadata.items()}
+    if unread:
+        extras["not read"] = (f"{len(unread)} tensor(s) in a dtype torch cannot hold here: "
+                              + ", ".join(unread[:5]) + (" ..." if len(unread) > 5 else ""))
+    return entries, extras
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides of a shape, as torch computes them (empty dims count as 1)."""
+    stride, step = [], 1
+    for dim in reversed(shape):
+        stride.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(stride))
 
 
 def _entry_at(path: Path, name: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
@@ -378,57 +512,60 @@ def _entry_at(path: Path, name: str, offset: int, dtype: torch.dtype, shape: tup
 def _load_safetensors(path: Path) -> Checkpoint:
     entries, extras = _safetensors_entries(path)
     if not entries:
-        raise UsageError(f"{str(path)!r} is a safetensors file with no tensor")
+        unread = extras.get("not read")
+        raise UsageError(f"{str(path)!r} is a safetensors file with no tensor"
+                         + (f" torch can hold ({unread})" if unread else ""))
     return Checkpoint(path, "safetensors", entries, None, extras, files=[path])
 
 
 def _load_directory(path: Path, unsafe_load: bool) -> Checkpoint:
-    shards = _directory_shards(path)
+    """Every shard's tensors; where a shard index names a tensor's shard, that shard's copy."""
+    shards, owners = _directory_shards(path)
     if not shards:
         raise UsageError(
             f"directory {str(path)!r} holds no weights (expected model.safetensors, "
             "pytorch_model.bin, shards with an index JSON, or a single .pt/.pth/.ckpt file)"
         )
-    entries: list[TensorEntry] = []
+    chosen: dict[str, TensorEntry] = {}
     extras: dict[str, str] = {}
-    seen: set[str] = set()
     for shard in shards:
         part = load_checkpoint(shard, unsafe_load=unsafe_load)
         for entry in part.entries:
-            if entry.name not in seen:
-                seen.add(entry.name)
-                entries.append(entry)
+            if entry.name not in chosen or owners.get(entry.name) == shard:
+                chosen[entry.name] = entry
+        extras.update({f"{shard.name}: {k}": v for k, v in part.extras.items()
+                       if k == "not read"})
     config = path / "config.json"
     if config.is_file():
         extras.update(_describe_config(config))
     extras["shards"] = str(len(shards))
-    return Checkpoint(path, "hf_directory", entries, None, extras, files=shards)
+    return Checkpoint(path, "hf_directory", list(chosen.values()), None, extras, files=shards)
 
 
-def _directory_shards(path: Path) -> list[Path]:
+def _directory_shards(path: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The shard files, and the shard a shard index names for each tensor (if any)."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-                if not all(isinstance(f, str) and f for f in files):
-                    raise TypeError("shard names must be non-empty strings")
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise UsageError(f"{str(index)!r} is not a valid shard index "
-                                 f"({describe_exception(exc)})") from exc
+            contents = read_json_file(index, "shard index")
+            weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and f for f in weight_map.values()):
+                raise UsageError(f"{str(index)!r} is not a valid shard index (its weight_map "
+                                 "must map tensor names to shard file names)")
+            files = sorted(set(weight_map.values()))
             for name in files:
                 _check_inside(path, index, name)
             missing = [f for f in files if not (path / f).is_file()]
             if missing:
                 raise UsageError(f"{str(index)!r} names shards that are missing: "
                                  f"{', '.join(map(repr, missing))}")
-            return [path / f for f in files]
+            return [path / f for f in files], {k: path / f for k, f in weight_map.items()}
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt"):
         found = sorted(p for p in path.glob(pattern) if p.is_file())
         if found:
-            return found
-    return []
+            return found, {}
+    return [], {}
 
 
 def _check_inside(directory: Path, index: Path, name: str) -> None:
@@ -463,9 +600,9 @@ def _check_inside(directory: Path, index: Path, name: str) -> None:
 
 def _describe_config(config: Path) -> dict[str, str]:
     try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return {"config": "config.json (unreadable)"}
+        data = read_json_file(config, "config.json")
+    except UsageError as exc:
+        return {"config": str(exc)}
     if not isinstance(data, dict):
         return {"config": "config.json"}
     keys = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size")

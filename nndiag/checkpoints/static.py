@@ -12,17 +12,19 @@ in which the file stores them.
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nndiag.checkpoints import roles
-from nndiag.checkpoints.formats import Checkpoint
+from nndiag.checkpoints.formats import Checkpoint, read_json_file
+from nndiag.errors import UsageError
 from nndiag.records import CheckpointRecord, ModuleWeights, TensorStats
 from nndiag.stats.weights import fans_from_shape, he_std, xavier_std
 
@@ -30,13 +32,11 @@ ROOT = "(root)"
 _EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|tok_emb|pos_emb|word_embeddings|"
                              r"position_embeddings|token_type_embeddings|shared|"
                              r"relative_attention_bias)", re.I)
-# The config.json values the analysis reads (numbers and names only), and the largest
-# config.json it reads at all.
+# The config.json values the analysis reads (numbers and names only).
 _CONFIG_KEYS = ("model_type", "architectures", "initializer_range", "initializer_factor",
                 "init_std", "n_layer", "num_hidden_layers", "num_layers", "hidden_size",
                 "n_embd", "d_model", "num_attention_heads", "n_head", "num_heads",
                 "vocab_size", "tie_word_embeddings")
-_MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _RECURRENT_NAME = re.compile(r"^(weight|bias)_(ih|hh|hr)_l\d+")
 # A BatchNorm channel is dead when gamma or the running variance is this small against the
 # layer's largest value.
@@ -44,40 +44,142 @@ DEAD_GAMMA_RATIO = 1e-3
 DEAD_VARIANCE_RATIO = 1e-6
 # Elements reduced at a time by ``tensor_stats`` (8 MB once upcast to float32).
 CHUNK = 1 << 21
+# A chunk is reduced in float32 (float64 for float64 tensors) when its mean square is at least
+# this in that precision: any square too small for it to hold is then negligible.
+_TINY_MEAN_SQUARE = {torch.float32: 1e-30, torch.float64: 1e-290}
 
 
 def tensor_stats(name: str, tensor: torch.Tensor) -> TensorStats:
     """RMS, mean and non-finite count of one tensor.
 
-    The tensor is reduced in chunks of ``CHUNK`` elements; float32 and float64 chunks are
-    reduced in place, narrower types upcast to float32 chunk by chunk, so the memory this
-    needs beyond the tensor itself is at most one chunk. Partial sums are accumulated in
-    Python floats (double precision).
+    The tensor is reduced in chunks of ``CHUNK`` elements (``_chunks``), so the memory this
+    needs beyond the tensor itself is about one chunk. Complex tensors give the RMS of their
+    magnitudes and no mean; integers, booleans and float types torch cannot convert (packed
+    4-bit floats) give no statistics.
     """
     stats = TensorStats(name, list(tensor.shape), str(tensor.dtype).removeprefix("torch."),
                         tensor.numel())
-    if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.layout != torch.strided:
+    if tensor.numel() == 0 or tensor.layout != torch.strided or not _reducible(tensor.dtype):
         return stats  # sparse tensors are not weights: their shape and dtype are enough
-    flat = tensor.detach().reshape(-1)
-    squares = total = 0.0
-    nonfinite = 0
-    for start in range(0, flat.numel(), CHUNK):
-        part = flat[start: start + CHUNK]
-        if part.dtype not in (torch.float32, torch.float64):
-            part = part.float()
-        part_squares, part_total = float(torch.dot(part, part)), float(part.sum())
-        if not (math.isfinite(part_squares) and math.isfinite(part_total)):
-            finite = torch.isfinite(part)
-            nonfinite += int(part.numel() - int(finite.sum()))
-            part = part[finite]
-            part_squares, part_total = float(torch.dot(part, part)), float(part.sum())
-        squares += part_squares
-        total += part_total
-    count = flat.numel() - nonfinite
-    stats.nonfinite = nonfinite
-    stats.rms = math.sqrt(squares / count) if count else math.nan
-    stats.mean = total / count if count else math.nan
+    moments = _Moments()
+    for part in _chunks(tensor.detach()):
+        moments.add(part)
+    stats.nonfinite = moments.nonfinite
+    stats.rms, mean = moments.rms(), moments.mean()
+    stats.mean = None if tensor.is_complex() else mean
     return stats
+
+
+def _real_numbers(dtype: torch.dtype) -> bool:
+    """Integers, booleans and the float types torch can convert (not complex numbers)."""
+    return not dtype.is_complex and (_reducible(dtype) or not dtype.is_floating_point)
+
+
+@functools.cache
+def _reducible(dtype: torch.dtype) -> bool:
+    """A float or complex dtype whose values torch can check and convert to float32."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return False
+    try:
+        with warnings.catch_warnings():  # complex32 is "experimental"
+            warnings.simplefilter("ignore")
+            size = torch.empty((), dtype=dtype).element_size()
+            sample = torch.zeros(size, dtype=torch.uint8).view(dtype)
+            values = _Moments.upcast(sample)
+            torch.isfinite(sample if dtype.is_complex else values)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _chunks(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """A tensor's elements as contiguous 1-D pieces of at most ``CHUNK`` elements.
+
+    A non-contiguous tensor (a strided view, one third of a fused projection) is split along
+    its first dimension, so that a piece, not the whole tensor, is copied at a time.
+    """
+    if tensor.is_contiguous():
+        flat = tensor.reshape(-1)
+        for start in range(0, flat.numel(), CHUNK):
+            yield flat[start: start + CHUNK]
+        return
+    rows = max(1, CHUNK // max(1, tensor[0].numel()))
+    for start in range(0, tensor.shape[0], rows):
+        block = tensor[start: start + rows]
+        if block.numel() <= CHUNK:
+            yield block.reshape(-1)
+        else:  # a single row larger than a chunk
+            yield from _chunks(block[0])
+
+
+class _Moments:
+    """Count, sum of squares and sum of the finite values of a tensor, chunk by chunk.
+
+    A chunk is reduced in float32 (float64 for float64 tensors), as fast as the hardware
+    goes, when its sum of squares fits that precision; one whose squares overflow it (finite
+    float32 weights near 1e18) or underflow it (weights near 1e-20) is reduced again in
+    float64, divided by its largest magnitude. The sums are kept in units of the largest
+    scale seen, in Python floats (double precision), so that they never overflow or underflow
+    either, whatever the values.
+    """
+
+    def __init__(self) -> None:
+        self.count = self.nonfinite = 0
+        self.scale: float | None = None
+        self.squares = self.total = 0.0
+
+    def add(self, part: torch.Tensor) -> None:
+        """Reduce one contiguous 1-D chunk."""
+        values = self.upcast(part)
+        count = part.numel()
+        squares, total = float(torch.dot(values, values)), float(values.sum())
+        if not (math.isfinite(squares) and math.isfinite(total)):
+            if part.is_complex():  # a complex value is finite when both its parts are
+                finite = torch.isfinite(part)
+                values = self.upcast(part[finite])
+            else:
+                finite = torch.isfinite(values)
+                values = values[finite]
+            count = int(finite.sum())
+            self.nonfinite += part.numel() - count
+            squares, total = float(torch.dot(values, values)), float(values.sum())
+        self.count += count
+        if math.isfinite(squares) and squares >= _TINY_MEAN_SQUARE[values.dtype] * max(
+                values.numel(), 1):
+            self._merge(squares, total, 1.0)
+            return
+        peak = float(values.abs().max()) if values.numel() else 0.0
+        if peak > 0:  # zeros add to the count only
+            scaled = values.double() / peak
+            self._merge(float(torch.dot(scaled, scaled)), float(scaled.sum()), peak)
+
+    @staticmethod
+    def upcast(part: torch.Tensor) -> torch.Tensor:
+        """A chunk's values in float32 (float64 stays float64), complex ones as real pairs."""
+        values = torch.view_as_real(part).reshape(-1) if part.is_complex() else part
+        return values if values.dtype in (torch.float32, torch.float64) else values.float()
+
+    def _merge(self, squares: float, total: float, scale: float) -> None:
+        """Add sums measured in units of ``scale``."""
+        if self.scale is None or scale > self.scale:
+            ratio = self.scale / scale if self.scale is not None else 0.0
+            self.squares = self.squares * ratio * ratio + squares
+            self.total = self.total * ratio + total
+            self.scale = scale
+        else:
+            ratio = scale / self.scale
+            self.squares += squares * ratio * ratio
+            self.total += total * ratio
+
+    def rms(self) -> float:
+        """Root mean square of the finite values (of the magnitudes for complex values)."""
+        if not self.count:
+            return math.nan
+        return (self.scale or 1.0) * math.sqrt(self.squares / self.count)
+
+    def mean(self) -> float:
+        """Mean of the finite values."""
+        return (self.scale or 1.0) * (self.total / self.count) if self.count else math.nan
 
 
 def _split(name: str, shape: tuple[int, ...] = ()) -> tuple[str, str]:
@@ -137,10 +239,13 @@ def measure_checkpoint(checkpoint: Checkpoint,
     batch_norm_vectors: dict[str, dict[str, torch.Tensor]] = {}
     fused: dict[str, dict[str, float]] = {}
     total, done = checkpoint.total_bytes, 0
+    unreduced: list[str] = []
     for entry in checkpoint.entries:
         module, param = _split(entry.name, tuple(entry.shape))
         tensor = entry.read()
         stats = tensor_stats(entry.name, tensor)
+        if (tensor.is_floating_point() or tensor.is_complex()) and not _reducible(tensor.dtype):
+            unreduced.append(f"{entry.name} ({stats.dtype})")
         if module == entry.name:  # an expert stack: judged as the matrix each expert holds
             stats.stacked, stats.shape = int(tensor.shape[0]), list(tensor.shape[1:])
         if module not in grouped:
@@ -148,7 +253,7 @@ def measure_checkpoint(checkpoint: Checkpoint,
             order.append(module)
         grouped[module][param] = stats
         if param in ("weight", "running_var", "running_mean", "num_batches_tracked") and \
-                tensor.dim() <= 1:
+                tensor.dim() <= 1 and _real_numbers(tensor.dtype):
             batch_norm_vectors.setdefault(module, {})[param] = tensor.detach().to(
                 "cpu", torch.float32, copy=True)
         if roles.is_sliceable_fused(module, param):
@@ -165,8 +270,13 @@ def measure_checkpoint(checkpoint: Checkpoint,
                for name in order]
     for module in modules:
         module.fused_rms = fused.get(module.name)
+    extras = dict(checkpoint.extras)
+    if unreduced:
+        extras["no statistics"] = (f"{len(unreduced)} tensor(s) in a float type torch cannot "
+                                   "compute with: " + ", ".join(unreduced[:5])
+                                   + (" ..." if len(unreduced) > 5 else ""))
     record = CheckpointRecord(str(checkpoint.path), checkpoint.format, modules,
-                              checkpoint.weights_key, dict(checkpoint.extras),
+                              checkpoint.weights_key, extras,
                               [str(f) for f in checkpoint.files],
                               config=read_config(checkpoint))
     roles.annotate(record)
@@ -207,11 +317,11 @@ def read_config(checkpoint: Checkpoint) -> dict[str, Any]:
     if checkpoint.format != "hf_directory":
         return {}
     path = Path(checkpoint.path) / "config.json"
+    if not path.is_file():
+        return {}
     try:
-        if not path.is_file() or path.stat().st_size > _MAX_CONFIG_BYTES:
-            return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json_file(path, "config.json")
+    except UsageError:
         return {}
     if not isinstance(data, dict):
         return {}
@@ -254,6 +364,9 @@ def _dead_channels(record: ModuleWeights, vectors: dict[str, torch.Tensor]) -> N
     if reference is None:
         return
     record.channels = int(reference.numel())
+    if not record.channels:  # a BatchNorm over zero features: nothing to judge
+        record.dead_channels = 0
+        return
     dead = torch.zeros(record.channels, dtype=torch.bool)
     if gamma is not None and gamma.numel() == record.channels:
         top = float(gamma.abs().max())

@@ -8,7 +8,8 @@ and the epoch. When several candidates exist the one with most tensors wins.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,9 +70,12 @@ def describe(value: Any) -> str:
         return text if len(text) <= 60 else text[:57] + "..."
     if isinstance(value, Mapping):
         if "state" in value and "param_groups" in value:
-            groups = value.get("param_groups") or []
-            lrs = sorted({g.get("lr") for g in groups if isinstance(g, Mapping) and "lr" in g})
-            return (f"optimizer state for {len(value['state'])} parameters, "
+            groups = value["param_groups"]
+            groups = groups if isinstance(groups, list | tuple) else []
+            state = value["state"]
+            parameters = len(state) if isinstance(state, Sized) else "?"
+            lrs = _learning_rates(g["lr"] for g in groups if isinstance(g, Mapping) and "lr" in g)
+            return (f"optimizer state for {parameters} parameters, "
                     f"{len(groups)} param group(s), lr {lrs}")
         return f"dict with {len(value)} entries"
     if isinstance(value, list | tuple):
@@ -79,3 +83,20 @@ def describe(value: Any) -> str:
             return f"{len(value)} optimizer state(s)"
         return f"{type(value).__name__} of {len(value)}"
     return type(value).__name__
+
+
+def _learning_rates(values: Iterable[Any]) -> str:
+    """The distinct learning rates of an optimizer's param groups: ``[0.001, 0.01]``.
+
+    Numbers sort by value; anything else a file may hold there (a string, a tensor, a list)
+    is described after them.
+    """
+    numbers: set[float] = set()
+    others: set[str] = set()
+    for value in values:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            numbers.add(value)
+        else:
+            others.add(describe(value))
+    ordered = sorted(numbers, key=lambda v: (math.isnan(v), v))
+    return "[" + ", ".join([repr(v) for v in ordered] + sorted(others)) + "]"
