@@ -1,0 +1,141 @@
+"""The CI gate over many initializations: healthy code must pass every one, bugs fail every one.
+
+Each case builds its model anew from seeds 0..N-1 (the gate's own seed stays fixed) and runs
+``check_training`` with its defaults (50 steps). Printed per case: how many initializations
+came out as expected (healthy: no warning or error; a bug: its finding at error), and the
+findings that broke the expectation.
+
+Usage: python benchmarks/gate_seed_stability.py [--seeds 20] [--cases name,name]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nndiag.training_check import check_training
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fixtures import train_steps  # noqa: E402 - the project's own fixture steps
+
+
+def conv_bn() -> nn.Module:
+    """Convolutions with their default bias, each followed by BatchNorm."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def images() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    prototypes = torch.randn(10, 3, 16, 16, generator=g)
+    out = []
+    for _ in range(8):
+        y = torch.randint(0, 10, (32,), generator=g)
+        out.append((prototypes[y] + 0.5 * torch.randn(32, 3, 16, 16, generator=g), y))
+    return out
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 5))
+
+
+def tabular() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(20, 5, generator=g)
+    out = []
+    for _ in range(8):
+        x = torch.randn(64, 20, generator=g)
+        out.append((x, (x @ w).argmax(1)))
+    return out
+
+
+class TinyLM(nn.Module):
+    """A pre-LN encoder layer over a token embedding, predicting the next token id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
+                                                norm_first=True)
+        self.head = nn.Linear(32, 50)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.emb(x)))
+
+
+def tokens() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(8):
+        x = torch.randint(0, 50, (16, 12), generator=g)
+        out.append((x, (x + 1) % 50))
+    return out
+
+
+def sgd_momentum(params: Any, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+# name: (model, data, options, the finding a bug must raise at error or None for healthy)
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], dict[str, Any],
+                       str | None]] = {
+    "conv+BN, SGD momentum 0.05": (conv_bn, images, {"optimizer": sgd_momentum, "lr": 0.05},
+                                   None),
+    "MLP, Adam 1e-3": (mlp, tabular, {"optimizer": "adam", "lr": 1e-3}, None),
+    "pre-LN token model, AdamW 1e-3": (TinyLM, tokens, {"optimizer": "adamw", "lr": 1e-3},
+                                       None),
+    "bug: no zero_grad": (mlp, tabular, {"train_step": train_steps.no_zero_grad_step},
+                          "zero_grad_missing"),
+    "bug: softmax before the loss": (mlp, tabular, {"train_step": train_steps.softmax_step},
+                                     "softmax_before_loss"),
+    "bug: zero_grad after backward": (mlp, tabular,
+                                      {"train_step": train_steps.zero_grad_after_backward_step},
+                                      "parameters_not_updated"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--cases", default="", help="comma-separated substrings of names")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    wanted = [c for c in CASES if not args.cases or any(s in c for s in args.cases.split(","))]
+    print(f"{'case':36s} {'as expected':>12s}  unexpected findings")
+    for name in wanted:
+        build, make_data, options, bug = CASES[name]
+        data = make_data()
+        good, unexpected = 0, collections.Counter()
+        start = time.perf_counter()
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report = check_training(build(), data, **options)
+            loud = [f for f in report.findings if f.severity in ("warning", "error")]
+            if bug is None:
+                ok = not loud
+                unexpected.update(f"{f.severity} {f.id}" for f in loud)
+            else:
+                found = report.finding(bug)
+                ok = found is not None and found.severity == "error"
+                if not ok:
+                    unexpected[f"missing {bug}"] += 1
+            good += ok
+        print(f"{name:36s} {good:>5d}/{args.seeds:<6d}  {dict(unexpected) or '-'}  "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
