@@ -16,7 +16,6 @@ the host in one transfer with the caller's losses, and returns the ``StepRecord`
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -122,7 +121,6 @@ class StepCapture:
 
         self._grad_handles: list[RemovableHandle] = []
         self._grad_queued = False
-        self._grad_norms: dict[int, torch.Tensor] = {}
         self._grad_sq: torch.Tensor | None = None
         self._grad_present: list[bool] | None = None
         # The update subsets before the step, stacked per group of same-shaped subsets.
@@ -189,9 +187,8 @@ class StepCapture:
             if self._recorder is not None:
                 self._recorder.attach()
                 self._recorder.active = True
-            self._grad_handles = [p.register_post_accumulate_grad_hook(
-                functools.partial(self._on_grad, index))
-                for index, p in enumerate(self.trainable)]
+            self._grad_handles = [p.register_post_accumulate_grad_hook(self._on_grad)
+                                  for p in self.trainable]
         elif not sampled and self.sampling:
             self._detach_sampling_hooks(closing=False)
         self.sampling = sampled
@@ -213,35 +210,22 @@ class StepCapture:
             handle.remove()
         self._grad_handles = []
 
-    def _on_grad(self, index: int, param: torch.Tensor) -> None:
-        """A gradient was accumulated: take its norm now, while it is still in the cache."""
+    def _on_grad(self, param: torch.Tensor) -> None:
         if self._reads_grads_at_step:
             return
-        grad = param.grad
-        if grad is not None:
-            with torch.no_grad():
-                self._grad_norms[index] = torch.linalg.vector_norm(local(grad),
-                                                                   dtype=torch.float32)
         if not self._grad_queued:
             self._grad_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            torch.autograd.Variable._execution_engine.queue_callback(self._read_grads)
 
-    def _end_of_backward(self) -> None:
-        """The norms taken as the gradients arrived, for the gradients there are now."""
+    def _read_grads(self) -> None:
+        """End of a backward pass: the accumulated, not yet clipped gradients."""
         self._grad_queued = False
-        norms, self._grad_norms = self._grad_norms, {}
-        self._read_grads(norms)
-
-    def _read_grads(self, norms: dict[int, torch.Tensor] | None = None) -> None:
-        """The accumulated, not yet clipped gradients' squared norms (``norms``: known ones)."""
-        norms = norms or {}
         with torch.no_grad():
             self._grad_present = [p.grad is not None for p in self.trainable]
-            grads = [norms[i] if i in norms else
-                     torch.linalg.vector_norm(local(p.grad), dtype=torch.float32)
-                     if p.grad is not None else torch.zeros((), device=p.device)
-                     for i, p in enumerate(self.trainable)]
-            grad_sq = torch.stack(grads).square() if grads else None
+            grads = [local(p.grad) if p.grad is not None else torch.zeros((), device=p.device)
+                     for p in self.trainable]
+            grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
+                if grads else None
             if grad_sq is not None and self.scaler is not None:
                 scale = self._loss_scale()
                 if scale is not None:  # still scaled: divide by the scale they were made with
