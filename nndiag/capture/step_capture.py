@@ -152,6 +152,7 @@ class StepCapture:
         # each weight's value lands in their concatenation: a few stacked reductions a step
         # instead of several kernels per weight.
         self._shape_groups: list[list[int]] = []
+        self._stack_buffers: dict[tuple[int, int], torch.Tensor] = {}
         self._group_order = torch.zeros(0, dtype=torch.long)
         # A non-contiguous weight's flat view is a copy: it must be taken anew every time.
         self._views_cacheable = all(local(p).is_contiguous() for p in self._weights)
@@ -274,10 +275,25 @@ class StepCapture:
             self._views, self._view_pointers = views, pointers
         return self._views
 
-    def _stacked_subsets(self) -> list[torch.Tensor]:
-        """The update subsets now, copied into one stacked tensor per shape group."""
+    def _stacked_subsets(self, slot: int) -> list[torch.Tensor]:
+        """The update subsets now, copied into one stacked tensor per shape group.
+
+        Copied into buffers kept between steps (``slot`` 0 before the step, 1 after it): a
+        fresh allocation each step costs more than the copy on the CPU.
+        """
         views = self._update_views()
-        return [torch.stack([views[i] for i in group]) for group in self._shape_groups]
+        stacks = []
+        for index, group in enumerate(self._shape_groups):
+            members = [views[i] for i in group]
+            key = (slot, index)
+            buffer = self._stack_buffers.get(key)
+            shape = (len(members), *members[0].shape)
+            if buffer is None or buffer.shape != shape or buffer.dtype != members[0].dtype \
+                    or buffer.device != members[0].device:
+                buffer = self._stack_buffers[key] = torch.empty(
+                    shape, dtype=members[0].dtype, device=members[0].device)
+            stacks.append(torch.stack(members, out=buffer))
+        return stacks
 
     def _squared_norms(self, stacks: list[torch.Tensor]) -> torch.Tensor:
         """Per weight (in weight order), the float32 squared norm of its subset in ``stacks``."""
@@ -299,7 +315,7 @@ class StepCapture:
             self._read_grads()
         if self.sampling and self._weights:
             with torch.no_grad():
-                self._before = self._stacked_subsets()
+                self._before = self._stacked_subsets(0)
                 self._rows = self._sample_rows()
 
     def _sample_rows(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -332,10 +348,11 @@ class StepCapture:
             return
         self._before = None
         with torch.no_grad():
-            after = self._stacked_subsets()
+            after = self._stacked_subsets(1)
             after_sq = self._squared_norms(after)
             self._after_sq = after_sq * self._sq_scale.to(after_sq.device)
-            deltas = [a - b for a, b in zip(after, before, strict=True)]
+            before_sq = self._squared_norms(before)
+            deltas = [torch.sub(a, b, out=b) for a, b in zip(after, before, strict=True)]
             # Both scaled to the whole tensors', so that tensors measured on subsets of
             # different sizes add up in a layer's ratio.
             scale = self._sq_scale.to(after_sq.device)
@@ -349,7 +366,9 @@ class StepCapture:
                     for i, rows, rows_before, rows_scale in self._rows])
                 delta_sq = delta_sq.index_copy(0, indices, estimates)
                 self._rows = []
-            self._update = (delta_sq, self._squared_norms(before) * scale)
+            self._update = (delta_sq, before_sq * scale)
+        if self.every > 1:  # the buffers are kept only while every step is sampled
+            self._stack_buffers.clear()
 
     def read_gradients(self) -> None:
         """Read this step's gradients now, if it is sampled and reads them at the step.
