@@ -25,6 +25,7 @@ checkpoint's notes and not analysed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -34,7 +35,7 @@ import warnings
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -331,7 +332,8 @@ def _load_torch_whole(path: Path, unsafe_load: bool, legacy: bool) -> Checkpoint
     For legacy (pre-1.6) files, and trusted files that pickle more than a state dict.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _torch_notices_silenced():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not unsafe_load:
             raise _unsafe_error(path, exc) from exc
@@ -345,9 +347,23 @@ def _load_torch_whole(path: Path, unsafe_load: bool, legacy: bool) -> Checkpoint
     return _interpret(path, obj, loaded_entry)
 
 
+@contextlib.contextmanager
+def _torch_notices_silenced() -> Iterator[None]:
+    """Silence the warnings torch's own readers raise about torch itself.
+
+    Deprecated typed storages, quantized dtypes, sparse tensors in beta, ``torch.jit``: none
+    is about the checkpoint.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
+        yield
+
+
 def _unsafe_torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with _torch_notices_silenced():
+            return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise UsageError(f"{str(path)!r} pickles a class that cannot be imported here "
                          f"({describe_exception(exc)}): make the model's code importable "
@@ -420,8 +436,7 @@ def _load_torchscript(path: Path, layout: ZipLayout, unsafe_load: bool) -> Check
     """
     if unsafe_load:
         try:
-            with warnings.catch_warnings():  # torch.jit.load's deprecation notice is not ours
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with _torch_notices_silenced():
                 module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise UsageError(f"{str(path)!r} could not be read as a TorchScript archive "
