@@ -34,8 +34,6 @@ MAX_PICKLE_BYTES = 64 * 1024 * 1024
 MAX_METADATA_BYTES = 64
 # Compressed bytes read, and inflated bytes produced, at a time.
 _CHUNK = 1024 * 1024
-# torch's reader accepts these format versions (caffe2/serialize/versions.h).
-_SUPPORTED_VERSIONS = range(1, 11)
 # The small records torch reads and interprets: each is read whole and checked against its CRC.
 _METADATA = (".data/version", "version", "byteorder", ".format_version", ".storage_alignment",
              ".data/serialization_id")
@@ -171,12 +169,15 @@ def read_zip_layout(path: Path, archive: zipfile.ZipFile) -> ZipLayout:
 
 
 def _check_version(layout: ZipLayout, text: bytes | None) -> None:
-    """The format version record torch's reader requires (parsed as it parses it)."""
+    """The format version record torch's reader requires, parsed as it parses it.
+
+    Which versions are supported, torch's reader checks (``_check_with_torch``).
+    """
     if text is None:
         raise corrupt(layout.path, "no format version record (archive/version)")
     digits = text.lstrip(b" \t\n\r\f\v")
     digits = digits[: len(digits) - len(digits.lstrip(b"0123456789"))]
-    if not digits or int(digits) not in _SUPPORTED_VERSIONS:
+    if not digits or int(digits) < 1:
         raise corrupt(layout.path, f"unsupported format version {text[:16]!r}")
 
 
