@@ -1,7 +1,8 @@
 """Data-free inspection of a large synthetic checkpoint: peak RSS and wall time.
 
 Writes a checkpoint of about --size-mb megabytes (square Linear layers of --width in --dtype,
-float32 or bfloat16, plus biases and a BatchNorm), as torch.save (zip) and as safetensors, then
+float32 or bfloat16, plus biases and a BatchNorm), as torch.save (zip), as the same zip
+re-zipped with every record deflated (what a zip tool makes of it) and as safetensors, then
 runs `nndiag inspect FILE --json` in a fresh process for each and reads the process's peak RSS
 from the kernel (wait4). For comparison the same is measured for a process that only imports
 nndiag and torch (the floor), and for a plain `torch.load` of the whole file (the naive peer).
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 MB = 1024 * 1024
@@ -41,7 +44,7 @@ def peak_rss_mb(command: list[str]) -> tuple[float, float, int]:
 
 
 def write_checkpoints(directory: Path, size_mb: int, width: int, dtype_name: str) -> None:
-    """Write big.pt and big.safetensors (run in a child process)."""
+    """Write big.pt, big-deflated.pt and big.safetensors (run in a child process)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -58,11 +61,22 @@ def write_checkpoints(directory: Path, size_mb: int, width: int, dtype_name: str
     state["norm.running_mean"] = torch.zeros(width, dtype=dtype)
     state["norm.running_var"] = torch.ones(width, dtype=dtype)
     torch.save(state, directory / "big.pt")
+    deflate(directory / "big.pt", directory / "big-deflated.pt")
     try:
         from safetensors.torch import save_file
     except ImportError:
         return
     save_file(state, directory / "big.safetensors")
+
+
+def deflate(source: Path, target: Path) -> None:
+    """Re-zip ``source`` with every record deflated, streaming (as a zip tool would)."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            record = zipfile.ZipInfo(info.filename, info.date_time)
+            record.compress_type = zipfile.ZIP_DEFLATED
+            with src.open(info) as reader, dst.open(record, "w", force_zip64=True) as writer:
+                shutil.copyfileobj(reader, writer, 16 * MB)
 
 
 def main() -> None:
@@ -84,7 +98,7 @@ def main() -> None:
                         str(args.size_mb), "--width", str(args.width), "--dtype", args.dtype],
                        check=True)
         largest = args.width * args.width * ITEMSIZE[args.dtype]
-        zip_path, st_path = directory / "big.pt", directory / "big.safetensors"
+        paths = [directory / name for name in ("big.pt", "big-deflated.pt", "big.safetensors")]
         target = 1.5 * largest / MB + 300
         python = sys.executable
         floor, _, _ = peak_rss_mb([python, "-c", "import torch, nndiag.cli.app"])
@@ -92,7 +106,7 @@ def main() -> None:
               f"{target:.0f} MB; import floor {floor:.0f} MB")
         print(f"{'file':28s} {'size':>9s} {'nndiag peak':>12s} {'time':>7s} {'ok':>4s} "
               f"{'torch.load peak':>16s}")
-        for path in (zip_path, st_path):
+        for path in paths:
             if not path.exists():
                 continue
             peak, seconds, code = peak_rss_mb([python, "-m", "nndiag", "inspect", str(path),

@@ -199,9 +199,10 @@ def inspect_checkpoint(
     Without ``model``, the weights are analysed without data (shapes, dtypes, NaN/Inf, scale
     against He/Xavier, chains of layers whose scales multiply to an exploding or vanishing
     signal, dead BatchNorm channels) -- except for TorchScript archives and pickled modules,
-    which carry their architecture: given ``data`` or ``input_shape`` they are inspected
-    live. With ``model``, the weights are loaded into it (this changes ``model``: pass a fresh
-    instance) and the model is inspected live, as ``inspect_model`` does.
+    which carry their architecture: given ``data`` or ``input_shape`` (and ``unsafe_load``,
+    since loading them runs their code) they are inspected live. With ``model``, the weights
+    are loaded into it (this changes ``model``: pass a fresh instance) and the model is
+    inspected live, as ``inspect_model`` does.
 
     Args:
         path: A checkpoint file or a Hugging Face-style directory.
@@ -236,6 +237,10 @@ def inspect_checkpoint(
                                thresholds=thresholds)
         return _with_checkpoint_summary(report, checkpoint, None)
     if model is None:
+        if live and checkpoint.format == "torchscript":
+            raise UsageError("a live inspection of a TorchScript archive loads the module, "
+                             "which runs the archive's code: pass --unsafe-load if you trust "
+                             "the file (or drop --data/--input-shape for a data-free analysis)")
         if live:
             raise UsageError("a live inspection of a state dict needs the architecture: pass "
                              "--model SPEC (or drop --data/--input-shape for a data-free "

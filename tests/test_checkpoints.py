@@ -163,10 +163,13 @@ def test_torchscript_archive_data_free_and_live(tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.script(examples.normal_init_mlp()).save(str(path))
     checkpoint = load_checkpoint(path)
-    assert checkpoint.format == "torchscript" and checkpoint.module is not None
+    assert checkpoint.format == "torchscript" and checkpoint.module is None  # code not run
+    assert load_checkpoint(path, unsafe_load=True).module is not None
     static = inspect_checkpoint(path)
     assert static.finding("poor_initialization").severity == "error"
-    live = inspect_checkpoint(path, input_shape=(16, 32))
+    with pytest.raises(UsageError, match="--unsafe-load"):
+        inspect_checkpoint(path, input_shape=(16, 32))
+    live = inspect_checkpoint(path, input_shape=(16, 32), unsafe_load=True)
     assert live.schema == "nndiag.inspect/1"
     assert live.finding("exploding_gradients") is not None
     first = next(r for r in live.layers if r["name"] == "0")

@@ -8,17 +8,24 @@ archives, and whole pickled ``nn.Module``s (only with ``unsafe_load``).
 Safety: nothing is unpickled beyond what ``torch.load(weights_only=True)`` allows; a file
 whose loading would run code is refused with a message naming ``--unsafe-load``.
 
-Memory: a zip-format torch file is first read with ``map_location="meta"`` (structure only);
-each tensor is then read from its byte offset in the file when it is needed, once the zip's own
-directory shows that the offset starts a record stored uncompressed with exactly the tensor's
-storage size (``ziplayout``). Safetensors headers give offsets directly. Legacy (pre-1.6) torch
-files, TorchScript archives, unsafe pickles and zips whose records are compressed, relocated
-(re-zipped by another tool) or in the other byte order are loaded whole by torch's own reader.
-A record shorter or longer than its storage is a corrupt checkpoint, as it is for torch.
+TorchScript archives are read by the same restricted unpickler as torch files: their code is
+not run (a scripted class's ``__setstate__`` could write files or never end); the module
+itself is loaded by ``torch.jit.load`` only with ``unsafe_load``.
+
+Memory: a zip-format torch file or TorchScript archive has its pickled structure read by the
+restricted unpickler (``unpickler``; at most ``MAX_PICKLE_BYTES`` of it), which reads no
+tensor data; each tensor is then read from its own record of the zip (``ziplayout``) when it
+is needed: in place when stored uncompressed, inflated chunk by chunk into the tensor's buffer
+when compressed. Safetensors headers give offsets directly. Legacy (pre-1.6) torch files and
+unsafe pickles are loaded whole by torch's own reader. A record shorter or longer than its
+storage is a corrupt checkpoint, as it is for torch. Quantized tensors are read dequantized;
+sparse ones, and views expanded far beyond their stored elements, are named in the
+checkpoint's notes and not analysed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -27,17 +34,44 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from torch import nn
 
-from nndiag.checkpoints.tensors import TensorEntry, in_memory, read_strided, span
+from nndiag.checkpoints.tensors import (
+    QUANTIZED_STORAGE,
+    NotAnalysed,
+    TensorEntry,
+    check_expansion,
+    dequantize,
+    in_memory,
+    loaded_entry,
+    read_strided,
+    span,
+    strided_view,
+    unpack_sub_byte,
+)
+from nndiag.checkpoints.torchscript import code_record, declared_tensors, is_module, module_tensors
+from nndiag.checkpoints.unpickler import (
+    DisallowedGlobal,
+    StoredTensor,
+    restricted_load,
+    source_of,
+)
 from nndiag.checkpoints.weights import find_weights
-from nndiag.checkpoints.ziplayout import ZipLayout, corrupt, read_zip_layout
+from nndiag.checkpoints.ziplayout import (
+    MAX_PICKLE_BYTES,
+    ZipLayout,
+    corrupt,
+    inflate_into,
+    read_record,
+    read_zip_layout,
+)
 from nndiag.errors import UsageError, describe_exception
 
 UNSAFE_HINT = ("If you trust the file, pass --unsafe-load (loading it runs code from the file: "
@@ -60,6 +94,8 @@ _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _MAX_TORCH_INDEX = 2**63 - 1
 # The largest shard index or config.json read: real ones are kilobytes to a few megabytes.
 MAX_JSON_SIDE_FILE = 64 * 1024 * 1024
+# Tensors named in the note on those not analysed (the rest are counted).
+_LISTED = 8
 
 
 @dataclass
@@ -73,7 +109,8 @@ class Checkpoint:
         entries: The model's weights and buffers, in stored order, read on demand.
         weights_key: Where in the file the weights were found (``state_dict``, ``model``...).
         extras: What else the file holds (optimizer state, epoch...), described in words.
-        module: The module itself for TorchScript archives and pickled modules.
+        module: The module itself for pickled modules, and for TorchScript archives loaded
+            with ``unsafe_load`` (loading one runs its code).
         files: The files read (several for a sharded directory).
         embeddings: Modules known to be lookup tables (a live model's ``nn.Embedding``s);
             in a file, a 2-D weight is taken for one by its name.
@@ -173,72 +210,144 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 def _load_zip(path: Path, unsafe_load: bool) -> Checkpoint:
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            if any(name.endswith("/constants.pkl") for name in names):
-                return _load_torchscript(path)
-            if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
-                raise UsageError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint "
-                                 "(no data.pkl inside)")
             layout = read_zip_layout(path, archive)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError,
             RuntimeError, zlib.error) as exc:  # RuntimeError: an encrypted entry
         raise UsageError(f"{str(path)!r} is a corrupt or truncated zip archive "
                          f"({describe_exception(exc)})") from exc
+    if layout.torchscript:
+        return _load_torchscript(path, layout, unsafe_load)
+    if layout.record("data.pkl") is None:
+        raise UsageError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint "
+                         "(no data.pkl inside)")
     try:
-        structure = torch.load(path, map_location="meta", weights_only=True)
-    except pickle.UnpicklingError as exc:
+        structure = _read_pickle(layout, "data")
+    except DisallowedGlobal as exc:
         if unsafe_load:
             return _load_torch_whole(path, unsafe_load, legacy=False)
         raise _unsafe_error(path, exc) from exc
-    except Exception as exc:
-        raise UsageError(f"{str(path)!r} could not be read as a PyTorch checkpoint "
-                         f"({describe_exception(exc)}); it may be truncated or corrupt") from exc
-    if not layout.raw_readable:  # stored in the other byte order: torch swaps the bytes
-        return _load_torch_whole(path, unsafe_load, legacy=False)
-    try:
-        return _interpret(path, structure, lambda name, t: _lazy_entry(path, layout, name, t))
-    except _OffsetsUnusable:
-        return _load_torch_whole(path, unsafe_load, legacy=False)
+    return _interpret(path, structure, lambda name, t: _stored_entry(layout, name, t))
 
 
-class _OffsetsUnusable(Exception):
-    """A tensor's bytes cannot be read at a raw offset (compressed or relocated record)."""
-
-
-def _lazy_entry(path: Path, layout: ZipLayout, name: str, meta: torch.Tensor) -> TensorEntry:
-    """An entry read at its record's offset, once the record is shown to hold exactly it.
+def _read_pickle(layout: ZipLayout, archive_name: str, *, script_objects: bool = False) -> Any:
+    """Unpickle ``<archive_name>.pkl`` with the restricted unpickler (its tensors stay on disk).
 
     Raises:
-        _OffsetsUnusable: The record is compressed, or torch's computed offset is not where
-            the zip's directory puts any record (a file re-zipped by another tool).
-        UsageError: The record is shorter or longer than the tensor's storage, or the tensor
+        DisallowedGlobal: It names something whose loading would run code.
+        UsageError: It is missing, too large, or not a pickle of a checkpoint.
+    """
+    member = f"{archive_name}.pkl"
+    record = layout.record(member)
+    if record is None:
+        raise corrupt(layout.path, f"no {member} record")
+    data = read_record(layout, record, MAX_PICKLE_BYTES, "pickled structure")
+    try:
+        return restricted_load(data, archive_name, script_objects=script_objects)
+    except DisallowedGlobal:
+        raise
+    except Exception as exc:  # a malformed pickle can raise anything; it is the file's fault
+        raise corrupt(layout.path, f"its {member} cannot be read "
+                                   f"({describe_exception(exc)})") from exc
+
+
+def _stored_entry(layout: ZipLayout, name: str, meta: torch.Tensor) -> TensorEntry:
+    """An entry read from the tensor's record when it is needed (dequantized if quantized).
+
+    Raises:
+        NotAnalysed: A sparse tensor, one saved without data, or an expanded view.
+        UsageError: The record is missing, shorter or longer than the tensor's storage, or
+            the tensor reaches past its storage.
+    """
+    source = source_of(meta)
+    if source is None or source.storage is None:
+        raise NotAnalysed(f"{source.sparse_layout} tensor" if source and source.sparse_layout
+                          else "saved without data")
+    quantization = source.quantization
+    check_expansion(source.shape, source.stride,
+                    source.dtype if quantization is None else torch.float32)
+    if quantization is None:
+        return TensorEntry(name, source.shape, source.dtype, _raw_reader(layout, name, source))
+    stored_as, per_byte = QUANTIZED_STORAGE[source.dtype]
+    count = math.prod(source.shape)
+    if per_byte > 1:  # packed: read the whole contiguous storage, then unpack
+        if source.offset or tuple(source.stride) != _contiguous(source.shape):
+            raise NotAnalysed(f"a non-contiguous {source.dtype} view")
+        packed = replace(source, shape=(-(-count // per_byte),), stride=(1,), dtype=stored_as,
+                         quantization=None)
+        read_packed = _raw_reader(layout, name, packed)
+
+        def read_raw() -> torch.Tensor:
+            return unpack_sub_byte(read_packed(), per_byte, count).reshape(source.shape)
+    else:
+        read_raw = _raw_reader(layout, name, replace(source, dtype=stored_as,
+                                                     quantization=None))
+    scale, zero_point = (_stored_entry(layout, f"{name} (scales)", value).read
+                         if isinstance(value, torch.Tensor) else (lambda v=value: v)
+                         for value in (quantization.scale, quantization.zero_point))
+
+    def read() -> torch.Tensor:
+        return dequantize(read_raw(), scale(), zero_point(), quantization.axis)
+
+    return TensorEntry(name, source.shape, torch.float32, read, source.dtype)
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(torch.empty(shape, device="meta").stride())
+
+
+def _raw_reader(layout: ZipLayout, name: str,
+                source: StoredTensor) -> Callable[[], torch.Tensor]:
+    """A reader of a tensor's stored elements.
+
+    A stored record is read in place; a compressed one is inflated chunk by chunk straight
+    into the tensor's buffer.
+
+    Raises:
+        UsageError: The record is missing, is not exactly the storage's size, or the tensor
             reaches past its storage.
     """
-    storage = meta.untyped_storage()
-    nbytes = storage.nbytes()
-    itemsize = meta.element_size()
-    shape, stride = tuple(meta.shape), tuple(meta.stride())
-    needed = (meta.storage_offset() + span(shape, stride)) * itemsize if meta.numel() else 0
-    if needed > nbytes:
-        raise corrupt(path, f"tensor {name!r} reaches byte {needed} of a {nbytes}-byte storage")
-    if nbytes == 0:
-        return in_memory(name, torch.empty(shape, dtype=meta.dtype))
-    base = getattr(storage, "_checkpoint_offset", None)
-    record = layout.data_records.get(base) if isinstance(base, int) else None
-    if record is None or not record.stored:
-        raise _OffsetsUnusable(name)
-    if record.size != nbytes:
+    path, storage = layout.path, source.storage
+    assert storage is not None
+    itemsize = source.dtype.itemsize
+    reach = span(source.shape, source.stride)
+    needed = (source.offset + reach) * itemsize if reach else 0
+    if needed > storage.nbytes:
+        raise corrupt(path, f"tensor {name!r} reaches byte {needed} of a "
+                            f"{storage.nbytes}-byte storage")
+    record = layout.record(storage.record)
+    if record is None:
+        raise corrupt(path, f"tensor {name!r} names the record {storage.record!r}, which the "
+                            "archive does not hold")
+    if record.size != storage.nbytes:
         raise corrupt(path, f"the zip entry {record.name!r} holds {record.size} bytes but "
-                            f"tensor {name!r} needs a {nbytes}-byte storage (truncated or "
-                            "tampered with)")
-    return _entry_at(path, name, record.data_offset + meta.storage_offset() * itemsize,
-                     meta.dtype, shape, stride)
+                            f"tensor {name!r} needs a {storage.nbytes}-byte storage (truncated "
+                            "or tampered with)")
+    shape, stride, dtype = source.shape, source.stride, source.dtype
+    negate = source.negated
+    if reach == 0:
+        return lambda: torch.empty(shape, dtype=dtype)
+    if record.stored:
+        entry = _entry_at(path, name, record.data_offset + source.offset * itemsize, dtype,
+                          shape, stride, swap=layout.swapped)
+        return (lambda: entry.read().neg()) if negate else entry.read
+
+    def read() -> torch.Tensor:
+        buffer = torch.empty(reach * itemsize, dtype=torch.uint8)
+        inflate_into(layout, record, source.offset * itemsize, memoryview(buffer.numpy()))
+        tensor = strided_view(buffer, dtype, shape, stride, layout.swapped)
+        return tensor.neg() if negate else tensor
+
+    return read
 
 
 def _load_torch_whole(path: Path, unsafe_load: bool, legacy: bool) -> Checkpoint:
-    """Load everything with torch's own reader (it decompresses and checks record sizes)."""
+    """Load everything with torch's own reader.
+
+    For legacy (pre-1.6) files, and trusted files that pickle more than a state dict.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _torch_notices_silenced():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not unsafe_load:
             raise _unsafe_error(path, exc) from exc
@@ -249,12 +358,26 @@ def _load_torch_whole(path: Path, unsafe_load: bool, legacy: bool) -> Checkpoint
                              f"({describe_exception(exc)}); it may be truncated or "
                              "corrupt") from exc
         raise corrupt(path, f"torch.load refuses it ({describe_exception(exc)})") from exc
-    return _interpret(path, obj, in_memory)
+    return _interpret(path, obj, loaded_entry)
+
+
+@contextlib.contextmanager
+def _torch_notices_silenced() -> Iterator[None]:
+    """Silence the warnings torch's own readers raise about torch itself.
+
+    Deprecated typed storages, quantized dtypes, sparse tensors in beta, ``torch.jit``: none
+    is about the checkpoint.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
+        yield
 
 
 def _unsafe_torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with _torch_notices_silenced():
+            return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise UsageError(f"{str(path)!r} pickles a class that cannot be imported here "
                          f"({describe_exception(exc)}): make the model's code importable "
@@ -285,27 +408,80 @@ def _interpret(path: Path, obj: Any,
         keys = list(obj)[:12] if isinstance(obj, dict) else type(obj).__name__
         raise UsageError(f"{str(path)!r} holds no model weights nndiag can find "
                          f"(top level: {keys})")
-    entries = [make_entry(name, tensor) for name, tensor in located.weights.items()]
-    return Checkpoint(path, located.format, entries, located.key, located.extras,
+    entries, notes = _entries(located.weights, make_entry)
+    return Checkpoint(path, located.format, entries, located.key, located.extras | notes,
                       files=[path])
 
 
+def _entries(weights: dict[str, torch.Tensor],
+             make_entry: Callable[[str, torch.Tensor], TensorEntry]
+             ) -> tuple[list[TensorEntry], dict[str, str]]:
+    """An entry per tensor, and notes on those read dequantized or not analysed."""
+    entries: list[TensorEntry] = []
+    skipped: list[str] = []
+    for name, tensor in weights.items():
+        try:
+            entries.append(make_entry(name, tensor))
+        except NotAnalysed as reason:
+            skipped.append(f"{name} ({reason})")
+    notes = {}
+    quantized = Counter(str(e.stored_dtype).removeprefix("torch.") for e in entries
+                        if e.stored_dtype is not None)
+    if quantized:
+        notes["quantized"] = (f"{sum(quantized.values())} tensor(s) "
+                              f"({', '.join(f'{k} {v}' for k, v in sorted(quantized.items()))})"
+                              ", analysed as their dequantized values")
+    if skipped:
+        more = f"; and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else ""
+        notes["not analysed"] = "; ".join(skipped[:_LISTED]) + more
+    return entries, notes
+
+
 def _module_checkpoint(path: Path, module: nn.Module, fmt: str) -> Checkpoint:
-    entries = [in_memory(name, tensor.detach()) for name, tensor in
-               module.state_dict(keep_vars=False).items()]
-    return Checkpoint(path, fmt, entries, None, {"module": type(module).__name__},
+    entries, notes = _entries(dict(module.state_dict(keep_vars=False)), loaded_entry)
+    return Checkpoint(path, fmt, entries, None, {"module": type(module).__name__} | notes,
                       module=module, files=[path])
 
 
-def _load_torchscript(path: Path) -> Checkpoint:
+def _load_torchscript(path: Path, layout: ZipLayout, unsafe_load: bool) -> Checkpoint:
+    """Read a TorchScript archive's weights without running it.
+
+    The module itself is loaded (which runs its code) only with ``unsafe_load``.
+    """
+    if unsafe_load:
+        try:
+            with _torch_notices_silenced():
+                module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise UsageError(f"{str(path)!r} could not be read as a TorchScript archive "
+                             f"({describe_exception(exc)})") from exc
+        return _module_checkpoint(path, module, "torchscript")
     try:
-        with warnings.catch_warnings():  # torch.jit.load's deprecation notice is not ours
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise UsageError(f"{str(path)!r} could not be read as a TorchScript archive "
-                         f"({describe_exception(exc)})") from exc
-    return _module_checkpoint(path, module, "torchscript")
+        root = _read_pickle(layout, "data", script_objects=True)
+        constants = _read_pickle(layout, "constants", script_objects=True)
+    except DisallowedGlobal as exc:
+        raise corrupt(path, f"its pickled module names {exc.name!r}, which no TorchScript "
+                            "archive does") from exc
+    if not is_module(root):
+        raise corrupt(path, "its data.pkl holds no scripted module")
+    code: dict[str, str] = {}
+
+    def declared(qualified_name: str) -> set[str] | None:
+        file = code_record(qualified_name)
+        if file not in code:
+            record = layout.record(file)
+            code[file] = "" if record is None else read_record(
+                layout, record, MAX_PICKLE_BYTES, "code").decode("utf-8", "replace")
+        return declared_tensors(code[file], qualified_name.rsplit(".", 1)[-1])
+
+    entries, notes = _entries(module_tensors(root, declared),
+                              lambda name, t: _stored_entry(layout, name, t))
+    extras = {"module": type(root).qualified_name.rsplit(".", 1)[-1],
+              "code": "not run (a live inspection loads the module, which runs its code: "
+                      "only with --unsafe-load)"}
+    if isinstance(constants, tuple) and constants:
+        extras["constants"] = f"{len(constants)} value(s) used by its code"
+    return Checkpoint(path, "torchscript", entries, None, extras | notes, files=[path])
 
 
 @dataclass(frozen=True)
@@ -497,11 +673,14 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _entry_at(path: Path, name: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
-              stride: tuple[int, ...]) -> TensorEntry:
-    """An entry that reads its tensor from ``offset`` of ``path`` when asked."""
+              stride: tuple[int, ...], swap: bool = False) -> TensorEntry:
+    """An entry that reads its tensor from ``offset`` of ``path`` when asked.
+
+    ``swap``: the tensor was saved in the other byte order.
+    """
     def read() -> torch.Tensor:
         try:
-            return read_strided(str(path), offset, dtype, shape, stride)
+            return read_strided(str(path), offset, dtype, shape, stride, swap)
         except (EOFError, OSError) as exc:
             raise UsageError(f"{str(path)!r}: tensor {name!r} could not be read "
                              f"({describe_exception(exc)}); the file may be truncated") from exc
