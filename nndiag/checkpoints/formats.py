@@ -485,7 +485,7 @@ def _load_torchscript(path: Path, layout: ZipLayout, unsafe_load: bool) -> Check
 
 
 @dataclass(frozen=True)
-class StoredTensor:
+class HeaderTensor:
     """One tensor as a safetensors header declares it (checked against the file).
 
     Attributes:
@@ -503,7 +503,7 @@ class StoredTensor:
     end: int
 
 
-def read_safetensors_header(path: Path) -> tuple[list[StoredTensor], dict[str, str], int]:
+def read_safetensors_header(path: Path) -> tuple[list[HeaderTensor], dict[str, str], int]:
     """Parse and check a safetensors header.
 
     Returns:
@@ -532,7 +532,7 @@ def read_safetensors_header(path: Path) -> tuple[list[StoredTensor], dict[str, s
         raise UsageError(f"{str(path)!r}: corrupt safetensors header (__metadata__ is not an "
                          "object)")
     data_start = 8 + header_len
-    tensors = [_stored_tensor(path, name, info) for name, info in header.items()]
+    tensors = [_header_tensor(path, name, info) for name, info in header.items()]
     for tensor in tensors:
         if data_start + tensor.end > size:
             raise UsageError(f"{str(path)!r}: tensor {tensor.name!r} lies outside the file "
@@ -541,7 +541,7 @@ def read_safetensors_header(path: Path) -> tuple[list[StoredTensor], dict[str, s
     return tensors, {k: str(v) for k, v in metadata.items()}, data_start
 
 
-def _stored_tensor(path: Path, name: str, info: Any) -> StoredTensor:
+def _header_tensor(path: Path, name: str, info: Any) -> HeaderTensor:
     """One header entry, checked as the safetensors format defines it.
 
     Raises:
@@ -571,7 +571,7 @@ def _stored_tensor(path: Path, name: str, info: Any) -> StoredTensor:
         raise UsageError(f"{str(path)!r}: tensor {name!r} has the wrong size for its shape "
                          f"and dtype ({end - begin} bytes for {_clipped(shape)} {dtype}; "
                          "truncated or corrupt)")
-    return StoredTensor(name, dtype, tuple(shape), begin, end)
+    return HeaderTensor(name, dtype, tuple(shape), begin, end)
 
 
 def _is_index(value: Any) -> bool:
@@ -584,13 +584,13 @@ def _clipped(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _refuse_shared_bytes(path: Path, tensors: list[StoredTensor]) -> None:
+def _refuse_shared_bytes(path: Path, tensors: list[HeaderTensor]) -> None:
     """Refuse tensors whose byte ranges overlap: each byte of the data holds one tensor.
 
     Raises:
         UsageError: Two tensors share bytes (the ``safetensors`` package refuses such a file).
     """
-    previous: StoredTensor | None = None
+    previous: HeaderTensor | None = None
     for tensor in sorted((t for t in tensors if t.end > t.begin), key=lambda t: t.begin):
         if previous is not None and tensor.begin < previous.end:
             raise UsageError(f"{str(path)!r}: tensors {previous.name!r} and {tensor.name!r} "
