@@ -25,24 +25,7 @@ from torch import nn
 from nndiag.training_check import check_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fixtures import train_steps  # noqa: E402 - the project's own fixture steps
-
-
-def conv_bn() -> nn.Module:
-    """Convolutions with their default bias, each followed by BatchNorm."""
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-
-
-def images() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(123)
-    prototypes = torch.randn(10, 3, 16, 16, generator=g)
-    out = []
-    for _ in range(8):
-        y = torch.randint(0, 10, (32,), generator=g)
-        out.append((prototypes[y] + 0.5 * torch.randn(32, 3, 16, 16, generator=g), y))
-    return out
+from tests.fixtures import models, train_steps  # noqa: E402 - the project's test fixtures
 
 
 def mlp() -> nn.Module:
@@ -60,29 +43,6 @@ def tabular() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-class TinyLM(nn.Module):
-    """A pre-LN encoder layer over a token embedding, predicting the next token id."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 32)
-        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
-                                                norm_first=True)
-        self.head = nn.Linear(32, 50)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layer(self.emb(x)))
-
-
-def tokens() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(8):
-        x = torch.randint(0, 50, (16, 12), generator=g)
-        out.append((x, (x + 1) % 50))
-    return out
-
-
 def sgd_momentum(params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
@@ -90,11 +50,11 @@ def sgd_momentum(params: Any, lr: float) -> torch.optim.Optimizer:
 # name: (model, data, options, the finding a bug must raise at error or None for healthy)
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], dict[str, Any],
                        str | None]] = {
-    "conv+BN, SGD momentum 0.05": (conv_bn, images, {"optimizer": sgd_momentum, "lr": 0.05},
-                                   None),
+    "conv+BN, SGD momentum 0.05": (models.conv_bn, lambda: models.prototype_images(8),
+                                   {"optimizer": sgd_momentum, "lr": 0.05}, None),
     "MLP, Adam 1e-3": (mlp, tabular, {"optimizer": "adam", "lr": 1e-3}, None),
-    "pre-LN token model, AdamW 1e-3": (TinyLM, tokens, {"optimizer": "adamw", "lr": 1e-3},
-                                       None),
+    "pre-LN token model, AdamW 1e-3": (models.TokenModel, models.next_token_batches,
+                                       {"optimizer": "adamw", "lr": 1e-3}, None),
     "bug: no zero_grad": (mlp, tabular, {"train_step": train_steps.no_zero_grad_step},
                           "zero_grad_missing"),
     "bug: softmax before the loss": (mlp, tabular, {"train_step": train_steps.softmax_step},

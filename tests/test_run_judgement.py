@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nndiag.monitor import Monitor
+from tests.fixtures.models import TokenModel, conv_bn, prototype_images
 
 
 class _Bag(nn.Module):
@@ -51,44 +52,13 @@ def test_an_embedding_update_ratio_is_measured_on_rows_that_moved(make_optimizer
         assert whole[sample.step] / 2 <= embed.update_ratio <= whole[sample.step] * 2
 
 
-class _TinyLM(nn.Module):
-    """A pre-LN encoder layer over an ``nn.Embedding`` named plainly (PyTorch's default init)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 32)
-        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
-                                                norm_first=True)
-        self.head = nn.Linear(32, 50)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layer(self.emb(tokens)))
-
-
 def test_a_live_embedding_is_judged_as_one_whatever_its_name():
     from nndiag.inspection import inspect_model
 
     for seed in range(3):
         torch.manual_seed(seed)
-        report = inspect_model(_TinyLM(), torch.randint(0, 50, (4, 12)))
+        report = inspect_model(TokenModel(), torch.randint(0, 50, (4, 12)))
         assert report.finding("poor_initialization") is None, report.findings
-
-
-def _conv_bn() -> nn.Module:
-    """Conv layers with their default bias, each followed by BatchNorm (which cancels it)."""
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-
-
-def _prototype_images(batches: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(123)
-    prototypes = torch.randn(10, 3, 16, 16, generator=g)
-    data = []
-    for _ in range(batches):
-        y = torch.randint(0, 10, (32,), generator=g)
-        data.append((prototypes[y] + 0.5 * torch.randn(32, 3, 16, 16, generator=g), y))
-    return data
 
 
 @pytest.mark.parametrize("seed", [8, 10])  # initializations where a bias rounded to no change
@@ -97,7 +67,7 @@ def test_a_bias_cancelled_by_batchnorm_is_not_a_parameter_the_optimizer_missed(s
 
     torch.manual_seed(seed)
     report = check_training(
-        _conv_bn(), _prototype_images(), steps=4, overfit_steps=10, lr=0.05,
+        conv_bn(), prototype_images(), steps=4, overfit_steps=10, lr=0.05,
         optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9))
     finding = report.finding("parameters_not_updated")
     assert finding is not None and finding.severity == "info", report.findings
@@ -111,7 +81,7 @@ def test_a_parameter_left_out_of_the_optimizer_is_still_an_error():
 
     torch.manual_seed(8)
     report = check_training(
-        _conv_bn(), _prototype_images(), steps=4, overfit_steps=10, lr=0.05,
+        conv_bn(), prototype_images(), steps=4, overfit_steps=10, lr=0.05,
         optimizer=lambda model: torch.optim.SGD(list(model.parameters())[2:], lr=0.05))
     finding = report.finding("parameters_not_updated")
     assert finding is not None and finding.severity == "error"
@@ -124,7 +94,7 @@ def test_the_gate_reports_the_learning_rate_the_optimizer_ran_at():
 
     torch.manual_seed(0)
     report = check_training(
-        _conv_bn(), _prototype_images(2), steps=2, overfit_steps=4,
+        conv_bn(), prototype_images(2), steps=2, overfit_steps=4,
         optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     assert report.summary["lr"] == pytest.approx(0.05)
 
