@@ -27,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from tests.fixtures.scripted import FileFiller
 from tests.test_fuzz import ENTRIES as TORCH_ENTRIES
 from tests.test_fuzz import cli, damaged, fresh, fuzz
 
@@ -36,29 +37,12 @@ UNTOUCHED = b"AAAA"
 MARKER.write_bytes(UNTOUCHED)
 
 
-class _Overwriter:
-    """Loading it writes over the marker file (TorchScript that must never run)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.seen = torch.zeros(1)
-
-    def __getstate__(self) -> str:
-        return self.path
-
-    def __setstate__(self, state: str) -> None:
-        self.path = state
-        mapped = torch.from_file(state, shared=True, size=4, dtype=torch.uint8)
-        mapped.fill_(88)
-        self.seen = mapped.float()  # used, so TorchScript keeps the write
-
-
 class _Carrier(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(3, 4)
         self.norm = nn.BatchNorm1d(4)
-        self.payload = Overwriter(str(MARKER))
+        self.payload = FileFiller(str(MARKER))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.fc(x))
@@ -66,7 +50,6 @@ class _Carrier(nn.Module):
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's own notice
-    Overwriter = torch.jit.script(_Overwriter)
     _buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(_Carrier()), _buffer)
 SCRIPTED = _buffer.getvalue()

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from nndiag import UsageError
 from nndiag.checkpoints import formats, load_checkpoint, ziplayout
 from nndiag.cli.app import app
+from tests.fixtures.scripted import FileFiller
 
 runner = CliRunner()
 MARKER = b"AAAA"
@@ -56,23 +57,6 @@ def rezip(source: Path, target: Path, compression: int = zipfile.ZIP_STORED,
 # ----------------------------------------------------------------------- TorchScript code
 
 
-class FileFiller:
-    """Loading it writes b"XXXX" over the file it names: code that must not run in safe mode."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.seen = torch.zeros(1)
-
-    def __getstate__(self) -> str:
-        return self.path
-
-    def __setstate__(self, state: str) -> None:
-        self.path = state
-        mapped = torch.from_file(state, shared=True, size=4, dtype=torch.uint8)
-        mapped.fill_(88)
-        self.seen = mapped.float()
-
-
 class EndlessLoader:
     """Loading it never ends."""
 
@@ -90,7 +74,6 @@ class EndlessLoader:
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's own notice
-    FileFiller = torch.jit.script(FileFiller)
     EndlessLoader = torch.jit.script(EndlessLoader)
 
 
