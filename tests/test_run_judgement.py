@@ -189,3 +189,38 @@ def test_the_gate_names_unnormalized_inputs_first():
     for other in report.findings:  # every symptom it explains leads with the same fix
         if other.evidence.get("explained_by") == "inputs_not_normalized":
             assert other.fixes[0].id == "normalize_inputs"
+
+
+def test_sparse_embedding_gradients_are_recorded_not_a_crash():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(500, 16, mode="mean", sparse=True)
+    head = nn.Linear(16, 2)
+    model = nn.ModuleDict({"bag": bag, "head": head})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    monitor = Monitor(model, optimizer, every=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(0, 500, (8, 5), generator=g)
+        loss = F.cross_entropy(head(bag(tokens)), torch.randint(0, 2, (8,), generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        expected = bag.weight.grad.coalesce().values().norm().item()
+        before = bag.weight.detach().clone()
+        optimizer.step()
+        monitor.step(loss)
+        whole = ((bag.weight.detach() - before).norm() / before.norm()).item()
+    monitor.close()
+    (table,) = [layer for layer in monitor.samples[-1].layers if layer.name == "bag"]
+    assert table.grad_norm == pytest.approx(expected, rel=1e-5)
+    assert whole / 2 <= table.update_ratio <= whole * 2
+
+
+def test_an_embedding_table_moving_only_its_tokens_rows_is_not_update_ratio_low():
+    from nndiag.rules.run import run_rules
+    from nndiag.runlog import read_run
+
+    log = read_run(Path(__file__).parents[1] / "sample_runs" / "vanishing")
+    assert "update_ratio_low" in [f.id for f in run_rules(log)]  # a Linear stack: judged
+    log.meta["weight_layers"] = [{"name": layer["name"], "kind": "Embedding"}
+                                 for layer in log.meta["weight_layers"]]
+    assert "update_ratio_low" not in [f.id for f in run_rules(log)]

@@ -28,6 +28,7 @@ from nndiag.capture.probe import ROOT_NAME, Owner, owner_fans, owners
 from nndiag.capture.shards import local, sum_weight
 from nndiag.capture.sites import SiteRecorder
 from nndiag.records import ParamGroup, StepRecord, attach_parameters
+from nndiag.records.layers import LOOKUP_KINDS
 from nndiag.stats.weights import update_ratio
 
 # Activations applied as functions are looked for in the whole forward pass only on the first
@@ -48,9 +49,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 _SUBSET_RUNS = 16
 
 
-# Modules whose weight rows are looked up: a batch updates the rows of the tokens it holds
-# (with Adam, rows seen lately keep moving), so a fixed subset may hold none of them.
-ROW_SAMPLED_KINDS = frozenset({"Embedding", "EmbeddingBag"})
+def stored_values(tensor: torch.Tensor) -> torch.Tensor:
+    """The values a tensor stores: a sparse gradient's (``sparse=True`` embeddings), else itself.
+
+    A sparse tensor's norm is its values' norm (coalesced: repeated indices summed first).
+    """
+    if tensor.layout == torch.sparse_coo:
+        return tensor.coalesce()._values()
+    if tensor.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return tensor.values()
+    return tensor
 
 
 def _subset_layout(numel: int, budget: int) -> tuple[int, int, int]:
@@ -137,12 +145,14 @@ class StepCapture:
             [sum_weight(p, world_size) for p in self._weights], dtype=torch.float64)
         self._grad_sum_weights = torch.tensor(
             [sum_weight(p, world_size) for p in self.trainable], dtype=torch.float64)
-        # Embedding tables: the update is measured on rows spread evenly over those whose
-        # gradient is non-zero this step (``_sample_rows``), as many as the budget holds.
+        # Embedding tables: a batch updates the rows of its tokens (with Adam, rows seen lately
+        # keep moving), so a fixed subset may hold none of them. Their update is measured on
+        # rows spread evenly over those whose gradient is non-zero this step (``_sample_rows``),
+        # as many as the budget holds.
         self._row_sampled = [
             (i, max(_SUBSET_RUNS, update_sample // local(p).shape[1]))
             for i, (p, group) in enumerate((w, g) for g in self._groups for w in g.weights)
-            if update_sample and group.kind in ROW_SAMPLED_KINDS and p.dim() == 2
+            if update_sample and group.kind in LOOKUP_KINDS and p.dim() == 2
             and local(p).shape[1]]
         self._rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._after_sq: torch.Tensor | None = None
@@ -223,8 +233,8 @@ class StepCapture:
         self._grad_queued = False
         with torch.no_grad():
             self._grad_present = [p.grad is not None for p in self.trainable]
-            grads = [local(p.grad) if p.grad is not None else torch.zeros((), device=p.device)
-                     for p in self.trainable]
+            grads = [stored_values(local(p.grad)) if p.grad is not None
+                     else torch.zeros((), device=p.device) for p in self.trainable]
             grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
                 if grads else None
             if grad_sq is not None and self.scaler is not None:
@@ -332,7 +342,12 @@ class StepCapture:
             grad = self._weights[index].grad
             if grad is None:
                 continue
-            moved = local(grad).abs().amax(dim=1) > 0
+            grad = local(grad)
+            if grad.layout == torch.sparse_coo:  # EmbeddingBag(sparse=True): the rows it holds
+                moved = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+                moved.index_fill_(0, grad._indices()[0], True)
+            else:
+                moved = grad.abs().amax(dim=1) > 0
             moved_count = moved.sum()
             order = torch.argsort(moved.to(torch.int8), descending=True, stable=True)
             spread = torch.arange(count, device=weight.device) * moved_count // count

@@ -24,6 +24,8 @@ ROLE_QUERY, ROLE_KEY, ROLE_VALUE, ROLE_ATTENTION_OUT = ("attention_query", "atte
                                                         "attention_value", "attention_output")
 ROLE_ATTENTION = "attention"  # fused projections (nn.MultiheadAttention's in_proj, c_attn)
 ROLE_EMBEDDING, ROLE_NORM, ROLE_HEAD = "embedding", "normalization", "head"
+# Modules whose weight rows are looked up: a batch updates only the rows of the tokens it holds.
+LOOKUP_KINDS = frozenset({"Embedding", "EmbeddingBag"})
 ATTENTION_ROLES = frozenset({ROLE_QUERY, ROLE_KEY, ROLE_VALUE, ROLE_ATTENTION_OUT,
                              ROLE_ATTENTION})
 

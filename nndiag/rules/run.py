@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nndiag.findings import Finding, FindingId, worst_severity
-from nndiag.records.layers import READING_PLAIN, ROLE_KEY, ROLE_QUERY
+from nndiag.records.layers import LOOKUP_KINDS, READING_PLAIN, ROLE_KEY, ROLE_QUERY
 from nndiag.rules.thresholds import Threshold
 from nndiag.runlog import RunLog
 
@@ -272,13 +272,21 @@ def dead_units(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
 
 
 def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
-    """Layers whose median update-to-weight ratio is outside the band around ~1e-3."""
+    """Layers whose median update-to-weight ratio is outside the band around ~1e-3.
+
+    An embedding table is not judged low: a batch moves only its tokens' rows, so the whole
+    table's ratio is small by construction (fine-tuning a 30,522-token table: ~5e-6).
+    """
     series = _weight_series(log, "update_ratio")
+    lookups = {layer.get("name") for layer in log.meta.get("weight_layers", [])
+               if isinstance(layer, dict) and layer.get("kind") in LOOKUP_KINDS}
     findings = []
     for finding_id, rule in ((FindingId.UPDATE_RATIO_HIGH, t["update_ratio_high"]),
                              (FindingId.UPDATE_RATIO_LOW, t["update_ratio_low"])):
         judged = {}
         for key, points in series.items():
+            if finding_id == FindingId.UPDATE_RATIO_LOW and key in lookups:
+                continue
             median = statistics.median(v for _, v in points)
             severity = rule.severity(median)
             if severity is not None:
