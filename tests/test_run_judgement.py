@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,47 @@ def test_an_embedding_table_moving_only_its_tokens_rows_is_not_update_ratio_low(
     log.meta["weight_layers"] = [{"name": layer["name"], "kind": "Embedding"}
                                  for layer in log.meta["weight_layers"]]
     assert "update_ratio_low" not in [f.id for f in run_rules(log)]
+
+
+class _KwargsClassifier(nn.Module):
+    """A Trainer-style classifier taking ``**kwargs``: the Trainer passes num_items_in_batch."""
+
+    def __init__(self, uses_item_count: bool) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.uses_item_count = uses_item_count
+
+    def forward(self, x, labels=None, **kwargs):
+        logits = self.net(x)
+        items = kwargs.get("num_items_in_batch")
+        if self.uses_item_count and items is not None:  # normalized over the whole step
+            loss = F.cross_entropy(logits, labels, reduction="sum") / items
+        else:  # each micro-batch's plain mean, whatever the Trainer passed
+            loss = F.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("uses_item_count", [False, True])
+def test_the_transformers_callback_names_gradients_summed_over_micro_batches(
+        tmp_path, uses_item_count):
+    transformers = pytest.importorskip("transformers")
+    from nndiag.integrations.transformers import NndiagCallback
+
+    torch.manual_seed(0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=0.05, optim="sgd", report_to="none",
+        logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0)
+    data = [{"x": torch.randn(8), "labels": torch.tensor(i % 3)} for i in range(32)]
+    trainer = transformers.Trainer(model=_KwargsClassifier(uses_item_count), args=args,
+                                   train_dataset=data,
+                                   callbacks=[NndiagCallback(every=1, verbose=False,
+                                                             log_dir=tmp_path / "run")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    named = [w for w in caught if "num_items_in_batch" in str(w.message)]
+    assert len(named) == (0 if uses_item_count else 1)
+    if named:
+        assert "2x the mean" in str(named[0].message)

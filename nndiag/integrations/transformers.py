@@ -30,6 +30,19 @@ from nndiag.monitor import Monitor
 __all__ = ["NndiagCallback", "TrainingFindingsError"]
 
 
+def _plain_classification_loss(output: Any, labels: Any) -> torch.Tensor | None:
+    """The mean cross-entropy of a classifier's logits (``None`` for any other output)."""
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits",
+                                                                                None)
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor) or \
+            logits.dim() != 2 or labels.dim() != 1 or labels.dtype != torch.long or \
+            logits.shape[0] != labels.shape[0] or not logits.is_floating_point():
+        return None
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(logits.detach().float(), labels,
+                                                 ignore_index=-100)
+
+
 def _loss_of(output: Any) -> torch.Tensor | None:
     """The ``loss`` of a model output (a ``ModelOutput`` or a mapping)."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
@@ -84,6 +97,9 @@ class NndiagCallback(TrainerCallback):
         self.report: Report | None = None
         self._losses: list[torch.Tensor] = []
         self._normalised = False
+        # Plain classification losses of the first accumulated step's micro-batches (checked
+        # once against the model's own: ``_check_accumulation_scaling``); ``None`` once done.
+        self._plain_losses: list[torch.Tensor | None] | None = []
         self._logged_loss: float | None = None
         self._pending = False
         self._hook: Any = None
@@ -104,6 +120,7 @@ class NndiagCallback(TrainerCallback):
                                                            run_dir))
         self.report = None
         self._losses, self._logged_loss, self._pending = [], None, False
+        self._plain_losses = []
         # always_call: a forward that raises (out of memory, a bad batch) ends the recording
         # with it. Transformers has no callback for an exception, and hooks left on the
         # model would slow its later use.
@@ -151,6 +168,9 @@ class NndiagCallback(TrainerCallback):
         if loss is not None:
             self._losses.append(loss.detach().float().mean())
             self._normalised = kwargs.get("num_items_in_batch") is not None
+            if self._normalised and self._plain_losses is not None:
+                plain = _plain_classification_loss(output, kwargs.get("labels"))
+                self._plain_losses.append(plain)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
@@ -178,12 +198,37 @@ class NndiagCallback(TrainerCallback):
         losses, self._losses = self._losses, []
         if losses:
             stacked = torch.stack(losses)
+            self._check_accumulation_scaling(stacked, args)
             self._record(stacked.sum() if self._normalised else stacked.mean())
             return
         warn_once(self._warned, "loss", "nndiag: the model's outputs carry no loss (label "
                   "smoothing or a custom compute_loss?): the logged training loss is recorded "
                   "(exact with logging_steps=1, the last logged value otherwise)")
         self._pending = True
+
+    def _check_accumulation_scaling(self, losses: torch.Tensor, args: Any) -> None:
+        """Once, on the first step of several micro-batches: warn when the gradients are k x.
+
+        The Trainer passes ``num_items_in_batch`` to a model that accepts ``**kwargs`` and then
+        leaves the division by the accumulation steps to it; a model that still returns each
+        micro-batch's plain mean loss (its loss equal to the classification loss of its
+        logits) gets the sum of k means as its loss and gradients.
+        """
+        plain, self._plain_losses = self._plain_losses, []
+        if plain is None or len(losses) < 2:
+            return
+        self._plain_losses = None  # checked once per run (one read from the device)
+        if len(plain) != len(losses) or any(p is None for p in plain):
+            return
+        ratio = float((losses / torch.stack(plain).clamp_min(1e-12)).mean())
+        if 0.75 <= ratio <= 1.33:
+            steps = getattr(args, "gradient_accumulation_steps", len(losses))
+            warn_once(self._warned, "accumulation", (
+                f"nndiag: the Trainer passed num_items_in_batch, but the model's loss is each "
+                f"micro-batch's plain mean: with gradient_accumulation_steps={steps} the loss and "
+                f"the gradients are {len(losses)}x the mean (transformers divides neither). "
+                "nndiag records the loss the gradients came from; set "
+                "model.accepts_loss_kwargs = False before building the Trainer for the mean"))
 
     def _record(self, loss: Any) -> None:
         self._pending = False
