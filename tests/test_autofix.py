@@ -26,12 +26,16 @@ def test_unscaled_inputs_are_fixed_by_normalization_not_by_reinitialization():
     report = inspect_model(_tanh_mlp(), (x, None), try_fixes=True)
     finding = report.finding("saturated_activations")
     fixes = {fix.id: fix for fix in finding.fixes}
+    assert finding.evidence["explained_by"] == ["inputs_not_normalized"]
     assert finding.fixes[0].id == "normalize_inputs"
     assert fixes["normalize_inputs"].verified["resolved"]
     assert fixes["normalize_inputs"].verified["after"]["max_saturated_fraction"] < 0.25
-    # Xavier init is already in place: re-initializing does not help, and the report says so
-    assert fixes["xavier_init"].verified["resolved"] is False
+    # Xavier init is already in place: re-initializing does not treat the cause, not offered
+    assert "xavier_init" not in fixes
     assert fixes["batch_norm"].verified is None  # not automatic
+    cause = report.finding("inputs_not_normalized")
+    assert cause.fixes[0].verified["resolved"]
+    assert cause.fixes[0].verified["after"]["input_scale"] < 10
 
 
 def test_orthogonal_init_makes_each_recurrent_gate_block_orthogonal():

@@ -10,7 +10,7 @@ fixes that would treat the symptom instead of the cause.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nndiag.findings import Finding, FindingId, severity_rank
 
@@ -105,9 +105,9 @@ def link_causes(findings: list[Finding]) -> list[Finding]:
                                "it): fix that first."
                                + (f" {finding.explanation}" if finding.explanation else ""))
         kept = [fix for fix in finding.fixes if fix.id not in link.drops]
-        if link.leads:
-            kept = list(cause.fixes) + [fix for fix in kept
-                                        if fix.id not in {x.id for x in cause.fixes}]
+        if link.leads:  # copies: each finding's fix is verified against its own headline
+            kept = [replace(fix) for fix in cause.fixes] + [
+                fix for fix in kept if fix.id not in {x.id for x in cause.fixes}]
         finding.fixes = kept
         if link.quiets and cause.severity == "error":
             finding.severity = "info"
