@@ -72,21 +72,24 @@ def _kth_ranks(ranks: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     1, and a range's k-th smallest has the bit 0 if the range holds more than k values with
     it; the range and k follow it down to the next level. Every range moves at once.
     """
-    current = ranks
-    answer = np.zeros_like(ks)
-    start, end, k = starts.copy(), ends.copy(), ks.copy()
-    for bit in reversed(range(max(1, int(len(ranks) - 1).bit_length()))):
-        ones = (current >> bit) & 1 == 1
-        zeros_before = np.concatenate(([0], np.cumsum(~ones)))
+    count = len(ranks)
+    index = np.int32 if count < 2**31 else np.int64
+    current = ranks.astype(index)
+    start, end, k = starts.astype(index), ends.astype(index), ks.astype(index)
+    answer = np.zeros(len(ks), dtype=index)
+    zeros_before = np.zeros(count + 1, dtype=index)  # values with the bit 0 before each place
+    for bit in reversed(range(max(1, int(count - 1).bit_length()))):
+        zeros = (current & (1 << bit)) == 0
+        np.cumsum(zeros, out=zeros_before[1:])
         zeros_start, zeros_end = zeros_before[start], zeros_before[end]
         in_zeros = zeros_end - zeros_start
         right = k >= in_zeros
-        answer |= right.astype(answer.dtype) << bit
-        k -= in_zeros * right
-        offset = right * zeros_before[-1]  # where the values with the bit 1 begin
-        start = np.where(right, offset + start - zeros_start, zeros_start)
-        end = np.where(right, offset + end - zeros_end, zeros_end)
-        current = np.concatenate((current[~ones], current[ones]))
+        answer[right] |= 1 << bit
+        k[right] -= in_zeros[right]
+        first_one = zeros_before[-1]  # where the values with the bit 1 begin
+        start = np.where(right, start - zeros_start + first_one, zeros_start)
+        end = np.where(right, end - zeros_end + first_one, zeros_end)
+        current = np.concatenate((current[zeros], current[~zeros]))
     return answer
 
 
