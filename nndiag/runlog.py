@@ -300,7 +300,7 @@ def read_run(directory: str | Path) -> RunLog:
                 raise ValueError("not a sampled step")
             log.samples.append(_sample_v1(record) if schema == "nndiag.run/1"
                                else StepRecord.from_columns(record))
-        except (TypeError, ValueError, KeyError, OverflowError):
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
             log.skipped_lines += 1
     return log
 
