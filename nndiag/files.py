@@ -76,23 +76,29 @@ def read_bounded(path: str | Path, max_bytes: int, what: str) -> bytes:
         UsageError: Not a regular file, or a larger one (``what`` names it in the message).
         OSError: It cannot be read.
     """
+    chunks: list[bytes] = []
+    size = 0
     with open_regular(path) as handle:
-        data = handle.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise UsageError(f"{str(path)!r} is over {max_bytes // 2**20} MiB: too large to be "
-                         f"{what}")
-    return data
+        while chunk := handle.read(_CHUNK_BYTES):  # read(max_bytes) would allocate max_bytes
+            size += len(chunk)
+            if size > max_bytes:
+                raise UsageError(f"{str(path)!r} is over {max_bytes // 2**20} MiB: too large "
+                                 f"to be {what}")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def read_lines(path: str | Path, max_bytes: int = MAX_LINE_BYTES) -> Iterator[str | None]:
+def read_lines(path: str | Path, max_bytes: int | None = None) -> Iterator[str | None]:
     """The lines of a regular file as text (UTF-8, bad bytes replaced), without line ends.
 
-    A line longer than ``max_bytes`` is yielded as ``None``: it is never held whole in memory.
+    A line longer than ``max_bytes`` (``None``: ``MAX_LINE_BYTES``) is yielded as ``None``: it
+    is never held whole in memory.
 
     Raises:
         UsageError: Not a regular file.
         OSError: It cannot be read.
     """
+    max_bytes = MAX_LINE_BYTES if max_bytes is None else max_bytes
     with open_regular(path) as handle:
         partial = bytearray()  # the start of a line that the next chunk continues
         skipping = False  # the line in progress is over the bound: its bytes are dropped
@@ -106,10 +112,11 @@ def read_lines(path: str | Path, max_bytes: int = MAX_LINE_BYTES) -> Iterator[st
                 partial.clear()
                 skipping = False
             if not skipping:
-                partial += rest
-                if len(partial) > max_bytes:
-                    skipping = True
+                skipping = len(partial) + len(rest) > max_bytes
+                if skipping:
                     partial.clear()
+                else:
+                    partial += rest
         if skipping:
             yield None
         elif partial:
