@@ -64,6 +64,7 @@ bench: setup
 	$(BIN)/python benchmarks/lr_unseen.py
 	$(BIN)/python benchmarks/monitor_overhead.py
 	$(BIN)/python benchmarks/check_gate_time.py
+	$(BIN)/python benchmarks/check_long_run.py
 
 clean:
 	rm -rf $(VENV) out site .pytest_cache .ruff_cache *.egg-info

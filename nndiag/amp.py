@@ -17,10 +17,19 @@ import json
 import warnings
 from pathlib import Path
 
+from nndiag.errors import UsageError
+from nndiag.files import read_lines
 from nndiag.findings import FindingId
 
 AMP_FILE = "amp.jsonl"
 FINDING_ID = FindingId.AMP_SKIPPED_STEPS
+# Steps are counted from 0 in a signed 64-bit integer, as a training loop's counter would be.
+MAX_STEP = 2**63
+
+
+def is_step(value: object) -> bool:
+    """Whether ``value`` is a step index a run log may hold: an ``int`` from 0 below 2^63."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_STEP
 
 
 def append_skipped(run_dir: str | Path, step: int, scale: float) -> None:
@@ -36,16 +45,26 @@ def append_skipped(run_dir: str | Path, step: int, scale: float) -> None:
 def read_skipped(run_dir: str | Path) -> list[dict[str, float]]:
     """The skipped steps recorded in a run directory (none when there is no file).
 
-    Unreadable lines (a run cut short while writing) are skipped.
+    Unreadable lines (a run cut short while writing, a step that is not an index, a number
+    too large for a float) are skipped.
+
+    Raises:
+        UsageError: ``amp.jsonl`` is not a regular file (a FIFO, a device) or is unreadable.
     """
     path = Path(run_dir) / AMP_FILE
-    if not path.is_file():
+    if not path.exists():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-            rows.append({"step": int(row["step"]), "scale": float(row.get("scale", "nan"))})
-        except (ValueError, TypeError, KeyError):
-            continue
+    try:
+        for line in read_lines(path):
+            if line is None:  # longer than any such line
+                continue
+            try:
+                row = json.loads(line)
+                if is_step(row["step"]):
+                    rows.append({"step": row["step"], "scale": float(row.get("scale", "nan"))})
+            except (ValueError, TypeError, KeyError, OverflowError, RecursionError):
+                continue
+    except OSError as exc:
+        raise UsageError(f"{str(path)!r} is unreadable: {exc.strerror or exc}") from exc
     return rows

@@ -66,7 +66,7 @@ def build_run_report(log: RunLog, findings: list[Finding]) -> CheckReport:
     notes = []
     if log.skipped_lines:
         notes.append(f"{log.skipped_lines} unreadable line(s) skipped (a run cut short while "
-                     "writing)")
+                     "writing, or a malformed line)")
     if not log.samples:
         notes.append("no sampled step yet: only the loss was judged")
     summary = {

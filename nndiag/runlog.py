@@ -10,8 +10,11 @@ Layout (schema ``nndiag.run/2``)::
 A step's loss is written at the next step (the current one may still be computing on an
 accelerator) and at every sampled step; samples as they are taken. Every line is written
 whole and flushed to the operating system, so a killed process (even SIGKILL) loses at most
-one step; the reader skips a last line that is cut short and any malformed line (counted in
-``skipped_lines``).
+one step; the reader skips a last line that is cut short and any malformed line (not JSON,
+nested too deep, a number too large for a float, over ``files.MAX_LINE_BYTES``: counted in
+``skipped_lines``). It reads regular files only (a FIFO or a device in a run's place is
+refused: ``nndiag.files``) and refuses a ``meta.json`` whose fields are not of the types
+``Monitor`` writes.
 Numbers are rounded to 6 significant digits and non-finite values are written as the strings
 ``"nan"``, ``"inf"``, ``"-inf"``. Reading needs no torch. Runs written as ``nndiag.run/1``
 (separate ``sites`` and ``weights`` columns) are read too.
@@ -24,19 +27,25 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nndiag.amp import read_skipped
+from nndiag.amp import is_step, read_skipped
 from nndiag.errors import UsageError
-from nndiag.files import write_atomic
+from nndiag.files import read_bounded, read_lines, write_atomic
 from nndiag.records import LayerRecord, ParamGroup, StepRecord, attach_parameters
 
 SCHEMA = "nndiag.run/2"
 READABLE_SCHEMAS = ("nndiag.run/1", SCHEMA)
 META, STEPS, SAMPLES = "meta.json", "steps.jsonl", "samples.jsonl"
+# The largest meta.json read (Monitor writes a few KiB; 100,000 weight layers are ~5 MiB).
+MAX_META_BYTES = 32 * 2**20
+_DECODER = json.JSONDecoder()
+_JSON_SPACE = " \t\r\n"
 
 
 def encode(value: Any) -> Any:
@@ -184,24 +193,41 @@ class RunLog:
         return max(candidates) if candidates else None
 
 
-def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+def _parse_line(line: str) -> dict[str, Any] | None:
+    """A line's JSON object, non-finite numbers decoded (``None``: not a JSON object).
+
+    ``line`` has no surrounding whitespace.
+    """
+    try:
+        record, end = _DECODER.raw_decode(line)
+        if end != len(line) or not isinstance(record, dict):
+            return None
+        return decode(record) if 'nan"' in line or 'inf"' in line else record
+    except (ValueError, RecursionError):  # not JSON, an integer of 4,300+ digits, deep nesting
+        return None
+
+
+def _records(path: Path) -> Iterator[dict[str, Any] | None]:
+    """The JSON objects of a JSON-lines file, one at a time (none if it is missing).
+
+    ``None`` stands for a line that is not one (a cut last line, a malformed or over-long
+    one). One at a time, so that reading a long run never holds its lines' objects at once.
+
+    Raises:
+        UsageError: ``path`` is not a regular file (a FIFO, ``/dev/zero``...) or unreadable.
+    """
     if not path.exists():
-        return [], 0
-    records, skipped = [], 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.strip():
+        return
+    try:
+        for line in read_lines(path):
+            if line is None:
+                yield None
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if isinstance(record, dict):
-                records.append(decode(record))
-            else:
-                skipped += 1
-    return records, skipped
+            text = line.strip(_JSON_SPACE)
+            if text:
+                yield _parse_line(text)
+    except OSError as exc:
+        raise UsageError(f"{str(path)!r} is unreadable: {exc.strerror or exc}") from exc
 
 
 def _sample_v1(record: dict[str, Any]) -> StepRecord:
@@ -233,7 +259,8 @@ def read_run(directory: str | Path) -> RunLog:
     """Read a run directory written by ``Monitor`` (also while the run is still going).
 
     Raises:
-        UsageError: Not a run directory, or a schema this version cannot read.
+        UsageError: Not a run directory, a schema this version cannot read, a ``meta.json``
+            that is not what ``Monitor`` writes, or a run file that is not a regular file.
     """
     path = Path(directory)
     meta_path = path / META
@@ -242,41 +269,87 @@ def read_run(directory: str | Path) -> RunLog:
                          "(it holds meta.json)")
     if not path.is_dir():
         raise UsageError(f"run directory {str(path)!r} not found")
-    if not meta_path.is_file():
+    if not meta_path.exists():
         raise UsageError(f"{str(path)!r} is not a run directory (no {META}); record one with "
                          "nndiag.Monitor(model, optimizer, log_dir=...)")
-    try:
-        meta = decode(json.loads(meta_path.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{str(meta_path)!r} is unreadable: {exc}") from exc
-    schema = meta.get("schema") if isinstance(meta, dict) else None
-    if schema not in READABLE_SCHEMAS:
-        raise UsageError(f"{str(meta_path)!r}: unknown run-log schema {schema!r} "
-                         f"(this nndiag reads {', '.join(READABLE_SCHEMAS)})")
+    meta = _read_meta(meta_path)
+    schema = meta["schema"]
     log = RunLog(path, meta, skipped_steps=read_skipped(path))
-    step_records, skipped = _read_lines(path / STEPS)
-    for record in step_records:
+    for record in _records(path / STEPS):
         try:
+            if record is None:
+                raise ValueError("not a JSON object")
             first = record.get("first", 0)
             losses = record.get("loss") or []
             lrs = record.get("lr") or [None] * len(losses)
-            if not isinstance(first, int) or not isinstance(losses, list) or \
-                    not isinstance(lrs, list) or len(lrs) != len(losses):
+            if not is_step(first) or not isinstance(losses, list) or \
+                    not isinstance(lrs, list) or len(lrs) != len(losses) or \
+                    not is_step(first + len(losses)):
                 raise ValueError("malformed")
             values = [float(v) for v in losses]
             rates = [None if v is None else float(v) for v in lrs]
-        except (TypeError, ValueError):
-            skipped += 1
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit number
+            log.skipped_lines += 1
             continue
-        log.steps += list(range(first, first + len(values)))
+        log.steps += range(first, first + len(values))
         log.losses += values
         log.lrs += rates
-    sample_records, skipped_samples = _read_lines(path / SAMPLES)
-    for record in sample_records:
+    for record in _records(path / SAMPLES):
         try:
+            if record is None or not is_step(record.get("step")):
+                raise ValueError("not a sampled step")
             log.samples.append(_sample_v1(record) if schema == "nndiag.run/1"
                                else StepRecord.from_columns(record))
-        except (TypeError, ValueError, KeyError):
-            skipped_samples += 1
-    log.skipped_lines = skipped + skipped_samples
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
+            log.skipped_lines += 1
     return log
+
+
+# The fields of meta.json nndiag reads: what each must be, and the test.
+_META_FIELDS: dict[str, tuple[str, Any]] = {
+    "model": ("a string", lambda v: isinstance(v, str)),
+    "optimizer": ("a string", lambda v: isinstance(v, str)),
+    "created": ("a string", lambda v: isinstance(v, str)),
+    "grad_scaler": ("a string", lambda v: isinstance(v, str)),
+    "every": ("a positive integer", lambda v: is_step(v) and v > 0),
+    "world_size": ("a positive integer", lambda v: is_step(v) and v > 0),
+    "trainable_parameters": ("an integer from 0", is_step),
+    "weight_layers": ("a list of objects with a string name and kind", lambda v: isinstance(
+        v, list) and all(isinstance(layer, dict) and all(
+            isinstance(layer.get(key, ""), str) for key in ("name", "kind")) for layer in v)),
+}
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    """``meta.json``: an object of a readable schema whose fields have the types Monitor writes.
+
+    A field may be missing or ``null``; one of another type is refused, not guessed at.
+
+    Raises:
+        UsageError: Not a regular file, over ``MAX_META_BYTES``, not JSON, or a field
+            of the wrong type.
+    """
+    try:
+        meta = json.loads(read_bounded(meta_path, MAX_META_BYTES, f"a run's {META}")
+                          .decode("utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{str(meta_path)!r} is unreadable: {exc.strerror or exc}") from exc
+    except RecursionError as exc:
+        raise UsageError(f"{str(meta_path)!r} is unreadable: nested too deeply") from exc
+    except ValueError as exc:  # not UTF-8, not JSON, an integer of over 4,300 digits
+        raise UsageError(f"{str(meta_path)!r} is unreadable: {exc}") from exc
+    schema = meta.get("schema") if isinstance(meta, dict) else None
+    if schema not in READABLE_SCHEMAS:
+        raise UsageError(f"{str(meta_path)!r}: unknown run-log schema {_short(schema)} "
+                         f"(this nndiag reads {', '.join(READABLE_SCHEMAS)})")
+    for key, (expected, valid) in _META_FIELDS.items():
+        value = meta.get(key)
+        if value is not None and not valid(value):
+            raise UsageError(f"{str(meta_path)!r}: {key!r} must be {expected}, got "
+                             f"{_short(value)}")
+    return meta
+
+
+def _short(value: Any) -> str:
+    """A repr of bounded length and depth, for a message."""
+    return reprlib.repr(value)

@@ -8,6 +8,11 @@ to file descriptor 1 directly (C/C++ extensions' ``printf``, ``os.write(1, ...)`
 processes (subprocesses, DataLoader workers started with ``spawn``) and objects that kept a
 reference to the old stream (``sys.__stdout__``, a ``logging.StreamHandler(sys.stdout)``
 configured before the command started).
+
+Nothing a user controls reaches the terminal raw: reports are rendered by
+``nndiag.render.text`` (every string through its ``inert``), and the lines ``Output`` prints
+itself (messages, written paths, errors) go through it too; the consoles read no markup and no
+emoji codes from a plain string.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from rich.progress import (
 
 from nndiag.errors import NndiagError, UsageError, describe_exception
 from nndiag.render.safe import printable
+from nndiag.render.text import inert
 
 PIPED_WIDTH = 120
 # Exit code for a bug in nndiag itself (not part of the findings/usage/user-code contract).
@@ -79,8 +85,9 @@ class Output:
         stream = data_stream()
         # Piped or logged output (CI) gets 120 columns rather than rich's default 80.
         piped = not stream.isatty() and "COLUMNS" not in os.environ
-        self.stdout = Console(file=stream, soft_wrap=False, width=PIPED_WIDTH if piped else None)
-        self.stderr = Console(stderr=True, soft_wrap=True)
+        self.stdout = Console(file=stream, soft_wrap=False, width=PIPED_WIDTH if piped else None,
+                              markup=False, emoji=False)
+        self.stderr = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
         self.debug = debug
 
     @contextmanager
@@ -120,8 +127,15 @@ class Output:
             yield advance
 
     def message(self, text: str) -> None:
-        """A status message on stderr."""
-        self.stderr.print(text, style="dim", highlight=False)
+        """A status message on stderr (inert: names in it print as they are, escaped)."""
+        self.stderr.print(inert(text, style="dim"))
+
+    def line(self, text: str) -> None:
+        """A line of data on stdout, such as a path written: inert, as ``message``.
+
+        Never wrapped: a path cut in two lines is another path.
+        """
+        self.stdout.print(inert(text), soft_wrap=True)
 
     def fail(self, exc: BaseException) -> int:
         """Report an error on stderr and return the exit code it maps to.
@@ -140,8 +154,8 @@ class Output:
             if hint:
                 self.stderr.print(hint.strip(), style="dim")
             return exc.exit_code
-        self.stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {_safe(exc)}",
-                          highlight=False)
+        self.stderr.print(f"[bold red]internal error:[/] {_safe(type(exc).__name__)}: "
+                          f"{_safe(exc)}", highlight=False, markup=True)
         self.stderr.print("this is a bug in nndiag; rerun with --debug and report the traceback",
                           style="dim")
         return INTERNAL_ERROR
@@ -176,6 +190,9 @@ def _check_writable_parent(path: Path, option: str) -> None:
 def validate_output_file(path: Path, option: str) -> None:
     """Refuse, before any work, a file the command could not write.
 
+    A regular file (or a new one) is written beside its target and renamed over it, so its
+    directory must be writable; a FIFO or a device is written in place.
+
     Raises:
         UsageError: ``path`` is a directory, or its directory is not one or is not writable.
 
@@ -184,7 +201,10 @@ def validate_output_file(path: Path, option: str) -> None:
         raise UsageError(f"{option} {str(path)!r} is a directory; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {str(path)!r}: cannot overwrite it (permission denied)")
-    _check_writable_parent(path, option)
+    if path.exists() and not path.is_file():
+        return  # a FIFO or a device (/dev/null): written in place (``write_atomic``)
+    # A regular file is replaced by one written beside it; a symlink's target is.
+    _check_writable_parent(Path(os.path.realpath(path)), option)
 
 
 def validate_output_dir(path: Path, option: str) -> None:
@@ -221,6 +241,6 @@ def write_output(option: str, path: Path, write: Callable[[], object]) -> None:
                          "to stdout") from exc
 
 
-def _safe(exc: BaseException) -> str:
-    """An error message as inert text: names from files carry no markup or terminal escapes."""
-    return escape(printable(exc))
+def _safe(text: object) -> str:
+    """An error message as inert markup: names from files carry no markup or terminal escapes."""
+    return escape(printable(text))

@@ -134,7 +134,7 @@ def report(
         judged = judge_run(log)
         target = out_dir or (run_dir / "report")
         for path in write_run_report(log, judged, target):
-            out.stdout.print(str(path), highlight=False)
+            out.line(str(path))
         code = 1 if judged.fails(fail_on.value) else 0
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)
@@ -162,7 +162,7 @@ def export(
         from nndiag.export import export_tensorboard
 
         path = export_tensorboard(run_dir, tensorboard)
-        out.stdout.print(str(path), highlight=False)
+        out.line(str(path))
         code = 0
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)

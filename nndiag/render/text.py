@@ -24,6 +24,19 @@ STYLE = {"ok": "bold green", "info": "cyan", "warning": "bold yellow", "error": 
 MAX_TABLE_ROWS = 40
 
 
+def inert(*parts: str | tuple[str, str], style: str = "") -> Text:
+    """Rich text of plain parts, each a string or ``(string, style)``, safe for a terminal.
+
+    Every part goes through ``printable`` (control characters, terminal escapes and
+    bidirectional overrides are written as visible escapes), and a ``Text`` is never read as
+    markup, so a model or layer named ``"[bold]x"`` prints as it is. Every string the
+    renderers below print is built here: a name from a user's model, a checkpoint or a run
+    log cannot reach the terminal raw.
+    """
+    return Text.assemble(*[(printable(part[0]), part[1]) if isinstance(part, tuple)
+                           else printable(part) for part in parts], style=style)
+
+
 def fmt(value: Any) -> str:
     """Format a statistic compactly (3 significant digits, scientific when far from 1)."""
     if value is None:
@@ -41,19 +54,17 @@ def _status_line(report: Report) -> Text:
     counts = {s: sum(f.severity == s for f in report.findings) for s in ("error", "warning",
                                                                          "info")}
     status = report.status
-    text = Text(f" {status.upper()} ", style=f"reverse {STYLE[status]}")
+    badge = (f" {status.upper()} ", f"reverse {STYLE[status]}")
     if not report.findings:
-        text.append("  no problem found", style=STYLE["ok"])
-    else:
-        parts = [f"{n} {s}{'s' if n > 1 else ''}" for s, n in counts.items() if n]
-        text.append("  " + ", ".join(parts))
-    return text
+        return inert(badge, ("  no problem found", STYLE["ok"]))
+    parts = [f"{n} {s}{'s' if n > 1 else ''}" for s, n in counts.items() if n]
+    return inert(badge, "  " + ", ".join(parts))
 
 
 def _header(report: Report) -> Text:
     s = report.summary
     frozen = f", {s['frozen_parameters']:,} frozen" if s.get("frozen_parameters") else ""
-    return Text.assemble(
+    return inert(
         ("nndiag inspect ", "bold"), (f"{s.get('model', '')}", "bold cyan"),
         f": {s.get('trainable_parameters', 0):,} trainable parameters{frozen}; "
         f"{s.get('loss_name')} loss {fmt(s.get('loss'))} on {s.get('batches')} batch(es) of "
@@ -66,42 +77,36 @@ def _verified(fix: Fix) -> Text | None:
     if v is None:
         return None
     if not v.get("applied"):
-        return Text(f"not tried automatically: {v.get('reason')}", style="dim")
+        return inert(f"not tried automatically: {v.get('reason')}", style="dim")
     changes = ", ".join(f"{k} {fmt(v['before'].get(k))} -> {fmt(v['after'].get(k))}"
                         for k in v["before"])
     verdict = ("resolved" if v["resolved"] else f"still {v['severity_after']}")
-    style = "green" if v["resolved"] else "yellow"
-    text = Text("verified on a copy: ", style="dim")
-    text.append(f"{verdict}", style=style)
-    text.append(f" ({changes})")
-    if v.get("new_findings"):
-        text.append(f"; new findings after the fix: {', '.join(v['new_findings'])}", style="yellow")
-    return text
+    new = (f"; new findings after the fix: {', '.join(v['new_findings'])}"
+           if v.get("new_findings") else "")
+    return inert(("verified on a copy: ", "dim"),
+                 (verdict, "green" if v["resolved"] else "yellow"), f" ({changes})",
+                 (new, "yellow"))
 
 
 def _finding(finding: Finding) -> Group:
     parts: list[Any] = []
-    title = Text(f"[{finding.severity}] ", style=STYLE[finding.severity])
-    title.append(finding.id, style="bold")
-    title.append(f"  {printable(finding.summary)}")
-    parts.append(title)
+    parts.append(inert((f"[{finding.severity}] ", STYLE[finding.severity]),
+                       (finding.id, "bold"), f"  {finding.summary}"))
     if finding.explanation:
-        parts.append(Padding(Text(printable(finding.explanation)), (0, 0, 0, 4)))
+        parts.append(Padding(inert(finding.explanation), (0, 0, 0, 4)))
     if finding.layers:
-        shown = ", ".join(map(printable, finding.layers[:8])) + (
+        shown = ", ".join(finding.layers[:8]) + (
             f" ... (+{len(finding.layers) - 8})" if len(finding.layers) > 8 else "")
-        parts.append(Padding(Text(f"layers: {shown}", style="dim"), (0, 0, 0, 4)))
+        parts.append(Padding(inert(f"layers: {shown}", style="dim"), (0, 0, 0, 4)))
     for number, fix in enumerate(finding.fixes, 1):
-        line = Text(f"{number}. ", style="bold")
-        line.append(fix.id, style="bold magenta")
-        line.append(f": {printable(fix.summary)}")
-        parts.append(Padding(line, (0, 0, 0, 4)))
+        parts.append(Padding(inert((f"{number}. ", "bold"), (fix.id, "bold magenta"),
+                                   f": {fix.summary}"), (0, 0, 0, 4)))
         verified = _verified(fix)
         if verified is not None:
             parts.append(Padding(verified, (0, 0, 0, 7)))
-        if fix.code:
-            code = "\n".join(map(printable, fix.code.split("\n")))
-            parts.append(Padding(Text(code, style="dim cyan"), (0, 0, 0, 7)))
+        if fix.code:  # one line each: the code's own line breaks are kept
+            code = Text("\n", style="dim cyan").join(map(inert, fix.code.split("\n")))
+            parts.append(Padding(code, (0, 0, 0, 7)))
     return Group(*parts)
 
 
@@ -154,7 +159,7 @@ def layer_table(report: Report) -> Table:
         init = (f"{row.init_scale:.2f} {'He' if row.init_reference == 'he' else 'Xav'}"
                 if row.init_scale is not None else "-")
         style = {"error": "red", "warning": "yellow"}.get(flagged.get(row.name, ""), "")
-        table.add_row(str(row.index), Text(printable(row.name)), row.kind,
+        table.add_row(str(row.index), inert(row.name), inert(row.kind),
                       fmt(row.std), share,
                       fmt(row.depth_gain), fmt(row.grad_to_weight), init,
                       style=style)
@@ -166,25 +171,28 @@ def render_text(report: Report, console: Console) -> None:
     console.print(_header(report))
     checkpoint = report.summary.get("checkpoint")
     if checkpoint:
-        console.print(Text(f"weights from {printable(checkpoint['path'])} "
-                           f"({checkpoint['format']})",
-                           style="dim"))
+        console.print(inert(f"weights from {checkpoint['path']} ({checkpoint['format']})",
+                            style="dim"))
     _status_and_findings(report, console)
     console.print()
     console.print(layer_table(report))
-    console.print(Text("gain: gradient norm at the layer's output / at the model output; "
-                       "init: weight RMS / the He or Xavier (Xav) std for its fans",
-                       style="dim"))
+    console.print(inert("gain: gradient norm at the layer's output / at the model output; "
+                        "init: weight RMS / the He or Xavier (Xav) std for its fans",
+                        style="dim"))
+    _notes(report, console)
+
+
+def _notes(report: Report, console: Console) -> None:
     for note in report.notes:
-        console.print(Text(f"note: {printable(note)}", style="yellow"))
+        console.print(inert(f"note: {note}", style="yellow"))
 
 
 def _checkpoint_header(report: Report) -> Text:
     s = report.summary
     where = f" (weights under {s['weights_key']!r})" if s.get("weights_key") else ""
     dtypes = ", ".join(f"{k} {v:,}" for k, v in s.get("dtypes", {}).items())
-    return Text.assemble(
-        ("nndiag inspect ", "bold"), (printable(s.get("path")), "bold cyan"),
+    return inert(
+        ("nndiag inspect ", "bold"), (str(s.get("path")), "bold cyan"),
         f": {s.get('format')}{where}; {s.get('parameters', 0):,} values in "
         f"{s.get('tensors')} tensors ({dtypes}); data-free analysis",
     )
@@ -225,7 +233,7 @@ def checkpoint_table(report: Report) -> Table:
         if row.zero_initialized:
             notes.append("zero-init")
         style = {"error": "red", "warning": "yellow"}.get(flagged.get(row.name, ""), "")
-        table.add_row(Text(printable(row.name)), row.kind, f"{row.params:,}",
+        table.add_row(inert(row.name), inert(row.kind), f"{row.params:,}",
                       "x".join(map(str, weight.shape)) if weight else "-",
                       fmt(row.weight_rms), *(fmt(row.get(k)) for k in scales.values()),
                       "-" if row.chain is None else str(row.chain),
@@ -241,18 +249,17 @@ def render_checkpoint_text(report: Report, console: Console) -> None:
     console.print(_checkpoint_header(report))
     extras = report.summary.get("extras") or {}
     if extras:
-        console.print(Text("also in the file: " + "; ".join(
-            f"{printable(k)}: {printable(v)}" for k, v in extras.items()), style="dim"))
+        console.print(inert("also in the file: " + "; ".join(
+            f"{k}: {v}" for k, v in extras.items()), style="dim"))
     _status_and_findings(report, console)
     console.print()
     console.print(checkpoint_table(report))
     family = "init x: weight RMS over the std the model's family initializes it at (what " \
         "transformer findings judge); " if "init x" in _scale_columns(report) else ""
-    console.print(Text(f"{family}He x / Xavier x: weight RMS over the He std sqrt(2/fan_in) / "
-                       "the Xavier std sqrt(2/(fan_in+fan_out)); chain: layers with no "
-                       "normalization between them", style="dim"))
-    for note in report.notes:
-        console.print(Text(f"note: {printable(note)}", style="yellow"))
+    console.print(inert(f"{family}He x / Xavier x: weight RMS over the He std sqrt(2/fan_in) / "
+                        "the Xavier std sqrt(2/(fan_in+fan_out)); chain: layers with no "
+                        "normalization between them", style="dim"))
+    _notes(report, console)
 
 
 def render_report(report: Report, console: Console) -> None:
@@ -268,25 +275,24 @@ def render_report(report: Report, console: Console) -> None:
 def render_lr_find(result: LRFindResult, console: Console) -> None:
     """Print a range-test result: suggestion, reason, warnings and the curve per decade."""
     s = result.summary
-    console.print(Text.assemble(
+    console.print(inert(
         ("nndiag lr-find ", "bold"), (str(s.get("optimizer")), "bold cyan"),
         f": {s.get('steps_run')} of {s.get('steps')} steps from {s.get('start_lr'):.0e} to "
         f"{s.get('end_lr'):g} (accumulate {s.get('accumulate')}); stopped: "
         f"{result.stopped_because}"))
     status = result.status
-    line = Text(f" {status.upper()} ", style=f"reverse {STYLE[status]}")
+    badge = (f" {status.upper()} ", f"reverse {STYLE[status]}")
     if result.suggested_lr is not None:
-        line.append("  suggested learning rate ")
-        line.append(f"{result.suggested_lr:.2e}", style="bold")
-        if result.lr_low and result.lr_high:
-            line.append(f"   (useful range {result.lr_low:.1e} .. {result.lr_high:.1e})")
+        useful = (f"   (useful range {result.lr_low:.1e} .. {result.lr_high:.1e})"
+                  if result.lr_low and result.lr_high else "")
+        console.print(inert(badge, "  suggested learning rate ",
+                            (f"{result.suggested_lr:.2e}", "bold"), useful))
     else:
-        line.append("  no learning rate can be suggested from this curve")
-    console.print(line)
-    console.print(Padding(Text(f"why: {result.reason}"), (0, 0, 0, 2)))
+        console.print(inert(badge, "  no learning rate can be suggested from this curve"))
+    console.print(Padding(inert(f"why: {result.reason}"), (0, 0, 0, 2)))
     ratios = s.get("param_group_lr_ratios") or []
     if len(ratios) > 1:
-        console.print(Padding(Text(f"{len(ratios)} param groups: their learning rates keep the "
+        console.print(Padding(inert(f"{len(ratios)} param groups: their learning rates keep the "
                                    f"ratios {', '.join(f'{r:g}' for r in ratios)}",
                                    style="dim"), (0, 0, 0, 2)))
     _findings(result, console)
@@ -328,14 +334,14 @@ def _lr_trials(result: LRFindResult, console: Console) -> None:
     console.print(table)
     samples = result.summary.get("trial_eval_samples")
     if samples and result.summary.get("trial_scored_on") == "validation":
-        console.print(Text(f"loss after: on {samples} validation samples", style="dim"))
+        console.print(inert(f"loss after: on {samples} validation samples", style="dim"))
     elif samples:
-        console.print(Text(f"loss after: on the first {samples} training samples, which the "
-                           "trials also train on (--val-data: score on held-out data)",
-                           style="dim"))
+        console.print(inert(f"loss after: on the first {samples} training samples, which the "
+                            "trials also train on (--val-data: score on held-out data)",
+                            style="dim"))
     if result.curve_lr:
-        console.print(Text(f"the curve alone (--no-trials) reads {result.curve_lr:.2e}",
-                           style="dim"))
+        console.print(inert(f"the curve alone (--no-trials) reads {result.curve_lr:.2e}",
+                            style="dim"))
 
 
 def render_check(report: Report, console: Console) -> None:
@@ -343,7 +349,7 @@ def render_check(report: Report, console: Console) -> None:
     s = report.summary
     training = s.get("mode") == "training"
     what = "training gate" if training else str(s.get("run"))
-    console.print(Text.assemble(
+    console.print(inert(
         ("nndiag check ", "bold"), (what, "bold cyan"),
         f": {s.get('model')} with {s.get('optimizer')}; {s.get('steps')} steps, "
         f"{s.get('samples')} sampled every {s.get('every')}"
@@ -351,9 +357,8 @@ def render_check(report: Report, console: Console) -> None:
         + (f"; final loss {fmt(s.get('final_loss'))}" if s.get("final_loss") is not None
            else "")))
     if training:
-        console.print(Text(f"loss at init {fmt(s.get('loss_at_init'))} (uninformed model: "
-                           f"{fmt(s.get('expected_loss_at_init'))}); learning rate "
-                           f"{fmt(s.get('lr'))}; seed {s.get('seed')}", style="dim"))
+        console.print(inert(f"loss at init {fmt(s.get('loss_at_init'))} (uninformed model: "
+                            f"{fmt(s.get('expected_loss_at_init'))}); learning rate "
+                            f"{fmt(s.get('lr'))}; seed {s.get('seed')}", style="dim"))
     _status_and_findings(report, console)
-    for note in report.notes:
-        console.print(Text(f"note: {note}", style="yellow"))
+    _notes(report, console)

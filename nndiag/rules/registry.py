@@ -59,14 +59,6 @@ def _sanity(rule: Callable[[SanityRecord], Finding | None]) -> Check:
     return lambda record, thresholds: rule(record)
 
 
-def _levels(rule: Callable[[run.LossLevels, dict[str, Threshold]], Finding | None]) -> Check:
-    def check(log: RunLog, thresholds: dict[str, Threshold]) -> Finding | None:
-        levels = run.loss_levels(log)
-        return rule(levels, thresholds) if levels is not None else None
-
-    return check
-
-
 F = FindingId
 RULES: tuple[Rule, ...] = (
     # A live probe: forward and backward on a few batches.
@@ -101,8 +93,8 @@ RULES: tuple[Rule, ...] = (
     # A recorded run.
     Rule((F.NAN_INF,), RunLog, run.nan_inf),
     Rule((F.DEAD_RELU,), RunLog, run.dead_units),
-    Rule((F.LOSS_DIVERGING, F.LOSS_NOT_DECREASING), RunLog, _levels(run.loss_trend)),
-    Rule((F.LOSS_OSCILLATING,), RunLog, _levels(run.loss_oscillating)),
+    Rule((F.LOSS_DIVERGING, F.LOSS_NOT_DECREASING, F.LOSS_OSCILLATING), RunLog,
+         run.loss_findings),
     Rule((F.VANISHING_GRADIENTS, F.EXPLODING_GRADIENTS), RunLog, run.gradient_trends),
     Rule((F.UPDATE_RATIO_HIGH, F.UPDATE_RATIO_LOW), RunLog, run.update_ratios),
     Rule((F.ZERO_GRAD_MISSING,), RunLog, run.zero_grad_missing),

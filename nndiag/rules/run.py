@@ -17,6 +17,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from nndiag.findings import Finding, FindingId, worst_severity
 from nndiag.records.layers import LOOKUP_KINDS, READING_PLAIN, ROLE_KEY, ROLE_QUERY
 from nndiag.rules.thresholds import Threshold
@@ -31,21 +33,82 @@ LINEAR_OR_CONV = ("Linear", "Conv1D", "Bilinear", "Conv1d", "Conv2d", "Conv3d", 
 
 
 def running_median(values: Sequence[float], window: int) -> list[float]:
-    """Centered running median (the window shrinks at the edges)."""
+    """Centered running median (the window shrinks at the edges).
+
+    The median of point i is ``statistics.median(values[max(0, i - window // 2):
+    i + window // 2 + 1])``, bit for bit (an even count's is the mean of its two middle values,
+    ``(a + b) / 2``), in O(n log n) time and O(n) memory whatever the window: every window's
+    middle values are read at once from a wavelet matrix of the values' ranks (``_kth_ranks``).
+    Infinities order as numbers; a NaN orders above every number (NumPy's sort order).
+    """
+    count = len(values)
+    if count == 0:
+        return []
+    data = np.asarray(values, dtype=np.float64)
+    order = np.argsort(data, kind="stable")
+    ranks = np.empty(count, dtype=np.int64)
+    ranks[order] = np.arange(count)
     half = window // 2
-    return [statistics.median(values[max(0, i - half): i + half + 1])
-            for i in range(len(values))]
+    centers = np.arange(count)
+    starts = np.maximum(centers - half, 0)
+    ends = np.minimum(centers + half + 1, count)
+    sizes = ends - starts
+    ordered = data[order]
+    medians = ordered[_kth_ranks(ranks, starts, ends, sizes // 2)]
+    even = np.flatnonzero(sizes % 2 == 0)  # windows cut short at the ends of the run
+    if len(even):
+        lower = ordered[_kth_ranks(ranks, starts[even], ends[even], sizes[even] // 2 - 1)]
+        with np.errstate(over="ignore", invalid="ignore"):  # as Python's floats: inf, nan
+            medians[even] = (lower + medians[even]) / 2
+    return medians.tolist()
 
 
-def _mad(values: Sequence[float]) -> float:
-    return 1.4826 * statistics.median(abs(v) for v in values) if values else 0.0
+def _kth_ranks(ranks: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+               ks: np.ndarray) -> np.ndarray:
+    """For each range ``ranks[starts[j]:ends[j]]``, its ``ks[j]``-th smallest value (from 0).
+
+    ``ranks`` is a permutation of ``0..n-1``. A wavelet matrix, one level per bit from the
+    highest: at each level the values whose bit is 0 move (stably) before those whose bit is
+    1, and a range's k-th smallest has the bit 0 if the range holds more than k values with
+    it; the range and k follow it down to the next level. Every range moves at once.
+    """
+    count = len(ranks)
+    index = np.int32 if count < 2**31 else np.int64
+    current = ranks.astype(index)
+    start, end, k = starts.astype(index), ends.astype(index), ks.astype(index)
+    answer = np.zeros(len(ks), dtype=index)
+    zeros_before = np.zeros(count + 1, dtype=index)  # values with the bit 0 before each place
+    for bit in reversed(range(max(1, int(count - 1).bit_length()))):
+        zeros = (current & (1 << bit)) == 0
+        np.cumsum(zeros, out=zeros_before[1:])
+        zeros_start, zeros_end = zeros_before[start], zeros_before[end]
+        in_zeros = zeros_end - zeros_start
+        right = k >= in_zeros
+        answer[right] |= 1 << bit
+        k[right] -= in_zeros[right]
+        first_one = zeros_before[-1]  # where the values with the bit 1 begin
+        start = np.where(right, start - zeros_start + first_one, zeros_start)
+        end = np.where(right, end - zeros_end + first_one, zeros_end)
+        current = np.concatenate((current[zeros], current[~zeros]))
+    return answer
+
+
+def _median(values: np.ndarray) -> float:
+    """``statistics.median`` of the values, in linear time (an even count's is ``(a + b) / 2``)."""
+    with np.errstate(over="ignore"):  # two middle values near the float maximum: inf
+        return float(np.median(values))
+
+
+def _mad(values: np.ndarray) -> float:
+    return 1.4826 * _median(np.abs(values)) if len(values) else 0.0
 
 
 def _finite_prefix(log: RunLog) -> tuple[list[int], list[float], int | None]:
-    for i, value in enumerate(log.losses):
-        if not math.isfinite(value):
-            return log.steps[:i], log.losses[:i], log.steps[i]
-    return log.steps, log.losses, None
+    finite = np.isfinite(np.asarray(log.losses, dtype=np.float64))
+    if finite.all():
+        return log.steps, log.losses, None
+    first_bad = int(np.argmin(finite))
+    return log.steps[:first_bad], log.losses[:first_bad], log.steps[first_bad]
 
 
 def nan_inf(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
@@ -101,15 +164,17 @@ def loss_levels(log: RunLog) -> LossLevels | None:
         return None
     window = max(5, len(losses) // 20)
     smooth = running_median(losses, window)
+    values, smoothed = np.asarray(losses, dtype=np.float64), np.asarray(smooth)
     half = len(losses) // 2
     edge = min(window // 2, len(losses) - 1)
-    best_index = min(range(edge, len(smooth)), key=smooth.__getitem__)
-    step_noise = _mad([b - a for a, b in zip(losses, losses[1:], strict=False)]) / math.sqrt(2)
+    best_index = edge + int(np.argmin(smoothed[edge:]))
+    with np.errstate(over="ignore"):  # differences of values near the float maximum: inf
+        step_noise = _mad(np.diff(values)) / math.sqrt(2)
+        residuals = values - smoothed
     return LossLevels(
         steps, losses, smooth, window, smooth[edge], smooth[-1 - edge], smooth[best_index],
-        steps[best_index], _mad([r - s for r, s in zip(losses, smooth, strict=True)]),
-        _mad([r - s for r, s in zip(losses[half:], smooth[half:], strict=True)]),
-        statistics.median(losses[half:]), 1.25 * step_noise / math.sqrt(window))
+        steps[best_index], _mad(residuals), _mad(residuals[half:]), _median(values[half:]),
+        1.25 * step_noise / math.sqrt(window))
 
 
 def loss_trend(levels: LossLevels, t: dict[str, Threshold]) -> Finding | None:
@@ -159,9 +224,8 @@ def loss_oscillating(levels: LossLevels, t: dict[str, Threshold]) -> Finding | N
     severity = t["loss_oscillation"].severity(relative)
     if severity is None or amplitude < 0.02 * abs(levels.start):
         return None
-    late = levels.losses[len(levels.losses) // 2:]
-    third, fourth = statistics.median(late[: len(late) // 2]), statistics.median(
-        late[len(late) // 2:])
+    late = np.asarray(levels.losses[len(levels.losses) // 2:], dtype=np.float64)
+    third, fourth = _median(late[: len(late) // 2]), _median(late[len(late) // 2:])
     if fourth - third < -0.5 * abs(third):
         return None
     return Finding(FindingId.LOSS_OSCILLATING, severity, [],
@@ -170,6 +234,14 @@ def loss_oscillating(levels: LossLevels, t: dict[str, Threshold]) -> Finding | N
                        "amplitude": amplitude, "level": levels.late_level,
                        "relative_amplitude": relative,
                        "first_step": levels.steps[len(levels.steps) // 2]})
+
+
+def loss_findings(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
+    """The loss trend and its oscillation, both judged on one reading of ``loss_levels``."""
+    levels = loss_levels(log)
+    if levels is None:
+        return []
+    return [f for f in (loss_trend(levels, t), loss_oscillating(levels, t)) if f is not None]
 
 
 def _weight_series(log: RunLog, stat: str) -> dict[str, list[tuple[int, float]]]:
