@@ -7,13 +7,14 @@
         monitor.step(loss)
     monitor.close()          # or use ``with nndiag.Monitor(...) as monitor:``
 
-Every step records the loss and the learning rate (``capture.step_values``: on an accelerator
+Every step records the loss and the learning rate it ran at (read at the optimizer's step
+hook; ``capture.step_values``: on an accelerator
 they stay on the device and reach the host in asynchronous blocks, so an unsampled step never
 waits for the device; on the CPU each step is written at the next one). Every ``every``-th step
 is sampled, with the same measurement core as ``nndiag inspect`` (``nndiag.capture.sites``) in
 its lean mode: per call site (modules and activations applied as functions, named alike) the
 activation mean and std, the dead fraction (ReLU family) and saturation (sigmoid/tanh family),
-reduced a group of same-shaped outputs at a time when the forward pass ends; gradient norms
+each output reduced on the device the moment it appears; gradient norms
 after accumulation and before clipping (read at the end of each backward pass); the true
 update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the optimizer's step
 hooks, valid for any optimizer; and the global gradient norm. The update ratio of a big tensor

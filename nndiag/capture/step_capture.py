@@ -10,7 +10,8 @@ the host in one transfer with the caller's losses, and returns the ``StepRecord`
   optimizer step under ``torch.distributed``, once the gradients are averaged), unscaled when
   a ``GradScaler`` still scales them;
 - the true update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the
-  optimizer's step hooks, on a fixed subset of big tensors (``_subset_layout``);
+  optimizer's step hooks, on a fixed subset of big tensors (``_subset_layout``), and for
+  embedding tables on rows spread over those the step's gradient touched (``_sample_rows``);
 - weight norms, taken on the elements a rank holds (``capture.shards``).
 """
 
