@@ -146,10 +146,10 @@ class StepCapture:
             [sum_weight(p, world_size) for p in self._weights], dtype=torch.float64)
         self._grad_sum_weights = torch.tensor(
             [sum_weight(p, world_size) for p in self.trainable], dtype=torch.float64)
-        # Embedding tables: a batch updates the rows of its tokens (with Adam, rows seen lately
-        # keep moving), so a fixed subset may hold none of them. Their update is measured on
-        # rows spread evenly over those whose gradient is non-zero this step (``_sample_rows``),
-        # as many as the budget holds.
+        # Embedding tables: a batch updates the rows of its tokens, so a fixed subset may hold
+        # none of them. Their update is measured on rows spread evenly over those whose
+        # gradient is non-zero this step (``_sample_rows``), as many as the budget holds (rows
+        # that only Adam's momentum still moves are not counted: a slight underestimate).
         self._row_sampled = [
             (i, max(_SUBSET_RUNS, update_sample // local(p).shape[1]))
             for i, (p, group) in enumerate((w, g) for g in self._groups for w in g.weights)
