@@ -53,7 +53,8 @@ demo: setup
 	$(BIN)/nndiag lr-find --model nndiag.examples:he_mlp --data nndiag.examples:classification_data \
 		--optimizer sgd --plot $(DEMO_OUT)/lr_find.png
 	$(BIN)/nndiag check sample_runs/dying_relu; test $$? -le 1
-	$(BIN)/nndiag report sample_runs/dying_relu --out $(DEMO_OUT)/dying_relu_report
+	$(BIN)/nndiag report sample_runs/dying_relu --out $(DEMO_OUT)/dying_relu_report; \
+		test $$? -le 1
 	@echo "Figures: $(DEMO_OUT)/deep_sigmoid_gradient_flow.png $(DEMO_OUT)/lr_find.png $(DEMO_OUT)/dying_relu_report/"
 
 bench: setup
