@@ -28,40 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fixtures import models, train_steps  # noqa: E402 - the project's test fixtures
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                         nn.Linear(64, 5))
-
-
-def tabular() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(7)
-    w = torch.randn(20, 5, generator=g)
-    out = []
-    for _ in range(8):
-        x = torch.randn(64, 20, generator=g)
-        out.append((x, (x @ w).argmax(1)))
-    return out
-
-
 def sgd_momentum(params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
 # name: (model, data, options, the finding a bug must raise at error or None for healthy)
+MLP = (models.relu_mlp, models.teacher_batches)
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], dict[str, Any],
                        str | None]] = {
     "conv+BN, SGD momentum 0.05": (models.conv_bn, lambda: models.prototype_images(8),
                                    {"optimizer": sgd_momentum, "lr": 0.05}, None),
-    "MLP, Adam 1e-3": (mlp, tabular, {"optimizer": "adam", "lr": 1e-3}, None),
+    "MLP, Adam 1e-3": (*MLP, {"optimizer": "adam", "lr": 1e-3}, None),
     "pre-LN token model, AdamW 1e-3": (models.TokenModel, models.next_token_batches,
                                        {"optimizer": "adamw", "lr": 1e-3}, None),
-    "bug: no zero_grad": (mlp, tabular, {"train_step": train_steps.no_zero_grad_step},
+    "bug: no zero_grad": (*MLP, {"train_step": train_steps.no_zero_grad_step},
                           "zero_grad_missing"),
-    "bug: softmax before the loss": (mlp, tabular, {"train_step": train_steps.softmax_step},
+    "bug: softmax before the loss": (*MLP, {"train_step": train_steps.softmax_step},
                                      "softmax_before_loss"),
-    "bug: zero_grad after backward": (mlp, tabular,
-                                      {"train_step": train_steps.zero_grad_after_backward_step},
-                                      "parameters_not_updated"),
+    "bug: zero_grad after backward": (
+        *MLP, {"train_step": train_steps.zero_grad_after_backward_step}, "parameters_not_updated"),
 }
 
 

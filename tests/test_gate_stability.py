@@ -12,30 +12,25 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from nndiag.training_check import check_training
-from tests.fixtures.models import TokenModel, conv_bn, next_token_batches, prototype_images
+from tests.fixtures.models import (
+    TokenModel,
+    conv_bn,
+    next_token_batches,
+    prototype_images,
+    relu_mlp,
+    teacher_batches,
+)
 
 SEEDS = range(20)
-
-
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                         nn.Linear(32, 4))
-
-
-def _tabular() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(7)
-    teacher = torch.randn(12, 4, generator=g)
-    inputs = [torch.randn(32, 12, generator=g) for _ in range(4)]
-    return [(x, (x @ teacher).argmax(1)) for x in inputs]
 
 
 @pytest.mark.parametrize(("build", "data", "options"), [
     (lambda: conv_bn(8, 4), lambda: prototype_images(4, 8, 4, 16),
      {"lr": 0.05, "optimizer": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)}),
-    (_mlp, _tabular, {"optimizer": "adam", "lr": 1e-3}),
+    (lambda: relu_mlp(12, 32, 4), lambda: teacher_batches(12, 4, 4, 32),
+     {"optimizer": "adam", "lr": 1e-3}),
     (lambda: TokenModel(24, 16), lambda: next_token_batches(24, 4, (8, 8)),
      {"optimizer": "adamw", "lr": 3e-3}),
 ], ids=["conv_bn_sgd_momentum", "mlp_adam", "token_model_adamw"])
