@@ -320,6 +320,11 @@ class Monitor:
         losses, record = self._capture.finish(self.step_count, self._loss_tensor(pending),
                                               skipped)
         self.samples.append(record)
+        if self._capture.input_stats is not None and "input" not in self._meta:
+            mean, std = self._capture.input_stats
+            self._meta["input"] = {"mean": mean, "std": std}
+            if self._writer is not None:
+                self._writer.update_meta(input=self._meta["input"])
         self._values.hand_over(losses, [None if lr is None else float(lr) for lr in lrs])
         self._to_sinks("write_sample", record)
 

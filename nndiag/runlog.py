@@ -3,7 +3,8 @@
 Layout (schema ``nndiag.run/2``)::
 
     RUN_DIR/
-      meta.json      written once, atomically: schema, model, sampling interval, layers, ranks
+      meta.json      written atomically: schema, model, sampling interval, layers, ranks; at
+                     the first sampled step, the model input's mean and std ("input")
       steps.jsonl    one line per flush: {"first": step, "loss": [...], "lr": [...]}
       samples.jsonl  one line per sampled step: a ``StepRecord``, its layers as columns
 
@@ -117,15 +118,32 @@ class RunWriter:
         if taken:
             raise UsageError(f"{str(self.directory)!r} already holds a run ({taken[0]}): "
                              "choose a new log_dir")
+        self._meta = dict(meta)
         try:
-            text = json.dumps(encode({"schema": SCHEMA, **meta}), indent=1)
-            write_atomic(self.directory / META, lambda temp: Path(temp).write_text(text),
-                         prefix=".meta-")
+            self._write_meta()
             self._steps = open(self.directory / STEPS, "x", encoding="utf-8")  # noqa: SIM115
             self._samples = open(self.directory / SAMPLES, "x", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise UsageError(f"cannot write the run log in {str(self.directory)!r}: "
                              f"{exc.strerror or exc}") from exc
+
+    def _write_meta(self) -> None:
+        text = json.dumps(encode({"schema": SCHEMA, **self._meta}), indent=1)
+        write_atomic(self.directory / META, lambda temp: Path(temp).write_text(text),
+                     prefix=".meta-")
+
+    def update_meta(self, **fields: Any) -> None:
+        """Add facts learned while training to ``meta.json`` (rewritten whole, atomically)."""
+        if self.failed:
+            return
+        self._meta.update(fields)
+        try:
+            self._write_meta()
+        except OSError as exc:
+            self.failed = True
+            warnings.warn(f"nndiag: writing the run log in {str(self.directory)!r} failed "
+                          f"({exc.strerror or exc}); logging stopped, training goes on",
+                          RuntimeWarning, stacklevel=3)
 
     def _write(self, handle: Any, record: dict[str, Any]) -> None:
         if self.failed:
@@ -314,6 +332,8 @@ _META_FIELDS: dict[str, tuple[str, Any]] = {
     "every": ("a positive integer", lambda v: is_step(v) and v > 0),
     "world_size": ("a positive integer", lambda v: is_step(v) and v > 0),
     "trainable_parameters": ("an integer from 0", is_step),
+    "input": ("an object with a numeric mean and std", lambda v: isinstance(v, dict) and all(
+        type(v.get(key)) in (int, float) for key in ("mean", "std"))),
     "weight_layers": ("a list of objects with a string name and kind", lambda v: isinstance(
         v, list) and all(isinstance(layer, dict) and all(
             isinstance(layer.get(key, ""), str) for key in ("name", "kind")) for layer in v)),

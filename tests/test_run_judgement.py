@@ -269,3 +269,32 @@ def test_the_transformers_callback_names_gradients_summed_over_micro_batches(
     assert len(named) == (0 if uses_item_count else 1)
     if named:
         assert "2x the mean" in str(named[0].message)
+
+
+@pytest.mark.parametrize(("scale", "first_norm", "expected"), [
+    (96.0, False, "warning"), (1.0, False, None), (96.0, True, None)])
+def test_a_run_names_inputs_far_from_unit_scale_at_its_start(tmp_path, scale, first_norm,
+                                                             expected):
+    from nndiag.run_check import check_run
+    from nndiag.runlog import read_run
+
+    torch.manual_seed(0)
+    body = _mlp()
+    model = nn.Sequential(nn.BatchNorm1d(20), body) if first_norm else body
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    with Monitor(model, optimizer, every=5, log_dir=tmp_path / "run") as monitor:
+        for _ in range(12):
+            x = torch.randn(32, 20, generator=g) * scale
+            loss = F.cross_entropy(model(x), torch.randint(0, 5, (32,), generator=g))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    meta = read_run(tmp_path / "run").meta
+    assert meta["input"]["std"] == pytest.approx(scale, rel=0.1)
+    finding = check_run(tmp_path / "run").finding("inputs_not_normalized")
+    assert (finding.severity if finding else None) == expected
+    if finding is not None:
+        assert finding.fixes[0].id == "normalize_inputs"
+        assert "first sampled step" in finding.explanation

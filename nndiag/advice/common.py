@@ -123,6 +123,16 @@ def probe_kinds(probe: ProbeRecord) -> set[str]:
     return {r.kind for r in probe.layers}
 
 
+# Why inputs far from unit scale matter, and what to do (inspect, the gate, a recorded run).
+UNNORMALIZED_INPUTS = (
+    "Default initializations (PyTorch's, He, Xavier) are scaled for inputs of about unit size: "
+    "the first layer's pre-activations are multiplied by the inputs' scale, and the gradient "
+    "of its weights with them, so every later layer starts off scale and the first layer's "
+    "updates are out of proportion with the others'. Standardize the inputs with the "
+    "training set's statistics (per feature or per channel); re-initializing the weights or "
+    "changing the learning rate only compensates for the symptom.")
+
+
 def inputs_off_scale(probe: ProbeRecord) -> bool:
     """True when the measured input std is outside [0.1, 10]."""
     return probe.input_std is not None and not 0.1 <= probe.input_std <= 10

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from nndiag.advice.catalog import make_fix
-from nndiag.advice.common import PROBE, Advisor, fmt, inputs_off_scale, normalize_inputs_fix
+from nndiag.advice.common import (
+    PROBE,
+    UNNORMALIZED_INPUTS,
+    Advisor,
+    fmt,
+    inputs_off_scale,
+    normalize_inputs_fix,
+)
 from nndiag.findings import Finding, FindingId, Fix
 from nndiag.records import ProbeRecord
 
@@ -47,13 +54,7 @@ def inputs_not_normalized(finding: Finding, probe: ProbeRecord) -> tuple[str, li
     """What unnormalized inputs do to the first layer and everything after it."""
     ev = finding.evidence
     return (f"The inputs have mean {fmt(ev['input_mean'])} and std {fmt(ev['input_std'])}. "
-            "Default initializations (PyTorch's, He, Xavier) are scaled for inputs of about "
-            "unit size: the first layer's pre-activations are multiplied by the inputs' scale, "
-            "and the gradient of its weights with them, so every later layer starts off "
-            "scale and the first layer's updates are out of proportion with the others'. "
-            "Standardize the inputs with the training set's statistics (per feature or per "
-            "channel); re-initializing the weights or changing the learning rate only "
-            "compensates for the symptom."), [normalize_inputs_fix(probe)]
+            f"{UNNORMALIZED_INPUTS}"), [normalize_inputs_fix(probe)]
 
 
 ADVISORS: dict[tuple[str, str], Advisor] = {

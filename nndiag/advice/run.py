@@ -9,7 +9,14 @@ reads the sampled steps.
 from __future__ import annotations
 
 from nndiag.advice.catalog import make_fix
-from nndiag.advice.common import RUN, Advisor, bias_fix, he_init_fix, norm_fix
+from nndiag.advice.common import (
+    RUN,
+    UNNORMALIZED_INPUTS,
+    Advisor,
+    bias_fix,
+    he_init_fix,
+    norm_fix,
+)
 from nndiag.findings import Finding, FindingId, Fix
 from nndiag.runlog import RunLog
 
@@ -158,7 +165,16 @@ def amp_skipped_steps(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
     return text, []
 
 
+def inputs_not_normalized(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """Inputs far from unit scale, as measured at the run's first sampled step."""
+    ev = finding.evidence
+    return (f"At the first sampled step the model's input had mean {ev['input_mean']:.3g} and "
+            f"std {ev['input_std']:.3g}. {UNNORMALIZED_INPUTS}"), [
+                make_fix("normalize_inputs", mean=ev["input_mean"], std=ev["input_std"])]
+
+
 ADVISORS: dict[tuple[str, str], Advisor] = {
+    (RUN, FindingId.INPUTS_NOT_NORMALIZED): inputs_not_normalized,
     (RUN, FindingId.AMP_SKIPPED_STEPS): amp_skipped_steps,
     (RUN, FindingId.NAN_INF): nan_inf,
     (RUN, FindingId.LOSS_DIVERGING): loss_diverging,

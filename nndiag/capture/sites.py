@@ -166,6 +166,9 @@ class SiteRecorder:
         # holds the output itself until the pass ends: a freed output's memory can be reused
         # by a later tensor (``repeat_kv``'s copy of the keys), which must not inherit its
         # module.
+        # The model's input, measured once when asked (``Monitor``'s run start).
+        self.measure_input = False
+        self.input_moments: torch.Tensor | None = None
         self.learned_roles: dict[str, str] = {}
         self._storages: dict[int, tuple[str, torch.Tensor]] = {}
         # The data flow seen on watched passes, kept across steps: module -> the modules that
@@ -244,6 +247,8 @@ class SiteRecorder:
             self.calls.clear()
             self.inside_activation = 0
             self.failed_in = None
+            if self.measure_input and self.input_moments is None:
+                self._measure_input(args)
             if self.watch_all:
                 self._enter_mode()
         self.stack.append(info.name)
@@ -255,6 +260,18 @@ class SiteRecorder:
             self._watch(info.name in self.functional_parents)
         if info.activation is not None:
             self.inside_activation += 1
+
+    def _measure_input(self, args: tuple[Any, ...]) -> None:
+        """Sum, sum of squares and count of the pass's floating-point input (device scalars)."""
+        source = args[0] if args else None
+        if not isinstance(source, torch.Tensor) or not source.is_floating_point() or \
+                not source.numel():
+            return
+        with _no_torch_function():
+            flat = source.detach().reshape(-1).float()
+            self.input_moments = torch.stack([flat.sum(), torch.dot(flat, flat),
+                                              torch.full((), float(flat.numel()),
+                                                         device=flat.device)])
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         info = self.info.get(id(module))

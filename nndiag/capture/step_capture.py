@@ -170,6 +170,10 @@ class StepCapture:
         self._update: tuple[torch.Tensor, torch.Tensor] | None = None
         self.sampling = False
         self.optimizer_steps = 0
+        # The mean and std of the model's floating-point input at the first sampled step.
+        self.input_stats: tuple[float, float] | None = None
+        if self._recorder is not None:
+            self._recorder.measure_input = True
         self._step_lr: Any = None
         # Under torch.distributed the averaged gradient exists only once DDP's reducer (or
         # FSDP's reduce-scatter) has finished, after the end of backward: read it at the
@@ -438,7 +442,15 @@ class StepCapture:
                 pieces.append(grad_sq)
             if update is not None:
                 pieces += list(update)
+            inputs = recorder.input_moments if recorder is not None else None
+            if inputs is not None:
+                pieces.append(inputs)
             host = torch.cat([p.double().reshape(-1).to(device) for p in pieces]).cpu().tolist()
+        if inputs is not None:  # read once, at the first sampled step that had them
+            total, squares, count = host[-3:]
+            mean = total / count
+            self.input_stats = (mean, math.sqrt(max(squares / count - mean * mean, 0.0)))
+            recorder.measure_input, recorder.input_moments = False, None
         return self._record(step, host, len(losses), len(sites), grad_sq is not None,
                             update is not None)
 

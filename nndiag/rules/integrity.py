@@ -43,11 +43,14 @@ def nan_inf(probe: ProbeRecord, thresholds: dict[str, Threshold]) -> Finding | N
     return Finding(FindingId.NAN_INF, "error", layers, summary, evidence=evidence)
 
 
-def input_scale(probe: ProbeRecord) -> float | None:
-    """How far the float inputs' RMS is from 1 (a factor >= 1; ``None`` for integer inputs)."""
-    if probe.input_std is None or probe.input_mean is None:
+def input_scale(mean: float | None, std: float | None) -> float | None:
+    """How far inputs of this mean and std are from unit RMS (a factor >= 1).
+
+    ``None`` without the statistics (integer inputs) or when they are not finite.
+    """
+    if std is None or mean is None:
         return None
-    rms = math.hypot(probe.input_mean, probe.input_std)
+    rms = math.hypot(mean, std)
     if not math.isfinite(rms):
         return None
     return max(rms, 1 / rms) if rms > 0 else math.inf
@@ -55,24 +58,29 @@ def input_scale(probe: ProbeRecord) -> float | None:
 
 def input_scale_headline(probe: ProbeRecord) -> dict[str, float | None]:
     """The inputs' distance from unit scale."""
-    return {"input_scale": input_scale(probe)}
+    return {"input_scale": input_scale(probe.input_mean, probe.input_std)}
+
+
+def unnormalized_inputs(mean: float | None, std: float | None,
+                        thresholds: dict[str, Threshold]) -> Finding | None:
+    """``inputs_not_normalized`` for inputs of this mean and std (``None`` when they are fine)."""
+    scale = input_scale(mean, std)
+    severity = thresholds["input_scale"].severity(scale)
+    if severity is None or scale is None or mean is None or std is None:
+        return None
+    return Finding(FindingId.INPUTS_NOT_NORMALIZED, severity, [],
+                   f"the inputs are not normalized: mean {mean:.3g}, std {std:.3g} "
+                   f"({scale:.3g}x from unit scale)",
+                   evidence={"input_mean": mean, "input_std": std, "input_scale": scale})
 
 
 def inputs_not_normalized(probe: ProbeRecord, thresholds: dict[str, Threshold]
                           ) -> Finding | None:
     """Floating-point inputs far from unit scale, with no normalization as the first layer."""
-    scale = input_scale(probe)
-    severity = thresholds["input_scale"].severity(scale)
-    if severity is None or scale is None:
-        return None
     first = probe.layers[0] if probe.layers else None
     if first is not None and first.role == ROLE_NORM:
         return None  # the model standardizes its own input
-    mean, std = probe.input_mean, probe.input_std
-    return Finding(FindingId.INPUTS_NOT_NORMALIZED, severity, [],
-                   f"the inputs are not normalized: mean {mean:.3g}, std {std:.3g} "
-                   f"({scale:.3g}x from unit scale)",
-                   evidence={"input_mean": mean, "input_std": std, "input_scale": scale})
+    return unnormalized_inputs(probe.input_mean, probe.input_std, thresholds)
 
 
 # Parameters used only in another training mode, unused by design in a plain forward pass: the

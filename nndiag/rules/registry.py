@@ -92,6 +92,7 @@ RULES: tuple[Rule, ...] = (
     Rule((F.CHECKPOINT_MISMATCH,), LoadResult, checkpoint.checkpoint_mismatch),
     # A recorded run.
     Rule((F.NAN_INF,), RunLog, run.nan_inf),
+    Rule((F.INPUTS_NOT_NORMALIZED,), RunLog, run.inputs_not_normalized),
     Rule((F.DEAD_RELU,), RunLog, run.dead_units),
     Rule((F.LOSS_DIVERGING, F.LOSS_NOT_DECREASING, F.LOSS_OSCILLATING), RunLog,
          run.loss_findings),

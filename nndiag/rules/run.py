@@ -21,6 +21,7 @@ import numpy as np
 
 from nndiag.findings import Finding, FindingId, worst_severity
 from nndiag.records.layers import LOOKUP_KINDS, READING_PLAIN, ROLE_KEY, ROLE_QUERY
+from nndiag.rules.integrity import unnormalized_inputs
 from nndiag.rules.thresholds import Threshold
 from nndiag.runlog import RunLog
 
@@ -341,6 +342,18 @@ def dead_units(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
                    f"step {first}",
                    evidence={"dead_fraction": dict(flagged), "first_step": first,
                              "initial": initial})
+
+
+def inputs_not_normalized(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+    """The model's floating-point input far from unit scale at the run's first sampled step.
+
+    Not judged when the first weight layer is a normalization (the model standardizes it).
+    """
+    stats = log.meta.get("input")
+    layers = log.meta.get("weight_layers") or []
+    if not isinstance(stats, dict) or (layers and "Norm" in str(layers[0].get("kind", ""))):
+        return None
+    return unnormalized_inputs(stats.get("mean"), stats.get("std"), t)
 
 
 def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
