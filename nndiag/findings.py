@@ -51,6 +51,7 @@ class FindingId(str, Enum):
     POST_LN_DEEP_STACK = "post_ln_deep_stack"
     AMP_SKIPPED_STEPS = "amp_skipped_steps"
     INPUTS_NOT_NORMALIZED = "inputs_not_normalized"
+    ACCUMULATION_UNSCALED = "accumulation_unscaled"
 
     def __str__(self) -> str:
         return self.value

@@ -237,6 +237,16 @@ class Monitor:
         """
         self._capture.read_gradients()
 
+    def add_meta(self, **facts: Any) -> None:
+        """Add facts about the run to its ``meta.json`` (framework callbacks use it).
+
+        ``loss_summed_over=k``: the framework trains on the sum of k micro-batches' mean
+        losses (read by the run rule ``accumulation_unscaled``).
+        """
+        self._meta.update(facts)
+        if self._writer is not None:
+            self._writer.update_meta(**facts)
+
     def begin_step(self) -> None:
         """The next training step starts now: forget activations measured since ``step``.
 
@@ -322,9 +332,7 @@ class Monitor:
         self.samples.append(record)
         if self._capture.input_stats is not None and "input" not in self._meta:
             mean, std = self._capture.input_stats
-            self._meta["input"] = {"mean": mean, "std": std}
-            if self._writer is not None:
-                self._writer.update_meta(input=self._meta["input"])
+            self.add_meta(input={"mean": mean, "std": std})
         self._values.hand_over(losses, [None if lr is None else float(lr) for lr in lrs])
         self._to_sinks("write_sample", record)
 

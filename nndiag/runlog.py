@@ -332,6 +332,7 @@ _META_FIELDS: dict[str, tuple[str, Any]] = {
     "every": ("a positive integer", lambda v: is_step(v) and v > 0),
     "world_size": ("a positive integer", lambda v: is_step(v) and v > 0),
     "trainable_parameters": ("an integer from 0", is_step),
+    "loss_summed_over": ("an integer from 2", lambda v: is_step(v) and v > 1),
     "input": ("an object with a numeric mean and std", lambda v: isinstance(v, dict) and all(
         type(v.get(key)) in (int, float) for key in ("mean", "std"))),
     "weight_layers": ("a list of objects with a string name and kind", lambda v: isinstance(

@@ -267,8 +267,15 @@ def test_the_transformers_callback_names_gradients_summed_over_micro_batches(
         trainer.train()
     named = [w for w in caught if "num_items_in_batch" in str(w.message)]
     assert len(named) == (0 if uses_item_count else 1)
-    if named:
+    from nndiag.run_check import check_run
+
+    finding = check_run(tmp_path / "run").finding("accumulation_unscaled")
+    if uses_item_count:
+        assert finding is None
+    else:
         assert "2x the mean" in str(named[0].message)
+        assert finding.severity == "info" and finding.evidence["micro_batches"] == 2
+        assert "accepts_loss_kwargs = False" in finding.fixes[0].code
 
 
 @pytest.mark.parametrize(("scale", "first_norm", "expected"), [

@@ -128,6 +128,11 @@ for m in list(model.modules()):
             setattr(m, child_name, nn.ReLU())
 # then apply He init (he_init) to the Linear/conv layers""",
         automatic=True),
+    "trainer_mean_loss": FixTemplate(
+        summary="let the Trainer divide the loss by the accumulation steps",
+        code="""
+# before building the Trainer, which then averages the micro-batches' losses
+model.accepts_loss_kwargs = False"""),
     "lower_learning_rate": FixTemplate(
         summary="lower the learning rate (try 10x lower, or run `nndiag lr-find`)",
         code="""

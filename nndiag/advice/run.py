@@ -173,7 +173,19 @@ def inputs_not_normalized(finding: Finding, log: RunLog) -> tuple[str, list[Fix]
                 make_fix("normalize_inputs", mean=ev["input_mean"], std=ev["input_std"])]
 
 
+def accumulation_unscaled(finding: Finding, log: RunLog) -> tuple[str, list[Fix]]:
+    """Why a Trainer's accumulated loss can be k times the mean, and the switch that fixes it."""
+    k = finding.evidence["micro_batches"]
+    return (f"The Hugging Face Trainer passed num_items_in_batch to the model, and so left the "
+            f"division by the {k} accumulation steps to it, but the model's loss is each "
+            f"micro-batch's plain mean: every step's loss and gradients are the sum of {k} "
+            f"means. The recorded losses are the ones the gradients came from ({k}x the mean "
+            "loss); gradient clipping and the learning rate act on a gradient "
+            f"{k}x larger than intended."), [make_fix("trainer_mean_loss")]
+
+
 ADVISORS: dict[tuple[str, str], Advisor] = {
+    (RUN, FindingId.ACCUMULATION_UNSCALED): accumulation_unscaled,
     (RUN, FindingId.INPUTS_NOT_NORMALIZED): inputs_not_normalized,
     (RUN, FindingId.AMP_SKIPPED_STEPS): amp_skipped_steps,
     (RUN, FindingId.NAN_INF): nan_inf,

@@ -223,6 +223,8 @@ class NndiagCallback(TrainerCallback):
         ratio = float((losses / torch.stack(plain).clamp_min(1e-12)).mean())
         if 0.75 <= ratio <= 1.33:
             steps = getattr(args, "gradient_accumulation_steps", len(losses))
+            if self.monitor is not None:
+                self.monitor.add_meta(loss_summed_over=len(losses))
             warn_once(self._warned, "accumulation", (
                 f"nndiag: the Trainer passed num_items_in_batch, but the model's loss is each "
                 f"micro-batch's plain mean: with gradient_accumulation_steps={steps} the loss and "

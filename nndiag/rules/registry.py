@@ -93,6 +93,7 @@ RULES: tuple[Rule, ...] = (
     # A recorded run.
     Rule((F.NAN_INF,), RunLog, run.nan_inf),
     Rule((F.INPUTS_NOT_NORMALIZED,), RunLog, run.inputs_not_normalized),
+    Rule((F.ACCUMULATION_UNSCALED,), RunLog, run.accumulation_unscaled),
     Rule((F.DEAD_RELU,), RunLog, run.dead_units),
     Rule((F.LOSS_DIVERGING, F.LOSS_NOT_DECREASING, F.LOSS_OSCILLATING), RunLog,
          run.loss_findings),

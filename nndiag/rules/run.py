@@ -356,6 +356,20 @@ def inputs_not_normalized(log: RunLog, t: dict[str, Threshold]) -> Finding | Non
     return unnormalized_inputs(stats.get("mean"), stats.get("std"), t)
 
 
+def accumulation_unscaled(log: RunLog, t: dict[str, Threshold]) -> Finding | None:
+    """The framework trained on the sum of the micro-batches' mean losses (its callback said).
+
+    An ``info``: the run's losses and gradients are k times the mean, which the learning rate
+    then has to absorb; the rules judge the recorded numbers as they are.
+    """
+    summed = log.meta.get("loss_summed_over")
+    if not isinstance(summed, int) or summed < 2:
+        return None
+    return Finding(FindingId.ACCUMULATION_UNSCALED, "info", [],
+                   f"the loss and gradients are the sum of {summed} micro-batches' mean "
+                   f"losses, {summed}x the mean loss", evidence={"micro_batches": summed})
+
+
 def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
     """Layers whose median update-to-weight ratio is outside the band around ~1e-3.
 
