@@ -1,4 +1,4 @@
-"""Wall time of the CI gate on the README's healthy example (target: under 10 s).
+"""Wall time of the CI gate on the CI-gate guide's healthy example (target: under 10 s).
 
 Runs, as a user would (a fresh process each time, torch import included)::
 

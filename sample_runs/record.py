@@ -1,4 +1,4 @@
-"""Record the sample runs that the README demo and CI check: ``python sample_runs/record.py``.
+"""Record the sample runs that `make demo` and CI check: ``python sample_runs/record.py``.
 
 CI checks them with ``nndiag check sample_runs/NAME --fail-on warning``: the healthy run exits
 0, every other run exits 1 with its finding (``tests/test_sample_runs.py``).

@@ -46,7 +46,8 @@ OVERFIT_SAMPLES = 16
 # shows two steps, over up to 15 one).
 TRACE_CALLS = 16
 # Steps of each of the two trainings compared by the labels check (measured on the tests' and
-# README's examples: enough for data with a learnable pairing to pull clearly ahead).
+# the CI-gate guide's examples: enough for data with a learnable pairing to pull clearly
+# ahead).
 LABEL_STEPS = 30
 
 

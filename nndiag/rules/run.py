@@ -412,8 +412,8 @@ class SummedGradientShape:
     Without ``zero_grad`` the gradient recorded at step t is the sum of the t + 1 gradients so
     far: its norm grows like (t + 1)^a, a near 0.5 when successive gradients are unrelated and
     near 1 when they agree, and never much faster than linearly (a sum of t + 1 bounded
-    terms). On a small MLP (tests and the README example, AdamW or SGD) it grew 8x to 12x over
-    50 steps with a = 0.4 to 0.9, at every sampled step; healthy runs and the sample runs
+    terms). On a small MLP (tests and the CI-gate guide's example, AdamW or SGD) it grew 8x to
+    12x over 50 steps with a = 0.4 to 0.9, at every sampled step; healthy runs and the sample runs
     fall or wander (none rises at 80% of its samples). Gradient accumulation done right zeroes
     after each optimizer step: its norm saw-tooths around a level and never meets the slope.
 

@@ -54,9 +54,9 @@ SUM_REDUCTION_RATIO = 1.5
 # Held-out loss: training on the data's pairing must beat training on shuffled targets by this
 # share of the held-out loss at init. Measured over 4 seeds (30 steps, one held-out batch):
 # healthy MLPs with and without BatchNorm 6% to 9%, a BatchNorm ResNet on 4 batches of 16
-# images 3.3% to 6%, the README example 35% to 39%; targets shifted by one sample, or inputs
-# sorted apart from their targets, -4.4% to +1.1%. (More held-out batches, or the training
-# losses instead, separated the two groups less.)
+# images 3.3% to 6%, the CI-gate guide's example 35% to 39%; targets shifted by one sample, or
+# inputs sorted apart from their targets, -4.4% to +1.1%. (More held-out batches, or the
+# training losses instead, separated the two groups less.)
 LABEL_GAIN = 0.02
 # The loss functions that expect logits (or log-probabilities), and what each expects.
 LOGIT_LOSSES = {"cross_entropy": "logits", "nll_loss": "log-probabilities",
