@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -75,13 +75,23 @@ def iter_batches(data: Any, limit: int) -> list[Batch]:
             f"--data: expected batches (a DataLoader, a list of batches) or one batch "
             f"(inputs, targets), got {type(data).__name__}"
         )
-    batches: list[Batch] = []
+    return _first_batches(data, limit, unpack_batch)
+
+
+def _first_batches(data: Iterable[Any], limit: int, accept: Callable[[Any], Any]) -> list[Any]:
+    """Up to ``limit`` items of the user's data, each passed through ``accept``, in one pass.
+
+    Raises:
+        UsageError: The data yielded nothing (or ``accept`` refused an item).
+        UserCodeError: Iterating the data raised.
+    """
+    batches: list[Any] = []
     iterator = _user_iteration(lambda: iter(data))
     while len(batches) < limit:
         item = _user_iteration(lambda: next(iterator, _END))
         if item is _END:
             break
-        batches.append(unpack_batch(item))
+        batches.append(accept(item))
     if not batches:
         raise UsageError("--data: the data yielded no batch")
     return batches
@@ -285,17 +295,13 @@ def raw_batches(data: Any, limit: int) -> list[Any]:
     if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
         raise UsageError(f"--data: expected batches (a DataLoader, a list of batches) or one "
                          f"batch, got {type(data).__name__}")
-    batches: list[Any] = []
-    iterator = _user_iteration(lambda: iter(data))
-    while len(batches) < limit:
-        item = _user_iteration(lambda: next(iterator, _END))
-        if item is _END:
-            break
-        check_batch(item)
-        batches.append(item)
-    if not batches:
-        raise UsageError("--data: the data yielded no batch")
-    return batches
+    return _first_batches(data, limit, _checked)
+
+
+def _checked(batch: Any) -> Any:
+    """The batch itself, once ``check_batch`` has accepted it."""
+    check_batch(batch)
+    return batch
 
 
 def batch_size(raw: Any) -> int | None:

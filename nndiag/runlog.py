@@ -140,10 +140,14 @@ class RunWriter:
         try:
             self._write_meta()
         except OSError as exc:
-            self.failed = True
-            warnings.warn(f"nndiag: writing the run log in {str(self.directory)!r} failed "
-                          f"({exc.strerror or exc}); logging stopped, training goes on",
-                          RuntimeWarning, stacklevel=3)
+            self._stop(exc, stacklevel=4)
+
+    def _stop(self, exc: OSError, stacklevel: int) -> None:
+        """Stop logging after a failed write, with one warning; training goes on."""
+        self.failed = True
+        warnings.warn(f"nndiag: writing the run log in {str(self.directory)!r} failed "
+                      f"({exc.strerror or exc}); logging stopped, training goes on",
+                      RuntimeWarning, stacklevel=stacklevel)
 
     def _write(self, handle: Any, record: dict[str, Any]) -> None:
         if self.failed:
@@ -152,10 +156,7 @@ class RunWriter:
             handle.write(_json(record) + "\n")
             handle.flush()
         except OSError as exc:
-            self.failed = True
-            warnings.warn(f"nndiag: writing the run log in {str(self.directory)!r} failed "
-                          f"({exc.strerror or exc}); logging stopped, training goes on",
-                          RuntimeWarning, stacklevel=4)
+            self._stop(exc, stacklevel=5)
 
     def write_steps(self, first: int, losses: list[float], lrs: list[float | None]) -> None:
         """Append the losses and learning rates of consecutive steps from ``first``."""
