@@ -6,16 +6,18 @@ first step, and stays quiet on a healthy run (which produces no finding at all).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nndiag.records import LayerRecord, StepRecord
-from nndiag.rules.run import run_rules
+from nndiag.rules.run import loss_levels, run_rules
 from nndiag.rules.thresholds import RUN_THRESHOLDS, THRESHOLDS, Threshold
 from nndiag.runlog import RunLog
 
@@ -248,6 +250,33 @@ def test_converged_loss_near_zero_with_relative_noise_is_not_oscillating():
     rng = random.Random(5)
     losses = [2.3 * math.exp(-s / 10) + 1e-4 * math.exp(rng.gauss(0, 1)) for s in range(STEPS)]
     assert run_rules(make_run(losses)) == []
+
+
+HEALTHY_LOSSES = json.loads((Path(__file__).parent / "fixtures" / "healthy_losses.json")
+                            .read_text())["runs"]
+
+
+@pytest.mark.parametrize("run", sorted(HEALTHY_LOSSES))
+def test_batch_noise_of_a_converged_classifier_is_not_oscillating(run):
+    # Real healthy runs (digits, SGD+momentum, batch 16, 90-94% held-out accuracy): the loss
+    # fell by 96-98% and its batch-to-batch spread, the loss of a few hard examples per batch,
+    # is as large as its level. Dividing the learning rate by 10 would slow the run and not
+    # quieten the noise.
+    log = make_run(HEALTHY_LOSSES[run]["losses"])
+    levels = loss_levels(log)
+    assert levels.late_noise >= 0.9 * levels.late_level  # the swings are there
+    assert levels.late_noise >= 0.02 * levels.start
+    assert "loss_oscillating" not in ids(log)
+
+
+def test_swings_of_a_loss_stalled_high_are_oscillating():
+    # As large relative to the level as the converged classifier's noise, but stalled at a
+    # third of the starting loss, where too high a learning rate keeps a run: judged.
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        losses = [2.3 * (0.75 / 2.3) ** (s / 60) for s in range(60)]
+        losses += (0.75 * np.exp(rng.normal(0.0, 0.9, STEPS - 60))).tolist()
+        assert only(make_run(losses), "loss_oscillating").evidence["relative_amplitude"] >= 0.4
 
 
 def test_loss_still_falling_fast_but_noisy_is_not_oscillating():

@@ -33,6 +33,10 @@ LINEAR_OR_CONV = ("Linear", "Conv1D", "Bilinear", "Conv1d", "Conv2d", "Conv3d", 
                   "ConvTranspose2d", "ConvTranspose3d", "NonDynamicallyQuantizableLinear")
 
 
+# A loss that has stalled below this share of its starting level is not judged for swings.
+OSCILLATION_MIN_LEVEL = 0.05
+
+
 def running_median(values: Sequence[float], window: int) -> list[float]:
     """Centered running median (the window shrinks at the edges).
 
@@ -216,18 +220,29 @@ def loss_oscillating(levels: LossLevels, t: dict[str, Threshold]) -> Finding | N
     """The loss swings by a large share of its level, and has stopped falling, late in the run.
 
     Judged on the second half: the spread around the running median relative to the loss
-    level there (at least 2% of the starting loss, so that a converged loss near zero is not
-    judged on its relative noise), while the last quarter's median is no lower than half the
-    third quarter's (a loss still falling fast is not oscillating, however noisy).
+    level there, while the loss has stopped falling. Two guards keep mini-batch noise out:
+
+    - the level must be at least ``OSCILLATION_MIN_LEVEL`` of the starting loss. Below that
+      the model has learned most of the task, and its batch-to-batch noise is that of a few
+      hard examples per batch: heavy-tailed, and as large as the level or larger (healthy
+      digits classifiers with SGD+momentum, 5-8 epochs at batch 16-32: 0.5-2x their level),
+      though small next to where the loss started. Lowering the learning rate would not
+      quieten it, only slow the run;
+    - the loss has stopped falling: the last quarter's median is neither below half the third
+      quarter's nor below it by more than two standard errors of the difference of the two
+      medians (``1.25 x spread / sqrt(quarter)`` each). A loss that is still learning is not
+      oscillating, however noisy; lowering the learning rate would slow it down.
     """
     amplitude = levels.late_noise
     relative = amplitude / max(abs(levels.late_level), 1e-12)
     severity = t["loss_oscillation"].severity(relative)
-    if severity is None or amplitude < 0.02 * abs(levels.start):
+    if severity is None or abs(levels.late_level) < OSCILLATION_MIN_LEVEL * abs(levels.start):
         return None
     late = np.asarray(levels.losses[len(levels.losses) // 2:], dtype=np.float64)
-    third, fourth = _median(late[: len(late) // 2]), _median(late[len(late) // 2:])
-    if fourth - third < -0.5 * abs(third):
+    quarter = len(late) // 2
+    third, fourth = _median(late[:quarter]), _median(late[quarter:])
+    standard_error = 1.25 * amplitude * math.sqrt(2 / max(quarter, 1))
+    if third - fourth > min(0.5 * abs(third), 2 * standard_error):
         return None
     return Finding(FindingId.LOSS_OSCILLATING, severity, [],
                    f"the loss swings by {relative:.0%} of its level in the second half of the "

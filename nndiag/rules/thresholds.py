@@ -151,10 +151,11 @@ RUN_THRESHOLDS: dict[str, Threshold] = {
     "loss_oscillation": Threshold(
         0.4, 1.0, True,
         "Spread of the loss around its running median (1.4826 x MAD) over the second half of "
-        "the run, relative to the loss level there, while the loss has stopped falling: a "
-        "healthy run that has converged has mini-batch noise well below its level, and a noisy "
-        "run that is still falling is not judged; an oscillating run swings by a large share "
-        "of its own level (Adam at 20x its usual learning rate: ~50%).",
+        "the run, relative to the loss level there, while the loss has stopped falling above "
+        "5% of its start: an oscillating run swings by a large share of its own level (Adam at "
+        "20x its usual learning rate: ~50%). A noisy run that is still falling is not judged, "
+        "nor one stalled below 5% of its start, whose batch-to-batch noise is that of a few "
+        "hard examples per batch and as large as its level in healthy classifiers.",
     ),
 }
 
