@@ -183,6 +183,21 @@ def test_console_script_end_to_end(tmp_path, specs):
     assert "Traceback" not in done.stderr
 
 
+def test_a_reader_that_closes_the_pipe_early_does_not_change_the_exit_code():
+    """``nndiag inspect ... | head -1``: the report stops, the exit code is still the finding's."""
+    exe = Path(sys.executable).with_name("nndiag")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "nndiag"]
+    with subprocess.Popen([*command, "inspect", "--model", "nndiag.examples:deep_sigmoid_mlp",
+                           "--input-shape", "64,32"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None and child.stderr is not None
+        assert child.stdout.readline().startswith("nndiag inspect")
+        child.stdout.close()  # as `head -1` does once it has its line
+        errors = child.stderr.read()
+        assert child.wait(timeout=120) == 1, errors  # an error finding, as without the pipe
+    assert errors == ""
+
+
 # ------------------------------------------------------------------ issue 12: exit codes, stdout
 
 

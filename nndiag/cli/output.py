@@ -71,6 +71,28 @@ def data_stream() -> TextIO:
     return _data_stream if _data_stream is not None else sys.stdout
 
 
+class _DataConsole(Console):
+    """The console of a command's data: a reader that stops reading does not stop the command."""
+
+    def on_broken_pipe(self) -> None:
+        """The reader closed the pipe (``nndiag inspect ... | head``): the rest goes nowhere.
+
+        The command goes on and ends with its own exit code (rich's default would exit 1, and
+        nndiag maps an unexpected ``SystemExit`` to 3). The pipe's descriptor is pointed at
+        the null device, so that no later write or flush at exit raises again.
+        """
+        self.quiet = True
+        try:
+            descriptor = self.file.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file: nothing to redirect
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, descriptor)
+        finally:
+            os.close(devnull)
+
+
 class Output:
     """Where a command writes.
 
@@ -85,8 +107,8 @@ class Output:
         stream = data_stream()
         # Piped or logged output (CI) gets 120 columns rather than rich's default 80.
         piped = not stream.isatty() and "COLUMNS" not in os.environ
-        self.stdout = Console(file=stream, soft_wrap=False, width=PIPED_WIDTH if piped else None,
-                              markup=False, emoji=False)
+        self.stdout = _DataConsole(file=stream, soft_wrap=False,
+                                   width=PIPED_WIDTH if piped else None, markup=False, emoji=False)
         self.stderr = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
         self.debug = debug
 
