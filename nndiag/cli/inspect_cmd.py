@@ -37,7 +37,7 @@ def parse_shape(text: str) -> list[int]:
 
 def inspect(
     checkpoint: Path | None = typer.Argument(
-        None, metavar="[CHECKPOINT]", show_default=False,
+        None, metavar="CHECKPOINT", show_default=False,
         help="A checkpoint file (.pt/.pth/.bin/.ckpt/.safetensors/TorchScript) or a Hugging "
              "Face-style directory. Alone: a data-free analysis of the weights."),
     model: str | None = typer.Option(None, "--model", "-m", metavar="SPEC",
