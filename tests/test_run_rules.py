@@ -390,6 +390,18 @@ def test_tiny_updates_are_update_ratio_low(ratio, severity):
     assert finding.evidence["first_step"] == 20
 
 
+@pytest.mark.parametrize(("reading", "ratio", "judged"), [
+    ("gain", 7e-6, False),  # a LayerNorm's gain under AdamW at a fine-tuning rate moves ~lr
+    ("plain", 7e-6, True), ("normalized", 7e-6, True),
+    ("gain", 0.8, True),  # a gain rewritten every step is still too fast
+    ("zero", 0.8, False), ("zero", 1e-9, False),  # a ratio to a norm that is zero on purpose
+    ("reparametrized", 0.8, False), ("reparametrized", 1e-9, False)])
+def test_update_ratio_band_is_for_weights_whose_norm_means_something(reading, ratio, judged):
+    log = make_run()
+    tweak(log, "2", since=20, update_ratio=ratio, weight_reading=reading)
+    assert bool({"update_ratio_low", "update_ratio_high"} & set(ids(log))) == judged
+
+
 def test_update_ratio_judged_on_the_median_not_a_spike():
     log = make_run()
     tweak(log, "2", since=50, until=80, update_ratio=0.9)

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from nndiag.findings import Finding, FindingId, worst_severity
-from nndiag.records.layers import LOOKUP_KINDS, READING_PLAIN, ROLE_KEY, ROLE_QUERY
+from nndiag.records.layers import (
+    LOOKUP_KINDS,
+    READING_GAIN,
+    READING_PLAIN,
+    READING_REPARAMETRIZED,
+    READING_ZERO,
+    ROLE_KEY,
+    ROLE_QUERY,
+)
 from nndiag.rules.integrity import unnormalized_inputs
 from nndiag.rules.thresholds import Threshold
 from nndiag.runlog import RunLog
@@ -388,18 +396,29 @@ def accumulation_unscaled(log: RunLog, t: dict[str, Threshold]) -> Finding | Non
 def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
     """Layers whose median update-to-weight ratio is outside the band around ~1e-3.
 
-    An embedding table is not judged low: a batch moves only its tokens' rows, so the whole
-    table's ratio is small by construction (fine-tuning a 30,522-token table: ~5e-6).
+    The band is for weight matrices (plain, or followed by a normalization). Not judged:
+
+    - zero-initialized and re-parametrized weights (``weight_reading``), either way: a ratio
+      to a norm that is zero on purpose, or is not the computed weight's, says nothing;
+    - gains (normalization weights, layer-scales), not low: Adam moves each element by about
+      the learning rate, so a gain of 1 moves by ~lr per step (7e-6 for a BERT LayerNorm at a
+      fine-tuning rate) while the matrices beside it, of RMS ~0.02, move 50 times more;
+    - embedding tables, not low: a batch moves only its tokens' rows, so the whole table's
+      ratio is small by construction (fine-tuning a 30,522-token table: ~5e-6).
     """
     series = _weight_series(log, "update_ratio")
     lookups = {layer.get("name") for layer in log.meta.get("weight_layers", [])
                if isinstance(layer, dict) and layer.get("kind") in LOOKUP_KINDS}
+    readings = {layer.name: layer.weight_reading for sample in log.samples
+                for layer in sample.layers if layer.has_weights}
     findings = []
     for finding_id, rule in ((FindingId.UPDATE_RATIO_HIGH, t["update_ratio_high"]),
                              (FindingId.UPDATE_RATIO_LOW, t["update_ratio_low"])):
+        low = finding_id == FindingId.UPDATE_RATIO_LOW
         judged = {}
         for key, points in series.items():
-            if finding_id == FindingId.UPDATE_RATIO_LOW and key in lookups:
+            if readings.get(key) in (READING_ZERO, READING_REPARAMETRIZED) or \
+                    (low and (key in lookups or readings.get(key) == READING_GAIN)):
                 continue
             median = statistics.median(v for _, v in points)
             severity = rule.severity(median)
