@@ -117,6 +117,15 @@ def saturated_fraction_by_autograd(kind: str, pre: torch.Tensor) -> float:
     return (slope < SATURATED_BELOW * peak).float().mean().item()
 
 
+def dead_by_definition(out: torch.Tensor) -> float:
+    """Share of units zero for every sample: a feature map's channels (zero at every pixel too),
+    else each position apart from the batch dimension."""
+    silent = out.detach() == 0
+    if out.dim() >= 4:
+        return silent.transpose(0, 1).reshape(out.shape[1], -1).all(dim=1).float().mean().item()
+    return silent.reshape(out.shape[0], -1).all(dim=0).float().mean().item()
+
+
 def check_against_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     ref = reference(model, x, y)
     probe = run_probe(model, [Batch(x, y)], ProbeConfig(Loss("cross_entropy", F.cross_entropy)))
@@ -141,8 +150,8 @@ def check_against_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
                                                          abs=1e-12), record.name
         kind = module_activation(ref_modules[module_name])
         if kind in ("relu", "relu6"):
-            dead = (out.reshape(out.shape[0], -1) == 0).all(dim=0).float().mean().item()
-            assert record.dead_fraction == pytest.approx(dead, abs=1e-6), record.name
+            assert record.dead_fraction == pytest.approx(dead_by_definition(out), abs=1e-6), \
+                record.name
         if kind in SATURATING:
             pre = ref["inputs"][module_name][call].detach()
             assert record.saturated_fraction == pytest.approx(
@@ -175,6 +184,23 @@ def check_against_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 def _labels(n: int, classes: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
     return torch.randint(0, classes, (n, *shape), generator=torch.Generator().manual_seed(3))
+
+
+def test_a_dead_filter_is_a_channel_silent_everywhere_not_a_silent_border():
+    """Images with a constant zero border: a filter with a negative bias is silent on the border
+    but fires inside (alive); one with a bias of -100 never fires (dead): 1 of 4 channels."""
+    conv = nn.Conv2d(1, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.fill_(0.5)
+        conv.bias.copy_(torch.tensor([-0.1, -0.1, 0.0, -100.0]))
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    x = torch.zeros(16, 1, 8, 8)
+    x[:, :, 2:6, 2:6] = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.5
+    probe = run_probe(model, [Batch(x, _labels(16, 3))])
+    out = torch.relu(conv(x))
+    assert (out[:, :2] == 0).reshape(16, 2, -1).all(0).float().mean() > 0.3  # silent pixels
+    assert probe.layer("1").dead_fraction == pytest.approx(0.25) == dead_by_definition(out)
+    assert check_against_reference(model, x, _labels(16, 3)) == 3  # conv, ReLU, Linear
 
 
 def test_oracle_sigmoid_mlp():
@@ -247,8 +273,7 @@ def test_functional_relu_measured_from_the_tensor_that_reaches_it():
     logits = ref(x)
     F.cross_entropy(logits.reshape(-1, 100), y.reshape(-1)).backward()
     relu_out = kept["relu_out"]
-    dead = (relu_out.reshape(relu_out.shape[0], -1) == 0).all(0).float().mean().item()
-    assert record.dead_fraction == pytest.approx(dead, abs=1e-6)
+    assert record.dead_fraction == pytest.approx(dead_by_definition(relu_out), abs=1e-6)
     assert record.std == pytest.approx(relu_out.detach().std(unbiased=False).item(), rel=REL)
     assert record.grad_out_norm == pytest.approx(relu_out.grad.norm().item(), rel=1e-3)
 
