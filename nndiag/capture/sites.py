@@ -72,8 +72,10 @@ from nndiag.stats.activations import (
     CALL_FIELDS,
     dead_fractions,
     finish_moments,
+    mean_std,
     output_moments,
     pool_calls,
+    pool_sums,
     square_sum,
     unit_peaks,
 )
@@ -158,8 +160,13 @@ class SiteRecorder:
         self._positions: list[int] = []
         self._numels: list[tuple[int, int]] = []
         self._call_sites: list[int] = []
+        # Every call was reduced to its sum and sum of squares alone (``pool_sums``).
+        self._sums_only = not exact
         # Per ReLU-family call: its unit peaks and site.
         self._peaks: list[tuple[torch.Tensor, int]] = []
+        # Which site each dead fraction and output gradient ``collect`` returned belongs to.
+        self._dead_sites: list[int] = []
+        self._grad_sites: list[int] = []
         # Roles seen in the data flow (module name -> role), kept across steps: which output
         # fed scaled_dot_product_attention as query, key or value, which one is the model's
         # output. ``_storages`` maps an output's storage to its module while a pass runs, and
@@ -174,6 +181,7 @@ class SiteRecorder:
         # The data flow seen on watched passes, kept across steps: module -> the modules that
         # took its output as input (``data_flow`` reads which outputs are normalized).
         self.consumers: dict[str, set[str]] = {}
+        self._flow: DataFlow | None = None  # ``data_flow()``, until ``consumers`` changes
         # The innermost module a forward pass raised in (hooks run while it propagates).
         self.failed_in: str | None = None
         self._failure: int | None = None
@@ -207,6 +215,7 @@ class SiteRecorder:
         self.sites = {}
         self.calls.clear()
         self._scalars, self._positions, self._numels, self._call_sites = [], [], [], []
+        self._sums_only = not self.exact
         self._peaks = []
         self._storages = {}
 
@@ -255,7 +264,10 @@ class SiteRecorder:
         if self.watch_all and args and isinstance(args[0], torch.Tensor):
             producer = self.producer(args[0])
             if producer is not None and producer != info.name:
-                self.consumers.setdefault(producer, set()).add(info.name)
+                consumers = self.consumers.setdefault(producer, set())
+                if info.name not in consumers:
+                    consumers.add(info.name)
+                    self._flow = None
         if not self.watch_all:
             self._watch(info.name in self.functional_parents)
         if info.activation is not None:
@@ -333,6 +345,8 @@ class SiteRecorder:
                                      pre_activation=pre, exact=self.exact)
             self._scalars += [value for _, value in moments]
             self._positions += [base + field_index for field_index, _ in moments]
+            if len(moments) != 2:
+                self._sums_only = False
             self._numels.append((numel, pre.numel() if pre is not None else 0))
             self._call_sites.append(site.index)
             if activation in RELU_FAMILY:
@@ -382,6 +396,8 @@ class SiteRecorder:
         through activation modules (a ReLU is positively homogeneous; a GELU or SiLU on a
         small signal is nearly linear): the loss then does not depend on the producer's scale.
         """
+        if self._flow is not None:
+            return self._flow
         memo: dict[str, bool] = {}
 
         def normalized(name: str) -> bool:
@@ -394,8 +410,9 @@ class SiteRecorder:
                     for c in self.consumers.get(name, ()))
             return memo[name]
 
-        return DataFlow({k: set(v) for k, v in self.consumers.items()},
-                        {name for name in self.consumers if normalized(name)})
+        self._flow = DataFlow({k: set(v) for k, v in self.consumers.items()},
+                              {name for name in self.consumers if normalized(name)})
+        return self._flow
 
     def info_by_name(self, name: str) -> _ModuleInfo:
         """The module facts of a module name."""
@@ -437,42 +454,40 @@ class SiteRecorder:
         """Every measurement as one flat float64 device tensor (``records`` reads it back).
 
         Per-site pooling is done on the host, in ``records``; on the device only what must
-        be: the dead fraction of each ReLU-family site (its calls' unit peaks combined) and,
-        for the probe, the gradient reaching each output.
+        be: the dead fraction of each ReLU-family site (its calls' unit peaks combined, one
+        reduction per unit count) and, for the probe, the gradient reaching each output.
 
         Args:
             summed: Under ``torch.distributed``, ``payload()`` summed over ranks (ranks must
                 run the same layers).
 
         Returns:
-            The calls' scalars, [the calls' element counts, when summed over ranks,] then per
-            site the dead fraction (NaN when not a ReLU) and the mean square of the gradient
-            reaching the output (NaN without ``output_grads``).
+            The calls' scalars, [the calls' element counts, when summed over ranks,] then the
+            dead fractions of the ReLU-family sites (grouped by unit count) and the mean
+            square of the gradient reaching each output that has one (``output_grads``);
+            ``records`` knows which site each belongs to.
         """
-        count = len(self.sites)
+        self._dead_sites, self._grad_sites = [], []
         if not self._call_sites:
             return torch.zeros(0, dtype=torch.float64)
         with _no_torch_function():
             peaks = self._site_peaks()
             if summed is None:
-                pieces = [torch.stack(self._scalars).double()]
+                pieces = [torch.stack(self._scalars)]
             else:  # fired counts: a unit that fired on no rank sums to 0, "never above 0"
                 head = len(self._scalars) + 2 * len(self._numels)
                 pieces = [summed[:head]]
                 parts = summed[head:].split([p.numel() for _, p in peaks])
                 peaks = [(i, part) for (i, _), part in zip(peaks, parts, strict=True)]
-            device = pieces[0].device
-            dead = torch.full((count,), math.nan, dtype=torch.float64, device=device)
             for members in _by_length(peaks).values():
-                fractions = dead_fractions(torch.stack([p for _, p in members]))
-                index = torch.tensor([i for i, _ in members], device=device)
-                dead = dead.index_copy(0, index, torch.fmin(dead.index_select(0, index),
-                                                            fractions))
-            grads = torch.full((count,), math.nan, dtype=torch.float64, device=device)
-            for site in self.sites.values():
-                if site.grad_sq:
-                    grads[site.index] = torch.stack(site.grad_sq).double().mean()
-            return torch.cat([*pieces, dead, grads])
+                self._dead_sites += [i for i, _ in members]
+                pieces.append(dead_fractions(torch.stack([p for _, p in members])))
+            grads = [site for site in self.sites.values() if site.grad_sq]
+            if grads:
+                self._grad_sites = [site.index for site in grads]
+                pieces.append(torch.stack([torch.stack(site.grad_sq).double().mean()
+                                           for site in grads]))
+            return torch.cat([piece.double() for piece in pieces])
 
     def _site_peaks(self) -> list[tuple[int, torch.Tensor]]:
         """Unit peaks per (site, unit count): the calls of a site combined by a maximum."""
@@ -485,21 +500,40 @@ class SiteRecorder:
     def records(self, values: Sequence[float]) -> list[LayerRecord]:
         """Turn ``collect``'s numbers (on the host, in order) into one record per site."""
         count = len(self.sites)
-        if not self._call_sites:
-            values = [math.nan] * (2 * count)
         scalars = len(self._scalars)
         numels: Sequence[tuple[float, float]] = self._numels
-        if len(values) > scalars + 2 * count:  # reduced over ranks: the counts follow
+        tail = len(self._dead_sites) + len(self._grad_sites) if self._call_sites else 0
+        if len(values) > scalars + tail:  # reduced over ranks: the counts follow
             flat = values[scalars: scalars + 2 * len(self._numels)]
             numels = list(zip(flat[::2], flat[1::2], strict=True))
-        pooled = pool_calls(values[:scalars], self._positions, numels, self._call_sites, count)
-        dead, grads = values[-2 * count: -count], values[-count:]
+        if self._sums_only:
+            pooled = pool_sums(values[:scalars], numels, self._call_sites, count)
+        else:
+            pooled = pool_calls(values[:scalars], self._positions, numels, self._call_sites,
+                                count)
+        dead = [math.nan] * count
+        grads = [math.nan] * count
+        if tail:
+            found = values[len(values) - tail:]
+            for site, fraction in zip(self._dead_sites, found, strict=False):
+                held = dead[site]  # a site with calls of several unit counts: the smallest
+                dead[site] = fraction if held != held or fraction < held else held
+            for site, value in zip(self._grad_sites, found[len(self._dead_sites):],
+                                   strict=True):
+                grads[site] = value
         layers = []
         for site in self.sites.values():
             row = pooled[site.index]
-            stats = finish_moments(row) if row[0] == row[0] and row[0] else {}
-            if not self.exact:  # the lean mode does not read the largest value
-                stats.pop("absmax", None)
+            n = row[0]
+            if not (n == n and n):
+                stats = {}
+            elif self._sums_only:  # mean and std only (what ``finish_moments`` gives them)
+                mean, std = mean_std(n, row[1], row[2])
+                stats = {"mean": mean, "std": std}
+            else:
+                stats = finish_moments(row)
+                if not self.exact:  # the lean mode does not read the largest value
+                    stats.pop("absmax", None)
             grad_sq = grads[site.index]
             layers.append(LayerRecord(
                 name=site.name, module=site.module, kind=site.kind, index=site.index,
