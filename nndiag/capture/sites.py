@@ -81,6 +81,7 @@ from nndiag.stats.activations import (
 )
 
 ROOT_NAME = "(model)"
+_CALL_WIDTH = len(CALL_FIELDS)
 
 _no_torch_function = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
 
@@ -132,6 +133,8 @@ class SiteRecorder:
         self.compiled = compiled
         self.output_grads = output_grads
         self.exact = exact
+        # The lean mode's short path for plain module outputs (``_record_lean``).
+        self._lean = not exact and not output_grads
         self.info: dict[int, _ModuleInfo] = {}
         self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
@@ -268,7 +271,7 @@ class SiteRecorder:
                 if info.name not in consumers:
                     consumers.add(info.name)
                     self._flow = None
-        if not self.watch_all:
+        if not self.watch_all and (self._mode_entered or self.functional_parents):
             self._watch(info.name in self.functional_parents)
         if info.activation is not None:
             self.inside_activation += 1
@@ -301,22 +304,63 @@ class SiteRecorder:
             if producer is not None:
                 self._storages[storage_id(output)] = (producer, output)
         if info.measured and self.active:
-            with _no_torch_function():
-                tensor = primary_output(output)
-                if tensor is not None and tensor.is_floating_point():
-                    pre = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                    activation = info.activation
-                    bounds = (hardtanh_bounds(activation, module) if activation in SATURATING
-                              else (-1.0, 1.0))
-                    self.record(info.name, info.name, info.kind, activation, False, tensor,
-                                None if pre is tensor else pre, bounds)
+            if self._lean and not self._mode_entered and type(output) is torch.Tensor and \
+                    info.activation not in SATURATING and not self.watch_all:
+                self._record_lean(info, output)
+            else:
+                self._record_output(module, info, args, output)
         if not self.stack:  # the pass ended (or raised)
             if self.watch_all:
                 self._learn_head(output)
             self._storages = {}
             self._leave_mode()
-        elif not self.watch_all:
+        elif not self.watch_all and (self._mode_entered or self.functional_parents):
             self._watch(self.stack[-1] in self.functional_parents)
+
+    def _record_output(self, module: nn.Module, info: _ModuleInfo, args: tuple[Any, ...],
+                       output: Any) -> None:
+        """Measure a module's output (``record``)."""
+        with _no_torch_function():
+            tensor = primary_output(output)
+            if tensor is not None and tensor.is_floating_point():
+                pre = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                activation = info.activation
+                bounds = (hardtanh_bounds(activation, module) if activation in SATURATING
+                          else (-1.0, 1.0))
+                self.record(info.name, info.name, info.kind, activation, False, tensor,
+                            None if pre is tensor else pre, bounds)
+
+    def _record_lean(self, info: _ModuleInfo, tensor: torch.Tensor) -> None:
+        """``record`` of a module's plain tensor output in the lean mode, on its short path.
+
+        What a recorded training step measures on nearly every site (no saturation, no
+        functional-activation mode, no data flow to learn): the sum and the sum of squares,
+        and for the ReLU family the unit peaks. The same numbers ``record`` takes, with a
+        fraction of its Python work (it runs once per layer per sampled step).
+        """
+        numel = tensor.numel()
+        if not numel or not tensor.is_floating_point():
+            return
+        name = info.name
+        count = self.calls.get(name, 0)
+        self.calls[name] = count + 1
+        site_name = name if not count else f"{name}#{count + 1}"
+        site = self.sites.get(site_name)
+        if site is None:
+            site = self.sites[site_name] = _Site(len(self.sites), site_name, name, info.kind,
+                                                 info.activation, False, list(tensor.shape))
+        values = tensor.detach()
+        flat = values.reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        base = len(self._call_sites) * _CALL_WIDTH
+        self._scalars += (flat.sum(), torch.dot(flat, flat))
+        self._positions += (base, base + 1)
+        self._numels.append((numel, 0))
+        self._call_sites.append(site.index)
+        if info.activation in RELU_FAMILY:
+            self._peaks.append((values.amax(0) if values.dim() == 2 else unit_peaks(values),
+                                site.index))
 
     # ------------------------------------------------------------------ measuring
 
