@@ -39,6 +39,11 @@ from nndiag.records.layers import LOOKUP_KINDS
 FUNCTIONAL_RECHECK = 100
 
 
+# Gradients of fewer elements are read at the end of backward, in one foreach with the others
+# not read in their hook; bigger ones in their hook, while still in cache.
+SMALL_GRADIENT = 1 << 12
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over every rank, in place."""
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
@@ -133,6 +138,9 @@ class StepCapture:
         # Per trainable parameter: (backward pass, squared norm) taken in its gradient hook.
         self._backward_id = 0
         self._hook_sq: list[tuple[int, torch.Tensor] | None] = [None] * len(self.trainable)
+        # Gradients small enough to stay in cache (biases, gains): read at the end of backward.
+        self._small_grads = frozenset(i for i, p in enumerate(self.trainable)
+                                      if local(p).numel() < SMALL_GRADIENT)
         self._grad_sq: torch.Tensor | None = None
         self._grad_present: list[bool] | None = None
         # The update subsets before the step, stacked per group of same-shaped subsets.
@@ -241,6 +249,8 @@ class StepCapture:
             self._grad_queued = True
             self._backward_id += 1
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if index in self._small_grads:  # a Python call costs more than reading it cold
+            return
         grad = param.grad
         if grad is not None and grad.layout == torch.strided and type(grad) is torch.Tensor:
             flat = grad.detach().reshape(-1)  # detached: no graph even under create_graph

@@ -80,7 +80,9 @@ class StepValues:
     def append(self, loss: torch.Tensor | float, lr: torch.Tensor | float | None) -> None:
         """One step's loss and learning rate (tensors are kept as they are, not read)."""
         if isinstance(loss, torch.Tensor):
-            loss = loss.detach().reshape(-1)[0].float()
+            loss = loss.detach()
+            if loss.dim() or loss.dtype != torch.float32:
+                loss = loss.reshape(-1)[0].float()
         elif loss is not None:
             loss = float(loss)
         if isinstance(lr, torch.Tensor):
