@@ -218,6 +218,8 @@ class StepCapture:
                 partial(self._on_grad, i)) for i, p in enumerate(self.trainable)]
         elif not sampled and self.sampling:
             self._detach_sampling_hooks(closing=False)
+        elif not sampled:  # a step after an unsampled one: nothing was measured to forget
+            return
         self.sampling = sampled
         self._grad_sq, self._grad_present, self._update, self._after_sq = (None, None, None,
                                                                            None)
