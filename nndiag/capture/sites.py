@@ -535,6 +535,8 @@ class SiteRecorder:
 
     def _site_peaks(self) -> list[tuple[int, torch.Tensor]]:
         """Unit peaks per (site, unit count): the calls of a site combined by a maximum."""
+        if len({site for _, site in self._peaks}) == len(self._peaks):  # one call per site
+            return [(site, peaks) for peaks, site in self._peaks]
         merged: dict[tuple[int, int], list[torch.Tensor]] = {}
         for peaks, site in self._peaks:
             merged.setdefault((site, peaks.numel()), []).append(peaks)

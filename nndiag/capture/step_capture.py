@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nndiag.capture.layers import layer_kind
 from nndiag.capture.probe import ROOT_NAME, Owner, owner_fans, owners
-from nndiag.capture.shards import local, sum_weight
+from nndiag.capture.shards import is_dtensor, local, sum_weight
 from nndiag.capture.sites import SiteRecorder
 from nndiag.records import ParamGroup, StepRecord, attach_parameters
 from nndiag.records.layers import LOOKUP_KINDS
@@ -138,6 +138,7 @@ class StepCapture:
         # Per trainable parameter: (backward pass, squared norm) taken in its gradient hook.
         self._backward_id = 0
         self._hook_sq: list[tuple[int, torch.Tensor] | None] = [None] * len(self.trainable)
+        self._orders: dict[tuple[int, ...], torch.Tensor] = {}  # ``_parameter_order``'s
         # Gradients small enough to stay in cache (biases, gains): read at the end of backward.
         self._small_grads = frozenset(i for i, p in enumerate(self.trainable)
                                       if local(p).numel() < SMALL_GRADIENT)
@@ -176,6 +177,7 @@ class StepCapture:
         self._shape_groups: list[list[int]] = []
         self._stack_buffers: dict[int, torch.Tensor] = {}
         self._group_order = torch.zeros(0, dtype=torch.long)
+        self._sharded = any(is_dtensor(p) for p in self._weights)
         # A non-contiguous weight's flat view is a copy: it must be taken anew every time.
         self._views_cacheable = all(local(p).is_contiguous() for p in self._weights)
         self._update: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -272,25 +274,40 @@ class StepCapture:
         one; every one when read at the optimizer step) are taken now.
         """
         with torch.no_grad():
-            self._grad_present = [p.grad is not None for p in self.trainable]
-            current = backward_id
-            squares: list[torch.Tensor | None] = [
-                taken[1] if taken is not None and taken[0] == current and present else None
-                for taken, present in zip(self._hook_sq, self._grad_present, strict=True)]
-            missing = [i for i, value in enumerate(squares) if value is None]
+            present = self._grad_present = [p.grad is not None for p in self.trainable]
+            taken_values, missing = [], []
+            for i, (taken, has_grad) in enumerate(zip(self._hook_sq, present, strict=True)):
+                if taken is not None and taken[0] == backward_id and has_grad:
+                    taken_values.append(taken[1])
+                else:
+                    missing.append(i)
+            parts = [torch.stack(taken_values)] if taken_values else []
             if missing:
-                grads = [stored_values(local(self.trainable[i].grad))
-                         if self._grad_present[i]
+                grads = [stored_values(local(self.trainable[i].grad)) if present[i]
                          else torch.zeros((), device=self.trainable[i].device)
                          for i in missing]
-                for i, norm in zip(missing, torch._foreach_norm(grads), strict=True):
-                    squares[i] = norm.float().square()
-            grad_sq = torch.stack(squares) if squares else None  # type: ignore[arg-type]
+                parts.append(torch.stack(torch._foreach_norm(grads)).float().square())
+            grad_sq = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None
+            if grad_sq is not None and taken_values and missing:  # back to parameter order
+                grad_sq = grad_sq.index_select(0, self._parameter_order(tuple(missing),
+                                                                       grad_sq.device))
             if grad_sq is not None and self.scaler is not None:
                 scale = self._loss_scale()
                 if scale is not None:  # still scaled: divide by the scale they were made with
                     grad_sq = grad_sq / scale.to(grad_sq.device, torch.float32).square()
             self._grad_sq = grad_sq
+
+    def _parameter_order(self, missing: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Where each parameter's value sits in [hook-read values..., ``missing``'s...]."""
+        order = self._orders.get(missing)
+        if order is None or order.device != device:
+            skipped = set(missing)
+            read = [i for i in range(len(self.trainable)) if i not in skipped]
+            order = torch.empty(len(self.trainable), dtype=torch.long)
+            order[torch.tensor(read + list(missing), dtype=torch.long)] = torch.arange(
+                len(self.trainable))
+            order = self._orders[missing] = order.to(device)
+        return order
 
     def _loss_scale(self) -> torch.Tensor | None:
         """The loss scale the gradients are multiplied by now (``None``: already unscaled).
@@ -315,7 +332,7 @@ class StepCapture:
         The views are made once and reused while every weight keeps its storage (an
         optimizer updates in place; a ``load_state_dict`` into new tensors rebuilds them).
         """
-        weights = [local(p) for p in self._weights]
+        weights = [local(p) for p in self._weights] if self._sharded else self._weights
         pointers = [p.data_ptr() for p in weights]
         if pointers != self._view_pointers or not self._views_cacheable:
             views = []
@@ -425,7 +442,9 @@ class StepCapture:
                 torch.sub(buffer[1], buffer[0], out=buffer[2])
             # Scaled to the whole tensors', so that tensors measured on subsets of different
             # sizes add up in a layer's ratio.
-            squares = self._squared_norms(buffers) * self._sq_scale.to(buffers[0].device)
+            if self._sq_scale.device != buffers[0].device:
+                self._sq_scale = self._sq_scale.to(buffers[0].device)
+            squares = self._squared_norms(buffers) * self._sq_scale
             before_sq, self._after_sq, delta_sq = squares.unbind(0)
             if self._rows:
                 indices = torch.tensor([i for i, *_ in self._rows], device=delta_sq.device)
