@@ -531,7 +531,7 @@ class SiteRecorder:
                 self._grad_sites = [site.index for site in grads]
                 pieces.append(torch.stack([torch.stack(site.grad_sq).double().mean()
                                            for site in grads]))
-            return torch.cat([piece.double() for piece in pieces])
+            return torch.cat(pieces).double()  # float64 (promoted) or float32 scalars alone
 
     def _site_peaks(self) -> list[tuple[int, torch.Tensor]]:
         """Unit peaks per (site, unit count): the calls of a site combined by a maximum."""

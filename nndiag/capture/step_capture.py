@@ -514,7 +514,8 @@ class StepCapture:
             inputs = recorder.input_moments if recorder is not None else None
             if inputs is not None:
                 pieces.append(inputs)
-            host = torch.cat([p.double().reshape(-1).to(device) for p in pieces]).cpu().tolist()
+            # One cat (float64 by type promotion: the losses are) and one transfer.
+            host = torch.cat([p.reshape(-1).to(device) for p in pieces]).cpu().tolist()
         if inputs is not None:  # read once, at the first sampled step that had them
             total, squares, count = host[-3:]
             mean = total / count
