@@ -167,6 +167,8 @@ class SiteRecorder:
         self._sums_only = not exact
         # Per ReLU-family call: its unit peaks and site.
         self._peaks: list[tuple[torch.Tensor, int]] = []
+        # Lean ReLU-family calls: (index in ``_scalars``, column sums standing in for the sum).
+        self._column_sums: list[tuple[int, torch.Tensor]] = []
         # Which site each dead fraction and output gradient ``collect`` returned belongs to.
         self._dead_sites: list[int] = []
         self._grad_sites: list[int] = []
@@ -220,6 +222,7 @@ class SiteRecorder:
         self._scalars, self._positions, self._numels, self._call_sites = [], [], [], []
         self._sums_only = not self.exact
         self._peaks = []
+        self._column_sums = []
         self._storages = {}
 
     @contextlib.contextmanager
@@ -354,13 +357,20 @@ class SiteRecorder:
         if flat.dtype != torch.float32:
             flat = flat.float()
         base = len(self._call_sites) * _CALL_WIDTH
-        self._scalars += (flat.sum(), torch.dot(flat, flat))
+        if info.activation in RELU_FAMILY and values.dim():
+            # Never negative: a unit fired in the batch exactly when its sum over the batch is
+            # above zero, and the column sums add up to the call's sum (in ``_filled_scalars``).
+            columns = values.reshape(values.shape[0], -1).sum(0, dtype=torch.float32)
+            self._column_sums.append((len(self._scalars), columns))
+            self._scalars += (columns, torch.dot(flat, flat))
+            self._peaks.append((columns, site.index))
+        else:
+            self._scalars += (flat.sum(), torch.dot(flat, flat))
+            if info.activation in RELU_FAMILY:
+                self._peaks.append((unit_peaks(values), site.index))
         self._positions += (base, base + 1)
         self._numels.append((numel, 0))
         self._call_sites.append(site.index)
-        if info.activation in RELU_FAMILY:
-            self._peaks.append((values.amax(0) if values.dim() == 2 else unit_peaks(values),
-                                site.index))
 
     # ------------------------------------------------------------------ measuring
 
@@ -489,7 +499,7 @@ class SiteRecorder:
         if not self._call_sites:
             return torch.zeros(0, dtype=torch.float64)
         with _no_torch_function():
-            scalars = torch.stack(self._scalars).double()
+            scalars = torch.stack(self._filled_scalars()).double()
             counts = torch.tensor(self._numels, dtype=torch.float64, device=scalars.device)
             fired = [((p > 0) | p.isnan()).double() for _, p in self._site_peaks()]
             return torch.cat([scalars, counts.reshape(-1), *fired])
@@ -517,7 +527,7 @@ class SiteRecorder:
         with _no_torch_function():
             peaks = self._site_peaks()
             if summed is None:
-                pieces = [torch.stack(self._scalars)]
+                pieces = [torch.stack(self._filled_scalars())]
             else:  # fired counts: a unit that fired on no rank sums to 0, "never above 0"
                 head = len(self._scalars) + 2 * len(self._numels)
                 pieces = [summed[:head]]
@@ -532,6 +542,22 @@ class SiteRecorder:
                 pieces.append(torch.stack([torch.stack(site.grad_sq).double().mean()
                                            for site in grads]))
             return torch.cat(pieces).double()  # float64 (promoted) or float32 scalars alone
+
+    def _filled_scalars(self) -> list[torch.Tensor]:
+        """The calls' scalars; lean ReLU-family calls' sums come from their column sums.
+
+        One reduction per unit count fills them in, where each call would take a kernel.
+        """
+        if self._column_sums:
+            groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
+            for position, columns in self._column_sums:
+                groups.setdefault(columns.numel(), []).append((position, columns))
+            for members in groups.values():
+                sums = torch.stack([columns for _, columns in members]).sum(1).unbind(0)
+                for (position, _), total in zip(members, sums, strict=True):
+                    self._scalars[position] = total
+            self._column_sums = []
+        return self._scalars
 
     def _site_peaks(self) -> list[tuple[int, torch.Tensor]]:
         """Unit peaks per (site, unit count): the calls of a site combined by a maximum."""
