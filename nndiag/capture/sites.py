@@ -18,7 +18,9 @@ the same statistics (``nndiag.stats.activations``):
   change what was measured. (Holding outputs to reduce them stacked at the end of the pass was
   measured slower on CPU: the stack is a large temporary, and the outputs are cold by then.)
   ``exact`` mode (the probe) shifts the sums and reads the largest value; the lean mode
-  (``Monitor``) does not.
+  (``Monitor``) does not, and measures a plain module output on a short path
+  (``_record_lean``: a ReLU-family output's column sums stand for both its sum and its
+  fired units).
 - With ``output_grads`` (the probe), a tensor hook on every output reads the backward signal
   (``||dL/d out||``) before any in-place op that follows.
 

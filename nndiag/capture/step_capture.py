@@ -6,9 +6,11 @@ step ``prepare(step, sampled)`` attaches or detaches the sampling hooks; after a
 the host in one transfer with the caller's losses, and returns the ``StepRecord``:
 
 - activations per call site (``capture.sites``, lean mode);
-- gradient norms after accumulation and before clipping, read when backward ends (at the
-  optimizer step under ``torch.distributed``, once the gradients are averaged), unscaled when
-  a ``GradScaler`` still scales them;
+- gradient norms after accumulation and before clipping, as they are when backward ends (a
+  big gradient is read in its hook the moment it is accumulated, while still in cache, and
+  read again at the end if the pass did not touch it; small ones at the end, in one foreach;
+  at the optimizer step under ``torch.distributed``, once the gradients are averaged),
+  unscaled when a ``GradScaler`` still scales them;
 - the true update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the
   optimizer's step hooks, on a fixed subset of big tensors (``_subset_layout``), and for
   embedding tables on rows spread over those the step's gradient touched (``_sample_rows``);

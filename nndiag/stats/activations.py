@@ -17,7 +17,9 @@ the recorder are checked to agree on them in ``tests/test_agreement.py``):
 Every output is reduced, as soon as it appears (while it is still in the cache), to a few
 device scalars (``output_moments``): sum, sum of squares, and where they apply the
 largest absolute value, the saturated count and the pre-activation's two sums; ReLU-family
-outputs also to their per-unit maximum over the batch (a unit fired if it is above zero).
+outputs also to their per-unit maximum over the batch (a unit fired if it is above zero; the
+lean path of ``capture.sites`` takes the per-unit sum instead, never negative either, whose
+total is the call's sum: one kernel fewer).
 Those are *moments*: sums over calls add up, so they pool over probe batches, micro-batches
 and distributed ranks by plain addition (the largest values by a maximum: ``pool_calls``),
 and mean and variance come out of them once, on the host (``finish_moments``). The exact mode
