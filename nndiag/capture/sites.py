@@ -171,6 +171,8 @@ class SiteRecorder:
         self._peaks: list[tuple[torch.Tensor, int]] = []
         # Lean ReLU-family calls: (index in ``_scalars``, column sums standing in for the sum).
         self._column_sums: list[tuple[int, torch.Tensor]] = []
+        # Column sums stacked per unit count, by the ids of their rows (``_filled_scalars``).
+        self._stacked: dict[tuple[int, ...], torch.Tensor] = {}
         # Which site each dead fraction and output gradient ``collect`` returned belongs to.
         self._dead_sites: list[int] = []
         self._grad_sites: list[int] = []
@@ -225,6 +227,7 @@ class SiteRecorder:
         self._sums_only = not self.exact
         self._peaks = []
         self._column_sums = []
+        self._stacked = {}
         self._storages = {}
 
     @contextlib.contextmanager
@@ -537,7 +540,10 @@ class SiteRecorder:
                 peaks = [(i, part) for (i, _), part in zip(peaks, parts, strict=True)]
             for members in _by_length(peaks).values():
                 self._dead_sites += [i for i, _ in members]
-                pieces.append(dead_fractions(torch.stack([p for _, p in members])))
+                stacked = self._stacked.get(tuple(id(p) for _, p in members))
+                if stacked is None:
+                    stacked = torch.stack([p for _, p in members])
+                pieces.append(dead_fractions(stacked))
             grads = [site for site in self.sites.values() if site.grad_sq]
             if grads:
                 self._grad_sites = [site.index for site in grads]
@@ -555,7 +561,10 @@ class SiteRecorder:
             for position, columns in self._column_sums:
                 groups.setdefault(columns.numel(), []).append((position, columns))
             for members in groups.values():
-                sums = torch.stack([columns for _, columns in members]).sum(1).unbind(0)
+                stacked = torch.stack([columns for _, columns in members])
+                # Kept for ``collect``, whose dead fractions read the same rows.
+                self._stacked[tuple(id(columns) for _, columns in members)] = stacked
+                sums = stacked.sum(1).unbind(0)
                 for (position, _), total in zip(members, sums, strict=True):
                     self._scalars[position] = total
             self._column_sums = []

@@ -285,7 +285,7 @@ class StepCapture:
                     missing.append(i)
             parts = [torch.stack(taken_values)] if taken_values else []
             if missing:
-                grads = [stored_values(local(self.trainable[i].grad)) if present[i]
+                grads = [self._grad_values(self.trainable[i]) if present[i]
                          else torch.zeros((), device=self.trainable[i].device)
                          for i in missing]
                 parts.append(torch.stack(torch._foreach_norm(grads)).float().square())
@@ -298,6 +298,13 @@ class StepCapture:
                 if scale is not None:  # still scaled: divide by the scale they were made with
                     grad_sq = grad_sq / scale.to(grad_sq.device, torch.float32).square()
             self._grad_sq = grad_sq
+
+    def _grad_values(self, param: torch.Tensor) -> torch.Tensor:
+        """The gradient values this rank holds (``stored_values`` of the local shard)."""
+        grad = param.grad
+        if type(grad) is torch.Tensor and grad.layout == torch.strided:
+            return grad
+        return stored_values(local(grad))
 
     def _parameter_order(self, missing: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Where each parameter's value sits in [hook-read values..., ``missing``'s...]."""
