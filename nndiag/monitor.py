@@ -15,7 +15,8 @@ is sampled, with the same measurement core as ``nndiag inspect`` (``nndiag.captu
 its lean mode: per call site (modules and activations applied as functions, named alike) the
 activation mean and std, the dead fraction (ReLU family) and saturation (sigmoid/tanh family),
 each output reduced on the device the moment it appears; gradient norms
-after accumulation and before clipping (read at the end of each backward pass); the true
+after accumulation and before clipping (as they are at the end of each backward pass; a big
+gradient is read the moment it is accumulated, while still in cache); the true
 update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the optimizer's step
 hooks, valid for any optimizer; and the global gradient norm. The update ratio of a big tensor
 is measured on a fixed subset of at most ``update_sample`` elements, 16 evenly spaced runs of

@@ -64,28 +64,66 @@ def _json(value: Any) -> str:
     """Compact JSON text of plain data, floats at 6 significant digits, non-finite as strings.
 
     Written by hand for the hot path of ``Monitor(every=1)``: one formatting per number
-    (``json.dumps`` after rounding would format each one twice).
+    (``json.dumps`` after rounding would format each one twice), the elements of a list
+    (a column of layers) written inline, and strings (layer names, kinds) encoded once.
     """
     kind = type(value)
     if kind is float:
-        if value != value:
-            return '"nan"'
-        if value in (math.inf, -math.inf):
-            return '"inf"' if value > 0 else '"-inf"'
-        text = f"{value:.6g}"
-        return text if "e" in text or "." in text or "n" in text else text + ".0"
+        return _float_json(value)
     if kind is list or kind is tuple:
-        return "[" + ",".join([_json(v) for v in value]) + "]"
+        parts = []
+        for item in value:
+            item_kind = type(item)
+            if item_kind is float:
+                if item == item and _NEG_INF < item < _INF:
+                    text = f"{item:.6g}"
+                    parts.append(text if "e" in text or "." in text else text + ".0")
+                else:
+                    parts.append(_float_json(item))
+            elif item is None:
+                parts.append("null")
+            elif item_kind is str:
+                text = _STRINGS.get(item)
+                parts.append(text if text is not None else _string_json(item))
+            else:
+                parts.append(_json(item))
+        return "[" + ",".join(parts) + "]"
     if kind is dict:
-        return "{" + ",".join([json.dumps(str(k)) + ":" + _json(v)
+        return "{" + ",".join([_string_json(str(k)) + ":" + _json(v)
                                for k, v in value.items()]) + "}"
     if value is None:
         return "null"
     if kind is bool:
         return "true" if value else "false"
+    if kind is str:
+        return _string_json(value)
     if isinstance(value, float):  # numpy and other float types
-        return _json(float(value))
+        return _float_json(float(value))
     return json.dumps(value)
+
+
+_INF, _NEG_INF = math.inf, -math.inf
+# JSON text of the strings written so far (layer names and kinds repeat at every step).
+_STRINGS: dict[str, str] = {}
+_MAX_STRINGS = 1 << 16
+
+
+def _float_json(value: float) -> str:
+    if value != value:
+        return '"nan"'
+    if value in (_INF, _NEG_INF):
+        return '"inf"' if value > 0 else '"-inf"'
+    text = f"{value:.6g}"
+    return text if "e" in text or "." in text or "n" in text else text + ".0"
+
+
+def _string_json(value: str) -> str:
+    text = _STRINGS.get(value)
+    if text is None:
+        text = json.dumps(value)
+        if len(_STRINGS) < _MAX_STRINGS:
+            _STRINGS[value] = text
+    return text
 
 
 def decode(value: Any) -> Any:

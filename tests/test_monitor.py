@@ -108,6 +108,32 @@ def test_gradient_accumulation_reads_the_accumulated_gradient():
     assert relu.mean > 0
 
 
+def test_gradient_norms_read_in_hooks_are_the_gradients_at_the_end_of_backward():
+    # Weights of 4,096 elements are read in their gradient hook (step_capture.SMALL_GRADIENT),
+    # while in cache: accumulated over passes, and re-read when a later pass did not touch them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = Monitor(model, optimizer, every=1)
+    x, y = torch.randn(8, 64), torch.randint(0, 4, (8,))
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x * 2), y).backward()  # accumulated into the same gradients
+    model[0].weight.grad.mul_(0.5)  # changed after its hook read it...
+    F.cross_entropy(model[4](torch.randn(8, 64)), y).backward()  # ...by a pass not reaching it
+    total = math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters()
+                          if p.grad is not None))
+    first, middle = model[0].weight.grad.norm().item(), model[2].weight.grad.norm().item()
+    optimizer.step()
+    monitor.step(torch.tensor(1.0))
+    monitor.close()
+    sample = monitor.samples[0]
+    layers = {layer.name: layer for layer in sample.layers}
+    assert sample.grad_norm == pytest.approx(total, rel=1e-5)
+    assert layers["2"].grad_norm == pytest.approx(middle, rel=1e-5)
+    assert layers["0"].grad_norm == pytest.approx(first, rel=1e-5)
+
+
 def test_hooks_are_removed_and_unsampled_steps_leave_none_attached():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

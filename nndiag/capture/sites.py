@@ -18,7 +18,9 @@ the same statistics (``nndiag.stats.activations``):
   change what was measured. (Holding outputs to reduce them stacked at the end of the pass was
   measured slower on CPU: the stack is a large temporary, and the outputs are cold by then.)
   ``exact`` mode (the probe) shifts the sums and reads the largest value; the lean mode
-  (``Monitor``) does not.
+  (``Monitor``) does not, and measures a plain module output on a short path
+  (``_record_lean``: a ReLU-family output's column sums stand for both its sum and its
+  fired units).
 - With ``output_grads`` (the probe), a tensor hook on every output reads the backward signal
   (``||dL/d out||``) before any in-place op that follows.
 
@@ -72,13 +74,16 @@ from nndiag.stats.activations import (
     CALL_FIELDS,
     dead_fractions,
     finish_moments,
+    mean_std,
     output_moments,
     pool_calls,
+    pool_sums,
     square_sum,
     unit_peaks,
 )
 
 ROOT_NAME = "(model)"
+_CALL_WIDTH = len(CALL_FIELDS)
 
 _no_torch_function = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
 
@@ -130,6 +135,8 @@ class SiteRecorder:
         self.compiled = compiled
         self.output_grads = output_grads
         self.exact = exact
+        # The lean mode's short path for plain module outputs (``_record_lean``).
+        self._lean = not exact and not output_grads
         self.info: dict[int, _ModuleInfo] = {}
         self.modules: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
@@ -158,8 +165,17 @@ class SiteRecorder:
         self._positions: list[int] = []
         self._numels: list[tuple[int, int]] = []
         self._call_sites: list[int] = []
+        # Every call was reduced to its sum and sum of squares alone (``pool_sums``).
+        self._sums_only = not exact
         # Per ReLU-family call: its unit peaks and site.
         self._peaks: list[tuple[torch.Tensor, int]] = []
+        # Lean ReLU-family calls: (index in ``_scalars``, column sums standing in for the sum).
+        self._column_sums: list[tuple[int, torch.Tensor]] = []
+        # Column sums stacked per unit count, by the ids of their rows (``_filled_scalars``).
+        self._stacked: dict[tuple[int, ...], torch.Tensor] = {}
+        # Which site each dead fraction and output gradient ``collect`` returned belongs to.
+        self._dead_sites: list[int] = []
+        self._grad_sites: list[int] = []
         # Roles seen in the data flow (module name -> role), kept across steps: which output
         # fed scaled_dot_product_attention as query, key or value, which one is the model's
         # output. ``_storages`` maps an output's storage to its module while a pass runs, and
@@ -174,6 +190,7 @@ class SiteRecorder:
         # The data flow seen on watched passes, kept across steps: module -> the modules that
         # took its output as input (``data_flow`` reads which outputs are normalized).
         self.consumers: dict[str, set[str]] = {}
+        self._flow: DataFlow | None = None  # ``data_flow()``, until ``consumers`` changes
         # The innermost module a forward pass raised in (hooks run while it propagates).
         self.failed_in: str | None = None
         self._failure: int | None = None
@@ -207,7 +224,10 @@ class SiteRecorder:
         self.sites = {}
         self.calls.clear()
         self._scalars, self._positions, self._numels, self._call_sites = [], [], [], []
+        self._sums_only = not self.exact
         self._peaks = []
+        self._column_sums = []
+        self._stacked = {}
         self._storages = {}
 
     @contextlib.contextmanager
@@ -255,8 +275,11 @@ class SiteRecorder:
         if self.watch_all and args and isinstance(args[0], torch.Tensor):
             producer = self.producer(args[0])
             if producer is not None and producer != info.name:
-                self.consumers.setdefault(producer, set()).add(info.name)
-        if not self.watch_all:
+                consumers = self.consumers.setdefault(producer, set())
+                if info.name not in consumers:
+                    consumers.add(info.name)
+                    self._flow = None
+        if not self.watch_all and (self._mode_entered or self.functional_parents):
             self._watch(info.name in self.functional_parents)
         if info.activation is not None:
             self.inside_activation += 1
@@ -289,22 +312,70 @@ class SiteRecorder:
             if producer is not None:
                 self._storages[storage_id(output)] = (producer, output)
         if info.measured and self.active:
-            with _no_torch_function():
-                tensor = primary_output(output)
-                if tensor is not None and tensor.is_floating_point():
-                    pre = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                    activation = info.activation
-                    bounds = (hardtanh_bounds(activation, module) if activation in SATURATING
-                              else (-1.0, 1.0))
-                    self.record(info.name, info.name, info.kind, activation, False, tensor,
-                                None if pre is tensor else pre, bounds)
+            if self._lean and not self._mode_entered and type(output) is torch.Tensor and \
+                    info.activation not in SATURATING and not self.watch_all:
+                self._record_lean(info, output)
+            else:
+                self._record_output(module, info, args, output)
         if not self.stack:  # the pass ended (or raised)
             if self.watch_all:
                 self._learn_head(output)
             self._storages = {}
             self._leave_mode()
-        elif not self.watch_all:
+        elif not self.watch_all and (self._mode_entered or self.functional_parents):
             self._watch(self.stack[-1] in self.functional_parents)
+
+    def _record_output(self, module: nn.Module, info: _ModuleInfo, args: tuple[Any, ...],
+                       output: Any) -> None:
+        """Measure a module's output (``record``)."""
+        with _no_torch_function():
+            tensor = primary_output(output)
+            if tensor is not None and tensor.is_floating_point():
+                pre = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                activation = info.activation
+                bounds = (hardtanh_bounds(activation, module) if activation in SATURATING
+                          else (-1.0, 1.0))
+                self.record(info.name, info.name, info.kind, activation, False, tensor,
+                            None if pre is tensor else pre, bounds)
+
+    def _record_lean(self, info: _ModuleInfo, tensor: torch.Tensor) -> None:
+        """``record`` of a module's plain tensor output in the lean mode, on its short path.
+
+        What a recorded training step measures on nearly every site (no saturation, no
+        functional-activation mode, no data flow to learn): the sum and the sum of squares,
+        and for the ReLU family the unit peaks. The same numbers ``record`` takes, with a
+        fraction of its Python work (it runs once per layer per sampled step).
+        """
+        numel = tensor.numel()
+        if not numel or not tensor.is_floating_point():
+            return
+        name = info.name
+        count = self.calls.get(name, 0)
+        self.calls[name] = count + 1
+        site_name = name if not count else f"{name}#{count + 1}"
+        site = self.sites.get(site_name)
+        if site is None:
+            site = self.sites[site_name] = _Site(len(self.sites), site_name, name, info.kind,
+                                                 info.activation, False, list(tensor.shape))
+        values = tensor.detach()
+        flat = values.reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        base = len(self._call_sites) * _CALL_WIDTH
+        if info.activation in RELU_FAMILY and values.dim():
+            # Never negative: a unit fired in the batch exactly when its sum over the batch is
+            # above zero, and the column sums add up to the call's sum (in ``_filled_scalars``).
+            columns = values.reshape(values.shape[0], -1).sum(0, dtype=torch.float32)
+            self._column_sums.append((len(self._scalars), columns))
+            self._scalars += (columns, torch.dot(flat, flat))
+            self._peaks.append((columns, site.index))
+        else:
+            self._scalars += (flat.sum(), torch.dot(flat, flat))
+            if info.activation in RELU_FAMILY:
+                self._peaks.append((unit_peaks(values), site.index))
+        self._positions += (base, base + 1)
+        self._numels.append((numel, 0))
+        self._call_sites.append(site.index)
 
     # ------------------------------------------------------------------ measuring
 
@@ -333,6 +404,8 @@ class SiteRecorder:
                                      pre_activation=pre, exact=self.exact)
             self._scalars += [value for _, value in moments]
             self._positions += [base + field_index for field_index, _ in moments]
+            if len(moments) != 2:
+                self._sums_only = False
             self._numels.append((numel, pre.numel() if pre is not None else 0))
             self._call_sites.append(site.index)
             if activation in RELU_FAMILY:
@@ -382,6 +455,8 @@ class SiteRecorder:
         through activation modules (a ReLU is positively homogeneous; a GELU or SiLU on a
         small signal is nearly linear): the loss then does not depend on the producer's scale.
         """
+        if self._flow is not None:
+            return self._flow
         memo: dict[str, bool] = {}
 
         def normalized(name: str) -> bool:
@@ -394,8 +469,9 @@ class SiteRecorder:
                     for c in self.consumers.get(name, ()))
             return memo[name]
 
-        return DataFlow({k: set(v) for k, v in self.consumers.items()},
-                        {name for name in self.consumers if normalized(name)})
+        self._flow = DataFlow({k: set(v) for k, v in self.consumers.items()},
+                              {name for name in self.consumers if normalized(name)})
+        return self._flow
 
     def info_by_name(self, name: str) -> _ModuleInfo:
         """The module facts of a module name."""
@@ -428,7 +504,7 @@ class SiteRecorder:
         if not self._call_sites:
             return torch.zeros(0, dtype=torch.float64)
         with _no_torch_function():
-            scalars = torch.stack(self._scalars).double()
+            scalars = torch.stack(self._filled_scalars()).double()
             counts = torch.tensor(self._numels, dtype=torch.float64, device=scalars.device)
             fired = [((p > 0) | p.isnan()).double() for _, p in self._site_peaks()]
             return torch.cat([scalars, counts.reshape(-1), *fired])
@@ -437,45 +513,67 @@ class SiteRecorder:
         """Every measurement as one flat float64 device tensor (``records`` reads it back).
 
         Per-site pooling is done on the host, in ``records``; on the device only what must
-        be: the dead fraction of each ReLU-family site (its calls' unit peaks combined) and,
-        for the probe, the gradient reaching each output.
+        be: the dead fraction of each ReLU-family site (its calls' unit peaks combined, one
+        reduction per unit count) and, for the probe, the gradient reaching each output.
 
         Args:
             summed: Under ``torch.distributed``, ``payload()`` summed over ranks (ranks must
                 run the same layers).
 
         Returns:
-            The calls' scalars, [the calls' element counts, when summed over ranks,] then per
-            site the dead fraction (NaN when not a ReLU) and the mean square of the gradient
-            reaching the output (NaN without ``output_grads``).
+            The calls' scalars, [the calls' element counts, when summed over ranks,] then the
+            dead fractions of the ReLU-family sites (grouped by unit count) and the mean
+            square of the gradient reaching each output that has one (``output_grads``);
+            ``records`` knows which site each belongs to.
         """
-        count = len(self.sites)
+        self._dead_sites, self._grad_sites = [], []
         if not self._call_sites:
             return torch.zeros(0, dtype=torch.float64)
         with _no_torch_function():
             peaks = self._site_peaks()
             if summed is None:
-                pieces = [torch.stack(self._scalars).double()]
+                pieces = [torch.stack(self._filled_scalars())]
             else:  # fired counts: a unit that fired on no rank sums to 0, "never above 0"
                 head = len(self._scalars) + 2 * len(self._numels)
                 pieces = [summed[:head]]
                 parts = summed[head:].split([p.numel() for _, p in peaks])
                 peaks = [(i, part) for (i, _), part in zip(peaks, parts, strict=True)]
-            device = pieces[0].device
-            dead = torch.full((count,), math.nan, dtype=torch.float64, device=device)
             for members in _by_length(peaks).values():
-                fractions = dead_fractions(torch.stack([p for _, p in members]))
-                index = torch.tensor([i for i, _ in members], device=device)
-                dead = dead.index_copy(0, index, torch.fmin(dead.index_select(0, index),
-                                                            fractions))
-            grads = torch.full((count,), math.nan, dtype=torch.float64, device=device)
-            for site in self.sites.values():
-                if site.grad_sq:
-                    grads[site.index] = torch.stack(site.grad_sq).double().mean()
-            return torch.cat([*pieces, dead, grads])
+                self._dead_sites += [i for i, _ in members]
+                stacked = self._stacked.get(tuple(id(p) for _, p in members))
+                if stacked is None:
+                    stacked = torch.stack([p for _, p in members])
+                pieces.append(dead_fractions(stacked))
+            grads = [site for site in self.sites.values() if site.grad_sq]
+            if grads:
+                self._grad_sites = [site.index for site in grads]
+                pieces.append(torch.stack([torch.stack(site.grad_sq).double().mean()
+                                           for site in grads]))
+            return torch.cat(pieces).double()  # float64 (promoted) or float32 scalars alone
+
+    def _filled_scalars(self) -> list[torch.Tensor]:
+        """The calls' scalars; lean ReLU-family calls' sums come from their column sums.
+
+        One reduction per unit count fills them in, where each call would take a kernel.
+        """
+        if self._column_sums:
+            groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
+            for position, columns in self._column_sums:
+                groups.setdefault(columns.numel(), []).append((position, columns))
+            for members in groups.values():
+                stacked = torch.stack([columns for _, columns in members])
+                # Kept for ``collect``, whose dead fractions read the same rows.
+                self._stacked[tuple(id(columns) for _, columns in members)] = stacked
+                sums = stacked.sum(1).unbind(0)
+                for (position, _), total in zip(members, sums, strict=True):
+                    self._scalars[position] = total
+            self._column_sums = []
+        return self._scalars
 
     def _site_peaks(self) -> list[tuple[int, torch.Tensor]]:
         """Unit peaks per (site, unit count): the calls of a site combined by a maximum."""
+        if len({site for _, site in self._peaks}) == len(self._peaks):  # one call per site
+            return [(site, peaks) for peaks, site in self._peaks]
         merged: dict[tuple[int, int], list[torch.Tensor]] = {}
         for peaks, site in self._peaks:
             merged.setdefault((site, peaks.numel()), []).append(peaks)
@@ -485,21 +583,40 @@ class SiteRecorder:
     def records(self, values: Sequence[float]) -> list[LayerRecord]:
         """Turn ``collect``'s numbers (on the host, in order) into one record per site."""
         count = len(self.sites)
-        if not self._call_sites:
-            values = [math.nan] * (2 * count)
         scalars = len(self._scalars)
         numels: Sequence[tuple[float, float]] = self._numels
-        if len(values) > scalars + 2 * count:  # reduced over ranks: the counts follow
+        tail = len(self._dead_sites) + len(self._grad_sites) if self._call_sites else 0
+        if len(values) > scalars + tail:  # reduced over ranks: the counts follow
             flat = values[scalars: scalars + 2 * len(self._numels)]
             numels = list(zip(flat[::2], flat[1::2], strict=True))
-        pooled = pool_calls(values[:scalars], self._positions, numels, self._call_sites, count)
-        dead, grads = values[-2 * count: -count], values[-count:]
+        if self._sums_only:
+            pooled = pool_sums(values[:scalars], numels, self._call_sites, count)
+        else:
+            pooled = pool_calls(values[:scalars], self._positions, numels, self._call_sites,
+                                count)
+        dead = [math.nan] * count
+        grads = [math.nan] * count
+        if tail:
+            found = values[len(values) - tail:]
+            for site, fraction in zip(self._dead_sites, found, strict=False):
+                held = dead[site]  # a site with calls of several unit counts: the smallest
+                dead[site] = fraction if held != held or fraction < held else held
+            for site, value in zip(self._grad_sites, found[len(self._dead_sites):],
+                                   strict=True):
+                grads[site] = value
         layers = []
         for site in self.sites.values():
             row = pooled[site.index]
-            stats = finish_moments(row) if row[0] == row[0] and row[0] else {}
-            if not self.exact:  # the lean mode does not read the largest value
-                stats.pop("absmax", None)
+            n = row[0]
+            if not (n == n and n):
+                stats = {}
+            elif self._sums_only:  # mean and std only (what ``finish_moments`` gives them)
+                mean, std = mean_std(n, row[1], row[2])
+                stats = {"mean": mean, "std": std}
+            else:
+                stats = finish_moments(row)
+                if not self.exact:  # the lean mode does not read the largest value
+                    stats.pop("absmax", None)
             grad_sq = grads[site.index]
             layers.append(LayerRecord(
                 name=site.name, module=site.module, kind=site.kind, index=site.index,

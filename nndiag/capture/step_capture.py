@@ -6,9 +6,11 @@ step ``prepare(step, sampled)`` attaches or detaches the sampling hooks; after a
 the host in one transfer with the caller's losses, and returns the ``StepRecord``:
 
 - activations per call site (``capture.sites``, lean mode);
-- gradient norms after accumulation and before clipping, read when backward ends (at the
-  optimizer step under ``torch.distributed``, once the gradients are averaged), unscaled when
-  a ``GradScaler`` still scales them;
+- gradient norms after accumulation and before clipping, as they are when backward ends (a
+  big gradient is read in its hook the moment it is accumulated, while still in cache, and
+  read again at the end if the pass did not touch it; small ones at the end, in one foreach;
+  at the optimizer step under ``torch.distributed``, once the gradients are averaged),
+  unscaled when a ``GradScaler`` still scales them;
 - the true update-to-weight ratio ``||w_after - w_before|| / ||w_before||`` from the
   optimizer's step hooks, on a fixed subset of big tensors (``_subset_layout``), and for
   embedding tables on rows spread over those the step's gradient touched (``_sample_rows``);
@@ -18,6 +20,7 @@ the host in one transfer with the caller's losses, and returns the ``StepRecord`
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,17 +29,21 @@ from torch.utils.hooks import RemovableHandle
 
 from nndiag.capture.layers import layer_kind
 from nndiag.capture.probe import ROOT_NAME, Owner, owner_fans, owners
-from nndiag.capture.shards import local, sum_weight
+from nndiag.capture.shards import is_dtensor, local, sum_weight
 from nndiag.capture.sites import SiteRecorder
 from nndiag.records import ParamGroup, StepRecord, attach_parameters
 from nndiag.records.layers import LOOKUP_KINDS
-from nndiag.stats.weights import update_ratio
 
 # Activations applied as functions are looked for in the whole forward pass only on the first
 # two and then every this many sampled steps; in between, only inside the modules that
 # applied one. Watching costs a Python call per torch function (~6% of a small MLP's step,
 # more in attention, which calls dozens).
 FUNCTIONAL_RECHECK = 100
+
+
+# Gradients of fewer elements are read at the end of backward, in one foreach with the others
+# not read in their hook; bigger ones in their hook, while still in cache.
+SMALL_GRADIENT = 1 << 12
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -130,6 +137,13 @@ class StepCapture:
 
         self._grad_handles: list[RemovableHandle] = []
         self._grad_queued = False
+        # Per trainable parameter: (backward pass, squared norm) taken in its gradient hook.
+        self._backward_id = 0
+        self._hook_sq: list[tuple[int, torch.Tensor] | None] = [None] * len(self.trainable)
+        self._orders: dict[tuple[int, ...], torch.Tensor] = {}  # ``_parameter_order``'s
+        # Gradients small enough to stay in cache (biases, gains): read at the end of backward.
+        self._small_grads = frozenset(i for i, p in enumerate(self.trainable)
+                                      if local(p).numel() < SMALL_GRADIENT)
         self._grad_sq: torch.Tensor | None = None
         self._grad_present: list[bool] | None = None
         # The update subsets before the step, stacked per group of same-shaped subsets.
@@ -163,8 +177,9 @@ class StepCapture:
         # each weight's value lands in their concatenation: a few stacked reductions a step
         # instead of several kernels per weight.
         self._shape_groups: list[list[int]] = []
-        self._stack_buffers: dict[tuple[int, int], torch.Tensor] = {}
+        self._stack_buffers: dict[int, torch.Tensor] = {}
         self._group_order = torch.zeros(0, dtype=torch.long)
+        self._sharded = any(is_dtensor(p) for p in self._weights)
         # A non-contiguous weight's flat view is a copy: it must be taken anew every time.
         self._views_cacheable = all(local(p).is_contiguous() for p in self._weights)
         self._update: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -203,10 +218,12 @@ class StepCapture:
             if self._recorder is not None:
                 self._recorder.attach()
                 self._recorder.active = True
-            self._grad_handles = [p.register_post_accumulate_grad_hook(self._on_grad)
-                                  for p in self.trainable]
+            self._grad_handles = [p.register_post_accumulate_grad_hook(
+                partial(self._on_grad, i)) for i, p in enumerate(self.trainable)]
         elif not sampled and self.sampling:
             self._detach_sampling_hooks(closing=False)
+        elif not sampled:  # a step after an unsampled one: nothing was measured to forget
+            return
         self.sampling = sampled
         self._grad_sq, self._grad_present, self._update, self._after_sq = (None, None, None,
                                                                            None)
@@ -226,27 +243,80 @@ class StepCapture:
             handle.remove()
         self._grad_handles = []
 
-    def _on_grad(self, param: torch.Tensor) -> None:
+    def _on_grad(self, index: int, param: torch.Tensor) -> None:
+        """A parameter's gradient is accumulated: its squared norm now, while it is in cache.
+
+        Read at the end of backward instead, every gradient is cold again (a second pass
+        over all of them, ~1 ms a step on a 1.7M-parameter MLP on CPU).
+        """
         if self._reads_grads_at_step:
             return
         if not self._grad_queued:
             self._grad_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._read_grads)
+            self._backward_id += 1
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if index in self._small_grads:  # a Python call costs more than reading it cold
+            return
+        grad = param.grad
+        if grad is not None and grad.layout == torch.strided and type(grad) is torch.Tensor:
+            flat = grad.detach().reshape(-1)  # detached: no graph even under create_graph
+            if flat.dtype != torch.float32:
+                flat = flat.float()
+            self._hook_sq[index] = (self._backward_id, torch.dot(flat, flat))
 
-    def _read_grads(self) -> None:
-        """End of a backward pass: the accumulated, not yet clipped gradients."""
+    def _end_of_backward(self) -> None:
         self._grad_queued = False
+        self._read_grads(self._backward_id)
+
+    def _read_grads(self, backward_id: int = -1) -> None:
+        """The accumulated, not yet clipped gradients (at the end of a backward pass).
+
+        With ``backward_id``, the squared norms taken in the gradients' hooks during that
+        pass are used as they are; the others (a gradient the pass did not touch, a sparse
+        one; every one when read at the optimizer step) are taken now.
+        """
         with torch.no_grad():
-            self._grad_present = [p.grad is not None for p in self.trainable]
-            grads = [stored_values(local(p.grad)) if p.grad is not None
-                     else torch.zeros((), device=p.device) for p in self.trainable]
-            grad_sq = torch.stack(torch._foreach_norm(grads)).float().square() \
-                if grads else None
+            present = self._grad_present = [p.grad is not None for p in self.trainable]
+            taken_values, missing = [], []
+            for i, (taken, has_grad) in enumerate(zip(self._hook_sq, present, strict=True)):
+                if taken is not None and taken[0] == backward_id and has_grad:
+                    taken_values.append(taken[1])
+                else:
+                    missing.append(i)
+            parts = [torch.stack(taken_values)] if taken_values else []
+            if missing:
+                grads = [self._grad_values(self.trainable[i]) if present[i]
+                         else torch.zeros((), device=self.trainable[i].device)
+                         for i in missing]
+                parts.append(torch.stack(torch._foreach_norm(grads)).float().square())
+            grad_sq = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None
+            if grad_sq is not None and taken_values and missing:  # back to parameter order
+                grad_sq = grad_sq.index_select(0, self._parameter_order(tuple(missing),
+                                                                       grad_sq.device))
             if grad_sq is not None and self.scaler is not None:
                 scale = self._loss_scale()
                 if scale is not None:  # still scaled: divide by the scale they were made with
                     grad_sq = grad_sq / scale.to(grad_sq.device, torch.float32).square()
             self._grad_sq = grad_sq
+
+    def _grad_values(self, param: torch.Tensor) -> torch.Tensor:
+        """The gradient values this rank holds (``stored_values`` of the local shard)."""
+        grad = param.grad
+        if type(grad) is torch.Tensor and grad.layout == torch.strided:
+            return grad
+        return stored_values(local(grad))
+
+    def _parameter_order(self, missing: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Where each parameter's value sits in [hook-read values..., ``missing``'s...]."""
+        order = self._orders.get(missing)
+        if order is None or order.device != device:
+            skipped = set(missing)
+            read = [i for i in range(len(self.trainable)) if i not in skipped]
+            order = torch.empty(len(self.trainable), dtype=torch.long)
+            order[torch.tensor(read + list(missing), dtype=torch.long)] = torch.arange(
+                len(self.trainable))
+            order = self._orders[missing] = order.to(device)
+        return order
 
     def _loss_scale(self) -> torch.Tensor | None:
         """The loss scale the gradients are multiplied by now (``None``: already unscaled).
@@ -271,7 +341,7 @@ class StepCapture:
         The views are made once and reused while every weight keeps its storage (an
         optimizer updates in place; a ``load_state_dict`` into new tensors rebuilds them).
         """
-        weights = [local(p) for p in self._weights]
+        weights = [local(p) for p in self._weights] if self._sharded else self._weights
         pointers = [p.data_ptr() for p in weights]
         if pointers != self._view_pointers or not self._views_cacheable:
             views = []
@@ -290,31 +360,37 @@ class StepCapture:
             self._views, self._view_pointers = views, pointers
         return self._views
 
-    def _stacked_subsets(self, slot: int) -> list[torch.Tensor]:
-        """The update subsets now, copied into one stacked tensor per shape group.
+    def _stacked_subsets(self, slot: int) -> list[torch.Tensor] | None:
+        """The update subsets now, copied into slot ``slot`` of one buffer per shape group.
 
-        Copied into buffers kept between steps (``slot`` 0 before the step, 1 after it): a
-        fresh allocation each step costs more than the copy on the CPU.
+        A group's buffer is ``(3, members, *subset shape)``: the subsets before the step
+        (slot 0), after it (slot 1) and their difference (slot 2), so that one reduction
+        takes all three norms. The buffers are kept between steps: a fresh allocation each
+        step costs more than the copy on the CPU. ``None`` when the weights' subsets no
+        longer fit the buffers filled before the step (nothing to compare with).
         """
         views = self._update_views()
-        stacks = []
+        buffers = []
         for index, group in enumerate(self._shape_groups):
             members = [views[i] for i in group]
-            key = (slot, index)
-            buffer = self._stack_buffers.get(key)
-            shape = (len(members), *members[0].shape)
+            buffer = self._stack_buffers.get(index)
+            shape = (3, len(members), *members[0].shape)
             if buffer is None or buffer.shape != shape or buffer.dtype != members[0].dtype \
                     or buffer.device != members[0].device:
-                buffer = self._stack_buffers[key] = torch.empty(
+                if slot:
+                    return None
+                buffer = self._stack_buffers[index] = torch.empty(
                     shape, dtype=members[0].dtype, device=members[0].device)
-            stacks.append(torch.stack(members, out=buffer))
-        return stacks
+            torch.stack(members, out=buffer[slot])
+            buffers.append(buffer)
+        return buffers
 
-    def _squared_norms(self, stacks: list[torch.Tensor]) -> torch.Tensor:
-        """Per weight (in weight order), the float32 squared norm of its subset in ``stacks``."""
-        norms = torch.cat([torch.linalg.vector_norm(stack, dim=tuple(range(1, stack.dim())),
-                                                    dtype=torch.float32) for stack in stacks])
-        return norms.square().index_select(0, self._group_order.to(norms.device))
+    def _squared_norms(self, buffers: list[torch.Tensor]) -> torch.Tensor:
+        """Float32 squared norms of the subsets: ``(3, weights)``, in weight order."""
+        norms = torch.cat([torch.linalg.vector_norm(buffer, dim=tuple(range(2, buffer.dim())),
+                                                    dtype=torch.float32)
+                           for buffer in buffers], dim=1)
+        return norms.square().index_select(1, self._group_order.to(norms.device))
 
     def take_step_lr(self) -> Any:
         """The learning rate the last optimizer step ran at (``None``: no step since then).
@@ -363,20 +439,22 @@ class StepCapture:
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.optimizer_steps += 1
-        before = self._before
-        if before is None or not self.sampling:
+        if self._before is None or not self.sampling:
             return
         self._before = None
         with torch.no_grad():
-            after = self._stacked_subsets(1)
-            after_sq = self._squared_norms(after)
-            self._after_sq = after_sq * self._sq_scale.to(after_sq.device)
-            before_sq = self._squared_norms(before)
-            deltas = [torch.sub(a, b, out=b) for a, b in zip(after, before, strict=True)]
-            # Both scaled to the whole tensors', so that tensors measured on subsets of
-            # different sizes add up in a layer's ratio.
-            scale = self._sq_scale.to(after_sq.device)
-            delta_sq = self._squared_norms(deltas) * scale
+            buffers = self._stacked_subsets(1)
+            if buffers is None:
+                self._rows = []
+                return
+            for buffer in buffers:
+                torch.sub(buffer[1], buffer[0], out=buffer[2])
+            # Scaled to the whole tensors', so that tensors measured on subsets of different
+            # sizes add up in a layer's ratio.
+            if self._sq_scale.device != buffers[0].device:
+                self._sq_scale = self._sq_scale.to(buffers[0].device)
+            squares = self._squared_norms(buffers) * self._sq_scale
+            before_sq, self._after_sq, delta_sq = squares.unbind(0)
             if self._rows:
                 indices = torch.tensor([i for i, *_ in self._rows], device=delta_sq.device)
                 estimates = torch.stack([
@@ -386,7 +464,7 @@ class StepCapture:
                     for i, rows, rows_before, rows_scale in self._rows])
                 delta_sq = delta_sq.index_copy(0, indices, estimates)
                 self._rows = []
-            self._update = (delta_sq, before_sq * scale)
+            self._update = (delta_sq, before_sq)
         if self.every > 1:  # the buffers are kept only while every step is sampled
             self._stack_buffers.clear()
 
@@ -445,7 +523,8 @@ class StepCapture:
             inputs = recorder.input_moments if recorder is not None else None
             if inputs is not None:
                 pieces.append(inputs)
-            host = torch.cat([p.double().reshape(-1).to(device) for p in pieces]).cpu().tolist()
+            # One cat (float64 by type promotion: the losses are) and one transfer.
+            host = torch.cat([p.reshape(-1).to(device) for p in pieces]).cpu().tolist()
         if inputs is not None:  # read once, at the first sampled step that had them
             total, squares, count = host[-3:]
             mean = total / count
@@ -480,35 +559,37 @@ class StepCapture:
     def _record(self, step: int, host: list[float], n_losses: int, n_sites: int,
                 has_grads: bool, has_update: bool) -> tuple[list[float], StepRecord]:
         """The host numbers of a sampled step as its losses and its ``StepRecord``."""
-        values = iter(host)
+        offset = 0
 
         def take(count: int) -> list[float]:
-            return [next(values) for _ in range(count)]
+            nonlocal offset
+            offset += count
+            return host[offset - count: offset]
 
         losses = take(n_losses)
         layers = self._recorder.records(take(n_sites)) if self._recorder is not None else []
         weight_sq = take(len(self._weights))
         grad_sq = take(len(self.trainable)) if has_grads else None
-        deltas, before = (([math.sqrt(v) for v in take(len(self._weights))],
-                           [math.sqrt(v) for v in take(len(self._weights))]) if has_update
-                          else (None, None))
+        delta_sq, before_sq = ((take(len(self._weights)), take(len(self._weights)))
+                               if has_update else (None, None))
         present = self._grad_present
-        groups, offset = [], 0
+        groups, first = [], 0
         for group, positions in zip(self._groups, self._group_positions, strict=True):
-            own = range(offset, offset + len(group.weights))
-            offset += len(group.weights)
+            last = first + len(group.weights)
             got = [present[j] for j in positions] if present is not None else []
             update = None
-            if deltas is not None and before is not None:
-                update = update_ratio([deltas[i] for i in own], [before[i] for i in own])
-            grad = (math.sqrt(sum(grad_sq[self._weight_positions[i]] for i in own))
+            if delta_sq is not None and before_sq is not None:  # ``update_ratio`` on squares
+                base = sum(before_sq[first:last])
+                update = math.sqrt(sum(delta_sq[first:last]) / base) if base > 0 else None
+            grad = (math.sqrt(sum([grad_sq[j] for j in self._weight_positions[first:last]]))
                     if grad_sq is not None else None)
             groups.append(ParamGroup(
                 group.name, group.kind, group.numel, True,
-                math.sqrt(sum(weight_sq[i] for i in own)), group.weight_numel,
+                math.sqrt(sum(weight_sq[first:last])), group.weight_numel,
                 grad_norm=grad, used=all(got), any_used=any(got) or present is None,
                 fan_in=group.fan_in, fan_out=group.fan_out, update_ratio=update,
                 vector_only=group.vector_only, reparametrized=group.reparametrized))
+            first = last
         attach_parameters(layers, groups, ROOT_NAME,
                           self._recorder.data_flow() if self._recorder is not None else None)
         grad_norm = math.sqrt(sum(grad_sq)) if grad_sq is not None else None

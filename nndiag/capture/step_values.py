@@ -73,6 +73,8 @@ class StepValues:
         self.losses: list[Any] = []
         self.lrs: list[Any] = []
         self._copies: deque[_Copy] = deque()
+        # Some pending value is on an accelerator (set by ``append``; reset when none is left).
+        self._device_values = False
 
     def __len__(self) -> int:
         return len(self.losses)
@@ -80,18 +82,23 @@ class StepValues:
     def append(self, loss: torch.Tensor | float, lr: torch.Tensor | float | None) -> None:
         """One step's loss and learning rate (tensors are kept as they are, not read)."""
         if isinstance(loss, torch.Tensor):
-            loss = loss.detach().reshape(-1)[0].float()
+            loss = loss.detach()
+            if loss.dim() or loss.dtype != torch.float32:
+                loss = loss.reshape(-1)[0].float()
         elif loss is not None:
             loss = float(loss)
         if isinstance(lr, torch.Tensor):
             lr = lr.detach().reshape(-1)[0].clone() if _on_device(lr) else float(lr)
         self.losses.append(loss)
         self.lrs.append(lr)
+        if not self._device_values and (_on_device(loss) or _on_device(lr)):
+            self._device_values = True
 
     def step_done(self) -> None:
         """After a step that is not sampled: write what is ready, start copies, never wait."""
-        self._write_finished(wait=False)
-        if any(_on_device(v) for v in self.losses) or any(_on_device(v) for v in self.lrs):
+        if self._copies:
+            self._write_finished(wait=False)
+        if self._device_values:
             if len(self.losses) >= self.flush_every:
                 self._start_copy(len(self.losses))
         elif len(self.losses) > 1 and not self._copies:  # on the host: all but this step's
@@ -153,6 +160,8 @@ class StepValues:
         self._copies.append(_Copy(self.first, host, event, loss_column, lr_column))
         self.first += count
         del self.losses[:count], self.lrs[:count]
+        self._device_values = any(map(_on_device, self.losses)) or \
+            any(map(_on_device, self.lrs))
 
     def _write_finished(self, wait: bool) -> None:
         """Write the copies whose transfer finished (all of them, waiting, with ``wait``)."""
@@ -170,3 +179,6 @@ class StepValues:
         self._write(self.first, losses, lrs)
         self.first += count
         del self.losses[:count], self.lrs[:count]
+        if self._device_values:
+            self._device_values = any(map(_on_device, self.losses)) or \
+                any(map(_on_device, self.lrs))

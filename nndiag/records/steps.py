@@ -35,8 +35,9 @@ class StepRecord:
         parameter counts) are left out; ``from_columns`` derives ``grad_to_weight``.
         """
         columns: dict[str, list[Any]] = {}
+        rows = [vars(layer) for layer in self.layers]
         for name in STEP_COLUMNS:
-            values = [getattr(layer, name) for layer in self.layers]
+            values = [row[name] for row in rows]
             if name == "name" or any(v is not None and v is not False for v in values):
                 columns[name] = values
         return {"step": self.step, "loss": self.loss, "grad_norm": self.grad_norm,

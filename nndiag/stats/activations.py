@@ -21,7 +21,9 @@ the recorder are checked to agree on them in ``tests/test_agreement.py``):
 Every output is reduced, as soon as it appears (while it is still in the cache), to a few
 device scalars (``output_moments``): sum, sum of squares, and where they apply the
 largest absolute value, the saturated count and the pre-activation's two sums; ReLU-family
-outputs also to their per-unit maximum over the batch (a unit fired if it is above zero).
+outputs also to their per-unit maximum over the batch (a unit fired if it is above zero; the
+lean path of ``capture.sites`` takes the per-unit sum instead, never negative either, whose
+total is the call's sum: one kernel fewer).
 Those are *moments*: sums over calls add up, so they pool over probe batches, micro-batches
 and distributed ranks by plain addition (the largest values by a maximum: ``pool_calls``),
 and mean and variance come out of them once, on the host (``finish_moments``). The exact mode
@@ -175,6 +177,29 @@ def pool_calls(values: Sequence[float], positions: Sequence[int],
     return [[math.nan if v is None else v for v in row] for row in pooled]
 
 
+def pool_sums(values: Sequence[float], numels: Sequence[tuple[float, float]],
+              sites: Sequence[int], count: int) -> list[list[float]]:
+    """``pool_calls`` for calls reduced to their sum and sum of squares alone (lean mode).
+
+    ``values`` holds each call's two sums in turn; the rows are ``pool_calls``' (NaN in the
+    fields not measured).
+    """
+    pooled: list[list[float] | None] = [None] * count
+    for call, site in enumerate(sites):
+        n, total, squares = numels[call][0], values[2 * call], values[2 * call + 1]
+        row = pooled[site]
+        if row is None:
+            pooled[site] = [n, total, squares, *_UNMEASURED]
+        else:
+            row[0] += n
+            row[1] += total
+            row[2] += squares
+    return [row if row is not None else [math.nan] * len(MOMENT_FIELDS) for row in pooled]
+
+
+_UNMEASURED = (math.nan,) * (len(MOMENT_FIELDS) - 3)
+
+
 def square_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum of squares of all elements (a squared L2 norm) as a 0-d float32 tensor."""
     flat = values.detach().float().reshape(-1)
@@ -186,7 +211,11 @@ def dead_fractions(peaks: torch.Tensor) -> torch.Tensor:
     return (peaks <= 0).double().mean(dim=-1)
 
 
-def _moments(n: float, total: float, squares: float) -> tuple[float | None, float | None]:
+def mean_std(n: float, total: float, squares: float) -> tuple[float | None, float | None]:
+    """Mean and standard deviation from a count, a sum and a sum of squares.
+
+    ``(None, None)`` without elements; a non-finite variance is returned as the "std".
+    """
     if not n or n != n:
         return None, None
     mean = total / n
@@ -204,8 +233,8 @@ def finish_moments(values: Sequence[float]) -> dict[str, float | None]:
         ``preact_std`` (``None`` where not measured).
     """
     fields = dict(zip(MOMENT_FIELDS, values, strict=True))
-    mean, std = _moments(fields["n"], fields["sum"], fields["sumsq"])
-    pre_mean, pre_std = _moments(fields["pre_n"], fields["pre_sum"], fields["pre_sumsq"])
+    mean, std = mean_std(fields["n"], fields["sum"], fields["sumsq"])
+    pre_mean, pre_std = mean_std(fields["pre_n"], fields["pre_sum"], fields["pre_sumsq"])
     saturated = fields["saturated"]
     return {
         "mean": mean,
