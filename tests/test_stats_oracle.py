@@ -21,6 +21,7 @@ from nndiag.batches import Batch
 from nndiag.capture import ProbeConfig, run_probe
 from nndiag.capture.layers import SATURATING, module_activation
 from nndiag.losses import Loss
+from nndiag.monitor import Monitor
 from nndiag.specs import primary_output
 
 REL = 1e-4
@@ -201,6 +202,19 @@ def test_a_dead_filter_is_a_channel_silent_everywhere_not_a_silent_border():
     assert (out[:, :2] == 0).reshape(16, 2, -1).all(0).float().mean() > 0.3  # silent pixels
     assert probe.layer("1").dead_fraction == pytest.approx(0.25) == dead_by_definition(out)
     assert check_against_reference(model, x, _labels(16, 3)) == 3  # conv, ReLU, Linear
+    # The recorder, on the same steps: its first sampled step learns the data flow, the next
+    # ones take the lean path (a ReLU's unit sums).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Monitor(model, optimizer, every=1) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), _labels(16, 3))
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    for sample in monitor.samples:
+        relu = next(layer for layer in sample.layers if layer.name == "1")
+        assert relu.dead_fraction == pytest.approx(0.25), sample.step
 
 
 def test_oracle_sigmoid_mlp():

@@ -80,6 +80,7 @@ from nndiag.stats.activations import (
     pool_sums,
     square_sum,
     unit_peaks,
+    unit_sums,
 )
 
 ROOT_NAME = "(model)"
@@ -365,7 +366,7 @@ class SiteRecorder:
         if info.activation in RELU_FAMILY and values.dim():
             # Never negative: a unit fired in the batch exactly when its sum over the batch is
             # above zero, and the column sums add up to the call's sum (in ``_filled_scalars``).
-            columns = values.reshape(values.shape[0], -1).sum(0, dtype=torch.float32)
+            columns = unit_sums(values)
             self._column_sums.append((len(self._scalars), columns))
             self._scalars += (columns, torch.dot(flat, flat))
             self._peaks.append((columns, site.index))

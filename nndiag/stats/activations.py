@@ -132,6 +132,18 @@ def unit_peaks(output: torch.Tensor) -> torch.Tensor:
     return y.reshape(y.shape[0], -1).amax(dim=0)
 
 
+def unit_sums(output: torch.Tensor) -> torch.Tensor:
+    """Per unit (as ``unit_peaks``), the float32 sum over the batch and a feature map's positions.
+
+    For the ReLU family, never negative, a unit fired exactly when its sum is above zero (as
+    when its peak is), and the units' sums add up to the output's sum: one reduction gives both.
+    """
+    y = output.detach()
+    if y.dim() >= 4:
+        return y.sum(dim=(0, *range(2, y.dim())), dtype=torch.float32)
+    return y.reshape(y.shape[0], -1).sum(dim=0, dtype=torch.float32)
+
+
 def pool_calls(values: Sequence[float], positions: Sequence[int],
                numels: Sequence[tuple[float, float]], sites: Sequence[int], count: int
                ) -> list[list[float]]:
