@@ -1,6 +1,6 @@
 """How good is a learning-rate finder's suggestion on problems it was not tuned on?
 
-For each problem of ``lr_problems.py`` (28 small problems of varied kind), the truth is a grid
+For each problem of ``lr_problems.py`` (35 small problems of varied kind), the truth is a grid
 search: the validation loss after the problem's budget at a constant learning rate, for every
 quarter decade and four training seeds (sixteen where four leave the truth too uncertain;
 ``lr_truth.py``, cached in ``lr_grid_truth.json``). A suggestion is trained the same way (also

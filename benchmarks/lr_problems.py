@@ -309,6 +309,7 @@ def make_problems() -> list[Problem]:
         make_friedman1,
         make_friedman3,
         make_moons,
+        make_regression,
     )
 
     out: list[Problem] = []
@@ -427,6 +428,39 @@ def make_problems() -> list[Problem]:
     add(Problem("minilm_finetune", "pretrained encoder", lambda: _minilm(2), *_minilm_data(),
                 F.cross_entropy, "adamw", 60, 16, grid=(-6.0, -1.0),
                 note="all-MiniLM-L6-v2, word embeddings frozen"))
+
+    # --- plateau (recall) sequence tasks and small tabular datasets
+    g3 = torch.Generator().manual_seed(13)
+    recall = torch.randint(0, 8, (2000, 16), generator=g3)
+    add(Problem("gru_recall_first", "GRU, plateau", lambda: _Recurrent("gru", 8, 32, 8),
+                *_split(recall, recall[:, 0]), F.cross_entropy, "adamw", 400, 32,
+                note="recall the first of 16 tokens: flat until the rate is high enough"))
+    second = torch.randint(0, 5, (2000, 10), generator=g3)
+    add(Problem("lstm_recall_second", "LSTM, plateau", lambda: _Recurrent("lstm", 5, 32, 5),
+                *_split(second, second[:, 1]), F.cross_entropy, "adam", 400, 32,
+                note="recall the second of 10 tokens"))
+    pooled = torch.randint(0, 16, (2000, 24), generator=g3)
+    add(Problem("transformer_recall_first", "encoder classifier, plateau",
+                lambda: _Transformer(16, 24, 16, dim=32, layers=1, causal=False),
+                *_split(pooled, pooled[:, 0]), F.cross_entropy, "adamw", 300, 32,
+                note="mean-pooled encoder recalling the first token"))
+    xs1, ys1 = make_friedman1(300, noise=1.0, random_state=3)
+    add(Problem("small_friedman1_adam", "small regression", lambda: _mlp([10, 64, 64, 1]),
+                *_split(_standardize(xs1), _target(ys1)), F.mse_loss, "adam", 300, 16,
+                note="240 training samples, cycled 20 times"))
+    xs2, ys2 = make_regression(250, 30, n_informative=8, noise=20.0, random_state=3)
+    add(Problem("small_regression_adamw", "small regression", lambda: _mlp([30, 128, 1]),
+                *_split(_standardize(xs2), _target(ys2)), F.mse_loss, "adamw", 300, 16,
+                note="200 training samples, 30 features"))
+    xs3, ys3 = make_classification(300, 20, n_informative=4, flip_y=0.15, random_state=3)
+    add(Problem("small_classification_adam", "small classification",
+                lambda: _mlp([20, 64, 64, 2]), *_split(_standardize(xs3), torch.tensor(ys3)),
+                F.cross_entropy, "adam", 300, 16, note="240 samples, 15% labels flipped"))
+    xs4, ys4 = make_classification(400, 10, n_informative=5, n_classes=3, flip_y=0.1,
+                                   random_state=4)
+    add(Problem("small_classification3_adamw", "small classification",
+                lambda: _mlp([10, 64, 3]), *_split(_standardize(xs4), torch.tensor(ys4)),
+                F.cross_entropy, "adamw", 250, 16, note="320 samples, 3 classes"))
     return out
 
 
