@@ -144,3 +144,67 @@ def test_the_transformers_callback_removes_its_hooks_when_a_forward_raises(tmp_p
     assert not model._forward_hooks
     optimizer = unwrap_optimizer(trainer.optimizer)
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+class _RaisesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("out of memory (simulated)")
+
+
+def test_a_backward_the_user_catches_does_not_stop_gradient_norms():
+    """A batch skipped after its backward raised: the next steps still record their norms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    expected = []
+    with Monitor(model, optimizer, every=1) as monitor:
+        for step in range(4):
+            out = model(torch.randn(4, 128))
+            optimizer.zero_grad()
+            if step == 1:
+                with pytest.raises(RuntimeError, match="simulated"):
+                    _RaisesInBackward.apply(out).sum().backward()
+                continue
+            loss = out.pow(2).mean()
+            loss.backward()
+            expected.append(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in model.parameters()])).item())
+            optimizer.step()
+            monitor.step(loss)
+    assert [s.grad_norm for s in monitor.samples] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_complex_parameter_is_measured_and_does_not_break_the_loop():
+    """A complex spectral filter: its gradient norm and update ratio count both parts."""
+    torch.manual_seed(0)
+
+    class SpectralFilter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.filter = nn.Parameter(torch.randn(64, 64, dtype=torch.cfloat))  # 4,096 values
+            self.head = nn.Linear(64, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head((torch.fft.fft(x) @ self.filter).real)
+
+    model = SpectralFilter()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "casting complex values to real"
+        with Monitor(model, optimizer, every=1) as monitor:
+            loss = model(torch.randn(8, 64)).pow(2).mean()
+            loss.backward()
+            expected = torch.linalg.vector_norm(
+                torch.stack([p.grad.abs().norm() for p in model.parameters()])).item()
+            before = model.filter.detach().clone()
+            optimizer.step()
+            monitor.step(loss)
+    assert monitor.samples[0].grad_norm == pytest.approx(expected, rel=1e-5)
+    moved = ((model.filter.detach() - before).abs().norm() / before.abs().norm()).item()
+    root = next(layer for layer in monitor.samples[0].layers if layer.name == "(model)")
+    assert root.update_ratio == pytest.approx(moved, rel=1e-4)

@@ -140,7 +140,6 @@ class StepCapture:
         # Per trainable parameter: (backward pass, squared norm) taken in its gradient hook.
         self._backward_id = 0
         self._hook_sq: list[tuple[int, torch.Tensor] | None] = [None] * len(self.trainable)
-        self._orders: dict[tuple[int, ...], torch.Tensor] = {}  # ``_parameter_order``'s
         # Gradients small enough to stay in cache (biases, gains): read at the end of backward.
         self._small_grads = frozenset(i for i, p in enumerate(self.trainable)
                                       if local(p).numel() < SMALL_GRADIENT)
@@ -225,6 +224,7 @@ class StepCapture:
         elif not sampled:  # a step after an unsampled one: nothing was measured to forget
             return
         self.sampling = sampled
+        self._grad_queued = False  # a backward that raised never ran its end-of-pass read
         self._grad_sq, self._grad_present, self._update, self._after_sq = (None, None, None,
                                                                            None)
         if self._recorder is not None:
@@ -247,7 +247,10 @@ class StepCapture:
         """A parameter's gradient is accumulated: its squared norm now, while it is in cache.
 
         Read at the end of backward instead, every gradient is cold again (a second pass
-        over all of them, ~1 ms a step on a 1.7M-parameter MLP on CPU).
+        over all of them, ~1 ms a step on a 1.7M-parameter MLP on CPU). Only a contiguous
+        float32 gradient on the CPU is read here: any other (bf16/fp16 or strided, which a
+        read here would copy to float32 at backward's memory peak; complex; on an
+        accelerator, where a cache is not the point) waits for the end of backward.
         """
         if self._reads_grads_at_step:
             return
@@ -258,10 +261,10 @@ class StepCapture:
         if index in self._small_grads:  # a Python call costs more than reading it cold
             return
         grad = param.grad
-        if grad is not None and grad.layout == torch.strided and type(grad) is torch.Tensor:
-            flat = grad.detach().reshape(-1)  # detached: no graph even under create_graph
-            if flat.dtype != torch.float32:
-                flat = flat.float()
+        if grad is not None and type(grad) is torch.Tensor and grad.layout == torch.strided \
+                and grad.dtype == torch.float32 and grad.device.type == "cpu" \
+                and grad.is_contiguous():
+            flat = grad.detach().view(-1)  # detached: no graph even under create_graph
             self._hook_sq[index] = (self._backward_id, torch.dot(flat, flat))
 
     def _end_of_backward(self) -> None:
@@ -277,22 +280,21 @@ class StepCapture:
         """
         with torch.no_grad():
             present = self._grad_present = [p.grad is not None for p in self.trainable]
-            taken_values, missing = [], []
+            squares: list[torch.Tensor | None] = [None] * len(present)
+            missing = []
             for i, (taken, has_grad) in enumerate(zip(self._hook_sq, present, strict=True)):
                 if taken is not None and taken[0] == backward_id and has_grad:
-                    taken_values.append(taken[1])
+                    squares[i] = taken[1]
                 else:
                     missing.append(i)
-            parts = [torch.stack(taken_values)] if taken_values else []
             if missing:
                 grads = [self._grad_values(self.trainable[i]) if present[i]
                          else torch.zeros((), device=self.trainable[i].device)
                          for i in missing]
-                parts.append(torch.stack(torch._foreach_norm(grads)).float().square())
-            grad_sq = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None
-            if grad_sq is not None and taken_values and missing:  # back to parameter order
-                grad_sq = grad_sq.index_select(0, self._parameter_order(tuple(missing),
-                                                                       grad_sq.device))
+                read = torch.stack(torch._foreach_norm(grads)).float().square().unbind(0)
+                for i, value in zip(missing, read, strict=True):
+                    squares[i] = value
+            grad_sq = torch.stack(squares) if squares else None  # in parameter order
             if grad_sq is not None and self.scaler is not None:
                 scale = self._loss_scale()
                 if scale is not None:  # still scaled: divide by the scale they were made with
@@ -305,18 +307,6 @@ class StepCapture:
         if type(grad) is torch.Tensor and grad.layout == torch.strided:
             return grad
         return stored_values(local(grad))
-
-    def _parameter_order(self, missing: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Where each parameter's value sits in [hook-read values..., ``missing``'s...]."""
-        order = self._orders.get(missing)
-        if order is None or order.device != device:
-            skipped = set(missing)
-            read = [i for i in range(len(self.trainable)) if i not in skipped]
-            order = torch.empty(len(self.trainable), dtype=torch.long)
-            order[torch.tensor(read + list(missing), dtype=torch.long)] = torch.arange(
-                len(self.trainable))
-            order = self._orders[missing] = order.to(device)
-        return order
 
     def _loss_scale(self) -> torch.Tensor | None:
         """The loss scale the gradients are multiplied by now (``None``: already unscaled).
@@ -386,11 +376,18 @@ class StepCapture:
         return buffers
 
     def _squared_norms(self, buffers: list[torch.Tensor]) -> torch.Tensor:
-        """Float32 squared norms of the subsets: ``(3, weights)``, in weight order."""
-        norms = torch.cat([torch.linalg.vector_norm(buffer, dim=tuple(range(2, buffer.dim())),
+        """Float32 squared norms of the subsets: ``(3, weights)``, in weight order.
+
+        A complex weight's norm is its real and imaginary parts' together.
+        """
+        real = [torch.view_as_real(buffer) if buffer.is_complex() else buffer
+                for buffer in buffers]
+        norms = torch.cat([torch.linalg.vector_norm(values, dim=tuple(range(2, values.dim())),
                                                     dtype=torch.float32)
-                           for buffer in buffers], dim=1)
-        return norms.square().index_select(1, self._group_order.to(norms.device))
+                           for values in real], dim=1)
+        if self._group_order.device != norms.device:  # moved once, not at every step
+            self._group_order = self._group_order.to(norms.device)
+        return norms.square().index_select(1, self._group_order)
 
     def take_step_lr(self) -> Any:
         """The learning rate the last optimizer step ran at (``None``: no step since then).
