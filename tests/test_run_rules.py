@@ -279,6 +279,32 @@ def test_swings_of_a_loss_stalled_high_are_oscillating():
         assert only(make_run(losses), "loss_oscillating").evidence["relative_amplitude"] >= 0.4
 
 
+def _stalled_then_drifting(steps: int, decline: float, seed: int, swing: float = 0.9
+                           ) -> list[float]:
+    """Down to 0.75 by a tenth of the run, then falling by ``decline`` per quarter of the run,
+    with log-normal swings (``swing``: ~60% of the level at 0.9, ~40% at 0.6)."""
+    rng = np.random.default_rng(seed)
+    head = steps // 10
+    level = [2.3 * (0.75 / 2.3) ** (s / head) for s in range(head)]
+    level += [0.75 * (1 - decline) ** ((s - head) / (steps / 4)) for s in range(head, steps)]
+    return (np.asarray(level) * np.exp(rng.normal(0.0, swing, steps))).tolist()
+
+
+def test_a_loss_still_falling_by_a_third_a_quarter_is_not_oscillating():
+    # Significant and large: a fall of 30-45% between the last two quarters (not half), swings
+    # of ~45% of the level.
+    for seed in range(3):
+        log = make_run(_stalled_then_drifting(1000, 0.4, seed, swing=0.65))
+        assert "loss_oscillating" not in ids(log)
+
+
+def test_a_long_runs_slow_drift_does_not_hide_its_swings():
+    # 20,000 steps falling 10% per quarter: significant by the standard error alone, but the
+    # swings of ~60% of the level are what the run does.
+    log = make_run(_stalled_then_drifting(20_000, 0.1, 0), samples=False)
+    assert "loss_oscillating" in ids(log)
+
+
 def test_loss_still_falling_fast_but_noisy_is_not_oscillating():
     # 2.3 -> 1.5 in the first half, then halving every ~20 steps, with 60% log-normal noise:
     # the late spread is ~50% of the level, but the last quarter is far below the third.
@@ -400,6 +426,20 @@ def test_update_ratio_band_is_for_weights_whose_norm_means_something(reading, ra
     log = make_run()
     tweak(log, "2", since=20, update_ratio=ratio, weight_reading=reading)
     assert bool({"update_ratio_low", "update_ratio_high"} & set(ids(log))) == judged
+
+
+def test_update_ratio_judged_by_each_steps_reading():
+    # A zero-initialized branch that grows into plain weights: judged on its plain steps only.
+    log = make_run()
+    tweak(log, "2", until=100, update_ratio=5.0, weight_reading="zero")
+    assert "update_ratio_high" not in ids(log)
+    tweak(log, "2", since=100, update_ratio=0.8, weight_reading="plain")
+    assert only(log, "update_ratio_high").evidence["median_update_ratio"] == {"2": 0.8}
+    # A layer rewritten every step whose weights read zero only at the last sample: judged.
+    log = make_run()
+    tweak(log, "2", update_ratio=0.8)
+    tweak(log, "2", since=STEPS - EVERY, weight_reading="zero")
+    assert only(log, "update_ratio_high").layers == ["2"]
 
 
 def test_update_ratio_judged_on_the_median_not_a_spike():

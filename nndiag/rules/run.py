@@ -237,9 +237,11 @@ def loss_oscillating(levels: LossLevels, t: dict[str, Threshold]) -> Finding | N
       though small next to where the loss started. Lowering the learning rate would not
       quieten it, only slow the run;
     - the loss has stopped falling: the last quarter's median is neither below half the third
-      quarter's nor below it by more than two standard errors of the difference of the two
-      medians (``1.25 x spread / sqrt(quarter)`` each). A loss that is still learning is not
-      oscillating, however noisy; lowering the learning rate would slow it down.
+      quarter's nor below it by a fifth of it and by more than two standard errors of the
+      difference of the two medians (``1.25 x spread / sqrt(quarter)`` each, as if the steps
+      were independent). A loss that is still learning is not oscillating, however noisy;
+      lowering the learning rate would slow it down. (The fifth keeps a long run's slow drift,
+      significant by the standard error alone, from hiding its swings.)
     """
     amplitude = levels.late_noise
     relative = amplitude / max(abs(levels.late_level), 1e-12)
@@ -250,7 +252,7 @@ def loss_oscillating(levels: LossLevels, t: dict[str, Threshold]) -> Finding | N
     quarter = len(late) // 2
     third, fourth = _median(late[:quarter]), _median(late[quarter:])
     standard_error = 1.25 * amplitude * math.sqrt(2 / max(quarter, 1))
-    if third - fourth > min(0.5 * abs(third), 2 * standard_error):
+    if third - fourth > min(0.5 * abs(third), max(0.2 * abs(third), 2 * standard_error)):
         return None
     return Finding(FindingId.LOSS_OSCILLATING, severity, [],
                    f"the loss swings by {relative:.0%} of its level in the second half of the "
@@ -266,17 +268,6 @@ def loss_findings(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
     if levels is None:
         return []
     return [f for f in (loss_trend(levels, t), loss_oscillating(levels, t)) if f is not None]
-
-
-def _weight_series(log: RunLog, stat: str) -> dict[str, list[tuple[int, float]]]:
-    """Per layer with weights, the finite values of ``stat`` at each sampled step."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for sample in log.samples:
-        for layer in sample.layers:
-            value = getattr(layer, stat)
-            if layer.has_weights and value is not None and math.isfinite(value):
-                series.setdefault(layer.name, []).append((sample.step, value))
-    return series
 
 
 def _grad_to_weight(log: RunLog) -> list[tuple[int, dict[str, float]]]:
@@ -406,20 +397,25 @@ def update_ratios(log: RunLog, t: dict[str, Threshold]) -> list[Finding]:
     - embedding tables, not low: a batch moves only its tokens' rows, so the whole table's
       ratio is small by construction (fine-tuning a 30,522-token table: ~5e-6).
     """
-    series = _weight_series(log, "update_ratio")
     lookups = {layer.get("name") for layer in log.meta.get("weight_layers", [])
                if isinstance(layer, dict) and layer.get("kind") in LOOKUP_KINDS}
-    readings = {layer.name: layer.weight_reading for sample in log.samples
-                for layer in sample.layers if layer.has_weights}
     findings = []
     for finding_id, rule in ((FindingId.UPDATE_RATIO_HIGH, t["update_ratio_high"]),
                              (FindingId.UPDATE_RATIO_LOW, t["update_ratio_low"])):
         low = finding_id == FindingId.UPDATE_RATIO_LOW
+        # Each sampled step's ratio is judged by that step's reading of the weights (a
+        # zero-initialized branch grows into plain weights; a collapsing weight reads zero).
+        skipped = {READING_ZERO, READING_REPARAMETRIZED} | ({READING_GAIN} if low else set())
+        series: dict[str, list[tuple[int, float]]] = {}
+        for sample in log.samples:
+            for layer in sample.layers:
+                value = layer.update_ratio
+                if layer.has_weights and value is not None and math.isfinite(value) \
+                        and layer.weight_reading not in skipped \
+                        and not (low and layer.name in lookups):
+                    series.setdefault(layer.name, []).append((sample.step, value))
         judged = {}
         for key, points in series.items():
-            if readings.get(key) in (READING_ZERO, READING_REPARAMETRIZED) or \
-                    (low and (key in lookups or readings.get(key) == READING_GAIN)):
-                continue
             median = statistics.median(v for _, v in points)
             severity = rule.severity(median)
             if severity is not None:
