@@ -344,7 +344,8 @@ class SiteRecorder:
 
         What a recorded training step measures on nearly every site (no saturation, no
         functional-activation mode, no data flow to learn): the sum and the sum of squares,
-        and for the ReLU family the unit peaks. The same numbers ``record`` takes, with a
+        and for the ReLU family the per-unit sums (``unit_sums``: never negative, a unit fired when
+        its sum is above zero). The same numbers ``record`` takes, with a
         fraction of its Python work (it runs once per layer per sampled step).
         """
         numel = tensor.numel()

@@ -93,9 +93,10 @@ THRESHOLDS: dict[str, Threshold] = {
     "dead_fraction": Threshold(
         0.5, 0.9, True,
         "Share of a ReLU layer's units (features of a Linear layer, channels of a feature map) "
-        "that are zero for every probe sample. A He-initialized net has a few percent (up to "
-        "~16% in deep layers with a 64-sample probe); half the layer dead halves its capacity; "
-        "at 90% the layer passes almost no gradient.",
+        "that are zero for every probe sample. A He-initialized MLP has a few percent of its "
+        "features dead (up to ~16% in deep layers with a 64-sample probe; a feature map's "
+        "channels, silent only if silent at every pixel, fewer); half the layer dead halves "
+        "its capacity; at 90% the layer passes almost no gradient.",
     ),
     "dead_channel_fraction": Threshold(
         0.25, 0.75, True,

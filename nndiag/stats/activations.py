@@ -11,7 +11,10 @@ the recorder are checked to agree on them in ``tests/test_agreement.py``):
   position for every sample. The dead fraction is the share of such units. (A channel rather
   than a channel at one pixel: pixels on an image's constant border, or that a sparse feature
   happens not to reach in a small batch, are silent without the filter being dead; a digits
-  CNN at batch 16 showed 26-45% of its pixel-units silent at initialization.)
+  CNN at batch 16 showed 26-45% of its pixel-units silent at initialization.) The shape
+  decides: a 3-D output ``(N, C, L)`` of a Conv1d still counts each position as a unit (a
+  sequence layer's ``(N, T, F)`` looks the same), and any 4-D ReLU output groups by dimension
+  1, a feature map's or not.
 - saturated element: one whose local derivative is below ``SATURATION_DERIVATIVE_RATIO`` of the
   activation's largest derivative (sigmoid: ``4*y*(1-y)``, tanh: ``1-y**2``, softsign:
   ``(1-|y|)**2``), or that sits on a clipping bound (hardtanh, hardsigmoid, the top of relu6).
