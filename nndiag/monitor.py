@@ -70,6 +70,10 @@ from nndiag.optimizers import find_scaler, is_grad_scaler, unwrap_optimizer
 from nndiag.records import StepRecord
 from nndiag.runlog import RunWriter
 
+# Sampled steps kept in memory when a run log holds every one (``Monitor.samples``): a long
+# run sampled every step would otherwise grow without bound (about 94 kB a step for 50 layers).
+KEPT_SAMPLES = 1000
+
 __all__ = ["Monitor", "Sink", "find_scaler", "unwrap_optimizer"]
 
 
@@ -145,7 +149,10 @@ class Monitor:
             next one (a killed run loses at most one step).
 
     Attributes:
-        samples: The sampled steps (``StepRecord``), in memory as well as in the log.
+        samples: The sampled steps (``StepRecord``) in memory: every one without a
+            ``log_dir`` (or once its run log stopped writing); with one, which holds them
+            all, at least the last ``KEPT_SAMPLES`` (1,000; older ones are dropped in
+            batches).
         skipped_steps: Steps whose optimizer step the ``GradScaler`` skipped.
         report: The findings of the run (a ``Report``), computed when a monitor writing
             TensorBoard closes; ``None`` otherwise.
@@ -331,6 +338,8 @@ class Monitor:
         losses, record = self._capture.finish(self.step_count, self._loss_tensor(pending),
                                               skipped)
         self.samples.append(record)
+        if len(self.samples) >= 2 * KEPT_SAMPLES and self._writer in self._sinks:
+            del self.samples[:-KEPT_SAMPLES]  # the run log, still writing, has them
         if self._capture.input_stats is not None and "input" not in self._meta:
             mean, std = self._capture.input_stats
             self.add_meta(input={"mean": mean, "std": std})

@@ -208,3 +208,24 @@ def test_a_complex_parameter_is_measured_and_does_not_break_the_loop():
     moved = ((model.filter.detach() - before).abs().norm() / before.abs().norm()).item()
     root = next(layer for layer in monitor.samples[0].layers if layer.name == "(model)")
     assert root.update_ratio == pytest.approx(moved, rel=1e-4)
+
+
+def test_a_long_run_keeps_its_recent_samples_in_memory_and_all_in_the_log(tmp_path,
+                                                                          monkeypatch):
+    """With a run log, memory holds a bounded window of samples; the log holds every one."""
+    from nndiag import monitor as monitor_module
+    from nndiag.runlog import read_run
+
+    monkeypatch.setattr(monitor_module, "KEPT_SAMPLES", 3)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Monitor(model, optimizer, every=1, log_dir=tmp_path / "run") as monitor:
+        for _ in range(10):
+            loss = model(torch.randn(2, 4)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+            assert len(monitor.samples) < 6
+    assert monitor.samples[-1].step == 9
+    assert [s.step for s in read_run(tmp_path / "run").samples] == list(range(10))
