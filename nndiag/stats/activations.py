@@ -119,32 +119,39 @@ def output_moments(output: torch.Tensor, *, saturation: str | None = None,
     return found
 
 
-def unit_peaks(output: torch.Tensor) -> torch.Tensor:
-    """Per unit, the largest value over the batch (and over a feature map's positions).
+def _by_unit(output: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The output (detached) and the dimensions that, reduced, leave one value per unit.
 
-    A unit is a channel of a feature map, else every position but the batch dimension. For the
-    ReLU family, whose outputs are never negative, a unit fired in the batch exactly when its
-    peak is above zero, and the peaks of several calls combine by a maximum (a max over the
-    batch is ~13x faster on CPU than an ``any`` over a boolean tensor).
+    A unit is a channel of a feature map (``(N, C, *spatial)``), else every position but the
+    batch dimension.
     """
     y = output.detach()
-    if y.dim() == 0:
-        return y.reshape(1)
-    if y.dim() >= 4:  # (N, C, *spatial): a unit is a channel
-        return y.amax(dim=(0, *range(2, y.dim())))
-    return y.reshape(y.shape[0], -1).amax(dim=0)
+    if y.dim() >= 4:
+        return y, (0, *range(2, y.dim()))
+    return y.reshape(y.shape[0], -1), (0,)
+
+
+def unit_peaks(output: torch.Tensor) -> torch.Tensor:
+    """Per unit (``_by_unit``), the largest value over the batch and a feature map's positions.
+
+    For the ReLU family, whose outputs are never negative, a unit fired in the batch exactly
+    when its peak is above zero, and the peaks of several calls combine by a maximum (a max
+    over the batch is ~13x faster on CPU than an ``any`` over a boolean tensor).
+    """
+    if output.dim() == 0:
+        return output.detach().reshape(1)
+    values, dims = _by_unit(output)
+    return values.amax(dim=dims)
 
 
 def unit_sums(output: torch.Tensor) -> torch.Tensor:
-    """Per unit (as ``unit_peaks``), the float32 sum over the batch and a feature map's positions.
+    """Per unit (``_by_unit``), the float32 sum over the batch and a feature map's positions.
 
     For the ReLU family, never negative, a unit fired exactly when its sum is above zero (as
     when its peak is), and the units' sums add up to the output's sum: one reduction gives both.
     """
-    y = output.detach()
-    if y.dim() >= 4:
-        return y.sum(dim=(0, *range(2, y.dim())), dtype=torch.float32)
-    return y.reshape(y.shape[0], -1).sum(dim=0, dtype=torch.float32)
+    values, dims = _by_unit(output)
+    return values.sum(dim=dims, dtype=torch.float32)
 
 
 def pool_calls(values: Sequence[float], positions: Sequence[int],
