@@ -165,10 +165,12 @@ def write_specs(directory: Path) -> Path:
     return path
 
 
-def record_run(directory: Path, steps: int = 6) -> Path:
-    """A small real run written by Monitor."""
+def record_run(directory: Path, steps: int = 6, model: torch.nn.Module | None = None) -> Path:
+    """A small real run written by Monitor (of ``model``, which maps 4 features, or an MLP)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    if model is None:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+                                    torch.nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with Monitor(model, optimizer, every=2, log_dir=directory) as monitor:
         for _ in range(steps):

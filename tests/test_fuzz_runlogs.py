@@ -17,7 +17,6 @@ Derandomized and few examples, as ``tests/test_fuzz.py``; ``NNDIAG_FUZZ_EXAMPLES
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from hypothesis import strategies as st
 from nndiag.errors import UsageError
 from tests.test_bad_input_sweep import record_run
 from tests.test_fuzz import cli, fuzz
-from tests.test_hardening_runlogs import deadline
+from tests.test_hardening_runlogs import deadline, put_special_file
 
 _FLOAT64_MAX = "1.7976931348623157e308"
 _FLOAT32_MAX = "3.4028234663852886e38"
@@ -133,16 +132,7 @@ def damage(source: Path, target: Path, replacements: list[dict],
             out.write(line + "\n")
     if special_file is not None:
         name, kind = special_file
-        path = target / name
-        path.unlink(missing_ok=True)
-        if kind == "fifo":
-            os.mkfifo(path)
-        elif kind == "directory":
-            path.mkdir()
-        elif kind == "dangling symlink":
-            path.symlink_to(target / "nowhere")
-        else:
-            path.symlink_to(kind)
+        put_special_file(target / name, kind)
 
 
 @fuzz(40)

@@ -30,11 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from nndiag import Monitor
 from nndiag.cli.app import app
 from nndiag.errors import UsageError
 from nndiag.files import read_lines, write_atomic
@@ -163,17 +161,24 @@ def test_checking_a_long_run_is_not_quadratic_in_its_length():
 # ----------------------------------------------------------------------- special files
 
 
-@pytest.mark.parametrize("name", ["meta.json", "steps.jsonl", "samples.jsonl", "amp.jsonl"])
-@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom", "directory"])
-def test_a_run_file_that_is_not_a_regular_file_is_refused(run, name, kind):
-    path = run / name
+def put_special_file(path: Path, kind: str) -> None:
+    """Put in ``path``'s place a ``fifo``, a ``directory``, a ``dangling symlink`` or a
+    symlink to ``kind`` (a device such as ``/dev/zero``)."""
     path.unlink(missing_ok=True)
     if kind == "fifo":
         os.mkfifo(path)
     elif kind == "directory":
         path.mkdir()
+    elif kind == "dangling symlink":
+        path.symlink_to(path.parent / "nowhere")
     else:
         path.symlink_to(kind)
+
+
+@pytest.mark.parametrize("name", ["meta.json", "steps.jsonl", "samples.jsonl", "amp.jsonl"])
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom", "directory"])
+def test_a_run_file_that_is_not_a_regular_file_is_refused(run, name, kind):
+    put_special_file(run / name, kind)
     result = cli("check", run)
     assert result.exit_code == 2, result.stderr
     assert "not a regular file" in result.stderr and name in result.stderr
@@ -403,16 +408,7 @@ def _evil_model() -> nn.Module:
 
 
 def test_a_live_model_class_name_is_printed_escaped_by_check(tmp_path):
-    torch.manual_seed(0)
-    model = _evil_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Monitor(model, optimizer, every=2, log_dir=tmp_path / "run") as monitor:
-        for _ in range(12):
-            loss = model(torch.randn(8, 4)).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            monitor.step(loss)
+    record_run(tmp_path / "run", steps=12, model=_evil_model())
     assert read_run(tmp_path / "run").meta["model"] == EVIL
     assert_inert(cli("check", tmp_path / "run").stdout)
 
