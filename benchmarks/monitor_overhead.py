@@ -9,11 +9,14 @@ median time per step of each is compared with the plain loop's:
 - a naive recorder as a peer, recording the same statistics the obvious way on every step:
   forward hooks on every layer reading mean, std and dead fraction with ``.item()``, and a loop
   over the parameters reading gradient norm, weight norm and update ratio (a full copy of the
-  weights before the step) with ``.item()``.
+  weights before the step) with ``.item()``;
+- a bare recorder (``BareRecorder``): the same reductions with none of the bookkeeping, a
+  floor under any recorder that takes them in Python hooks, one kernel at a time.
 
-Targets: every=50 <= 1.02x, every=1 <= 1.15x and cheaper than the naive recorder on each model
-(the 25x256 MLP with SGD+momentum at batch 64 is the case issue 9 names). Run it on a quiet
-machine: another process on the second core moves every ratio by several percent.
+Targets (issue 20): every=50 <= 1.01x, every=1 <= 1.15x and cheaper than the naive recorder
+on each model (the 25x256 MLP with SGD+momentum at batch 64 is the case issue 9 names). Run
+it on a quiet machine: another process on the second core moves every ratio by several
+percent.
 
 Usage: python benchmarks/monitor_overhead.py [--repeats 7] [--block 50]
 """
@@ -118,6 +121,57 @@ class NaiveRecorder:
         self.records.append(tuple(row))
 
 
+class BareRecorder:
+    """The least a recorder of these statistics can do: the floor under ``Monitor(every=1)``.
+
+    The reductions alone, with no bookkeeping: per leaf module with a tensor output, its sum
+    (per-unit sums after a ReLU, for the dead fraction) and sum of squares, left on the
+    device; the gradient norms in one ``_foreach_norm`` before the step; weight and update
+    norms on the first 4,096 elements of each weight, copied before the step; one transfer of
+    everything per step, and no record, pooling, run log or judgement.
+    """
+
+    SUBSET = 4096
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sums: list[torch.Tensor] = []
+        self.before: list[torch.Tensor] = []
+        self.grad_norms: list[torch.Tensor] = []
+        self.update_norms: list[torch.Tensor] = []
+        for module in model.modules():
+            if not list(module.children()):
+                module.register_forward_hook(self._hook)
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+
+    def _subsets(self) -> list[torch.Tensor]:
+        return [p.detach().reshape(-1)[: self.SUBSET] for p in self.params]
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if type(output) is not torch.Tensor:
+            return
+        values = output.detach()
+        flat = values.reshape(-1)
+        head = values.sum(0) if isinstance(module, nn.ReLU) else flat.sum()
+        self.sums += (head, torch.dot(flat, flat))
+
+    def _before_step(self, optimizer: object, args: object, kwargs: object) -> None:
+        self.grad_norms = list(torch._foreach_norm([p.grad for p in self.params
+                                                    if p.grad is not None]))
+        self.before = [s.clone() for s in self._subsets()]
+
+    def _after_step(self, optimizer: object, args: object, kwargs: object) -> None:
+        after = self._subsets()
+        self.update_norms = list(torch._foreach_norm(torch._foreach_sub(after, self.before)))
+        self.update_norms += torch._foreach_norm(self.before)
+
+    def step(self, loss: torch.Tensor) -> None:
+        values = [loss.detach().reshape(())] + [s.sum() if s.dim() else s for s in self.sums]
+        torch.stack(values + self.grad_norms + self.update_norms).tolist()
+        self.sums = []
+
+
 def make_step(model: nn.Module, batch: torch.Tensor, targets: torch.Tensor,
               recorder: Callable[[torch.Tensor], None] | None,
               make_optimizer: Callable[[object], torch.optim.Optimizer]) -> Callable[[], None]:
@@ -151,7 +205,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread, median step time over {args.repeats} "
           f"interleaved blocks of {args.block} steps")
     print(f"{'model':42s} {'plain':>9s} {'again':>7s} {'every=50':>9s} {'every=1':>9s} "
-          f"{'naive':>9s}")
+          f"{'naive':>9s} {'floor':>9s}")
     with tempfile.TemporaryDirectory() as temp:
         for name, build, make_input, make_optimizer in cases:
             base = build()
@@ -178,6 +232,12 @@ def main() -> None:
                              lambda loss, h=holder_naive: h["r"].step(loss), make_optimizer)
             holder_naive["r"] = NaiveRecorder(naive_model, step.optimizer)
             variants["naive"] = step
+            bare_model = copy.deepcopy(base)
+            holder_bare: dict[str, BareRecorder] = {}
+            step = make_step(bare_model, batch, targets,
+                             lambda loss, h=holder_bare: h["r"].step(loss), make_optimizer)
+            holder_bare["r"] = BareRecorder(bare_model, step.optimizer)
+            variants["bare floor"] = step
             times: dict[str, list[float]] = {k: [] for k in variants}
             for step in variants.values():  # warm-up
                 for _ in range(3):
@@ -192,7 +252,8 @@ def main() -> None:
             ratios = {k: statistics.median(v) / plain for k, v in times.items()}
             print(f"{name:42s} {plain * 1e3:7.1f}ms {ratios['plain again']:6.3f}x "
                   f"{ratios['every=50']:8.3f}x "
-                  f"{ratios['every=1']:8.3f}x {ratios['naive']:8.3f}x", flush=True)
+                  f"{ratios['every=1']:8.3f}x {ratios['naive']:8.3f}x "
+                  f"{ratios['bare floor']:8.3f}x", flush=True)
 
 
 if __name__ == "__main__":
