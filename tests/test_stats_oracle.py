@@ -118,13 +118,25 @@ def saturated_fraction_by_autograd(kind: str, pre: torch.Tensor) -> float:
     return (slope < SATURATED_BELOW * peak).float().mean().item()
 
 
-def dead_by_definition(out: torch.Tensor) -> float:
-    """Share of units zero for every sample: a feature map's channels (zero at every pixel too),
-    else each position apart from the batch dimension."""
+def dead_by_definition(out: torch.Tensor, producer: nn.Module | None = None) -> float:
+    """Share of units zero for every sample: a feature map's channels (zero at every position
+    too: any output of 4+ dims, or a convolution's), a Linear's features (zero for every token
+    too), else each position apart from the batch dimension."""
     silent = out.detach() == 0
-    if out.dim() >= 4:
+    if out.dim() >= 3 and isinstance(producer, nn.Linear):
+        return silent.reshape(-1, out.shape[-1]).all(dim=0).float().mean().item()
+    if out.dim() >= 4 or isinstance(producer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return silent.transpose(0, 1).reshape(out.shape[1], -1).all(dim=1).float().mean().item()
     return silent.reshape(out.shape[0], -1).all(dim=0).float().mean().item()
+
+
+def producer_of(ref: dict, module_name: str, call: int) -> nn.Module | None:
+    """The module whose output is the input of ``module_name``'s call (the reference runs out
+    of place, so it is the very same tensor)."""
+    source = ref["inputs"][module_name][call]
+    modules = dict(ref["model"].named_modules())
+    return next((modules[name] for name, outs in ref["outputs"].items() if name != module_name
+                 and any(o is source for o in outs)), None)
 
 
 def check_against_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -151,8 +163,9 @@ def check_against_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
                                                          abs=1e-12), record.name
         kind = module_activation(ref_modules[module_name])
         if kind in ("relu", "relu6"):
-            assert record.dead_fraction == pytest.approx(dead_by_definition(out), abs=1e-6), \
-                record.name
+            producer = producer_of(ref, module_name, call)
+            assert record.dead_fraction == pytest.approx(dead_by_definition(out, producer),
+                                                         abs=1e-6), record.name
         if kind in SATURATING:
             pre = ref["inputs"][module_name][call].detach()
             assert record.saturated_fraction == pytest.approx(
@@ -187,6 +200,23 @@ def _labels(n: int, classes: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
     return torch.randint(0, classes, (n, *shape), generator=torch.Generator().manual_seed(3))
 
 
+def _recorded_dead_fractions(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                             name: str) -> list[float]:
+    """A site's dead fraction on three recorded steps (lr 0): the first learns the data flow,
+    the next two take the lean path."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Monitor(model, optimizer, every=1) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad()
+            out = model(x)
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    return [next(layer for layer in sample.layers if layer.name == name).dead_fraction
+            for sample in monitor.samples]
+
+
 def test_a_dead_filter_is_a_channel_silent_everywhere_not_a_silent_border():
     """Images with a constant zero border: a filter with a negative bias is silent on the border
     but fires inside (alive); one with a bias of -100 never fires (dead): 1 of 4 channels."""
@@ -204,17 +234,49 @@ def test_a_dead_filter_is_a_channel_silent_everywhere_not_a_silent_border():
     assert check_against_reference(model, x, _labels(16, 3)) == 3  # conv, ReLU, Linear
     # The recorder, on the same steps: its first sampled step learns the data flow, the next
     # ones take the lean path (a ReLU's unit sums).
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    with Monitor(model, optimizer, every=1) as monitor:
-        for _ in range(3):
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), _labels(16, 3))
-            loss.backward()
-            optimizer.step()
-            monitor.step(loss)
-    for sample in monitor.samples:
-        relu = next(layer for layer in sample.layers if layer.name == "1")
-        assert relu.dead_fraction == pytest.approx(0.25), sample.step
+    assert _recorded_dead_fractions(model, x, _labels(16, 3), "1") == [pytest.approx(0.25)] * 3
+
+
+def test_a_dead_conv1d_filter_is_a_channel_silent_everywhere_not_a_silent_tail():
+    """Zero-padded sequences through a Conv1d: a filter with a negative bias is silent on the
+    padding but fires on the signal (alive); one with a bias of -100 never fires (dead)."""
+    conv = nn.Conv1d(1, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.fill_(0.5)
+        conv.bias.copy_(torch.tensor([-0.1, -0.1, 0.0, -100.0]))
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 32, 3))
+    x = torch.zeros(16, 1, 32)
+    x[:, :, :12] = torch.rand(16, 1, 12, generator=torch.Generator().manual_seed(0)) + 0.5
+    out = torch.relu(conv(x))
+    by_position = (out == 0).reshape(16, -1).all(0).float().mean()
+    assert by_position > 0.6  # the padded tail's positions: what a unit per position counts
+    probe = run_probe(model, [Batch(x, _labels(16, 3))])
+    assert probe.layer("1").dead_fraction == pytest.approx(0.25)
+    assert dead_by_definition(out, conv) == pytest.approx(0.25)
+    assert check_against_reference(model, x, _labels(16, 3)) == 3
+    assert _recorded_dead_fractions(model, x, _labels(16, 3), "1") == [pytest.approx(0.25)] * 3
+
+
+def test_a_feed_forward_unit_is_a_feature_over_every_token():
+    """A Linear + ReLU on (batch, tokens, features): a feature that fires on the first token
+    only is alive; one with a bias of -100 is dead. A unit per (token, feature) would count
+    the first feature dead at every other token."""
+    linear = nn.Linear(2, 4)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]))
+        linear.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -100.0]))
+    model = nn.Sequential(linear, nn.ReLU(), nn.Linear(4, 3))
+    x = torch.zeros(8, 6, 2)
+    x[:, 0, 0] = 1.0  # the first feature's input, at the first token only
+    x[:, :, 1] = torch.rand(8, 6, generator=torch.Generator().manual_seed(0)) + 0.5
+    y = _labels(8, 3, (6,))
+    out = torch.relu(linear(x))
+    assert (out == 0).reshape(8, -1).all(0).float().mean() > 0.4  # per (token, feature)
+    probe = run_probe(model, [Batch(x, y)])
+    assert probe.layer("1").dead_fraction == pytest.approx(0.25)
+    assert dead_by_definition(out, linear) == pytest.approx(0.25)
+    assert check_against_reference(model, x, y) == 3
+    assert _recorded_dead_fractions(model, x, y, "1") == [pytest.approx(0.25)] * 3
 
 
 def test_oracle_sigmoid_mlp():

@@ -21,6 +21,7 @@ from nndiag.records.layers import (
     ROLE_QUERY,
     ROLE_VALUE,
 )
+from nndiag.stats.activations import CHANNELS_FIRST, CHANNELS_LAST
 
 # Activations whose units can die (output exactly zero for every sample).
 RELU_FAMILY = frozenset({"relu", "relu6"})
@@ -217,3 +218,28 @@ def has_init_expectation(module: nn.Module) -> bool:
         return False
     return layer_kind(module) in _INIT_KINDS or isinstance(
         module, nn.Linear | nn.Bilinear | nn.modules.conv._ConvNd)
+
+
+# Producers whose output is ``(N, C, *positions)``, in one dimension as in more.
+_CHANNELS_FIRST_KINDS = frozenset({
+    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "LazyConv1d", "LazyConv2d", "LazyConv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm",
+    "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d"})
+# Producers whose output is ``(N, *positions, D)``: a layer applied to the last dimension.
+_CHANNELS_LAST_KINDS = frozenset({
+    "Linear", "LazyLinear", "Bilinear", "NonDynamicallyQuantizableLinear", "Conv1D",
+    "LayerNorm", "RMSNorm", "Embedding"})
+
+
+def unit_layout_of(producer_kinds: set[str]) -> str | None:
+    """The unit layout of an output made by modules of these kinds (``None``: by shape).
+
+    ``None`` when no producer is known or they disagree.
+    """
+    if producer_kinds and producer_kinds <= _CHANNELS_FIRST_KINDS:
+        return CHANNELS_FIRST
+    if producer_kinds and producer_kinds <= _CHANNELS_LAST_KINDS:
+        return CHANNELS_LAST
+    return None

@@ -58,6 +58,7 @@ from nndiag.capture.layers import (
     layer_kind,
     module_activation,
     module_role,
+    unit_layout_of,
 )
 from nndiag.records import LayerRecord
 from nndiag.records.layers import (
@@ -84,6 +85,7 @@ from nndiag.stats.activations import (
 )
 
 ROOT_NAME = "(model)"
+_UNKNOWN_LAYOUT = "unknown"
 _CALL_WIDTH = len(CALL_FIELDS)
 
 _no_torch_function = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
@@ -192,6 +194,9 @@ class SiteRecorder:
         # took its output as input (``data_flow`` reads which outputs are normalized).
         self.consumers: dict[str, set[str]] = {}
         self._flow: DataFlow | None = None  # ``data_flow()``, until ``consumers`` changes
+        # Per module, the unit layout its producers give its output (``unit_layout``), until
+        # ``consumers`` changes.
+        self._layouts: dict[str, str | None] = {}
         # The innermost module a forward pass raised in (hooks run while it propagates).
         self.failed_in: str | None = None
         self._failure: int | None = None
@@ -280,6 +285,7 @@ class SiteRecorder:
                 if info.name not in consumers:
                     consumers.add(info.name)
                     self._flow = None
+                    self._layouts = {}
         if not self.watch_all and (self._mode_entered or self.functional_parents):
             self._watch(info.name in self.functional_parents)
         if info.activation is not None:
@@ -367,14 +373,14 @@ class SiteRecorder:
         if info.activation in RELU_FAMILY and values.dim():
             # Never negative: a unit fired in the batch exactly when its sum over the batch is
             # above zero, and the column sums add up to the call's sum (in ``_filled_scalars``).
-            columns = unit_sums(values)
+            columns = unit_sums(values, self.unit_layout(name))
             self._column_sums.append((len(self._scalars), columns))
             self._scalars += (columns, torch.dot(flat, flat))
             self._peaks.append((columns, site.index))
         else:
             self._scalars += (flat.sum(), torch.dot(flat, flat))
             if info.activation in RELU_FAMILY:
-                self._peaks.append((unit_peaks(values), site.index))
+                self._peaks.append((unit_peaks(values, self.unit_layout(name)), site.index))
         self._positions += (base, base + 1)
         self._numels.append((numel, 0))
         self._call_sites.append(site.index)
@@ -411,7 +417,8 @@ class SiteRecorder:
             self._numels.append((numel, pre.numel() if pre is not None else 0))
             self._call_sites.append(site.index)
             if activation in RELU_FAMILY:
-                self._peaks.append((unit_peaks(tensor), site.index))
+                layout = None if functional else self.unit_layout(module_name)
+                self._peaks.append((unit_peaks(tensor, layout), site.index))
             if not functional and self.watch_all:  # the data flow is learned on watched passes
                 if activation in RELU_FAMILY:  # in place, the output is its producer's
                     self._storages.setdefault(storage_id(tensor), (module_name, tensor))
@@ -444,6 +451,22 @@ class SiteRecorder:
                         found.setdefault(module, []).append(role)
         for module, roles in found.items():
             self.learned_roles[module] = roles[0] if len(roles) == 1 else ROLE_ATTENTION
+
+    def unit_layout(self, module_name: str) -> str | None:
+        """Where the units of a module's output lie, by the modules that fed it.
+
+        Read from the data flow of watched passes; ``None`` (decided by the output's shape, see
+        ``stats.activations._by_unit``) while no producer is known. A ``Conv1d``'s
+        ``(N, C, L)`` through a ReLU has a unit per channel, as a ``Conv2d``'s feature map
+        does; a ``Linear``'s ``(N, T, D)`` a unit per feature.
+        """
+        layout = self._layouts.get(module_name, _UNKNOWN_LAYOUT)
+        if layout is _UNKNOWN_LAYOUT:
+            kinds = {self.info_by_name(producer).kind
+                     for producer, consumers in self.consumers.items()
+                     if module_name in consumers}
+            layout = self._layouts[module_name] = unit_layout_of(kinds)
+        return layout
 
     def producer(self, tensor: torch.Tensor) -> str | None:
         """The module whose output ``tensor`` is (or is a view of) in the running pass."""

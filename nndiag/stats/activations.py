@@ -119,19 +119,32 @@ def output_moments(output: torch.Tensor, *, saturation: str | None = None,
     return found
 
 
-def _by_unit(output: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+# Where an output's units lie, when its producer says (``capture.layers.unit_layout_of``): the
+# channels of a feature map (dim 1: ``(N, C, *positions)``) or the features of a token or
+# position (the last dim: ``(N, *positions, D)``).
+CHANNELS_FIRST = "channels_first"
+CHANNELS_LAST = "channels_last"
+
+def _by_unit(output: torch.Tensor, layout: str | None = None
+             ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The output (detached) and the dimensions that, reduced, leave one value per unit.
 
-    A unit is a channel of a feature map (``(N, C, *spatial)``), else every position but the
-    batch dimension.
+    A unit is a channel where the output is a feature map: ``layout`` ``CHANNELS_FIRST`` (a
+    ``Conv1d``'s ``(N, C, L)`` as a ``Conv2d``'s ``(N, C, H, W)``), or without a layout any
+    output of four dimensions or more. It is a feature (the last dimension, over the batch
+    and every position) where ``layout`` is ``CHANNELS_LAST`` (a ``Linear``'s ``(N, T, D)``):
+    a transformer's feed-forward unit fires for some tokens, not at every position. Else
+    every position but the batch dimension is a unit.
     """
     y = output.detach()
-    if y.dim() >= 4:
+    if y.dim() >= 3 and layout == CHANNELS_LAST:
+        return y.reshape(-1, y.shape[-1]), (0,)
+    if y.dim() >= 4 or (y.dim() == 3 and layout == CHANNELS_FIRST):
         return y, (0, *range(2, y.dim()))
     return y.reshape(y.shape[0], -1), (0,)
 
 
-def unit_peaks(output: torch.Tensor) -> torch.Tensor:
+def unit_peaks(output: torch.Tensor, layout: str | None = None) -> torch.Tensor:
     """Per unit (``_by_unit``), the largest value over the batch and a feature map's positions.
 
     For the ReLU family, whose outputs are never negative, a unit fired in the batch exactly
@@ -140,17 +153,17 @@ def unit_peaks(output: torch.Tensor) -> torch.Tensor:
     """
     if output.dim() == 0:
         return output.detach().reshape(1)
-    values, dims = _by_unit(output)
+    values, dims = _by_unit(output, layout)
     return values.amax(dim=dims)
 
 
-def unit_sums(output: torch.Tensor) -> torch.Tensor:
+def unit_sums(output: torch.Tensor, layout: str | None = None) -> torch.Tensor:
     """Per unit (``_by_unit``), the float32 sum over the batch and a feature map's positions.
 
     For the ReLU family, never negative, a unit fired exactly when its sum is above zero (as
     when its peak is), and the units' sums add up to the output's sum: one reduction gives both.
     """
-    values, dims = _by_unit(output)
+    values, dims = _by_unit(output, layout)
     return values.sum(dim=dims, dtype=torch.float32)
 
 
