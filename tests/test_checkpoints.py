@@ -148,6 +148,37 @@ def test_sharded_hugging_face_directory_with_index(tmp_path):
     assert report.summary["format"] == "hf_directory" and report.status == "ok"
 
 
+def test_directory_without_an_index_reads_its_model_file_or_its_shards_never_a_medley(tmp_path):
+    """The standard single file beside an adapter is read alone (and the adapter named as not
+    read); unindexed shards are read together; two unrelated files are refused."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = {k: v.contiguous() for k, v in examples.he_mlp(depth=3, width=8).state_dict().items()}
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    safetensors_torch.save_file(state, model_dir / "model.safetensors")
+    safetensors_torch.save_file({"lora_A.weight": torch.zeros(2, 8)},
+                                model_dir / "adapter_model.safetensors")
+    checkpoint = load_checkpoint(model_dir)
+    assert set(checkpoint.state_dict()) == set(state)
+    assert checkpoint.extras["not read"] == "adapter_model.safetensors"
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    keys = list(state)
+    safetensors_torch.save_file({k: state[k] for k in keys[:2]},
+                                sharded / "model-00001-of-00002.safetensors")
+    safetensors_torch.save_file({k: state[k] for k in keys[2:]},
+                                sharded / "model-00002-of-00002.safetensors")
+    assert set(load_checkpoint(sharded).state_dict()) == set(state)
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for epoch in (1, 2):
+        torch.save(state, runs / f"epoch={epoch}.ckpt")
+    with pytest.raises(UsageError, match="2 weight files and no shard index"):
+        load_checkpoint(runs)
+
+
 def test_directory_with_a_bin_file_and_a_missing_shard(tmp_path):
     torch.save(examples.he_mlp(depth=3, width=8).state_dict(), tmp_path / "pytorch_model.bin")
     assert load_checkpoint(tmp_path).format == "hf_directory"

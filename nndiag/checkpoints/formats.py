@@ -718,6 +718,11 @@ def _load_directory(path: Path, unsafe_load: bool) -> Checkpoint:
     if config.is_file():
         extras.update(_describe_config(config))
     extras["shards"] = str(len(shards))
+    if not owners:
+        skipped = [p.name for p in path.glob(f"*{shards[0].suffix}")
+                   if p.is_file() and p not in shards]
+        if skipped:
+            extras["not read"] = ", ".join(sorted(skipped))
     return Checkpoint(path, "hf_directory", list(chosen.values()), None, extras, files=shards)
 
 
@@ -743,8 +748,37 @@ def _directory_shards(path: Path) -> tuple[list[Path], dict[str, Path]]:
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt"):
         found = sorted(p for p in path.glob(pattern) if p.is_file())
         if found:
-            return found, {}
+            return _unindexed_weights(path, found), {}
     return [], {}
+
+
+# A shard's file name (``model-00001-of-00003.safetensors``).
+_SHARD_NAME = re.compile(r"-\d+-of-\d+\.[^.]+$")
+# The single weight file a Hugging Face directory holds when it is not sharded.
+_SINGLE_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _unindexed_weights(path: Path, found: list[Path]) -> list[Path]:
+    """Which of a directory's weight files (of one kind, no shard index) make the checkpoint.
+
+    One file; else the standard single file (``model.safetensors``) beside others (variants,
+    adapters, EMA copies), which are not read; else shards named ``-NNNNN-of-NNNNN``, all
+    read. Several unrelated files (``epoch=1.ckpt`` and ``epoch=2.ckpt``, a model and its
+    adapter) would be merged into a checkpoint that is neither: the user names one.
+
+    Raises:
+        UsageError: Several weight files, none standard and not all shards.
+    """
+    if len(found) == 1:
+        return found
+    standard = [p for p in found if p.name in _SINGLE_FILE_NAMES]
+    if standard:
+        return standard[:1]
+    if all(_SHARD_NAME.search(p.name) for p in found):
+        return found
+    names = ", ".join(repr(p.name) for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    raise UsageError(f"directory {str(path)!r} holds {len(found)} weight files and no shard "
+                     f"index ({names}): pass the file to inspect")
 
 
 def _check_inside(directory: Path, index: Path, name: str) -> None:
