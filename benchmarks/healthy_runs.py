@@ -154,6 +154,23 @@ def bag_documents(n: int, vocab: int = 2000, classes: int = 4, length: int = 40,
     return x[:, torch.randperm(length, generator=g)], y
 
 
+def padded_clips(n: int, length: int = 800, classes: int = 5, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy tones, one frequency per class, of 150-400 samples zero-padded to ``length``.
+
+    A batch of clips of different lengths is padded as audio loaders do: most positions of
+    every channel are silent padding.
+    """
+    g = _generator(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    time_axis = torch.arange(length) / 100
+    lengths = torch.randint(150, 400, (n,), generator=g)
+    x = torch.sin(2 * math.pi * (1 + y[:, None]) * time_axis) + 0.3 * torch.randn(
+        n, length, generator=g)
+    x = x * (torch.arange(length)[None] < lengths[:, None])
+    return x[:, None], y
+
+
 def _batches(n: int, batch: int, steps: int) -> list[torch.Tensor]:
     """Index batches for ``steps`` steps: shuffled epochs over ``n`` examples (order: INIT_SEED)."""
     g, out = _generator(INIT_SEED), []
@@ -675,6 +692,29 @@ def hf_minilm_accum(run_dir: Path, steps: int) -> Result:
 
 # ----------------------------------------------------------------------------- main
 
+# ----------------------------------------------------------------------------- audio
+
+
+def audio_cnn_bn_adam(run_dir: Path, steps: int) -> Result:
+    """A 1D CNN with BatchNorm on zero-padded clips, Adam.
+
+    Counted per position, its last BN+ReLU layer read about half "dead": the padding (seed 3
+    of 5 got ``dead_relu``, 51%, at validation accuracy 1.0). Counted per channel, what a
+    unit of a ``Conv1d``'s output is, none of the five seeds warns.
+    """
+    torch.manual_seed(INIT_SEED)
+    layers: list[nn.Module] = []
+    channels = 1
+    for width in (16, 32, 32):
+        layers += [nn.Conv1d(channels, width, 9, padding=4, stride=2, bias=False),
+                   nn.BatchNorm1d(width), nn.ReLU()]
+        channels = width
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 5))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return _classifier_run(model, opt, "Adam", padded_clips(1500, seed=4), run_dir, steps,
+                           batch=32)
+
+
 RUNS = [
     Run("cnn_bn_sgd", "vision: CNN + BatchNorm", 200, cnn_bn_sgd),
     Run("cnn_sgd_batch16", "vision: CNN, no norm, batch 16", 400, cnn_sgd_batch16),
@@ -694,6 +734,7 @@ RUNS = [
     Run("embedding_bag_adam", "text: EmbeddingBag, dense grads", 300, embedding_bag_adam),
     Run("hf_tiny_bert_accum", "text: BERT from config, HF callback", 150, hf_tiny_bert_accum),
     Run("hf_minilm_accum", "text: MiniLM fine-tune, HF callback", 40, hf_minilm_accum),
+    Run("audio_cnn_bn_adam", "audio: 1D CNN + BN, padded clips", 200, audio_cnn_bn_adam),
 ]
 
 
