@@ -85,7 +85,6 @@ from nndiag.stats.activations import (
 )
 
 ROOT_NAME = "(model)"
-_UNKNOWN_LAYOUT = "unknown"
 _CALL_WIDTH = len(CALL_FIELDS)
 
 _no_torch_function = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
@@ -460,13 +459,12 @@ class SiteRecorder:
         ``(N, C, L)`` through a ReLU has a unit per channel, as a ``Conv2d``'s feature map
         does; a ``Linear``'s ``(N, T, D)`` a unit per feature.
         """
-        layout = self._layouts.get(module_name, _UNKNOWN_LAYOUT)
-        if layout is _UNKNOWN_LAYOUT:
+        if module_name not in self._layouts:
             kinds = {self.info_by_name(producer).kind
                      for producer, consumers in self.consumers.items()
                      if module_name in consumers}
-            layout = self._layouts[module_name] = unit_layout_of(kinds)
-        return layout
+            self._layouts[module_name] = unit_layout_of(kinds)
+        return self._layouts[module_name]
 
     def producer(self, tensor: torch.Tensor) -> str | None:
         """The module whose output ``tensor`` is (or is a view of) in the running pass."""

@@ -125,6 +125,7 @@ def output_moments(output: torch.Tensor, *, saturation: str | None = None,
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 
+
 def _by_unit(output: torch.Tensor, layout: str | None = None
              ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The output (detached) and the dimensions that, reduced, leave one value per unit.
