@@ -305,3 +305,47 @@ def test_a_run_names_inputs_far_from_unit_scale_at_its_start(tmp_path, scale, fi
     if finding is not None:
         assert finding.fixes[0].id == "normalize_inputs"
         assert "first sampled step" in finding.explanation
+
+
+def _padded_clips(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy tones of 40-100 samples, one frequency per class, zero-padded to 400."""
+    labels = torch.randint(0, 5, (n,), generator=generator)
+    time_axis = torch.arange(400) / 40
+    lengths = torch.randint(40, 100, (n,), generator=generator)
+    clips = torch.sin(6.283 * (1 + labels[:, None]) * time_axis) + 0.3 * torch.randn(
+        n, 400, generator=generator)
+    return (clips * (torch.arange(400)[None] < lengths[:, None]))[:, None], labels
+
+
+def _clip_cnn(norm: bool) -> nn.Module:
+    layers: list[nn.Module] = []
+    channels = 1
+    for width in (16, 32):
+        layers += [nn.Conv1d(channels, width, 9, padding=4, stride=2, bias=not norm)]
+        layers += [nn.BatchNorm1d(width)] if norm else []
+        layers += [nn.ReLU()]
+        channels = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 5))
+
+
+@pytest.mark.parametrize(("norm", "lr", "dying"), [(True, 1e-3, False), (False, 0.2, True)],
+                         ids=["healthy_bn", "dying_adam_0.2"])
+def test_a_dying_1d_cnn_on_padded_clips_is_caught(tmp_path, norm, lr, dying):
+    """Units of a Conv1d's output are channels: the padding of a healthy net's clips does not
+    read as dead units, and a net that Adam at 0.2 kills is still caught."""
+    from nndiag.run_check import check_run
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = _clip_cnn(norm)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    with Monitor(model, optimizer, every=10, log_dir=tmp_path / "run") as monitor:
+        for _ in range(80):
+            clips, labels = _padded_clips(32, generator)
+            loss = F.cross_entropy(model(clips), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+    found = {finding.id for finding in check_run(tmp_path / "run").findings}
+    assert ("dead_relu" in found) is dying, found

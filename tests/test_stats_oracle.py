@@ -279,6 +279,52 @@ def test_a_feed_forward_unit_is_a_feature_over_every_token():
     assert _recorded_dead_fractions(model, x, y, "1") == [pytest.approx(0.25)] * 3
 
 
+class _SharedReLU(nn.Module):
+    """One ReLU module applied three times: after a Conv1d and a max-pool (zero-padded
+    sequences: a unit is a channel), after a Linear on tokens (a unit is a feature, some
+    tokens padding), and to a transposed view of the pooled map (dimensions moved: the shape
+    rule, each position apart from the batch dimension)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.pool = nn.MaxPool1d(2)
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(12, 3)
+        with torch.no_grad():
+            self.conv.weight.fill_(0.5)
+            self.conv.bias.copy_(torch.tensor([-0.1, -0.1, 0.0, -100.0]))
+            self.fc.weight.copy_(torch.eye(4))
+            self.fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -100.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.conv(x))
+        channels = self.act(pooled)  # (N, 4, 16)
+        features = self.act(self.fc(x[:, 0, :24].reshape(-1, 6, 4)))  # (N, 6, 4)
+        moved = self.act(pooled.transpose(1, 2))  # (N, 16, 4), a view
+        return self.head(torch.cat([channels.mean(-1), features.mean(1), moved.mean(1)], 1))
+
+
+def test_where_the_units_of_a_shared_relu_lie_follows_each_call():
+    model = _SharedReLU()
+    x = torch.zeros(16, 1, 32)
+    x[:, :, :12] = torch.rand(16, 1, 12, generator=torch.Generator().manual_seed(0)) + 0.5
+    y = _labels(16, 3)
+    pooled = model.pool(model.conv(x)).detach()
+    expected = {"act": dead_by_definition(torch.relu(pooled), model.conv),
+                "act#2": dead_by_definition(torch.relu(model.fc(x[:, 0, :24].reshape(-1, 6, 4))),
+                                            model.fc),
+                "act#3": dead_by_definition(torch.relu(pooled.transpose(1, 2)))}
+    assert expected["act"] == expected["act#2"] == pytest.approx(0.25)
+    assert expected["act#3"] > 0.5  # the padding's positions
+    probe = run_probe(model, [Batch(x, y)])
+    for name, fraction in expected.items():
+        assert probe.layer(name).dead_fraction == pytest.approx(fraction), name
+        # The recorder agrees on every step, watched (the first) or lean (the next two).
+        assert _recorded_dead_fractions(model, x, y, name) == [pytest.approx(fraction)] * 3
+
+
 def test_oracle_sigmoid_mlp():
     x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
     assert check_against_reference(examples.deep_sigmoid_mlp(depth=6), x, _labels(32, 10)) >= 12
@@ -349,7 +395,9 @@ def test_functional_relu_measured_from_the_tensor_that_reaches_it():
     logits = ref(x)
     F.cross_entropy(logits.reshape(-1, 100), y.reshape(-1)).backward()
     relu_out = kept["relu_out"]
-    assert record.dead_fraction == pytest.approx(dead_by_definition(relu_out), abs=1e-6)
+    # Applied to linear1's output: a unit is a feature, silent for every token.
+    assert record.dead_fraction == pytest.approx(dead_by_definition(relu_out, layer.linear1),
+                                                 abs=1e-6)
     assert record.std == pytest.approx(relu_out.detach().std(unbiased=False).item(), rel=REL)
     assert record.grad_out_norm == pytest.approx(relu_out.grad.norm().item(), rel=1e-3)
 

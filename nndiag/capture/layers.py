@@ -220,26 +220,24 @@ def has_init_expectation(module: nn.Module) -> bool:
         module, nn.Linear | nn.Bilinear | nn.modules.conv._ConvNd)
 
 
-# Producers whose output is ``(N, C, *positions)``, in one dimension as in more.
-_CHANNELS_FIRST_KINDS = frozenset({
-    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-    "LazyConv1d", "LazyConv2d", "LazyConv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-    "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm",
-    "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool1d",
-    "AdaptiveAvgPool2d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d"})
+# Producers whose output is ``(N, C, *positions)`` (subclasses and re-parametrized ones too).
+_CHANNELS_FIRST_TYPES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+                         nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                         nn.modules.pooling._AdaptiveAvgPoolNd,
+                         nn.modules.pooling._AdaptiveMaxPoolNd)
 # Producers whose output is ``(N, *positions, D)``: a layer applied to the last dimension.
-_CHANNELS_LAST_KINDS = frozenset({
-    "Linear", "LazyLinear", "Bilinear", "NonDynamicallyQuantizableLinear", "Conv1D",
-    "LayerNorm", "RMSNorm", "Embedding"})
+_CHANNELS_LAST_TYPES = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
 
 
-def unit_layout_of(producer_kinds: set[str]) -> str | None:
-    """The unit layout of an output made by modules of these kinds (``None``: by shape).
+def module_unit_layout(module: nn.Module) -> str | None:
+    """Where the units of the module's output lie (``None``: unknown, decided by shape).
 
-    ``None`` when no producer is known or they disagree.
+    ``CHANNELS_FIRST`` for convolutions, batch/instance/group norms and pooling (``(N, C,
+    *positions)``), ``CHANNELS_LAST`` for layers applied to the last dimension (Linear,
+    Hugging Face's ``Conv1D``, LayerNorm, RMSNorm, Embedding).
     """
-    if producer_kinds and producer_kinds <= _CHANNELS_FIRST_KINDS:
+    if isinstance(module, _CHANNELS_FIRST_TYPES):
         return CHANNELS_FIRST
-    if producer_kinds and producer_kinds <= _CHANNELS_LAST_KINDS:
+    if isinstance(module, _CHANNELS_LAST_TYPES) or layer_kind(module) in TRANSPOSED_KINDS:
         return CHANNELS_LAST
     return None

@@ -58,7 +58,7 @@ from nndiag.capture.layers import (
     layer_kind,
     module_activation,
     module_role,
-    unit_layout_of,
+    module_unit_layout,
 )
 from nndiag.records import LayerRecord
 from nndiag.records.layers import (
@@ -98,6 +98,7 @@ class _ModuleInfo:
     measured: bool
     role: str | None
     pass_through: bool
+    unit_layout: str | None  # where its output's units lie (``module_unit_layout``)
 
 
 @dataclass
@@ -145,7 +146,8 @@ class SiteRecorder:
             if id(module) not in self.info:
                 info = _ModuleInfo(name or ROOT_NAME, layer_kind(module),
                                    module_activation(module), is_measured_module(module),
-                                   module_role(name, module), is_pass_through(module))
+                                   module_role(name, module), is_pass_through(module),
+                                   module_unit_layout(module))
                 self.info[id(module)] = info
                 self.modules[info.name] = module
         self.stack: list[str] = []
@@ -193,9 +195,9 @@ class SiteRecorder:
         # took its output as input (``data_flow`` reads which outputs are normalized).
         self.consumers: dict[str, set[str]] = {}
         self._flow: DataFlow | None = None  # ``data_flow()``, until ``consumers`` changes
-        # Per module, the unit layout its producers give its output (``unit_layout``), until
-        # ``consumers`` changes.
-        self._layouts: dict[str, str | None] = {}
+        # Per ReLU-family site, where its units lie, learned from the producer of its input
+        # on watched passes and kept across steps (``_unit_layout``).
+        self._site_layouts: dict[str, str | None] = {}
         # The innermost module a forward pass raised in (hooks run while it propagates).
         self.failed_in: str | None = None
         self._failure: int | None = None
@@ -284,7 +286,6 @@ class SiteRecorder:
                 if info.name not in consumers:
                     consumers.add(info.name)
                     self._flow = None
-                    self._layouts = {}
         if not self.watch_all and (self._mode_entered or self.functional_parents):
             self._watch(info.name in self.functional_parents)
         if info.activation is not None:
@@ -317,6 +318,9 @@ class SiteRecorder:
             producer = self.producer(args[0])
             if producer is not None:
                 self._storages[storage_id(output)] = (producer, output)
+        elif self.watch_all and not info.measured and info.unit_layout is not None \
+                and type(output) is torch.Tensor:  # a pooling: where the units lie
+            self._storages[storage_id(output)] = (info.name, output)
         if info.measured and self.active:
             if self._lean and not self._mode_entered and type(output) is torch.Tensor and \
                     info.activation not in SATURATING and not self.watch_all:
@@ -342,7 +346,7 @@ class SiteRecorder:
                 bounds = (hardtanh_bounds(activation, module) if activation in SATURATING
                           else (-1.0, 1.0))
                 self.record(info.name, info.name, info.kind, activation, False, tensor,
-                            None if pre is tensor else pre, bounds)
+                            None if pre is tensor else pre, bounds, source=pre)
 
     def _record_lean(self, info: _ModuleInfo, tensor: torch.Tensor) -> None:
         """``record`` of a module's plain tensor output in the lean mode, on its short path.
@@ -372,14 +376,15 @@ class SiteRecorder:
         if info.activation in RELU_FAMILY and values.dim():
             # Never negative: a unit fired in the batch exactly when its sum over the batch is
             # above zero, and the column sums add up to the call's sum (in ``_filled_scalars``).
-            columns = unit_sums(values, self.unit_layout(name))
+            columns = unit_sums(values, self._site_layouts.get(site_name))
             self._column_sums.append((len(self._scalars), columns))
             self._scalars += (columns, torch.dot(flat, flat))
             self._peaks.append((columns, site.index))
         else:
             self._scalars += (flat.sum(), torch.dot(flat, flat))
             if info.activation in RELU_FAMILY:
-                self._peaks.append((unit_peaks(values, self.unit_layout(name)), site.index))
+                self._peaks.append((unit_peaks(values, self._site_layouts.get(site_name)),
+                                    site.index))
         self._positions += (base, base + 1)
         self._numels.append((numel, 0))
         self._call_sites.append(site.index)
@@ -388,8 +393,12 @@ class SiteRecorder:
 
     def record(self, name: str, module_name: str, kind: str, activation: str | None,
                functional: bool, tensor: torch.Tensor, pre: torch.Tensor | None,
-               bounds: tuple[float, float]) -> None:
-        """Measure one output of a site (the hooks and the functional mode call this)."""
+               bounds: tuple[float, float], source: Any = None) -> None:
+        """Measure one output of a site (the hooks and the functional mode call this).
+
+        ``source`` is the tensor the activation was applied to (where a ReLU's units lie
+        follows from the module that made it).
+        """
         numel = tensor.numel()
         if numel == 0:
             return
@@ -416,8 +425,8 @@ class SiteRecorder:
             self._numels.append((numel, pre.numel() if pre is not None else 0))
             self._call_sites.append(site.index)
             if activation in RELU_FAMILY:
-                layout = None if functional else self.unit_layout(module_name)
-                self._peaks.append((unit_peaks(tensor, layout), site.index))
+                self._peaks.append((unit_peaks(tensor, self._unit_layout(site_name, source)),
+                                    site.index))
             if not functional and self.watch_all:  # the data flow is learned on watched passes
                 if activation in RELU_FAMILY:  # in place, the output is its producer's
                     self._storages.setdefault(storage_id(tensor), (module_name, tensor))
@@ -431,9 +440,10 @@ class SiteRecorder:
         with _no_torch_function():
             tensor = primary_output(output)
             module = self.producer(tensor) if tensor is not None else None
-        if module is not None and module not in self.learned_roles and \
-                self.info_by_name(module).role is None and \
-                self.info_by_name(module).activation is None:
+        if module is None or module in self.learned_roles:
+            return
+        info = self.info_by_name(module)
+        if info.measured and info.role is None and info.activation is None:
             self.learned_roles[module] = ROLE_HEAD
 
     def learn_attention(self, query: Any, key: Any, value: Any) -> None:
@@ -451,20 +461,25 @@ class SiteRecorder:
         for module, roles in found.items():
             self.learned_roles[module] = roles[0] if len(roles) == 1 else ROLE_ATTENTION
 
-    def unit_layout(self, module_name: str) -> str | None:
-        """Where the units of a module's output lie, by the modules that fed it.
+    def _unit_layout(self, site_name: str, source: Any) -> str | None:
+        """Where the units of a ReLU-family site's output lie (``None``: by its shape).
 
-        Read from the data flow of watched passes; ``None`` (decided by the output's shape, see
-        ``stats.activations._by_unit``) while no producer is known. A ``Conv1d``'s
-        ``(N, C, L)`` through a ReLU has a unit per channel, as a ``Conv2d``'s feature map
-        does; a ``Linear``'s ``(N, T, D)`` a unit per feature.
+        On a watched pass, from the module that made ``source`` (``module_unit_layout``), when
+        ``source`` is that module's output itself: a view with its dimensions moved
+        (a transpose, an unflatten) keeps the shape rule. Remembered per site, for the passes
+        that do not watch. A ``Conv1d``'s ``(N, C, L)`` through a ReLU has a unit per channel,
+        as a ``Conv2d``'s feature map does; a ``Linear``'s ``(N, T, D)`` a unit per feature.
         """
-        if module_name not in self._layouts:
-            kinds = {self.info_by_name(producer).kind
-                     for producer, consumers in self.consumers.items()
-                     if module_name in consumers}
-            self._layouts[module_name] = unit_layout_of(kinds)
-        return self._layouts[module_name]
+        if not self.watch_all:
+            return self._site_layouts.get(site_name)
+        layout = None
+        if isinstance(source, torch.Tensor):
+            entry = self._storages.get(storage_id(source))
+            if entry is not None and entry[1].shape == source.shape \
+                    and entry[1].stride() == source.stride():
+                layout = self.info_by_name(entry[0]).unit_layout
+        self._site_layouts[site_name] = layout
+        return layout
 
     def producer(self, tensor: torch.Tensor) -> str | None:
         """The module whose output ``tensor`` is (or is a view of) in the running pass."""
@@ -723,5 +738,5 @@ class _FunctionalActivations(TorchFunctionMode):
             parent = recorder.stack[-1] if recorder.stack else ROOT_NAME
             site = activation if parent == ROOT_NAME else f"{parent}/{activation}"
             recorder.record(site, parent, f"{activation}()", activation, True, output,
-                            pre if output is not pre else None, bounds)
+                            pre if output is not pre else None, bounds, source=source)
         return output
