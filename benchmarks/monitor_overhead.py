@@ -10,8 +10,9 @@ median time per step of each is compared with the plain loop's:
   forward hooks on every layer reading mean, std and dead fraction with ``.item()``, and a loop
   over the parameters reading gradient norm, weight norm and update ratio (a full copy of the
   weights before the step) with ``.item()``;
-- a bare recorder (``BareRecorder``): the same reductions with none of the bookkeeping, a
-  floor under any recorder that takes them in Python hooks, one kernel at a time.
+- a bare recorder (``BareRecorder``): the same kinds of reductions with none of the
+  bookkeeping (a little less work than ``Monitor``'s: weight norms on subsets, ReLU sums per
+  position), a floor under a recorder that takes them in Python hooks, one kernel at a time.
 
 Targets (issue 20): every=50 <= 1.01x, every=1 <= 1.15x and cheaper than the naive recorder
 on each model (the 25x256 MLP with SGD+momentum at batch 64 is the case issue 9 names). Run
@@ -122,9 +123,10 @@ class NaiveRecorder:
 
 
 class BareRecorder:
-    """The least a recorder of these statistics can do: the floor under ``Monitor(every=1)``.
+    """About the least a recorder of these statistics does: a floor under ``Monitor(every=1)``.
 
-    The reductions alone, with no bookkeeping: per leaf module with a tensor output, its sum
+    The reductions alone, with no bookkeeping (and slightly less of them than ``Monitor``
+    takes: it reads weight norms on the same kind of subsets as the update, not whole): per leaf module with a tensor output, its sum
     (per-unit sums after a ReLU, for the dead fraction) and sum of squares, left on the
     device; the gradient norms in one ``_foreach_norm`` before the step; weight and update
     norms on the first 4,096 elements of each weight, copied before the step; one transfer of

@@ -150,7 +150,8 @@ def test_sharded_hugging_face_directory_with_index(tmp_path):
 
 def test_directory_without_an_index_reads_its_model_file_or_its_shards_never_a_medley(tmp_path):
     """The standard single file beside an adapter is read alone (and the adapter named as not
-    read); unindexed shards are read together; two unrelated files are refused."""
+    read); one complete set of unindexed shards is read together (a variant set beside it is
+    not read, a missing shard is refused); two unrelated files are refused."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     state = {k: v.contiguous() for k, v in examples.he_mlp(depth=3, width=8).state_dict().items()}
     model_dir = tmp_path / "model"
@@ -169,7 +170,16 @@ def test_directory_without_an_index_reads_its_model_file_or_its_shards_never_a_m
                                 sharded / "model-00001-of-00002.safetensors")
     safetensors_torch.save_file({k: state[k] for k in keys[2:]},
                                 sharded / "model-00002-of-00002.safetensors")
-    assert set(load_checkpoint(sharded).state_dict()) == set(state)
+    safetensors_torch.save_file({k: state[k].half() for k in keys},  # a variant set beside
+                                sharded / "model.fp16-00001-of-00001.safetensors")
+    torch.save({}, sharded / "training_args.bin")  # a Trainer's, not weights
+    checkpoint = load_checkpoint(sharded)
+    assert set(checkpoint.state_dict()) == set(state)
+    assert all(t.dtype == torch.float32 for t in checkpoint.state_dict().values())
+    assert checkpoint.extras["not read"] == "model.fp16-00001-of-00001.safetensors"
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(UsageError, match="'model-00002-of-00002.safetensors' are missing"):
+        load_checkpoint(sharded)
 
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -699,7 +699,7 @@ def _load_safetensors(path: Path) -> Checkpoint:
 
 def _load_directory(path: Path, unsafe_load: bool) -> Checkpoint:
     """Every shard's tensors; where a shard index names a tensor's shard, that shard's copy."""
-    shards, owners = _directory_shards(path)
+    shards, owners, skipped = _directory_shards(path)
     if not shards:
         raise UsageError(
             f"directory {str(path)!r} holds no weights (expected model.safetensors, "
@@ -718,16 +718,16 @@ def _load_directory(path: Path, unsafe_load: bool) -> Checkpoint:
     if config.is_file():
         extras.update(_describe_config(config))
     extras["shards"] = str(len(shards))
-    if not owners:
-        skipped = [p.name for p in path.glob(f"*{shards[0].suffix}")
-                   if p.is_file() and p not in shards]
-        if skipped:
-            extras["not read"] = ", ".join(sorted(skipped))
+    if skipped:
+        extras["not read"] = ", ".join(skipped)
     return Checkpoint(path, "hf_directory", list(chosen.values()), None, extras, files=shards)
 
 
-def _directory_shards(path: Path) -> tuple[list[Path], dict[str, Path]]:
-    """The shard files, and the shard a shard index names for each tensor (if any)."""
+def _directory_shards(path: Path) -> tuple[list[Path], dict[str, Path], list[str]]:
+    """The shard files, the shard an index names for each tensor, the weight files not read.
+
+    Without a shard index, the second is empty; with one, the third.
+    """
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
@@ -744,41 +744,72 @@ def _directory_shards(path: Path) -> tuple[list[Path], dict[str, Path]]:
             if missing:
                 raise UsageError(f"{str(index)!r} names shards that are missing: "
                                  f"{', '.join(map(repr, missing))}")
-            return [path / f for f in files], {k: path / f for k, f in weight_map.items()}
+            return ([path / f for f in files], {k: path / f for k, f in weight_map.items()},
+                    [])
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt"):
-        found = sorted(p for p in path.glob(pattern) if p.is_file())
+        found = sorted(p for p in path.glob(pattern)
+                       if p.is_file() and not _TRAINING_STATE.match(p.name))
         if found:
-            return _unindexed_weights(path, found), {}
-    return [], {}
+            chosen = _unindexed_weights(path, found)
+            return chosen, {}, [p.name for p in found if p not in chosen]
+    return [], {}, []
 
 
 # A shard's file name (``model-00001-of-00003.safetensors``).
-_SHARD_NAME = re.compile(r"-\d+-of-\d+\.[^.]+$")
-# The single weight file a Hugging Face directory holds when it is not sharded.
-_SINGLE_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d+)-of-(?P<total>\d+)(?P<suffix>\.[^.]+)$")
+# The single weight file of an unsharded Hugging Face, diffusers or PEFT directory, by
+# preference.
+_SINGLE_FILE_NAMES = ("model.safetensors", "pytorch_model.bin",
+                      "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                      "adapter_model.safetensors", "adapter_model.bin")
+# What a training checkpoint directory holds beside the weights (the Trainer's, Lightning's).
+_TRAINING_STATE = re.compile(r"^(training_args\.bin|optimizer\.(pt|bin)|scheduler\.(pt|bin)|"
+                             r"scaler\.pt|rng_state.*\.pth)$")
 
 
 def _unindexed_weights(path: Path, found: list[Path]) -> list[Path]:
     """Which of a directory's weight files (of one kind, no shard index) make the checkpoint.
 
     One file; else the standard single file (``model.safetensors``) beside others (variants,
-    adapters, EMA copies), which are not read; else shards named ``-NNNNN-of-NNNNN``, all
-    read. Several unrelated files (``epoch=1.ckpt`` and ``epoch=2.ckpt``, a model and its
-    adapter) would be merged into a checkpoint that is neither: the user names one.
+    adapters, EMA copies), which are not read; else one complete set of shards named
+    ``-NNNNN-of-NNNNN`` (the standard set, ``model-...``, beside variant sets). Several
+    unrelated files (``epoch=1.ckpt`` and ``epoch=2.ckpt``, a model and an EMA copy, two
+    sets of shards) would be merged into a checkpoint that is neither: the user names one.
 
     Raises:
-        UsageError: Several weight files, none standard and not all shards.
+        UsageError: Several weight files, none standard and not one set of shards, or a set
+            with shards missing.
     """
     if len(found) == 1:
         return found
-    standard = [p for p in found if p.name in _SINGLE_FILE_NAMES]
-    if standard:
-        return standard[:1]
-    if all(_SHARD_NAME.search(p.name) for p in found):
+    names = {p.name: p for p in found}
+    standard = next((names[n] for n in _SINGLE_FILE_NAMES if n in names), None)
+    if standard is not None:
+        return [standard]
+    matches = [_SHARD_NAME.match(p.name) for p in found]
+    sets = {(m["prefix"], int(m["total"]), m["suffix"]) for m in matches if m is not None}
+    standard_sets = {key for key in sets if f"{key[0]}{key[2]}" in _SINGLE_FILE_NAMES}
+    if all(matches) and len(sets) > 1 and len(standard_sets) == 1:  # beside an fp16 variant
+        found = [p for p, m in zip(found, matches, strict=True) if m is not None
+                 and (m["prefix"], int(m["total"]), m["suffix"]) in standard_sets]
+        matches = [_SHARD_NAME.match(p.name) for p in found]
+        sets = standard_sets
+    if all(matches) and len(sets) == 1:
+        prefix, total, suffix = next(iter(sets))
+        present = {int(m["index"]) for m in matches if m is not None}
+        missing = sorted(set(range(1, total + 1)) - present)
+        if missing:
+            width = len(next(m for m in matches if m is not None)["total"])
+            absent = [f"{prefix}-{i:0{width}d}-of-{total:0{width}d}{suffix}"
+                      for i in missing[:4]]
+            raise UsageError(
+                f"directory {str(path)!r} has no shard index and its shards "
+                f"{', '.join(map(repr, absent))}{' ...' if len(missing) > 4 else ''} are missing")
         return found
-    names = ", ".join(repr(p.name) for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    listed = ", ".join(repr(p.name) for p in found[:6]) + (", ..." if len(found) > 6 else "")
     raise UsageError(f"directory {str(path)!r} holds {len(found)} weight files and no shard "
-                     f"index ({names}): pass the file to inspect")
+                     f"index ({listed}): pass the file to inspect, or a directory with one set "
+                     "of shards")
 
 
 def _check_inside(directory: Path, index: Path, name: str) -> None:
