@@ -78,6 +78,7 @@ from nndiag.lrfind import (  # noqa: E402
     Rule,
     choose_lr,
     lr_find,
+    plateau_candidates,
     suggest_lr,
     train_trial,
     trial_baseline,
@@ -294,7 +295,11 @@ class Bench:
         scores = [self.trials.score(self.problem, seed, self.fingerprint, c, steps, val)
                   for c in candidates]
         start, scatter = self.baseline(seed, s.noise, val)
-        return choose_lr(candidates, scores, steps, rule, scatter, start, s.lr).lr
+        plateau = plateau_candidates(candidates, scores, start, s.top, rule)
+        scores += [self.trials.score(self.problem, seed, self.fingerprint, c, steps, val)
+                   for c in plateau]
+        return choose_lr(candidates + plateau, scores, steps, rule, scatter, start, s.lr,
+                         plateau).lr
 
     def baseline(self, seed: int, noise: float | None, val: bool) -> tuple[float, float]:
         """The eval loss before the trials and its scatter (what lr_find compares with)."""

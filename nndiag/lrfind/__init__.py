@@ -28,6 +28,7 @@ from nndiag.lrfind.suggestion import (
     Suggestion,
     choose_lr,
     eval_scatter,
+    plateau_candidates,
     smooth_curve,
     snap_lr,
     suggest_lr,
@@ -43,7 +44,8 @@ from nndiag.lrfind.sweep import (
 
 __all__ = ["MIN_POINTS", "RULE", "SCHEMA", "BatchSource", "Choice", "LRFindResult", "Rule",
            "Suggestion", "choose_lr", "cycle_batches", "eval_scatter", "lr_find",
-           "smooth_curve", "snap_lr", "suggest_lr", "train_trial", "trial_baseline"]
+           "plateau_candidates", "smooth_curve", "snap_lr", "suggest_lr", "train_trial",
+           "trial_baseline"]
 
 
 def __getattr__(name: str) -> Any:

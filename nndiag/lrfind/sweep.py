@@ -33,6 +33,7 @@ from nndiag.lrfind.suggestion import (
     Rule,
     choose_lr,
     eval_scatter,
+    plateau_candidates,
     suggest_lr,
 )
 
@@ -390,6 +391,7 @@ def lr_find(
 
     lrs = [start_lr * (end_lr / start_lr) ** (i / (steps - 1)) for i in range(steps)]
     trial_records: list[Trial] = []
+    plateau: list[float] = []
     scatter, start_loss = 0.0, None
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
@@ -407,20 +409,28 @@ def lr_find(
                 start_loss = ctx.eval_loss(eval_batches)
             scatter = _scatter(eval_batches, suggestion.noise, accumulate)
             total = len(losses) + n_trial * len(tried)
-            for index, lr in enumerate(tried):
-                with preserved_state(model, user_optimizer, weights=True, grads=True), \
-                        _same_data_order(data):
-                    record, _ = _trial(ctx, lr, n_trial, eval_batches, (n_trial,))
-                trial_records.append(record)
-                if progress is not None:
-                    progress(len(losses) + n_trial * (index + 1), total)
+
+            def run_trials(rates: Sequence[float]) -> None:
+                for lr in rates:
+                    with preserved_state(model, user_optimizer, weights=True, grads=True), \
+                            _same_data_order(data):
+                        record, _ = _trial(ctx, lr, n_trial, eval_batches, (n_trial,))
+                    trial_records.append(record)
+                    if progress is not None:
+                        progress(len(losses) + n_trial * len(trial_records), total)
+
+            run_trials(tried)
+            if candidates is None:  # the trials saw a plateau: the rates above them too
+                plateau = plateau_candidates(tried, [_score(r) for r in trial_records],
+                                             start_loss, suggestion.top, rule)
+                total += n_trial * len(plateau)
+                run_trials(plateau)
 
     findings = list(suggestion.findings)
     suggested, reason = suggestion.lr, suggestion.reason
     if trial_records:
-        choice = choose_lr([r.lr for r in trial_records],
-                           [math.inf if r.loss is None else r.loss for r in trial_records],
-                           n_trial, rule, scatter, start_loss, suggestion.lr)
+        choice = choose_lr([r.lr for r in trial_records], [_score(r) for r in trial_records],
+                           n_trial, rule, scatter, start_loss, suggestion.lr, plateau)
         suggested, reason = choice.lr, choice.reason
         findings += choice.findings
     summary = {"optimizer": type(opt).__name__, "steps": steps, "steps_run": len(losses),
@@ -439,6 +449,11 @@ def lr_find(
         lrs=lrs[: len(losses)], losses=losses, smoothed=suggestion.smoothed,
         stopped_because=stopped, reason=reason, findings=findings, summary=summary,
         curve_lr=suggestion.lr, trials=trial_records)
+
+
+def _score(trial: Trial) -> float:
+    """A trial's loss for ``choose_lr`` (``inf``: diverged)."""
+    return math.inf if trial.loss is None else trial.loss
 
 
 def _materialized(model: Any, data: Any, user_optimizer: Any) -> tuple[Any, Any]:
