@@ -702,6 +702,7 @@ def test_cli_json_plot_and_exit_code(tmp_path):
     (("--data", "wrong_shape_data"), "does not fit the model"),
     (("--data", "classification_batches", "--val-data", "wrong_shape_data"),
      "does not fit the model"),
+    (("--data", "classification_batches", "--budget", "0"), "--budget must be at least 1"),
 ])
 def test_cli_bad_input_exit_2_with_one_message(args, fragment):
     from tests.fixtures.models import FIXTURES

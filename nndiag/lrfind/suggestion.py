@@ -72,6 +72,8 @@ FLAT_NOISE_RATIO = 3.0
 FLAT_RELATIVE_DROP = 0.01
 MIN_POINTS = 8
 QUARTER_DECADES = 4
+# Trials aimed at a budget train at most this many times the default trial steps.
+BUDGET_MAX_TRIAL_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class Rule:
             fraction of the starting eval loss below it (it left the plateau) ...
         plateau_shrink: ... and the best of those, near the rate where the loss diverges, is
             lowered by this many decades.
+        budget_fraction: With a budget (the steps of the user's run), each trial trains this
+            fraction of it (``budget_trial_steps``).
     """
 
     anchor: str = "valley"
@@ -138,6 +142,7 @@ class Rule:
     plateau_margin: float = 0.0
     plateau_leave: float = 0.1
     plateau_shrink: float = 0.5
+    budget_fraction: float = 0.5
 
 
 RULE = Rule()
@@ -419,10 +424,11 @@ def plateau_candidates(candidates: Sequence[float], scores: Sequence[float], sta
                        top: float | None, rule: Rule = RULE) -> list[float]:
     """More trial rates when the trials saw a plateau (pure; empty when they did not).
 
-    The trials saw a plateau when the best finite score ended less than ``rule.plateau_drop``
-    of the starting loss below it (``abs(start)``: losses may be negative): nothing was learned
-    at those rates within the trial, which on a task that stays at chance until the rate is
-    high enough says nothing about the rates above them.
+    The trials saw a plateau when the best finite score ended within ``rule.plateau_drop`` of
+    the starting loss (``abs(start)``: losses may be negative), neither below it nor above it:
+    nothing was learned at those rates within the trial, which on a task that stays at chance
+    until the rate is high enough says nothing about the rates above them. (When every trial
+    ends above that, the rates overfit or are unstable: ``choose_lr`` goes below them.)
 
     Args:
         candidates: The learning rates tried.
@@ -438,8 +444,8 @@ def plateau_candidates(candidates: Sequence[float], scores: Sequence[float], sta
     if not rule.plateau_drop or start is None or top is None or not candidates:
         return []
     finite = [s for s in scores if math.isfinite(s)]
-    if not finite or start - min(finite) >= rule.plateau_drop * abs(start):
-        return []
+    if not finite or abs(start - min(finite)) >= rule.plateau_drop * abs(start):
+        return []  # the loss fell (learning) or every trial rose (overfitting, instability)
     spacing = max(rule.candidate_spacing, 0.25)
     ceiling = top * 10 ** -rule.plateau_margin * (1 + 1e-9)
     out: list[float] = []
@@ -448,6 +454,16 @@ def plateau_candidates(candidates: Sequence[float], scores: Sequence[float], sta
         out.append(lr)
         lr = snap_lr(lr * 10 ** spacing)
     return out[::-1]
+
+
+def budget_trial_steps(budget: int, default_steps: int, rule: Rule = RULE) -> int:
+    """Steps of each trial aimed at a run of ``budget`` steps (pure).
+
+    ``rule.budget_fraction`` of the budget, never fewer than ``default_steps`` (the trials
+    without a budget) nor more than ``BUDGET_MAX_TRIAL_FACTOR`` times as many.
+    """
+    wanted = round(rule.budget_fraction * budget)
+    return max(default_steps, min(wanted, BUDGET_MAX_TRIAL_FACTOR * default_steps))
 
 
 def _shifted(decades: float) -> str:
@@ -513,7 +529,9 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
 
     Returns:
         The suggestion: the best candidate lowered by ``rule.trial_shrink`` decades; when
-        every trial diverged, a ``candidate_spacing`` below the lowest, with a warning.
+        every trial diverged, a ``candidate_spacing`` below the lowest, with a warning; when
+        every trial ended ``rule.trial_progress_sigmas`` scatters above ``start`` (they
+        overfit or are unstable), as far below the lowest.
 
     Raises:
         ValueError: No candidates, or as many scores as candidates not given.
@@ -549,6 +567,13 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
         finite = [(s, lr) for s, lr in finite if lr not in plateau] or finite
     score, best = min(finite)
     margin = rule.trial_progress_sigmas * scatter
+    if rule.trial_progress_sigmas and start is not None and score > start + margin:
+        lowest = min(lr for _, lr in finite)
+        lr = lowest * 10 ** -max(rule.candidate_spacing, 0.5)
+        return Choice(lr, f"of {tried} trained {steps} steps each from the same start, every "
+                          f"one ended above the starting loss ({start:.4g}; the best reached "
+                          f"{score:.4g}): they overfit or are unstable over that many steps; "
+                          f"{lr:.2e}, below the lowest")
     if rule.trial_progress_sigmas and start is not None and fallback is not None and \
             not score < start - margin:
         return Choice(fallback, f"of {tried} trained {steps} steps each from the same start, "

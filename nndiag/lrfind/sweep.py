@@ -15,9 +15,10 @@ and a DataLoader's own generator are restored after the sweep, after each trial 
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from nndiag.lrfind.suggestion import (
     MIN_POINTS,
     RULE,
     Rule,
+    budget_trial_steps,
     choose_lr,
     eval_scatter,
     plateau_candidates,
@@ -46,6 +48,35 @@ EARLY_STOP_WARMUP = 5
 # steps' worth of forward passes per trial).
 EVAL_SAMPLES = 256
 EVAL_MAX_BATCHES = 16
+# With a budget, when the trials cycle the data: the last HOLDOUT_FRACTION of one pass over the
+# batches (at least one batch) scores the trials, which train on the others; only with
+# MIN_HOLDOUT_BATCHES, and only the first HOLDOUT_MAX_BATCHES of a longer pass are split.
+HOLDOUT_FRACTION = 0.2
+MIN_HOLDOUT_BATCHES = 3
+HOLDOUT_MAX_BATCHES = 5 * EVAL_MAX_BATCHES
+
+
+def holds_out(epoch_batches: int | None, trial_steps: int) -> bool:
+    """Whether trials aimed at a budget are scored on a held-out slice of the batches (pure).
+
+    When the trials' steps reach the batches of one pass over the data, they cycle it, and the
+    loss on batches they trained on rewards the rate that memorizes fastest.
+
+    Args:
+        epoch_batches: Batches in one pass over the data (``None``: unknown, a stream).
+        trial_steps: Steps of each trial.
+    """
+    return epoch_batches is not None and MIN_HOLDOUT_BATCHES <= epoch_batches <= trial_steps
+
+
+def epoch_batches(source: BatchSource) -> int | None:
+    """Batches in one pass over the data: its length (``None`` for a stream or one batch)."""
+    if source.single or source.iterator is not None:
+        return None
+    try:
+        return int(len(source.data))
+    except TypeError:
+        return None
 
 
 def _early_stop(start: float, best: float, current: float, noise: float) -> str | None:
@@ -66,7 +97,8 @@ def _early_stop(start: float, best: float, current: float, noise: float) -> str 
 
 
 def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
-             make_optimizer: Callable[[], Any], val_data: Any = None) -> _Context:
+             make_optimizer: Callable[[], Any], val_data: Any = None,
+             holdout: bool = False) -> _Context:
     """The set-up the sweep, the trials and the trial baseline share.
 
     Every stage (the sweep, each trial, the eval batches) then sees the same first batches.
@@ -75,9 +107,12 @@ def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
 
     from nndiag.losses import as_loss
 
-    return _Context(model, _source(data), as_loss(loss), torch.Generator().manual_seed(seed),
-                    next((p.device for p in model.parameters()), torch.device("cpu")),
-                    accumulate, make_optimizer, val_data)
+    ctx = _Context(model, _source(data), as_loss(loss), torch.Generator().manual_seed(seed),
+                   next((p.device for p in model.parameters()), torch.device("cpu")),
+                   accumulate, make_optimizer, val_data)
+    if holdout:
+        ctx.hold_out()
+    return ctx
 
 
 def _source(data: Any) -> BatchSource:
@@ -138,6 +173,35 @@ class _Context:
     val_data: Any = None
     ratios: list[float] = field(default_factory=list)
     _eval_batches: list[Any] | None = field(default=None, init=False, repr=False)
+    # With a held-out slice: the batches the trials train on (the others of one pass).
+    _train_batches: list[Any] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def held_out(self) -> int:
+        """Batches held out of the training data to score the trials on (0: none)."""
+        return 0 if self._train_batches is None else len(self._eval_batches or [])
+
+    def hold_out(self) -> None:
+        """Split one pass over the data into batches to score the trials on and to train on.
+
+        The last ``HOLDOUT_FRACTION`` (at least one batch) scores the trials; the others are
+        what they train on, cycled in that order. Only the first ``HOLDOUT_MAX_BATCHES`` of a
+        longer pass are split.
+        """
+        from nndiag.capture.state import preserved_state
+
+        count = min(epoch_batches(self.source) or 0, HOLDOUT_MAX_BATCHES)
+        with preserved_state(self.model), _same_data_order(self.source.data):
+            batches = list(itertools.islice(self.source.stream(), count))
+        held = max(1, round(HOLDOUT_FRACTION * count))
+        self._train_batches = batches[: count - held]
+        self._eval_batches = _first_distinct(batches[count - held:], "--data")
+
+    def trial_stream(self) -> Iterator[Any]:
+        """The batches a trial trains on: the data's, or the batches not held out, cycled."""
+        if self._train_batches is None:
+            return self.source.stream()
+        return itertools.cycle(self._train_batches)
 
     @property
     def eval_option(self) -> str:
@@ -255,7 +319,7 @@ def _trial(ctx: _Context, lr: float, steps: int, eval_batches: list[Any],
     """Train ``steps`` steps at a constant ``lr`` from the current state; losses at ``eval_at``."""
     opt = ctx.make_optimizer()
     ctx.set_lr(opt, lr)
-    batches = ctx.source.stream()
+    batches = ctx.trial_stream()
     ctx.model.train()
     evals: dict[int, float | None] = {}
     done = 0
@@ -294,6 +358,7 @@ def lr_find(
     trial_steps: int | None = None,
     candidates: Sequence[float] | None = None,
     val_data: Any = None,
+    budget: int | None = None,
     seed: int = 0,
     rule: Rule = RULE,
     progress: Callable[[int, int], None] | None = None,
@@ -336,6 +401,13 @@ def lr_find(
         val_data: Validation batches to score the trials on (their first ``EVAL_SAMPLES``
             samples, at most ``EVAL_MAX_BATCHES`` batches); default: the first batches of
             ``data``, which the trials also train on.
+        budget: Steps of the run the learning rate is for. The trials then train
+            ``budget_trial_steps`` steps each (``rule.budget_fraction`` of it, at most
+            ``BUDGET_MAX_TRIAL_FACTOR`` times the default), and when they cycle the data
+            (``holds_out``) and no ``val_data`` is given they train on all but its last fifth
+            of a pass and are scored on that (``summary.trial_scored_on`` is ``held_out``).
+            Default: none, the trials last ``trial_steps`` and the choice is lowered for a run
+            longer than they are.
         seed: Seed for random targets when the data has none.
         rule: The suggestion's constants (``nndiag.lrfind.RULE``).
         progress: Called with (step, total) after each step of the sweep and the trials.
@@ -375,6 +447,10 @@ def lr_find(
         raise UsageError("candidate learning rates must be positive")
     if val_data is not None and not trials:
         raise UsageError("--val-data scores the trials, and --no-trials runs none: drop one")
+    if budget is not None and budget < 1:
+        raise UsageError(f"--budget must be at least 1 step, got {budget}")
+    if budget is not None and not trials:
+        raise UsageError("--budget aims the trials, and --no-trials runs none: drop one")
     validate_seed(seed, "--seed")
     require_usable_model(model, trainable=True)
     user_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
@@ -383,6 +459,8 @@ def lr_find(
         factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
             optimizer_factory(str(optimizer), momentum=momentum, weight_decay=weight_decay)
     n_trial = trial_steps or max(1, round(rule.trial_fraction * steps))
+    if budget is not None and trial_steps is None:
+        n_trial = budget_trial_steps(budget, n_trial, rule)
 
     def make_optimizer() -> Any:
         if user_optimizer is not None:
@@ -404,6 +482,9 @@ def lr_find(
         suggestion = suggest_lr(lrs[: len(losses)], losses, rule)
         tried = list(candidates) if candidates is not None else suggestion.candidates
         if trials and tried:
+            if budget is not None and val_data is None and \
+                    holds_out(epoch_batches(ctx.source), n_trial):
+                ctx.hold_out()
             eval_batches = ctx.eval_batches()
             with preserved_state(model):
                 start_loss = ctx.eval_loss(eval_batches)
@@ -433,6 +514,11 @@ def lr_find(
                            n_trial, rule, scatter, start_loss, suggestion.lr, plateau)
         suggested, reason = choice.lr, choice.reason
         findings += choice.findings
+        if budget is not None:
+            reason += (f"; aimed at a run of {budget} steps: trials of {n_trial} steps" +
+                       (f", scored on {ctx.held_out} batches held out of the data (the last "
+                        "fifth of one pass), which they did not train on" if ctx.held_out
+                        else ""))
     summary = {"optimizer": type(opt).__name__, "steps": steps, "steps_run": len(losses),
                "start_lr": start_lr, "end_lr": end_lr, "accumulate": accumulate,
                "param_group_lr_ratios": ctx.ratios, "loss_name": ctx.loss_spec.name,
@@ -441,7 +527,9 @@ def lr_find(
                "trial_steps_run": sum(r.steps for r in trial_records),
                "trial_start_loss": start_loss, "trial_loss_scatter": scatter,
                "trial_scored_on": (None if not trial_records else
-                                   "validation" if val_data is not None else "training"),
+                                   "validation" if val_data is not None else
+                                   "held_out" if ctx.held_out else "training"),
+               "trial_held_out_batches": ctx.held_out, "budget": budget,
                "trial_eval_samples": sum(_batch_samples(b) for b in ctx.eval_batches())
                if trial_records else 0}
     return LRFindResult(
@@ -503,8 +591,8 @@ def _scatter(eval_batches: list[Any], noise: float | None, accumulate: int) -> f
 
 
 def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = None,
-                   accumulate: int = 1, seed: int = 0,
-                   val_data: Any = None) -> tuple[float, float]:
+                   accumulate: int = 1, seed: int = 0, val_data: Any = None,
+                   holdout: bool = False) -> tuple[float, float]:
     """What ``lr_find`` compares its trials with, for benchmarks that cache the trials.
 
     Args:
@@ -515,6 +603,7 @@ def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = No
         accumulate: Micro-batches per step.
         seed: Seed for random targets when the data has none.
         val_data: As for ``lr_find``.
+        holdout: Scored on a held-out slice of ``data``, as ``train_trial``.
 
     Returns:
         The eval loss before any trial and ``eval_scatter`` for the first ``EVAL_SAMPLES``
@@ -522,8 +611,8 @@ def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = No
     """
     from nndiag.capture.state import preserved_state
 
-    with preserved_state(model, weights=True):
-        ctx = _context(model, data, loss, seed, accumulate, lambda: None, val_data)
+    with preserved_state(model, weights=True), _same_data_order(data):
+        ctx = _context(model, data, loss, seed, accumulate, lambda: None, val_data, holdout)
         eval_batches = ctx.eval_batches()
         start = ctx.eval_loss(eval_batches)
     return start, _scatter(eval_batches, noise, accumulate)
@@ -546,9 +635,14 @@ def _batch_samples(batch: Any, option: str = "--data") -> int:
 
 def _first_batches(source: BatchSource, option: str) -> list[Any]:
     """The first distinct batches of the data: ``EVAL_SAMPLES`` samples or ``EVAL_MAX_BATCHES``."""
+    return _first_distinct(source.stream(), option)
+
+
+def _first_distinct(batches: Iterable[Any], option: str) -> list[Any]:
+    """The first distinct of ``batches``: ``EVAL_SAMPLES`` samples or ``EVAL_MAX_BATCHES``."""
     out: list[Any] = []
     samples = 0
-    for batch in source.stream():
+    for batch in batches:
         if any(batch is b for b in out):
             break
         out.append(batch)
@@ -607,7 +701,7 @@ def _sweep(ctx: _Context, lrs: list[float], early_stop: bool,
 
 def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer: Any = "adamw",
                 steps: int = 50, accumulate: int = 1, eval_at: Sequence[int] | None = None,
-                seed: int = 0, val_data: Any = None) -> dict[str, Any]:
+                seed: int = 0, val_data: Any = None, holdout: bool = False) -> dict[str, Any]:
     """One trial as ``lr_find`` runs it, from the current state, which is restored afterwards.
 
     Args:
@@ -621,6 +715,8 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
         eval_at: Steps after which the loss on the fixed batches is recorded (default: the last).
         seed: Seed for random targets when the data has none.
         val_data: As for ``lr_find``.
+        holdout: Train on the data less a held-out slice and score on that slice, as
+            ``lr_find`` does with a budget when the trials cycle the data (``holds_out``).
 
     Returns:
         ``lr``, ``steps`` run, ``loss`` after ``steps`` (``None``: diverged), ``diverged`` and
@@ -634,7 +730,7 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
     with preserved_state(model), _same_data_order(data):  # the user's RNG, as lr_find's trials
         ctx = _context(model, data, loss, seed, accumulate,
                        lambda: factory([p for p in model.parameters() if p.requires_grad], lr),
-                       val_data)
+                       val_data, holdout)
         eval_batches = ctx.eval_batches()
     with preserved_state(model, weights=True, grads=True), _same_data_order(data):
         ctx.ratios = [1.0] * len(ctx.make_optimizer().param_groups)
