@@ -247,7 +247,7 @@ def test_a_rate_that_leaves_the_plateau_wins_lowered_else_the_first_trials_decid
     stuck = choose_lr(candidates, [2.07, 2.08, 1.95, 2.05], 50, rule, start=2.10,
                       plateau=candidates[2:])
     assert stuck.lr == pytest.approx(1e-2 / 10 ** 0.25)
-    assert "--trial-steps" in stuck.reason and "left the plateau" not in stuck.reason
+    assert "--budget" in stuck.reason and "left the plateau" not in stuck.reason
     # Diverged plateau rates are ignored too.
     burst = choose_lr(candidates, [2.07, 2.08, math.inf, math.nan], 50, rule, start=2.10,
                       plateau=candidates[2:])

@@ -562,8 +562,8 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
                               "high a rate is near where the loss diverges")
         tried += (f", none of which left it within {steps} steps (fell "
                   f"{rule.plateau_leave:.0%} below the start): the task may need more steps "
-                  "before any rate leaves its plateau; try --trial-steps with the steps of "
-                  "your run. Of the first")
+                  "before any rate leaves its plateau; try --budget with the steps of your "
+                  "run (longer trials). Of the first")
         finite = [(s, lr) for s, lr in finite if lr not in plateau] or finite
     score, best = min(finite)
     margin = rule.trial_progress_sigmas * scatter
