@@ -44,10 +44,11 @@ def lr_find(
     trial_steps: int | None = typer.Option(None, "--trial-steps", metavar="N",
                                            help="Steps of each trial (default: half --steps)."),
     budget: int | None = typer.Option(None, "--budget", metavar="STEPS",
-                                      help="Steps of the run the rate is for: the trials last "
-                                           "that long (at most 8x half --steps) and, when they "
-                                           "cycle the data, are scored on a held-out fifth of "
-                                           "one pass. Default: a run longer than the trials."),
+                                      help="Steps of the run the rate is for: the trials "
+                                           "last half of it (at least half --steps, at most 8x "
+                                           "that) and, when they cycle the data, are scored on "
+                                           "a held-out fifth of one pass. Default: a run "
+                                           "longer than the trials."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png",
                                      help="Write the loss-vs-learning-rate figure."),
