@@ -256,6 +256,7 @@ def base_rules() -> list[Rule]:
     (short-horizon bias; see benchmarks/README.md).
     """
     return [replace(RULE, anchor="valley", ema_beta=0.98, valley_shift=RULE.valley_shift,
+                    holdout=False,
                     valley_despike=True, flat_rule="valley", candidates=count,
                     candidate_offset=0.5 * (count - 1), candidate_spacing=0.5,
                     trial_fraction=0.5, trial_shrink=shrink, trial_tie_sigmas=tie,
@@ -267,20 +268,22 @@ def base_rules() -> list[Rule]:
 def trial_rules(all_bases: bool = False) -> list[Rule]:
     """The default's set-ups searched: the plateau branch off, or on (``plateau_drop`` 2% or
     5%, ``plateau_margin`` 0 or half a decade, ``plateau_leave`` 10% or 20%,
-    ``plateau_shrink`` a quarter or half a decade), on top of the shipped trial set-up (chosen
+    ``plateau_shrink`` a quarter or half a decade), each with the held-out slice for trials
+    that cycle the data off or on (``Rule.holdout``), on top of the shipped trial set-up (chosen
     on the first 28 problems; the set-up cross-validation over the 35 prefers, two candidates,
     scores 0.087 on ``lr_unseen.py`` against 0.030) or, with ``all_bases``, on top of each of
     ``base_rules``.
     """
-    shipped = replace(RULE, plateau_drop=0.0)
+    shipped = replace(RULE, plateau_drop=0.0, holdout=False)
     bases = base_rules() if all_bases else [shipped]
     out = []
     for base in bases:
-        out.append(base)
-        out += [replace(base, plateau_drop=drop, plateau_margin=margin, plateau_leave=leave,
-                        plateau_shrink=shrink)
-                for drop, margin, leave, shrink in itertools.product(
-                    [0.02, 0.05], [0.0, 0.5], [0.1, 0.2], [0.25, 0.5])]
+        plateaus = [base] + [replace(base, plateau_drop=drop, plateau_margin=margin,
+                                     plateau_leave=leave, plateau_shrink=shrink)
+                             for drop, margin, leave, shrink in itertools.product(
+                                 [0.02, 0.05], [0.0, 0.5], [0.1, 0.2], [0.25, 0.5])]
+        out += [replace(rule, holdout=holdout) for holdout in (False, True)
+                for rule in plateaus]
     return out
 
 
@@ -296,7 +299,7 @@ CURVE_NAMES = ["anchor", "ema_beta", "valley_shift", "valley_despike", "flat_rul
 TRIAL_NAMES = ["candidates", "trial_fraction", "candidate_offset", "candidate_spacing",
                "trial_shrink", "trial_tie_sigmas", "trial_progress_sigmas", "flat_top",
                "flat_spacing", "plateau_drop", "plateau_margin", "plateau_leave",
-               "plateau_shrink", "budget_fraction"]
+               "plateau_shrink", "budget_fraction", "holdout"]
 
 
 class Bench:
@@ -337,12 +340,14 @@ class Bench:
         if not candidates:
             return s.lr
         steps = default = round(rule.trial_fraction * 100)
-        hold, eval_at = False, TRIAL_STEPS
+        passes = len(self.problem.loader(seed))
+        hold = rule.holdout and not val and holds_out(passes, steps)
+        eval_at = TRIAL_STEPS
         if budget:
             steps = budget_trial_steps(self.problem.steps, default, rule)
-            hold = not val and holds_out(len(self.problem.loader(seed)), steps)
+            hold = not val and holds_out(passes, steps)
             eval_at = tuple(n for n in self.budget_steps(default)
-                            if hold == holds_out(len(self.problem.loader(seed)), n))
+                            if hold == holds_out(passes, n))
 
         def scored(rates: list[float]) -> list[float]:
             return [self.trials.score(self.problem, seed, self.fingerprint, c, steps, val, hold,

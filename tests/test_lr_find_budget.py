@@ -1,4 +1,4 @@
-"""lr-find aimed at a budget: trials as long as the run, held out when they cycle small data."""
+"""lr-find aimed at a budget, and trials held out when they cycle small data."""
 
 from __future__ import annotations
 
@@ -104,3 +104,21 @@ def test_bad_budgets_are_usage_errors():
         lr_find(model, _batches(), steps=20, budget=0)
     with pytest.raises(UsageError, match="--no-trials"):
         lr_find(model, _batches(), steps=20, budget=100, trials=False)
+
+
+def test_trials_that_cycle_small_data_are_held_out_by_default():
+    model = examples.he_mlp(depth=3, width=16)
+    data = _batches(10)
+    # Ten steps per trial (half of 20) cycle ten batches: the last two score, the rest train.
+    held = lr_find(model, data, optimizer="sgd", steps=20, candidates=[1e-2])
+    assert held.summary["trial_scored_on"] == "held_out"
+    assert held.summary["trial_held_out_batches"] == 2 and held.summary["budget"] is None
+    assert "aimed at" not in held.reason
+    alone = train_trial(model, data, 1e-2, optimizer="sgd", steps=10, holdout=True)
+    assert alone["loss"] == held.trials[0]["loss"]
+    # Turned off, or with trials shorter than a pass, the trials score on training batches.
+    off = lr_find(model, data, optimizer="sgd", steps=20, candidates=[1e-2],
+                  rule=Rule(holdout=False))
+    assert off.summary["trial_scored_on"] == "training"
+    short = lr_find(model, data, optimizer="sgd", steps=20, trial_steps=9, candidates=[1e-2])
+    assert short.summary["trial_scored_on"] == "training"

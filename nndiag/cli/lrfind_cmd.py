@@ -19,8 +19,9 @@ def lr_find(
                                   "cycled if they run out."),
     val_data: str | None = typer.Option(None, "--val-data", metavar="SPEC",
                                         help="Validation batches to score the trials on "
-                                             "(default: the first training batches, which "
-                                             "the trials also train on)."),
+                                             "(default: a held-out fifth of one pass when the "
+                                             "trials cycle the data, else the first training "
+                                             "batches, which the trials also train on)."),
     loss: str | None = typer.Option(None, "--loss", metavar="NAME|SPEC",
                                     help="cross_entropy, mse, bce, l1, huber, nll or a spec "
                                          "f(outputs, targets). Default: from the targets."),
@@ -46,9 +47,7 @@ def lr_find(
     budget: int | None = typer.Option(None, "--budget", metavar="STEPS",
                                       help="Steps of the run the rate is for: the trials "
                                            "last half of it (at least half --steps, at most 8x "
-                                           "that) and, when they cycle the data, are scored on "
-                                           "a held-out fifth of one pass. Default: a run "
-                                           "longer than the trials."),
+                                           "that). Default: a run longer than the trials."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png",
                                      help="Write the loss-vs-learning-rate figure."),

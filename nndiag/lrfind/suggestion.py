@@ -118,6 +118,9 @@ class Rule:
             lowered by this many decades.
         budget_fraction: With a budget (the steps of the user's run), each trial trains this
             fraction of it (``budget_trial_steps``).
+        holdout: When the trials cycle the data and no validation data is given, they train on
+            all but a held-out slice of one pass and are scored on it
+            (``nndiag.lrfind.sweep.holds_out``); False: only with a budget.
     """
 
     anchor: str = "valley"
@@ -143,6 +146,7 @@ class Rule:
     plateau_leave: float = 0.1
     plateau_shrink: float = 0.5
     budget_fraction: float = 0.5
+    holdout: bool = True
 
 
 RULE = Rule()

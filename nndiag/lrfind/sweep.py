@@ -5,7 +5,9 @@
 the loss diverges. ``nndiag.lrfind.suggestion.suggest_lr`` reads the curve and proposes a few
 candidate learning rates; each is then trained for a short budget (``train_trial``) from the
 same starting state, the same RNG state and the same batches, and scored by its loss on a few
-fixed batches in eval mode; ``choose_lr`` keeps the best. That stage is on by default and can be
+fixed batches in eval mode (of ``val_data`` if given; else, when the trials cycle the data, of
+a held-out slice of it that they do not train on; else of the training data's first batches);
+``choose_lr`` keeps the best. That stage is on by default and can be
 turned off (``trials=False``, ``--no-trials``): the curve's own reading, one sweep only.
 
 Every stage starts from the user's state: the model, its optimizer, the torch/Python/NumPy RNG
@@ -48,16 +50,16 @@ EARLY_STOP_WARMUP = 5
 # steps' worth of forward passes per trial).
 EVAL_SAMPLES = 256
 EVAL_MAX_BATCHES = 16
-# With a budget, when the trials cycle the data: the last HOLDOUT_FRACTION of one pass over the
-# batches (at least one batch) scores the trials, which train on the others; only with
-# MIN_HOLDOUT_BATCHES, and only the first HOLDOUT_MAX_BATCHES of a longer pass are split.
+# When the trials cycle the data: the last HOLDOUT_FRACTION of one pass over the batches (at
+# least one batch) scores the trials, which train on the others; only with MIN_HOLDOUT_BATCHES,
+# and only the first HOLDOUT_MAX_BATCHES of a longer pass are split.
 HOLDOUT_FRACTION = 0.2
 MIN_HOLDOUT_BATCHES = 3
 HOLDOUT_MAX_BATCHES = 5 * EVAL_MAX_BATCHES
 
 
 def holds_out(epoch_batches: int | None, trial_steps: int) -> bool:
-    """Whether trials aimed at a budget are scored on a held-out slice of the batches (pure).
+    """Whether the trials are scored on a held-out slice of the batches (pure).
 
     When the trials' steps reach the batches of one pass over the data, they cycle it, and the
     loss on batches they trained on rewards the rate that memorizes fastest.
@@ -369,8 +371,10 @@ def lr_find(
     reading (fastai's valley) and the candidate learning rates around it. With ``trials`` (the
     default) each candidate is trained ``trial_steps`` steps at a constant rate from the same
     starting state, RNG state and batches, scored by its loss on the first batches of
-    ``val_data`` if given, else of the training data (``EVAL_SAMPLES`` samples), in eval mode,
-    and the best, lowered by ``rule.trial_shrink`` decades, is suggested: at most
+    ``val_data`` if given, else, when the trials cycle the data (``holds_out``,
+    ``rule.holdout``), of a held-out fifth of one pass that they do not train on, else of the
+    training data (``EVAL_SAMPLES`` samples), in eval mode, and the best, lowered by
+    ``rule.trial_shrink`` decades, is suggested: at most
     ``rule.candidates x rule.trial_fraction`` sweeps' worth of steps more. On the benchmark's
     held-out problems this beat the curve's own reading (``benchmarks/README.md``);
     ``trials=False`` keeps the curve's reading and costs one sweep.
@@ -399,13 +403,15 @@ def lr_find(
         trial_steps: Steps of each trial (default ``rule.trial_fraction`` x ``steps``).
         candidates: Learning rates to trial instead of those read from the curve.
         val_data: Validation batches to score the trials on (their first ``EVAL_SAMPLES``
-            samples, at most ``EVAL_MAX_BATCHES`` batches); default: the first batches of
-            ``data``, which the trials also train on.
+            samples, at most ``EVAL_MAX_BATCHES`` batches); default: a held-out fifth of one
+            pass over ``data`` when the trials cycle it, else its first batches, which the
+            trials also train on.
         budget: Steps of the run the learning rate is for. The trials then train
             ``budget_trial_steps`` steps each (``rule.budget_fraction`` of it, at most
             ``BUDGET_MAX_TRIAL_FACTOR`` times the default), and when they cycle the data
             (``holds_out``) and no ``val_data`` is given they train on all but its last fifth
-            of a pass and are scored on that (``summary.trial_scored_on`` is ``held_out``).
+            of a pass and are scored on that (``summary.trial_scored_on`` is ``held_out``;
+            without a budget too, unless ``rule.holdout`` is off).
             Default: none, the trials last ``trial_steps`` and the choice is lowered for a run
             longer than they are.
         seed: Seed for random targets when the data has none.
@@ -482,7 +488,7 @@ def lr_find(
         suggestion = suggest_lr(lrs[: len(losses)], losses, rule)
         tried = list(candidates) if candidates is not None else suggestion.candidates
         if trials and tried:
-            if budget is not None and val_data is None and \
+            if (rule.holdout or budget is not None) and val_data is None and \
                     holds_out(epoch_batches(ctx.source), n_trial):
                 ctx.hold_out()
             eval_batches = ctx.eval_batches()
@@ -716,7 +722,7 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
         seed: Seed for random targets when the data has none.
         val_data: As for ``lr_find``.
         holdout: Train on the data less a held-out slice and score on that slice, as
-            ``lr_find`` does with a budget when the trials cycle the data (``holds_out``).
+            ``lr_find`` does when the trials cycle the data (``holds_out``).
 
     Returns:
         ``lr``, ``steps`` run, ``loss`` after ``steps`` (``None``: diverged), ``diverged`` and
