@@ -96,6 +96,9 @@ def main() -> None:
     finders = {
         "nndiag": lambda p, s: lr_find(p.model(s), p.loader(s), loss=p.loss,
                                        optimizer=p.make_optimizer).suggested_lr,
+        "nndiag --budget": lambda p, s: lr_find(p.model(s), p.loader(s), loss=p.loss,
+                                                optimizer=p.make_optimizer,
+                                                budget=p.steps).suggested_lr,
         "nndiag --no-trials": lambda p, s: lr_find(p.model(s), p.loader(s), loss=p.loss,
                                                    optimizer=p.make_optimizer,
                                                    trials=False).suggested_lr,

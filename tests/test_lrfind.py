@@ -22,6 +22,7 @@ from nndiag.lrfind import (
     choose_lr,
     eval_scatter,
     lr_find,
+    plateau_candidates,
     snap_lr,
     suggest_lr,
     train_trial,
@@ -200,6 +201,75 @@ def test_choose_lr_keeps_the_best_trial_and_survives_all_diverging():
     assert lost.lr < 3e-2 and [f.id for f in lost.findings] == ["lr_trials_diverged"]
     with pytest.raises(ValueError):
         choose_lr([1e-1], [], 50)
+
+
+def plateau_curve(lrs: np.ndarray = LRS, diverges_at: float = 0.3) -> np.ndarray:
+    """A recall task's range test: at chance (2.08) until the loss diverges past ``diverges_at``."""
+    x = np.log10(lrs)
+    return 2.08 + np.where(x > math.log10(diverges_at), 40 * (x - math.log10(diverges_at)) ** 2,
+                           0.0) + noise(0.01)
+
+
+def test_a_plateau_curve_sends_the_trials_up_to_where_the_loss_diverged():
+    rule = Rule(plateau_drop=0.02, plateau_margin=0.0)
+    s = suggest_lr(LRS, plateau_curve())
+    assert s.shape == "flat" and [f.id for f in s.findings] == ["lr_curve_flat"]
+    assert s.top == pytest.approx(LRS[-1])  # no loss was non-finite: the sweep's last rate
+    cut = suggest_lr(LRS[:90], plateau_curve()[:90])
+    assert cut.top == pytest.approx(LRS[89])
+    # Every first trial stays within 2% of the starting loss 2.10: a plateau, searched upward.
+    scores = [2.07, 2.08, 2.09]
+    above = plateau_candidates([1e-2, 10 ** -2.5, 1e-3], scores, 2.10, 0.3, rule)
+    assert above == pytest.approx([1e-1, 10 ** -1.5])  # 10**-0.5 is above the top (0.3)
+    assert plateau_candidates([1e-2, 1e-3], scores, 2.10, 3.0, rule) == \
+        pytest.approx([1.0, 10 ** -0.5, 1e-1, 10 ** -1.5])
+    lower = Rule(plateau_drop=0.02, plateau_margin=0.5)
+    assert plateau_candidates([1e-2], scores, 2.10, 3.0, lower) == pytest.approx(
+        [10 ** -0.5, 1e-1, 10 ** -1.5])
+    # A trial that learned (by more than 2%), a rule without the branch, or no start: nothing.
+    assert plateau_candidates([1e-2, 1e-3], [1.50, 2.08], 2.10, 0.3, rule) == []
+    assert plateau_candidates([1e-2, 1e-3], scores, 2.10, 0.3, Rule(plateau_drop=0.0)) == []
+    assert plateau_candidates([1e-2, 1e-3], scores, None, 0.3, rule) == []
+    assert plateau_candidates([1e-2], [math.inf], 2.10, 0.3, rule) == []
+
+
+def test_a_rate_that_leaves_the_plateau_wins_lowered_else_the_first_trials_decide():
+    rule = Rule(plateau_drop=0.02, plateau_leave=0.1, plateau_shrink=0.5, trial_shrink=0.25,
+                trial_progress_sigmas=0.0)
+    candidates = [1e-2, 1e-3, 1e-1, 10 ** -1.5]
+    # 1e-1 fell from 2.10 to 0.30 (left the plateau); 10**-1.5 only to 2.05.
+    left = choose_lr(candidates, [2.07, 2.08, 0.30, 2.05], 50, rule, start=2.10,
+                     plateau=candidates[2:])
+    assert left.lr == pytest.approx(1e-1 / 10 ** 0.5)
+    assert "left the plateau" in left.reason and "1.00e-01" in left.reason
+    # A plateau rate that fell less than 10% does not compete, even with the lowest loss: the
+    # first trials decide as usual, and the reason says that nothing was learned.
+    stuck = choose_lr(candidates, [2.07, 2.08, 1.95, 2.05], 50, rule, start=2.10,
+                      plateau=candidates[2:])
+    assert stuck.lr == pytest.approx(1e-2 / 10 ** 0.25)
+    assert "--budget" in stuck.reason and "left the plateau" not in stuck.reason
+    # Diverged plateau rates are ignored too.
+    burst = choose_lr(candidates, [2.07, 2.08, math.inf, math.nan], 50, rule, start=2.10,
+                      plateau=candidates[2:])
+    assert burst.lr == pytest.approx(1e-2 / 10 ** 0.25) and burst.findings == []
+
+
+def test_lr_find_trains_the_rates_above_a_plateau():
+    model = examples.he_mlp(depth=3, width=16)
+    # A plateau threshold no trial can pass: the first trials always "saw a plateau".
+    rule = Rule(plateau_drop=0.99, plateau_margin=0.0)
+    seen: list[tuple[int, int]] = []
+    result = lr_find(model, _data(), optimizer="sgd", steps=30, trial_steps=3, rule=rule,
+                     progress=lambda step, total: seen.append((step, total)))
+    first = suggest_lr(result.lrs, result.losses, rule).candidates
+    tried = [t["lr"] for t in result.trials]
+    assert tried[: len(first)] == pytest.approx(first) and len(tried) > len(first)
+    top = suggest_lr(result.lrs, result.losses, rule).top
+    assert all(max(first) < lr <= top * (1 + 1e-9) for lr in tried[len(first):])
+    assert seen[-1][0] == seen[-1][1] == len(result.losses) + 3 * len(tried)
+    plain = lr_find(model, _data(), optimizer="sgd", steps=30, trial_steps=3,
+                    rule=Rule(plateau_drop=0.0))
+    assert [t["lr"] for t in plain.trials] == pytest.approx(first)
 
 
 def test_shipped_rule_is_a_rule():
@@ -632,6 +702,7 @@ def test_cli_json_plot_and_exit_code(tmp_path):
     (("--data", "wrong_shape_data"), "does not fit the model"),
     (("--data", "classification_batches", "--val-data", "wrong_shape_data"),
      "does not fit the model"),
+    (("--data", "classification_batches", "--budget", "0"), "--budget must be at least 1"),
 ])
 def test_cli_bad_input_exit_2_with_one_message(args, fragment):
     from tests.fixtures.models import FIXTURES

@@ -14,9 +14,12 @@ def curve_too_short(finding: Finding, curve: LRCurveRecord) -> tuple[str, list[F
 
 def curve_flat(finding: Finding, curve: LRCurveRecord) -> tuple[str, list[Fix]]:
     """A flat curve: where the suggestion then comes from."""
-    return ("A flat curve (a pretrained model, a task already learned, or too few steps) holds "
-            "no valley to read a learning rate from. The suggestion sits below where the loss "
-            "starts to rise: a safe upper bound rather than an optimum."), []
+    return ("A flat curve (a pretrained model, a task already learned, a task whose loss sits "
+            "at chance until the rate is high enough, or too few steps) holds no valley to read "
+            "a learning rate from: the trials decide, and when they learn nothing the rates up "
+            "to where the loss diverges are tried too. The curve's own reading (--no-trials) "
+            "sits below where the loss starts to rise: a safe upper bound rather than an "
+            "optimum."), []
 
 
 def curve_noisy(finding: Finding, curve: LRCurveRecord) -> tuple[str, list[Fix]]:

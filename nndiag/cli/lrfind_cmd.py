@@ -19,8 +19,9 @@ def lr_find(
                                   "cycled if they run out."),
     val_data: str | None = typer.Option(None, "--val-data", metavar="SPEC",
                                         help="Validation batches to score the trials on "
-                                             "(default: the first training batches, which "
-                                             "the trials also train on)."),
+                                             "(default: a held-out fifth of one pass when the "
+                                             "trials cycle the data, else the first training "
+                                             "batches, which the trials also train on)."),
     loss: str | None = typer.Option(None, "--loss", metavar="NAME|SPEC",
                                     help="cross_entropy, mse, bce, l1, huber, nll or a spec "
                                          "f(outputs, targets). Default: from the targets."),
@@ -43,6 +44,10 @@ def lr_find(
                                      "more). --no-trials: the curve's own reading, one sweep."),
     trial_steps: int | None = typer.Option(None, "--trial-steps", metavar="N",
                                            help="Steps of each trial (default: half --steps)."),
+    budget: int | None = typer.Option(None, "--budget", metavar="STEPS",
+                                      help="Steps of the run the rate is for: the trials "
+                                           "last half of it (at least half --steps, at most 8x "
+                                           "that). Default: a run longer than the trials."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     plot: Path | None = typer.Option(None, "--plot", metavar="FILE.png",
                                      help="Write the loss-vs-learning-rate figure."),
@@ -61,7 +66,7 @@ def lr_find(
     try:
         code = _run(out, model, data, loss, optimizer, momentum, weight_decay, start_lr,
                     end_lr, steps, accumulate, not no_early_stop, json_output, plot,
-                    fail_on.value, seed, trials, trial_steps, val_data)
+                    fail_on.value, seed, trials, trial_steps, val_data, budget)
     except Exception as exc:  # every error becomes one message and its exit code
         code = out.fail(exc)
     raise typer.Exit(code)
@@ -71,7 +76,7 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
          momentum: float | None, weight_decay: float, start_lr: float, end_lr: float,
          steps: int, accumulate: int, early_stop: bool, json_output: bool, plot: Path | None,
          fail_on: str, seed: int, trials: bool = True, trial_steps: int | None = None,
-         val_data_spec: str | None = None) -> int:
+         val_data_spec: str | None = None, budget: int | None = None) -> int:
     from nndiag.losses import resolve_loss
     from nndiag.lrfind import lr_find as run_lr_find
     from nndiag.optimizers import optimizer_factory
@@ -95,7 +100,7 @@ def _run(out: Output, model_spec: str, data_spec: str, loss: str | None, optimiz
         result = run_lr_find(net, batches, loss=loss_fn, optimizer=factory, start_lr=start_lr,
                              end_lr=end_lr, steps=steps, accumulate=accumulate,
                              early_stop=early_stop, trials=trials, trial_steps=trial_steps,
-                             val_data=val_batches, seed=seed, progress=advance)
+                             val_data=val_batches, budget=budget, seed=seed, progress=advance)
     if json_output:
         out.stdout.out(render_json(result), highlight=False)
     else:

@@ -26,8 +26,10 @@ from nndiag.lrfind.suggestion import (
     Choice,
     Rule,
     Suggestion,
+    budget_trial_steps,
     choose_lr,
     eval_scatter,
+    plateau_candidates,
     smooth_curve,
     snap_lr,
     suggest_lr,
@@ -36,14 +38,17 @@ from nndiag.lrfind.sweep import (
     SCHEMA,
     LRFindResult,
     cycle_batches,
+    holds_out,
     lr_find,
     train_trial,
     trial_baseline,
 )
 
 __all__ = ["MIN_POINTS", "RULE", "SCHEMA", "BatchSource", "Choice", "LRFindResult", "Rule",
-           "Suggestion", "choose_lr", "cycle_batches", "eval_scatter", "lr_find",
-           "smooth_curve", "snap_lr", "suggest_lr", "train_trial", "trial_baseline"]
+           "Suggestion", "budget_trial_steps", "choose_lr", "cycle_batches",
+           "eval_scatter", "holds_out", "lr_find",
+           "plateau_candidates", "smooth_curve", "snap_lr", "suggest_lr", "train_trial",
+           "trial_baseline"]
 
 
 def __getattr__(name: str) -> Any:

@@ -36,6 +36,13 @@
    learning rate the sweep reached and are ``Rule.flat_spacing`` decades apart, so that the
    trials, not the curve, decide.
 
+``plateau_candidates`` (pure) extends the trials when they saw a plateau: when the best trial's
+loss ended less than ``Rule.plateau_drop`` (a fraction of the starting loss) below the loss the
+trials started from, nothing was learned at those rates (a task that stays at chance until the
+rate is high enough to leave it, as a recall task does); the rates ``Rule.candidate_spacing``
+decades apart above the highest candidate, up to ``Rule.plateau_margin`` decades below the
+highest rate the sweep reached before it diverged, are trained too.
+
 ``choose_lr`` is the second stage's decision, also pure: the candidate whose trial reached the
 lowest loss (losses within ``Rule.trial_tie_sigmas`` scatters of it are a tie, won by the
 lowest rate), lowered by ``Rule.trial_shrink`` decades; the curve's own suggestion when no trial
@@ -65,6 +72,8 @@ FLAT_NOISE_RATIO = 3.0
 FLAT_RELATIVE_DROP = 0.01
 MIN_POINTS = 8
 QUARTER_DECADES = 4
+# Trials aimed at a budget train at most this many times the default trial steps.
+BUDGET_MAX_TRIAL_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,19 @@ class Rule:
         trial_progress_sigmas: When no trial ends this many scatters below the eval loss
             before the trials, the trials say nothing and the curve's own suggestion stands
             (0: the best trial always wins).
+        plateau_drop: When the best trial ends less than this fraction of the starting eval
+            loss below it, the trials saw a plateau and the rates above them are tried too
+            (``plateau_candidates``; 0: never).
+        plateau_margin: ... up to this many decades below the highest rate the sweep reached.
+        plateau_leave: A rate tried above a plateau counts only when its trial ended this
+            fraction of the starting eval loss below it (it left the plateau) ...
+        plateau_shrink: ... and the best of those, near the rate where the loss diverges, is
+            lowered by this many decades.
+        budget_fraction: With a budget (the steps of the user's run), each trial trains this
+            fraction of it (``budget_trial_steps``).
+        holdout: When the trials cycle the data and no validation data is given, they train on
+            all but a held-out slice of one pass and are scored on it
+            (``nndiag.lrfind.sweep.holds_out``); False: only with a budget.
     """
 
     anchor: str = "valley"
@@ -119,6 +141,12 @@ class Rule:
     trial_shrink: float = 0.25
     trial_tie_sigmas: float = 0.0
     trial_progress_sigmas: float = 2.0
+    plateau_drop: float = 0.02
+    plateau_margin: float = 0.0
+    plateau_leave: float = 0.1
+    plateau_shrink: float = 0.5
+    budget_fraction: float = 0.5
+    holdout: bool = True
 
 
 RULE = Rule()
@@ -141,6 +169,7 @@ class Suggestion:
             learning rate): the trial candidates are placed relative to it.
         candidates: Learning rates for the trial stage, highest first.
         shape: ``valley``, ``falls_to_end``, ``flat``, ``flat_no_rise`` or ``too_short``.
+        top: The highest learning rate whose loss was finite (where the sweep stopped).
     """
 
     lr: float | None
@@ -154,6 +183,7 @@ class Suggestion:
     anchor: float | None = None
     candidates: list[float] = field(default_factory=list)
     shape: str = "valley"
+    top: float | None = None
 
 
 def snap_lr(lr: float) -> float:
@@ -351,17 +381,17 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
             return Suggestion(lr, None, float(lr_arr[rise[0]]), smoothed_full.tolist(),
                               f"flat curve: the valley of its running average ({valley:.2e})"
                               + _shifted(rule.valley_shift), findings, noise, drop, valley,
-                              candidate_lrs(lr, float(lr_arr[0]), rule, top=top), "flat")
+                              candidate_lrs(lr, float(lr_arr[0]), rule, top=top), "flat", top)
         if len(rise):
             lr_rise = float(lr_arr[rise[0]])
             lr = max(lr_rise / rule.flat_divisor, float(lr_arr[0]))
             return Suggestion(lr, None, lr_rise, smoothed_full.tolist(),
                               f"flat curve: {lr_rise:.2e} (where the loss starts to rise) / "
                               f"{rule.flat_divisor:g}", findings, noise, drop, lr,
-                              candidate_lrs(lr, float(lr_arr[0]), rule, top=top), "flat")
+                              candidate_lrs(lr, float(lr_arr[0]), rule, top=top), "flat", top)
         return Suggestion(None, None, None, smoothed_full.tolist(),
                           "flat curve with no rise: no learning rate can be read from it",
-                          findings, noise, drop, shape="flat_no_rise")
+                          findings, noise, drop, shape="flat_no_rise", top=top)
 
     lr_high = float(lr_arr[low_index])
 
@@ -391,7 +421,53 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], rule: Rule = RULE)
         lr = anchor = max(lr, lr_low)
     return Suggestion(lr, lr_low, lr_high, smoothed_full.tolist(), reason, findings, noise, drop,
                       anchor, candidate_lrs(anchor, float(lr_arr[0]), rule),
-                      "falls_to_end" if narrow else "valley")
+                      "falls_to_end" if narrow else "valley", float(lr_arr[cut - 1]))
+
+
+def plateau_candidates(candidates: Sequence[float], scores: Sequence[float], start: float | None,
+                       top: float | None, rule: Rule = RULE) -> list[float]:
+    """More trial rates when the trials saw a plateau (pure; empty when they did not).
+
+    The trials saw a plateau when the best finite score ended within ``rule.plateau_drop`` of
+    the starting loss (``abs(start)``: losses may be negative), neither below it nor above it:
+    nothing was learned at those rates within the trial, which on a task that stays at chance
+    until the rate is high enough says nothing about the rates above them. (When every trial
+    ends above that, the rates overfit or are unstable: ``choose_lr`` goes below them.)
+
+    Args:
+        candidates: The learning rates tried.
+        scores: Loss of each after its trial (``inf`` or NaN: diverged).
+        start: The eval loss before any trial (``None``: no plateau can be told).
+        top: The highest learning rate the sweep reached with a finite loss.
+        rule: The constants.
+
+    Returns:
+        Quarter-decade rates ``rule.candidate_spacing`` decades apart above the highest
+        candidate, up to ``rule.plateau_margin`` decades below ``top``, highest first.
+    """
+    if not rule.plateau_drop or start is None or top is None or not candidates:
+        return []
+    finite = [s for s in scores if math.isfinite(s)]
+    if not finite or abs(start - min(finite)) >= rule.plateau_drop * abs(start):
+        return []  # the loss fell (learning) or every trial rose (overfitting, instability)
+    spacing = max(rule.candidate_spacing, 0.25)
+    ceiling = top * 10 ** -rule.plateau_margin * (1 + 1e-9)
+    out: list[float] = []
+    lr = snap_lr(max(candidates) * 10 ** spacing)
+    while lr <= ceiling:
+        out.append(lr)
+        lr = snap_lr(lr * 10 ** spacing)
+    return out[::-1]
+
+
+def budget_trial_steps(budget: int, default_steps: int, rule: Rule = RULE) -> int:
+    """Steps of each trial aimed at a run of ``budget`` steps (pure).
+
+    ``rule.budget_fraction`` of the budget, never fewer than ``default_steps`` (the trials
+    without a budget) nor more than ``BUDGET_MAX_TRIAL_FACTOR`` times as many.
+    """
+    wanted = round(rule.budget_fraction * budget)
+    return max(default_steps, min(wanted, BUDGET_MAX_TRIAL_FACTOR * default_steps))
 
 
 def _shifted(decades: float) -> str:
@@ -435,7 +511,7 @@ def eval_scatter(noise: float | None, step_samples: float, eval_samples: float) 
 
 def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
               rule: Rule = RULE, scatter: float = 0.0, start: float | None = None,
-              fallback: float | None = None) -> Choice:
+              fallback: float | None = None, plateau: Sequence[float] = ()) -> Choice:
     """Pick the learning rate whose short trial training reached the lowest loss (pure).
 
     Args:
@@ -449,10 +525,17 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
             ``rule.trial_progress_sigmas``, when no trial fell that many scatters below it the
             trials say nothing and ``fallback`` (the curve's own suggestion) is kept.
         fallback: The curve's own suggestion.
+        plateau: Those of ``candidates`` tried because the others saw a plateau
+            (``plateau_candidates``). Only those that left it (ended ``rule.plateau_leave``
+            of ``start`` below it) compete, and the best of them is lowered by
+            ``rule.plateau_shrink`` decades instead; when none left it, the reason says that
+            nothing was learned within the trials and what to try, and the others decide.
 
     Returns:
         The suggestion: the best candidate lowered by ``rule.trial_shrink`` decades; when
-        every trial diverged, a ``candidate_spacing`` below the lowest, with a warning.
+        every trial diverged, a ``candidate_spacing`` below the lowest, with a warning; when
+        every trial ended ``rule.trial_progress_sigmas`` scatters above ``start`` (they
+        overfit or are unstable), as far below the lowest.
 
     Raises:
         ValueError: No candidates, or as many scores as candidates not given.
@@ -467,8 +550,34 @@ def choose_lr(candidates: Sequence[float], scores: Sequence[float], steps: int,
         return Choice(lr, f"every trial diverged ({tried}, {steps} steps each): "
                           f"{lr:.2e}, below the lowest",
                       _judge(TrialsRecord(list(candidates), list(scores))))
+    if plateau:
+        first = ", ".join(f"{lr:.2e}" for lr in candidates if lr not in plateau)
+        above = ", ".join(f"{lr:.2e}" for lr in plateau)
+        tried = (f"{first} (none fell {rule.plateau_drop:.0%} below the starting loss: a "
+                 f"plateau) and {above} above them")
+        left = [(s, lr) for s, lr in finite if lr in plateau and start is not None
+                and start - s >= rule.plateau_leave * abs(start)]
+        if left:
+            score, best = min(left)
+            lr = best * 10 ** -rule.plateau_shrink
+            return Choice(lr, f"of {tried}, trained {steps} steps each from the same start, "
+                              f"{best:.2e} left the plateau (the loss fell from {start:.4g} to "
+                              f"{score:.4g}), lowered by {rule.plateau_shrink:g} decade: so "
+                              "high a rate is near where the loss diverges")
+        tried += (f", none of which left it within {steps} steps (fell "
+                  f"{rule.plateau_leave:.0%} below the start): the task may need more steps "
+                  "before any rate leaves its plateau; try --budget with the steps of your "
+                  "run (longer trials). Of the first")
+        finite = [(s, lr) for s, lr in finite if lr not in plateau] or finite
     score, best = min(finite)
     margin = rule.trial_progress_sigmas * scatter
+    if rule.trial_progress_sigmas and start is not None and score > start + margin:
+        lowest = min(lr for _, lr in finite)
+        lr = lowest * 10 ** -max(rule.candidate_spacing, 0.5)
+        return Choice(lr, f"of {tried} trained {steps} steps each from the same start, every "
+                          f"one ended above the starting loss ({start:.4g}; the best reached "
+                          f"{score:.4g}): they overfit or are unstable over that many steps; "
+                          f"{lr:.2e}, below the lowest")
     if rule.trial_progress_sigmas and start is not None and fallback is not None and \
             not score < start - margin:
         return Choice(fallback, f"of {tried} trained {steps} steps each from the same start, "

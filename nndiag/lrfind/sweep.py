@@ -5,7 +5,9 @@
 the loss diverges. ``nndiag.lrfind.suggestion.suggest_lr`` reads the curve and proposes a few
 candidate learning rates; each is then trained for a short budget (``train_trial``) from the
 same starting state, the same RNG state and the same batches, and scored by its loss on a few
-fixed batches in eval mode; ``choose_lr`` keeps the best. That stage is on by default and can be
+fixed batches in eval mode (of ``val_data`` if given; else, when the trials cycle the data, of
+a held-out slice of it that they do not train on; else of the training data's first batches);
+``choose_lr`` keeps the best. That stage is on by default and can be
 turned off (``trials=False``, ``--no-trials``): the curve's own reading, one sweep only.
 
 Every stage starts from the user's state: the model, its optimizer, the torch/Python/NumPy RNG
@@ -15,9 +17,10 @@ and a DataLoader's own generator are restored after the sweep, after each trial 
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,8 +34,10 @@ from nndiag.lrfind.suggestion import (
     MIN_POINTS,
     RULE,
     Rule,
+    budget_trial_steps,
     choose_lr,
     eval_scatter,
+    plateau_candidates,
     suggest_lr,
 )
 
@@ -45,6 +50,35 @@ EARLY_STOP_WARMUP = 5
 # steps' worth of forward passes per trial).
 EVAL_SAMPLES = 256
 EVAL_MAX_BATCHES = 16
+# When the trials cycle the data: the last HOLDOUT_FRACTION of one pass over the batches (at
+# least one batch) scores the trials, which train on the others; only with MIN_HOLDOUT_BATCHES,
+# and only the first HOLDOUT_MAX_BATCHES of a longer pass are split.
+HOLDOUT_FRACTION = 0.2
+MIN_HOLDOUT_BATCHES = 3
+HOLDOUT_MAX_BATCHES = 5 * EVAL_MAX_BATCHES
+
+
+def holds_out(epoch_batches: int | None, trial_steps: int) -> bool:
+    """Whether the trials are scored on a held-out slice of the batches (pure).
+
+    When the trials' steps reach the batches of one pass over the data, they cycle it, and the
+    loss on batches they trained on rewards the rate that memorizes fastest.
+
+    Args:
+        epoch_batches: Batches in one pass over the data (``None``: unknown, a stream).
+        trial_steps: Steps of each trial.
+    """
+    return epoch_batches is not None and MIN_HOLDOUT_BATCHES <= epoch_batches <= trial_steps
+
+
+def epoch_batches(source: BatchSource) -> int | None:
+    """Batches in one pass over the data: its length (``None`` for a stream or one batch)."""
+    if source.single or source.iterator is not None:
+        return None
+    try:
+        return int(len(source.data))
+    except TypeError:
+        return None
 
 
 def _early_stop(start: float, best: float, current: float, noise: float) -> str | None:
@@ -65,7 +99,8 @@ def _early_stop(start: float, best: float, current: float, noise: float) -> str 
 
 
 def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
-             make_optimizer: Callable[[], Any], val_data: Any = None) -> _Context:
+             make_optimizer: Callable[[], Any], val_data: Any = None,
+             holdout: bool = False) -> _Context:
     """The set-up the sweep, the trials and the trial baseline share.
 
     Every stage (the sweep, each trial, the eval batches) then sees the same first batches.
@@ -74,9 +109,12 @@ def _context(model: Any, data: Any, loss: Any, seed: int, accumulate: int,
 
     from nndiag.losses import as_loss
 
-    return _Context(model, _source(data), as_loss(loss), torch.Generator().manual_seed(seed),
-                    next((p.device for p in model.parameters()), torch.device("cpu")),
-                    accumulate, make_optimizer, val_data)
+    ctx = _Context(model, _source(data), as_loss(loss), torch.Generator().manual_seed(seed),
+                   next((p.device for p in model.parameters()), torch.device("cpu")),
+                   accumulate, make_optimizer, val_data)
+    if holdout:
+        ctx.hold_out()
+    return ctx
 
 
 def _source(data: Any) -> BatchSource:
@@ -137,6 +175,35 @@ class _Context:
     val_data: Any = None
     ratios: list[float] = field(default_factory=list)
     _eval_batches: list[Any] | None = field(default=None, init=False, repr=False)
+    # With a held-out slice: the batches the trials train on (the others of one pass).
+    _train_batches: list[Any] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def held_out(self) -> int:
+        """Batches held out of the training data to score the trials on (0: none)."""
+        return 0 if self._train_batches is None else len(self._eval_batches or [])
+
+    def hold_out(self) -> None:
+        """Split one pass over the data into batches to score the trials on and to train on.
+
+        The last ``HOLDOUT_FRACTION`` (at least one batch) scores the trials; the others are
+        what they train on, cycled in that order. Only the first ``HOLDOUT_MAX_BATCHES`` of a
+        longer pass are split.
+        """
+        from nndiag.capture.state import preserved_state
+
+        count = min(epoch_batches(self.source) or 0, HOLDOUT_MAX_BATCHES)
+        with preserved_state(self.model), _same_data_order(self.source.data):
+            batches = list(itertools.islice(self.source.stream(), count))
+        held = max(1, round(HOLDOUT_FRACTION * count))
+        self._train_batches = batches[: count - held]
+        self._eval_batches = _first_distinct(batches[count - held:], "--data")
+
+    def trial_stream(self) -> Iterator[Any]:
+        """The batches a trial trains on: the data's, or the batches not held out, cycled."""
+        if self._train_batches is None:
+            return self.source.stream()
+        return itertools.cycle(self._train_batches)
 
     @property
     def eval_option(self) -> str:
@@ -254,7 +321,7 @@ def _trial(ctx: _Context, lr: float, steps: int, eval_batches: list[Any],
     """Train ``steps`` steps at a constant ``lr`` from the current state; losses at ``eval_at``."""
     opt = ctx.make_optimizer()
     ctx.set_lr(opt, lr)
-    batches = ctx.source.stream()
+    batches = ctx.trial_stream()
     ctx.model.train()
     evals: dict[int, float | None] = {}
     done = 0
@@ -293,6 +360,7 @@ def lr_find(
     trial_steps: int | None = None,
     candidates: Sequence[float] | None = None,
     val_data: Any = None,
+    budget: int | None = None,
     seed: int = 0,
     rule: Rule = RULE,
     progress: Callable[[int, int], None] | None = None,
@@ -303,8 +371,10 @@ def lr_find(
     reading (fastai's valley) and the candidate learning rates around it. With ``trials`` (the
     default) each candidate is trained ``trial_steps`` steps at a constant rate from the same
     starting state, RNG state and batches, scored by its loss on the first batches of
-    ``val_data`` if given, else of the training data (``EVAL_SAMPLES`` samples), in eval mode,
-    and the best, lowered by ``rule.trial_shrink`` decades, is suggested: at most
+    ``val_data`` if given, else, when the trials cycle the data (``holds_out``,
+    ``rule.holdout``), of a held-out fifth of one pass that they do not train on, else of the
+    training data (``EVAL_SAMPLES`` samples), in eval mode, and the best, lowered by
+    ``rule.trial_shrink`` decades, is suggested: at most
     ``rule.candidates x rule.trial_fraction`` sweeps' worth of steps more. On the benchmark's
     held-out problems this beat the curve's own reading (``benchmarks/README.md``);
     ``trials=False`` keeps the curve's reading and costs one sweep.
@@ -333,8 +403,17 @@ def lr_find(
         trial_steps: Steps of each trial (default ``rule.trial_fraction`` x ``steps``).
         candidates: Learning rates to trial instead of those read from the curve.
         val_data: Validation batches to score the trials on (their first ``EVAL_SAMPLES``
-            samples, at most ``EVAL_MAX_BATCHES`` batches); default: the first batches of
-            ``data``, which the trials also train on.
+            samples, at most ``EVAL_MAX_BATCHES`` batches); default: a held-out fifth of one
+            pass over ``data`` when the trials cycle it, else its first batches, which the
+            trials also train on.
+        budget: Steps of the run the learning rate is for. The trials then train
+            ``budget_trial_steps`` steps each (``rule.budget_fraction`` of it, at most
+            ``BUDGET_MAX_TRIAL_FACTOR`` times the default), and when they cycle the data
+            (``holds_out``) and no ``val_data`` is given they train on all but its last fifth
+            of a pass and are scored on that (``summary.trial_scored_on`` is ``held_out``;
+            without a budget too, unless ``rule.holdout`` is off).
+            Default: none, the trials last ``trial_steps`` and the choice is lowered for a run
+            longer than they are.
         seed: Seed for random targets when the data has none.
         rule: The suggestion's constants (``nndiag.lrfind.RULE``).
         progress: Called with (step, total) after each step of the sweep and the trials.
@@ -374,6 +453,10 @@ def lr_find(
         raise UsageError("candidate learning rates must be positive")
     if val_data is not None and not trials:
         raise UsageError("--val-data scores the trials, and --no-trials runs none: drop one")
+    if budget is not None and budget < 1:
+        raise UsageError(f"--budget must be at least 1 step, got {budget}")
+    if budget is not None and not trials:
+        raise UsageError("--budget aims the trials, and --no-trials runs none: drop one")
     validate_seed(seed, "--seed")
     require_usable_model(model, trainable=True)
     user_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
@@ -382,6 +465,8 @@ def lr_find(
         factory = optimizer if callable(optimizer) and not isinstance(optimizer, str) else \
             optimizer_factory(str(optimizer), momentum=momentum, weight_decay=weight_decay)
     n_trial = trial_steps or max(1, round(rule.trial_fraction * steps))
+    if budget is not None and trial_steps is None:
+        n_trial = budget_trial_steps(budget, n_trial, rule)
 
     def make_optimizer() -> Any:
         if user_optimizer is not None:
@@ -390,6 +475,7 @@ def lr_find(
 
     lrs = [start_lr * (end_lr / start_lr) ** (i / (steps - 1)) for i in range(steps)]
     trial_records: list[Trial] = []
+    plateau: list[float] = []
     scatter, start_loss = 0.0, None
     with preserved_state(model, user_optimizer, weights=True, grads=True), \
             _same_data_order(data):
@@ -402,27 +488,43 @@ def lr_find(
         suggestion = suggest_lr(lrs[: len(losses)], losses, rule)
         tried = list(candidates) if candidates is not None else suggestion.candidates
         if trials and tried:
+            if (rule.holdout or budget is not None) and val_data is None and \
+                    holds_out(epoch_batches(ctx.source), n_trial):
+                ctx.hold_out()
             eval_batches = ctx.eval_batches()
             with preserved_state(model):
                 start_loss = ctx.eval_loss(eval_batches)
             scatter = _scatter(eval_batches, suggestion.noise, accumulate)
             total = len(losses) + n_trial * len(tried)
-            for index, lr in enumerate(tried):
-                with preserved_state(model, user_optimizer, weights=True, grads=True), \
-                        _same_data_order(data):
-                    record, _ = _trial(ctx, lr, n_trial, eval_batches, (n_trial,))
-                trial_records.append(record)
-                if progress is not None:
-                    progress(len(losses) + n_trial * (index + 1), total)
+
+            def run_trials(rates: Sequence[float]) -> None:
+                for lr in rates:
+                    with preserved_state(model, user_optimizer, weights=True, grads=True), \
+                            _same_data_order(data):
+                        record, _ = _trial(ctx, lr, n_trial, eval_batches, (n_trial,))
+                    trial_records.append(record)
+                    if progress is not None:
+                        progress(len(losses) + n_trial * len(trial_records), total)
+
+            run_trials(tried)
+            if candidates is None:  # the trials saw a plateau: the rates above them too
+                plateau = plateau_candidates(tried, [_score(r) for r in trial_records],
+                                             start_loss, suggestion.top, rule)
+                total += n_trial * len(plateau)
+                run_trials(plateau)
 
     findings = list(suggestion.findings)
     suggested, reason = suggestion.lr, suggestion.reason
     if trial_records:
-        choice = choose_lr([r.lr for r in trial_records],
-                           [math.inf if r.loss is None else r.loss for r in trial_records],
-                           n_trial, rule, scatter, start_loss, suggestion.lr)
+        choice = choose_lr([r.lr for r in trial_records], [_score(r) for r in trial_records],
+                           n_trial, rule, scatter, start_loss, suggestion.lr, plateau)
         suggested, reason = choice.lr, choice.reason
         findings += choice.findings
+        if budget is not None:
+            reason += (f"; aimed at a run of {budget} steps: trials of {n_trial} steps" +
+                       (f", scored on {ctx.held_out} batches held out of the data (the last "
+                        "fifth of one pass), which they did not train on" if ctx.held_out
+                        else ""))
     summary = {"optimizer": type(opt).__name__, "steps": steps, "steps_run": len(losses),
                "start_lr": start_lr, "end_lr": end_lr, "accumulate": accumulate,
                "param_group_lr_ratios": ctx.ratios, "loss_name": ctx.loss_spec.name,
@@ -431,7 +533,9 @@ def lr_find(
                "trial_steps_run": sum(r.steps for r in trial_records),
                "trial_start_loss": start_loss, "trial_loss_scatter": scatter,
                "trial_scored_on": (None if not trial_records else
-                                   "validation" if val_data is not None else "training"),
+                                   "validation" if val_data is not None else
+                                   "held_out" if ctx.held_out else "training"),
+               "trial_held_out_batches": ctx.held_out, "budget": budget,
                "trial_eval_samples": sum(_batch_samples(b) for b in ctx.eval_batches())
                if trial_records else 0}
     return LRFindResult(
@@ -439,6 +543,11 @@ def lr_find(
         lrs=lrs[: len(losses)], losses=losses, smoothed=suggestion.smoothed,
         stopped_because=stopped, reason=reason, findings=findings, summary=summary,
         curve_lr=suggestion.lr, trials=trial_records)
+
+
+def _score(trial: Trial) -> float:
+    """A trial's loss for ``choose_lr`` (``inf``: diverged)."""
+    return math.inf if trial.loss is None else trial.loss
 
 
 def _materialized(model: Any, data: Any, user_optimizer: Any) -> tuple[Any, Any]:
@@ -488,8 +597,8 @@ def _scatter(eval_batches: list[Any], noise: float | None, accumulate: int) -> f
 
 
 def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = None,
-                   accumulate: int = 1, seed: int = 0,
-                   val_data: Any = None) -> tuple[float, float]:
+                   accumulate: int = 1, seed: int = 0, val_data: Any = None,
+                   holdout: bool = False) -> tuple[float, float]:
     """What ``lr_find`` compares its trials with, for benchmarks that cache the trials.
 
     Args:
@@ -500,6 +609,7 @@ def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = No
         accumulate: Micro-batches per step.
         seed: Seed for random targets when the data has none.
         val_data: As for ``lr_find``.
+        holdout: Scored on a held-out slice of ``data``, as ``train_trial``.
 
     Returns:
         The eval loss before any trial and ``eval_scatter`` for the first ``EVAL_SAMPLES``
@@ -507,8 +617,8 @@ def trial_baseline(model: Any, data: Any, noise: float | None, *, loss: Any = No
     """
     from nndiag.capture.state import preserved_state
 
-    with preserved_state(model, weights=True):
-        ctx = _context(model, data, loss, seed, accumulate, lambda: None, val_data)
+    with preserved_state(model, weights=True), _same_data_order(data):
+        ctx = _context(model, data, loss, seed, accumulate, lambda: None, val_data, holdout)
         eval_batches = ctx.eval_batches()
         start = ctx.eval_loss(eval_batches)
     return start, _scatter(eval_batches, noise, accumulate)
@@ -531,9 +641,14 @@ def _batch_samples(batch: Any, option: str = "--data") -> int:
 
 def _first_batches(source: BatchSource, option: str) -> list[Any]:
     """The first distinct batches of the data: ``EVAL_SAMPLES`` samples or ``EVAL_MAX_BATCHES``."""
+    return _first_distinct(source.stream(), option)
+
+
+def _first_distinct(batches: Iterable[Any], option: str) -> list[Any]:
+    """The first distinct of ``batches``: ``EVAL_SAMPLES`` samples or ``EVAL_MAX_BATCHES``."""
     out: list[Any] = []
     samples = 0
-    for batch in source.stream():
+    for batch in batches:
         if any(batch is b for b in out):
             break
         out.append(batch)
@@ -592,7 +707,7 @@ def _sweep(ctx: _Context, lrs: list[float], early_stop: bool,
 
 def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer: Any = "adamw",
                 steps: int = 50, accumulate: int = 1, eval_at: Sequence[int] | None = None,
-                seed: int = 0, val_data: Any = None) -> dict[str, Any]:
+                seed: int = 0, val_data: Any = None, holdout: bool = False) -> dict[str, Any]:
     """One trial as ``lr_find`` runs it, from the current state, which is restored afterwards.
 
     Args:
@@ -606,6 +721,8 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
         eval_at: Steps after which the loss on the fixed batches is recorded (default: the last).
         seed: Seed for random targets when the data has none.
         val_data: As for ``lr_find``.
+        holdout: Train on the data less a held-out slice and score on that slice, as
+            ``lr_find`` does when the trials cycle the data (``holds_out``).
 
     Returns:
         ``lr``, ``steps`` run, ``loss`` after ``steps`` (``None``: diverged), ``diverged`` and
@@ -619,7 +736,7 @@ def train_trial(model: Any, data: Any, lr: float, *, loss: Any = None, optimizer
     with preserved_state(model), _same_data_order(data):  # the user's RNG, as lr_find's trials
         ctx = _context(model, data, loss, seed, accumulate,
                        lambda: factory([p for p in model.parameters() if p.requires_grad], lr),
-                       val_data)
+                       val_data, holdout)
         eval_batches = ctx.eval_batches()
     with preserved_state(model, weights=True, grads=True), _same_data_order(data):
         ctx.ratios = [1.0] * len(ctx.make_optimizer().param_groups)

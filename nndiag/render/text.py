@@ -335,10 +335,18 @@ def _lr_trials(result: LRFindResult, console: Console) -> None:
     samples = result.summary.get("trial_eval_samples")
     if samples and result.summary.get("trial_scored_on") == "validation":
         console.print(inert(f"loss after: on {samples} validation samples", style="dim"))
+    elif samples and result.summary.get("trial_scored_on") == "held_out":
+        console.print(inert(f"loss after: on {samples} samples held out of the training data "
+                            "(the trials cycle it, so they trained on the rest)", style="dim"))
     elif samples:
         console.print(inert(f"loss after: on the first {samples} training samples, which the "
                             "trials also train on (--val-data: score on held-out data)",
                             style="dim"))
+    budget = result.summary.get("budget")
+    steps = result.summary.get("trial_steps")
+    console.print(inert(f"aimed at a run of {budget} steps (--budget)" if budget else
+                        f"aimed at a run longer than the {steps}-step trials (--budget STEPS: "
+                        "aimed at yours)", style="dim"))
     if result.curve_lr:
         console.print(inert(f"the curve alone (--no-trials) reads {result.curve_lr:.2e}",
                             style="dim"))
