@@ -125,12 +125,12 @@ class NaiveRecorder:
 class BareRecorder:
     """About the least a recorder of these statistics does: a floor under ``Monitor(every=1)``.
 
-    The reductions alone, with no bookkeeping (and slightly less of them than ``Monitor``
-    takes: it reads weight norms on the same kind of subsets as the update, not whole): per leaf module with a tensor output, its sum
-    (per-unit sums after a ReLU, for the dead fraction) and sum of squares, left on the
+    The reductions alone, with no bookkeeping: per leaf module with a tensor output, its sum
+    (after a ReLU, its sums over the batch, per position) and sum of squares, left on the
     device; the gradient norms in one ``_foreach_norm`` before the step; weight and update
-    norms on the first 4,096 elements of each weight, copied before the step; one transfer of
-    everything per step, and no record, pooling, run log or judgement.
+    norms on the first 4,096 elements of each parameter, copied before the step; one transfer
+    of everything per step, and no record, pooling, run log or judgement. It does a little
+    less than ``Monitor`` (no channel sums, no per-layer subsets scaled to whole tensors).
     """
 
     SUBSET = 4096
