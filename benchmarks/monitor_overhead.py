@@ -228,18 +228,13 @@ def main() -> None:
                 holder["m"] = Monitor(model, step.optimizer, every=every,
                                       log_dir=Path(temp) / f"{name[:6]}-{every}")
                 variants[f"every={every}"] = step
-            naive_model = copy.deepcopy(base)
-            holder_naive: dict[str, NaiveRecorder] = {}
-            step = make_step(naive_model, batch, targets,
-                             lambda loss, h=holder_naive: h["r"].step(loss), make_optimizer)
-            holder_naive["r"] = NaiveRecorder(naive_model, step.optimizer)
-            variants["naive"] = step
-            bare_model = copy.deepcopy(base)
-            holder_bare: dict[str, BareRecorder] = {}
-            step = make_step(bare_model, batch, targets,
-                             lambda loss, h=holder_bare: h["r"].step(loss), make_optimizer)
-            holder_bare["r"] = BareRecorder(bare_model, step.optimizer)
-            variants["bare floor"] = step
+            for key, recorder_class in (("naive", NaiveRecorder), ("bare floor", BareRecorder)):
+                recorded_model = copy.deepcopy(base)
+                recorders: dict[str, NaiveRecorder | BareRecorder] = {}
+                step = make_step(recorded_model, batch, targets,
+                                 lambda loss, r=recorders: r["r"].step(loss), make_optimizer)
+                recorders["r"] = recorder_class(recorded_model, step.optimizer)
+                variants[key] = step
             times: dict[str, list[float]] = {k: [] for k in variants}
             for step in variants.values():  # warm-up
                 for _ in range(3):
