@@ -786,30 +786,39 @@ def _unindexed_weights(path: Path, found: list[Path]) -> list[Path]:
     standard = next((names[n] for n in _SINGLE_FILE_NAMES if n in names), None)
     if standard is not None:
         return [standard]
-    matches = [_SHARD_NAME.match(p.name) for p in found]
-    sets = {(m["prefix"], int(m["total"]), m["suffix"]) for m in matches if m is not None}
-    standard_sets = {key for key in sets if f"{key[0]}{key[2]}" in _SINGLE_FILE_NAMES}
-    if all(matches) and len(sets) > 1 and len(standard_sets) == 1:  # beside an fp16 variant
-        found = [p for p, m in zip(found, matches, strict=True) if m is not None
-                 and (m["prefix"], int(m["total"]), m["suffix"]) in standard_sets]
-        matches = [_SHARD_NAME.match(p.name) for p in found]
-        sets = standard_sets
-    if all(matches) and len(sets) == 1:
-        prefix, total, suffix = next(iter(sets))
-        present = {int(m["index"]) for m in matches if m is not None}
-        missing = sorted(set(range(1, total + 1)) - present)
+    sets = _shard_sets(found)
+    standard_sets = [key for key in sets if f"{key[0]}{key[2]}" in _SINGLE_FILE_NAMES]
+    if len(sets) == 1 or len(standard_sets) == 1:  # one set, or the standard one beside variants
+        key = standard_sets[0] if len(sets) > 1 else next(iter(sets))
+        prefix, total, suffix = key
+        shards = sets[key]
+        missing = sorted(set(range(1, total + 1)) - set(shards))
         if missing:
-            width = len(next(m for m in matches if m is not None)["total"])
-            absent = [f"{prefix}-{i:0{width}d}-of-{total:0{width}d}{suffix}"
-                      for i in missing[:4]]
+            digits = _SHARD_NAME.match(next(iter(shards.values())).name)["total"]  # as written
+            absent = [f"{prefix}-{i:0{len(digits)}d}-of-{digits}{suffix}" for i in missing[:4]]
             raise UsageError(
                 f"directory {str(path)!r} has no shard index and its shards "
                 f"{', '.join(map(repr, absent))}{' ...' if len(missing) > 4 else ''} are missing")
-        return found
+        return [shards[i] for i in sorted(shards)]
     listed = ", ".join(repr(p.name) for p in found[:6]) + (", ..." if len(found) > 6 else "")
     raise UsageError(f"directory {str(path)!r} holds {len(found)} weight files and no shard "
                      f"index ({listed}): pass the file to inspect, or a directory with one set "
                      "of shards")
+
+
+def _shard_sets(files: list[Path]) -> dict[tuple[str, int, str], dict[int, Path]]:
+    """Files named ``PREFIX-NNNNN-of-TOTAL.SUFFIX`` by set (prefix, total, suffix) and index.
+
+    Empty unless every file is so named.
+    """
+    sets: dict[tuple[str, int, str], dict[int, Path]] = {}
+    for file in files:
+        match = _SHARD_NAME.match(file.name)
+        if match is None:
+            return {}
+        sets.setdefault((match["prefix"], int(match["total"]), match["suffix"]), {})[
+            int(match["index"])] = file
+    return sets
 
 
 def _check_inside(directory: Path, index: Path, name: str) -> None:
